@@ -1,0 +1,75 @@
+"""Tiny models for tests: random Hugging Face (torch) models per family, and tiny NNX configs.
+
+Every family gets 4 layers, width 32, 4 query heads and (where the family allows) 2 KV heads, so a
+test runs in seconds. Weights are random but seeded; biases and norm parameters are randomised too,
+so a parity test fails if any of them is dropped or transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from flax import nnx
+
+from ulskip_jax.model import Decoder, ModelConfig
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "bloom")
+VOCAB = 97
+
+
+def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig:
+  common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+  if family == "llama":
+    return transformers.LlamaConfig(**common)
+  if family == "llama3":  # Llama 3: rope_scaling type llama3, big theta, tied embeddings (3.2)
+    return transformers.LlamaConfig(
+        **common, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16))
+  if family == "mistral":
+    return transformers.MistralConfig(**common, sliding_window=None)
+  if family == "qwen2":
+    return transformers.Qwen2Config(**common, use_sliding_window=False)
+  if family == "gpt2":
+    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=num_layers, n_head=4,
+                                   n_positions=128, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0)
+  if family == "bloom":
+    return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=num_layers,
+                                    n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  raise ValueError(f"unknown family {family!r}: allowed are {FAMILIES}")
+
+
+def hf_model(family: str, num_layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
+  """A random torch model of `family` in f32 eval mode, every parameter randomised."""
+  torch.manual_seed(seed)
+  cfg = hf_config(family, num_layers)
+  model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.split(".")[-2].startswith("ln"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight")
+                else 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.2 * torch.randn_like(p))
+  return model
+
+
+def save_hf_model(family: str, path, num_layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
+  model = hf_model(family, num_layers, seed)
+  model.save_pretrained(path)
+  return model
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  cfg = dict(vocab_size=VOCAB, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+             d_ff=64)
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Decoder:
+  return Decoder(tiny_config(**overrides), rngs=nnx.Rngs(seed))

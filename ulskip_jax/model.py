@@ -1,0 +1,439 @@
+"""A decoder-only transformer in Flax NNX whose graph is specialised by a static skip tuple.
+
+Shapes: B batch, T query length, S key length (cache slots), D model width, H query heads,
+K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V vocabulary.
+
+One config covers the Hugging Face families we import (see `hf.py`): Llama 2/3 (llama3 rope
+scaling), Mistral, Qwen2 (qkv bias), GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi,
+embedding LayerNorm).
+
+Layer weights are one module per layer (`Decoder.layers[i]`), not one stacked array, because:
+  * decoding indexes layers with Python ints from the static skip tuple, so each kept layer's
+    weights are read in place and a skipped layer's weights are never read; a stacked [L, ...]
+    array would need a gather (a copy of n layers' weights) for every non-contiguous ULS plan;
+  * training unrolls the same Python loop over kept layers. Compile time grows linearly in L, which
+    is what MaxText's `scan_layers=False` trades for the same reason; remat is per layer.
+
+Skipping has two modes, chosen per call by `full_depth`:
+  * skip everywhere (`full_depth=None`): skipped layers are not computed at all;
+  * paper mode (`full_depth` a [B, T] bool mask, or `True` for all positions): positions marked
+    full depth (the prompt) run every layer, the others (the response) only the kept layers. A
+    skipped layer is computed on the whole chunk and its output kept only at full-depth positions.
+    Attention is causal and the prompt precedes the response, so no prompt position ever sees a
+    response position's skipped-layer output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture; frozen and hashable so it can sit in static jit arguments."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  norm: str = "rms"              # "rms" (Llama) | "layer" (GPT-2, BLOOM)
+  norm_eps: float = 1e-6
+  mlp: str = "gated"             # "gated" (SwiGLU: down(act(gate x) * up x)) | "plain"
+  act: str = "silu"              # "silu" | "gelu" (erf) | "gelu_tanh"
+  pos: str = "rope"              # "rope" | "learned" | "alibi"
+  max_position: int = 2048       # learned position table size (GPT-2)
+  rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None  # llama3: (("factor", 8.0), ("low_freq_factor", 1.0), ...)
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  embed_norm: bool = False       # BLOOM's LayerNorm right after the embedding
+  tie_embeddings: bool = False
+  dtype: str = "float32"         # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False            # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    allowed = dict(norm=("rms", "layer"), mlp=("gated", "plain"), act=("silu", "gelu", "gelu_tanh"),
+                   pos=("rope", "learned", "alibi"))
+    for field, values in allowed.items():
+      if getattr(self, field) not in values:
+        raise ValueError(f"{field}={getattr(self, field)!r} is unknown: allowed are {values}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                       f"{self.num_kv_heads}")
+
+  @property
+  def kv_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+
+def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
+  """Kept layer indices for a skip tuple, validating it (one clear line per bad index)."""
+  for i in skip:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
+      raise ValueError(f"skip index {i!r} is out of range: allowed are ints 0 <= index < "
+                       f"{num_layers}")
+  if len(set(skip)) != len(skip):
+    raise ValueError(f"skip={skip} has duplicate indices: each layer can be skipped once")
+  return tuple(i for i in range(num_layers) if i not in set(skip))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: K and V as separate arrays per kept layer, plus each slot's token position.
+
+@flax.struct.dataclass
+class KVCache:
+  """k[j], v[j]: [B, S, K, Hd] for the j-th kept layer; pos: [B, S] int32, -1 = empty slot.
+
+  Writes go to one slot range shared by all rows (`index`), so an update is a
+  dynamic_update_slice that XLA does in place when the cache is donated. Per-row positions (left
+  padding, rows that accepted different numbers of speculative tokens) live in `pos`, which is
+  also what masks attention: a query at position p sees the slots with 0 <= pos <= p.
+  """
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
+  pos: Array
+
+  @property
+  def num_bytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v, self.pos))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...] = (),
+               dtype: Any = None) -> KVCache:
+  """An empty cache with slots for the kept layers only: its size at ratio r is n / L of full."""
+  n = len(kept_layers(cfg.num_layers, skip))
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                 v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                 pos=jnp.full((batch, max_len), -1, jnp.int32))
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...] = (),
+                dtype: Any = None) -> int:
+  """Bytes `init_cache` would allocate, computed from shapes only."""
+  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None) -> nnx.Param:
+  """A parameter with its logical axis names (mapped to mesh axes by rules in `sharding.py`)."""
+  fan_in = shape[0] if scale is None else None
+  std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+class Norm(nnx.Module):
+  def __init__(self, cfg: ModelConfig):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.kind, self.eps = cfg.norm, cfg.norm_eps
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), axes=("norm",))
+    if cfg.norm == "layer":
+      self.bias = _zeros((cfg.d_model,), ("norm",), pdt)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    x = x_BTD.astype(jnp.float32)  # statistics in f32 whatever the compute dtype
+    if self.kind == "rms":
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+      y = y * self.scale[...].astype(jnp.float32)
+    else:
+      mean = x.mean(-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [Hd/2], with Llama 3's frequency-dependent scaling when configured."""
+  inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+  if cfg.rope_scaling is None:
+    return inv
+  s = dict(cfg.rope_scaling)
+  if s.get("rope_type", s.get("type")) != "llama3":
+    raise ValueError(f"rope_scaling type {s.get('rope_type', s.get('type'))!r} is unsupported: "
+                     "allowed is 'llama3' or none")
+  factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv
+  lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  mid = (1 - smooth) * inv / factor + smooth * inv
+  out = jnp.where(wavelen > lo_wavelen, inv / factor, inv)
+  return jnp.where((wavelen <= lo_wavelen) & (wavelen >= hi_wavelen), mid, out)
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotate-half RoPE (the Hugging Face layout: first half / second half of each head)."""
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, Hd/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def alibi_slopes(num_heads: int) -> Array:
+  """BLOOM's per-head ALiBi slopes (geometric; interleaved extras for non-powers of two)."""
+  p2 = 2 ** math.floor(math.log2(num_heads))
+  base = 2.0 ** (-(2.0 ** -(math.log2(p2) - 3)))
+  slopes = [base ** i for i in range(1, p2 + 1)]
+  if p2 != num_heads:
+    extra = 2.0 ** (-(2.0 ** -(math.log2(2 * p2) - 3)))
+    slopes += [extra ** i for i in range(1, 1 + 2 * min(p2, num_heads - p2), 2)]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def attend(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array,
+           bias_HTS: Array | None = None) -> Array:
+  """Grouped-query attention: query head h reads KV head h // G. Softmax in f32."""
+  B, T, H, Hd = q_BTHD.shape
+  K = k_BSKD.shape[2]
+  q = q_BTHD.reshape(B, T, K, H // K, Hd)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD).astype(jnp.float32) / math.sqrt(Hd)
+  if bias_HTS is not None:  # ALiBi, [B, H, T, S] -> [B, K, G, T, S]
+    logits = logits + bias_HTS.reshape(B, K, H // K, T, -1)
+  logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD).reshape(B, T, H, Hd)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, H, K, Hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.q = _param(rngs, (D, H, Hd), ("embed", "heads", "head_dim"), pdt)
+    self.k = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o = _param(rngs, (H, Hd, D), ("heads", "head_dim", "embed"), pdt,
+                    scale=1.0 / math.sqrt(H * Hd))
+    if cfg.qkv_bias:
+      self.q_bias = _zeros((H, Hd), ("heads", "head_dim"), pdt)
+      self.k_bias = _zeros((K, Hd), ("kv_heads", "head_dim"), pdt)
+      self.v_bias = _zeros((K, Hd), ("kv_heads", "head_dim"), pdt)
+    if cfg.out_bias:
+      self.o_bias = _zeros((D,), ("embed",), pdt)
+
+  def project_qkv(self, x_BTD: Array, positions_BT: Array):
+    cfg, dt = self.cfg, x_BTD.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                 v + self.v_bias[...].astype(dt))
+    if cfg.pos == "rope":
+      inv_freq = rope_inv_freq(cfg)
+      q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
+    return q, k, v
+
+  def __call__(self, q_BTHD, q_pos_BT, k_BSKD, v_BSKD, k_pos_BS, mask_BTS) -> Array:
+    """Attention of projected queries over keys/values at positions k_pos, then out-projection."""
+    bias = None
+    if self.cfg.pos == "alibi":
+      # BLOOM adds slope * key_position; slope * (key - query) differs by a per-query constant,
+      # which softmax ignores, and stays small for long sequences.
+      rel = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)
+      bias = alibi_slopes(self.cfg.num_heads)[None, :, None, None] * rel[:, None]
+    out = attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, bias)
+    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(q_BTHD.dtype))
+    if self.cfg.out_bias:
+      y = y + self.o_bias[...].astype(y.dtype)
+    return y
+
+
+def _act(name: str, x: Array) -> Array:
+  if name == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F = cfg.d_model, cfg.d_ff
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    if cfg.mlp == "gated":
+      self.gate = _param(rngs, (D, F), ("embed", "mlp"), pdt)
+    self.up = _param(rngs, (D, F), ("embed", "mlp"), pdt)
+    self.down = _param(rngs, (F, D), ("mlp", "embed"), pdt)
+    if cfg.mlp_bias:
+      if cfg.mlp == "gated":
+        self.gate_bias = _zeros((F,), ("mlp",), pdt)
+      self.up_bias = _zeros((F,), ("mlp",), pdt)
+      self.down_bias = _zeros((D,), ("embed",), pdt)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg, dt = self.cfg, x_BTD.dtype
+    h = x_BTD @ self.up[...].astype(dt)
+    if cfg.mlp_bias:
+      h = h + self.up_bias[...].astype(dt)
+    if cfg.mlp == "gated":
+      g = x_BTD @ self.gate[...].astype(dt)
+      if cfg.mlp_bias:
+        g = g + self.gate_bias[...].astype(dt)
+      h = _act(cfg.act, g) * h
+    else:
+      h = _act(cfg.act, h)
+    y = h @ self.down[...].astype(dt)
+    if cfg.mlp_bias:
+      y = y + self.down_bias[...].astype(dt)
+    return y
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None):
+    """Self-attention over the chunk (kv=None) or over a cache (kv=(k, v, pos, index)).
+
+    Returns the block output and, with a cache, the layer's updated (k, v).
+    """
+    h = self.attn_norm(x_BTD)
+    q, k, v = self.attn.project_qkv(h, positions_BT)
+    if kv is None:
+      T = x_BTD.shape[1]
+      causal = jnp.tril(jnp.ones((T, T), bool))
+      same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+      mask = causal[None] & same & (segment_ids_BT[:, None, :] > 0)
+      k_all, v_all, k_pos, new_kv = k, v, positions_BT, None
+    else:
+      cache_k, cache_v, cache_pos, index = kv
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      k_pos = cache_pos  # already holds this chunk's positions (written once in Decoder)
+      mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= positions_BT[:, :, None])
+      k_all, v_all, new_kv = k_all.astype(q.dtype), v_all.astype(q.dtype), (k_all, v_all)
+    x = x_BTD + self.attn(q, positions_BT, k_all, v_all, k_pos, mask)
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, new_kv
+
+
+class Decoder(nnx.Module):
+  """Embedding, L blocks, final norm, unembedding.
+
+  `model(tokens, skip=..., ...)` returns logits [B, T, V], or (logits, cache) with a cache.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt, scale=0.02)
+    if cfg.pos == "learned":
+      self.pos_embed = _param(rngs, (cfg.max_position, cfg.d_model), ("position", "embed"), pdt,
+                              scale=0.02)
+    if cfg.embed_norm:
+      self.embed_norm = Norm(cfg)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+
+  def embed_tokens(self, tokens_BT: Array, positions_BT: Array) -> Array:
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(cfg.dtype)
+    if cfg.pos == "learned":
+      x = x + jnp.take(self.pos_embed[...], jnp.maximum(positions_BT, 0), axis=0).astype(cfg.dtype)
+    if cfg.embed_norm:
+      x = self.embed_norm(x)
+    return x
+
+  def unembed(self, x_BTD: Array) -> Array:
+    x = self.final_norm(x_BTD)
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+
+  def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
+             full_depth_BT=None, cache: KVCache | None = None, cache_index=0):
+    """Final hidden states [B, T, D] (before the final norm) and the updated cache (or None)."""
+    cfg = self.cfg
+    kept = kept_layers(cfg.num_layers, tuple(skip))
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if cache is not None:
+      if len(cache.k) != len(kept):
+        raise ValueError(f"cache has {len(cache.k)} layers but skip={tuple(skip)} keeps "
+                         f"{len(kept)}: build it with init_cache(cfg, ..., skip=skip)")
+      new_pos = jnp.where(segment_ids_BT > 0, positions_BT, -1).astype(jnp.int32)
+      cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, new_pos, cache_index, 1)
+    x = self.embed_tokens(tokens_BT, positions_BT)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      is_kept = i in kept
+      if not is_kept and full_depth_BT is None:
+        continue  # skipped everywhere: this layer's weights are never read
+      kv = None
+      if cache is not None and is_kept:
+        j = len(new_k)
+        kv = (cache.k[j], cache.v[j], cache_pos, cache_index)
+      y, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat)
+      if is_kept:
+        x = y
+        if layer_kv is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+      elif full_depth_BT is True:
+        x = y
+      else:  # paper mode: only full-depth (prompt) positions take this skipped layer's output
+        x = jnp.where(full_depth_BT[..., None], y, x)
+    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), cache_pos)
+    return x, new_cache
+
+  def __call__(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
+               full_depth_BT=None, cache: KVCache | None = None, cache_index=0):
+    """Logits [B, T, V] (f32); with `cache`, (logits, updated cache).
+
+    skip: static tuple of skipped layer indices (one compiled graph per distinct tuple).
+    positions_BT: token positions (default 0..T-1); with a cache, per-row absolute positions.
+    segment_ids_BT: packed-sequence ids, 0 = padding (default all 1).
+    full_depth_BT: None = skip everywhere; True or a [B, T] bool mask = paper mode (see module
+      docstring). With a cache, paper mode is for a prefill from an empty cache: skipped layers
+      keep no KV, so they only see the current chunk.
+    cache, cache_index: write this chunk's K/V at slots [cache_index, cache_index + T).
+    """
+    x, new_cache = self.hidden(tokens_BT, skip=skip, positions_BT=positions_BT,
+                               segment_ids_BT=segment_ids_BT, full_depth_BT=full_depth_BT,
+                               cache=cache, cache_index=cache_index)
+    logits = self.unembed(x)
+    return logits if cache is None else (logits, new_cache)
+
+
+def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool):
+  if remat:
+    return nnx.remat(Block.__call__)(layer, x, positions, segment_ids, kv)
+  return layer(x, positions, segment_ids, kv)
+
+
+def param_count(model: Decoder) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

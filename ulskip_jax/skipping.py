@@ -1,0 +1,157 @@
+"""Skip plans: which layers a decoder runs at a target speedup ratio.
+
+A plan depends only on (num_layers, ratio, strategy), never on the input, so every row of a batch
+runs the same layers: batching and the KV cache work unchanged, and `plan.skipped` is a hashable
+tuple that can be a static jit argument (one compiled graph per distinct plan).
+
+The ULS rule (Liu, Meng and Zhou, 2024): keep n = int(L / r) layers, always the first and the last,
+and spread the rest evenly. We place kept layer i (i = 0 .. n-1) at
+
+    kept[i] = floor(i * (L - 1) / (n - 1) + 1/2)
+
+i.e. the nearest integer to an exact even spacing (halves round up). Consecutive gaps are then
+floor((L-1)/(n-1)) or ceil((L-1)/(n-1)): the largest and smallest gap differ by at most one.
+
+For L = 30:
+
+    r=2  (n=15): 0 2 4 6 8 10 12 15 17 19 21 23 25 27 29
+    r=3  (n=10): 0 3 6 10 13 16 19 23 26 29
+    r=5  (n=6):  0 6 12 17 23 29
+    r=10 (n=3):  0 15 29
+
+The authors' code instead keeps every s-th layer from 0, s = round((L-1)/(n-1)), and then the last
+layer: [0, 2, ..., 26, 29] at 2x and [0, 6, 12, 18, 24, 29] at 5x. That rule is `"uls_reference"`;
+it is inferred from those two published plans (it reproduces both). Its gaps are equal except the
+last one (3 at 2x, 5 at 5x), and for some (L, r) with n close to L it would run past the last
+layer, in which case it raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random as _random
+from collections.abc import Sequence
+
+STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipPlan:
+  """Kept and skipped layer indices, both sorted; `skipped` is what the model takes as `skip`."""
+  num_layers: int
+  kept: tuple[int, ...]
+  skipped: tuple[int, ...]
+  strategy: str
+
+  @property
+  def ratio(self) -> float:
+    """Nominal speedup in decoder layers: L / (number kept)."""
+    return self.num_layers / len(self.kept)
+
+
+def _check_num_layers(num_layers) -> None:
+  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+    raise ValueError(f"num_layers={num_layers!r} is invalid: it must be an int >= 1")
+
+
+def num_kept(num_layers: int, ratio: float) -> int:
+  """n = int(L / r), the paper's layer budget for speedup ratio r (1 <= r <= L)."""
+  _check_num_layers(num_layers)
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+    raise ValueError(f"ratio={ratio!r} is invalid: it must be a number in [1, {num_layers}]")
+  if not 1 <= ratio <= num_layers:
+    raise ValueError(f"ratio={ratio!r} is out of range: allowed is 1 <= ratio <= num_layers="
+                     f"{num_layers}")
+  return int(num_layers / ratio)
+
+
+def _uls(L: int, n: int) -> list[int]:
+  if n == 1:
+    return [0]
+  # Integer form of floor(i * (L-1)/(n-1) + 1/2): exact, no float rounding surprises.
+  return [(2 * i * (L - 1) + (n - 1)) // (2 * (n - 1)) for i in range(n)]
+
+
+def _uls_reference(L: int, n: int) -> list[int]:
+  step = round((L - 1) / (n - 1))  # Python rounds halves to even; the published plans have none.
+  kept = [i * step for i in range(n - 1)] + [L - 1]
+  if kept[-2] >= L - 1:
+    raise ValueError(f"strategy='uls_reference' is undefined for num_layers={L}, n={n} kept "
+                     f"(stride {step} runs past the last layer): use strategy='uls'")
+  return kept
+
+
+def _from_skipped(L: int, skipped: Sequence[int]) -> list[int]:
+  for i in skipped:
+    if isinstance(i, bool) or not isinstance(i, int):
+      raise ValueError(f"skip index {i!r} is not an int: indices must be ints in [0, {L - 1}]")
+    if not 0 <= i < L:
+      raise ValueError(f"skip index {i} is out of range: allowed is 0 <= index < {L}")
+  if len(set(skipped)) != len(skipped):
+    dup = sorted({i for i in skipped if list(skipped).count(i) > 1})
+    raise ValueError(f"skip indices {dup} appear more than once: each layer can be skipped once")
+  if len(skipped) >= L:
+    raise ValueError(f"skip={tuple(skipped)} skips all {L} layers: at least one must be kept")
+  return [i for i in range(L) if i not in set(skipped)]
+
+
+def plan_layers(num_layers: int, ratio: float | None = None,
+                strategy: str | Sequence[int] = "uls", seed: int | None = None) -> SkipPlan:
+  """Which layers to keep for speedup `ratio` on a `num_layers` decoder.
+
+  strategy:
+    "uls":           first and last kept, the rest evenly spread (see the module docstring).
+    "uls_reference": the authors' stride rule (every s-th layer from 0, plus the last).
+    "top":           keep the first n (a fixed early exit).
+    "bottom":        keep the last n.
+    "middle":        skip one contiguous block in the middle.
+    "every_other":   keep every k-th layer from 0, k = L // n (LayerDrop-style strided pruning; the
+                     last layer is not forced).
+    "random":        n layers drawn with `seed`.
+    a sequence of ints: the skipped layer indices themselves (`ratio` must then be None).
+  """
+  _check_num_layers(num_layers)
+  L = num_layers
+  if not isinstance(strategy, str):
+    if ratio is not None:
+      raise ValueError(f"ratio={ratio!r} given with an explicit skip list: pass one or the other")
+    kept = _from_skipped(L, list(strategy))
+    return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept), "explicit")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy={strategy!r} is unknown: allowed are {', '.join(STRATEGIES)} "
+                     "or a list of skipped indices")
+  if ratio is None:
+    raise ValueError(f"strategy={strategy!r} needs a ratio (a number in [1, {L}])")
+  n = num_kept(L, ratio)
+  if strategy in ("uls", "uls_reference") and n < 2 and L > 1:
+    raise ValueError(f"ratio={ratio!r} keeps n=int({L}/{ratio})={n} layer(s), but {strategy!r} "
+                     f"keeps the first and the last: allowed is ratio <= {L / 2:g}")
+  if strategy == "uls":
+    kept = _uls(L, n)
+  elif strategy == "uls_reference":
+    kept = _uls(L, n) if n < 2 else _uls_reference(L, n)
+  elif strategy == "top":
+    kept = list(range(n))
+  elif strategy == "bottom":
+    kept = list(range(L - n, L))
+  elif strategy == "middle":
+    start = n // 2  # the skipped block [start, start + L - n) sits in the middle
+    kept = list(range(start)) + list(range(start + L - n, L))
+  elif strategy == "every_other":
+    kept = list(range(0, L, L // n))[:n]
+  else:  # random
+    kept = sorted(_random.Random(seed).sample(range(L), n))
+  kept_set = set(kept)
+  return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept_set), strategy)
+
+
+def parse_ratios(text: str) -> list[float]:
+  """'1,2,5' -> [1.0, 2.0, 5.0], with a one-line error for anything else."""
+  try:
+    ratios = [float(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"ratios={text!r} is invalid: give comma-separated numbers >= 1, e.g. 1,2,5")
+  if not ratios:
+    raise ValueError(f"ratios={text!r} is empty: give comma-separated numbers >= 1, e.g. 1,2,5")
+  return ratios
