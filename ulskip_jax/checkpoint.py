@@ -19,6 +19,14 @@ Train loop:
       if stop:
         break
   ckpt.close()  # waits for the last async save
+
+Resume:
+  params, opt_state, meta = ckpt.restore(config.resume_step or None,
+                                         params_target=abstract_params,
+                                         opt_state_target=abstract_opt_state)
+An unreadable step raises CheckpointError naming the earlier steps, and the user picks one
+with --config.resume_step=N: silently training on from an older step is a choice we leave
+to the caller, who can pass `fallback=True` to walk back to the newest readable step.
 """
 
 from __future__ import annotations
@@ -168,8 +176,8 @@ class Checkpointer:
       step: int,
       params: PyTree,
       opt_state: PyTree | None = None,
-      *,
       meta: dict | None = None,
+      *,
       force: bool = False,
   ) -> bool:
     """Starts saving `step` if it is due (or `force`); returns whether it did.

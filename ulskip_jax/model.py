@@ -96,7 +96,11 @@ def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
 
 @flax.struct.dataclass
 class KVCache:
-  """k[j], v[j]: [B, S, K, Hd] for the j-th kept layer; pos: [B, S] int32, -1 = empty slot.
+  """k[j], v[j]: [B, K, S, Hd] for the j-th kept layer; pos: [B, S] int32, -1 = empty slot.
+
+  Slots sit next to each other within a KV head ([B, K, S, Hd], not [B, S, K, Hd]) because that is
+  the layout both attention matmuls read: with the slot axis outside the head axis, XLA on CPU
+  transposed every layer's whole K and V on every decode step (measured in the while-loop HLO).
 
   Writes go to one slot range shared by all rows (`index`), so an update is a
   dynamic_update_slice that XLA does in place when the cache is donated. Per-row positions (left
@@ -116,7 +120,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...]
                dtype: Any = None) -> KVCache:
   """An empty cache with slots for the kept layers only: its size at ratio r is n / L of full."""
   n = len(kept_layers(cfg.num_layers, skip))
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.dtype
   return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
                  v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
@@ -205,18 +209,18 @@ def alibi_slopes(num_heads: int) -> Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
-def attend(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array,
+def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
            bias_HTS: Array | None = None) -> Array:
   """Grouped-query attention: query head h reads KV head h // G. Softmax in f32."""
   B, T, H, Hd = q_BTHD.shape
-  K = k_BSKD.shape[2]
+  K = k_BKSD.shape[1]
   q = q_BTHD.reshape(B, T, K, H // K, Hd)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD).astype(jnp.float32) / math.sqrt(Hd)
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD).astype(jnp.float32) / math.sqrt(Hd)
   if bias_HTS is not None:  # ALiBi, [B, H, T, S] -> [B, K, G, T, S]
     logits = logits + bias_HTS.reshape(B, K, H // K, T, -1)
   logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD).reshape(B, T, H, Hd)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BKSD.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD).reshape(B, T, H, Hd)
 
 
 class Attention(nnx.Module):
@@ -249,7 +253,7 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
     return q, k, v
 
-  def __call__(self, q_BTHD, q_pos_BT, k_BSKD, v_BSKD, k_pos_BS, mask_BTS) -> Array:
+  def __call__(self, q_BTHD, q_pos_BT, k_BKSD, v_BKSD, k_pos_BS, mask_BTS) -> Array:
     """Attention of projected queries over keys/values at positions k_pos, then out-projection."""
     bias = None
     if self.cfg.pos == "alibi":
@@ -257,7 +261,7 @@ class Attention(nnx.Module):
       # which softmax ignores, and stays small for long sequences.
       rel = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)
       bias = alibi_slopes(self.cfg.num_heads)[None, :, None, None] * rel[:, None]
-    out = attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, bias)
+    out = attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias)
     y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(q_BTHD.dtype))
     if self.cfg.out_bias:
       y = y + self.o_bias[...].astype(y.dtype)
@@ -319,6 +323,7 @@ class Block(nnx.Module):
     """
     h = self.attn_norm(x_BTD)
     q, k, v = self.attn.project_qkv(h, positions_BT)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Hd], the cache layout
     if kv is None:
       T = x_BTD.shape[1]
       causal = jnp.tril(jnp.ones((T, T), bool))
@@ -327,8 +332,8 @@ class Block(nnx.Module):
       k_all, v_all, k_pos, new_kv = k, v, positions_BT, None
     else:
       cache_k, cache_v, cache_pos, index = kv
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 2)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 2)
       k_pos = cache_pos  # already holds this chunk's positions (written once in Decoder)
       mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= positions_BT[:, :, None])
       k_all, v_all, new_kv = k_all.astype(q.dtype), v_all.astype(q.dtype), (k_all, v_all)

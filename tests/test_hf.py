@@ -1,0 +1,215 @@
+"""hf.py: our logits equal transformers' on the same weights, full depth, skipped and round-tripped."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import tokenizers
+import torch
+import transformers
+from flax import nnx
+
+import tiny
+from ulskip_jax import hf
+from ulskip_jax.skipping import plan_layers
+
+B, T, PAD = 2, 12, 4  # row 0 of the padded batch has PAD left-padding tokens
+ATOL = 1e-4
+PLANS = [plan_layers(4, 2), plan_layers(4, 4 / 3)]  # keep (0, 3) and (0, 2, 3)
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def family_dir(request, tmp_path_factory):
+  """(family, folder with the saved torch model, the torch model)."""
+  path = tmp_path_factory.mktemp(request.param)
+  return request.param, path, tiny.save_hf_model(request.param, path)
+
+
+def _tokens(seed=0):
+  return np.random.default_rng(seed).integers(3, tiny.VOCAB, (B, T))
+
+
+def _torch_logits(model, tokens, mask=None, positions=None):
+  kwargs = dict(use_cache=False)
+  if mask is not None:
+    kwargs["attention_mask"] = torch.tensor(mask)
+  if positions is not None and model.config.model_type != "bloom":  # BLOOM: ALiBi from the mask
+    kwargs["position_ids"] = torch.tensor(positions)
+  with torch.no_grad():
+    return model(torch.tensor(tokens), **kwargs).logits.numpy()
+
+
+def _pruned_torch(model, kept):
+  """A copy of `model` whose layer list holds only `kept`, renumbered for the cache."""
+  pruned = copy.deepcopy(model)
+  holder, name = (pruned.model, "layers") if hasattr(pruned, "model") else (pruned.transformer, "h")
+  layers = [getattr(holder, name)[i] for i in kept]
+  for j, layer in enumerate(layers):
+    for module in layer.modules():
+      if hasattr(module, "layer_idx"):
+        module.layer_idx = j
+  setattr(holder, name, torch.nn.ModuleList(layers))
+  pruned.config.num_hidden_layers = len(kept)
+  if getattr(pruned.config, "layer_types", None):
+    pruned.config.layer_types = [pruned.config.layer_types[i] for i in kept]
+  return pruned
+
+
+def _max_err(a, b):
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+def test_full_depth_logits_match_torch(family_dir):
+  family, path, torch_model = family_dir
+  model, tokenizer = hf.from_pretrained(path)
+  assert tokenizer is None
+  tokens = _tokens()
+  assert _max_err(model(jnp.asarray(tokens)), _torch_logits(torch_model, tokens)) < ATOL
+
+  mask = np.ones((B, T), np.int32)
+  mask[0, :PAD] = 0
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  ours = model(jnp.asarray(tokens), positions_BT=jnp.asarray(positions),
+               segment_ids_BT=jnp.asarray(mask))
+  ref = _torch_logits(torch_model, tokens, mask, positions)
+  keep = mask.astype(bool)
+  assert _max_err(np.asarray(ours)[keep], ref[keep]) < ATOL
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "keep" + "".join(map(str, p.kept)))
+def test_skip_everywhere_matches_deleted_layers(family_dir, plan):
+  family, path, torch_model = family_dir
+  model, _ = hf.from_pretrained(path)
+  tokens = _tokens(1)
+  ours = model(jnp.asarray(tokens), skip=plan.skipped)
+  assert _max_err(ours, _torch_logits(_pruned_torch(torch_model, plan.kept), tokens)) < ATOL
+
+
+def test_save_pretrained_loads_in_transformers(family_dir, tmp_path):
+  family, path, torch_model = family_dir
+  model, _ = hf.from_pretrained(path)
+  tokens = _tokens(2)
+  ref = _torch_logits(torch_model, tokens)
+
+  hf.save_pretrained(model, tmp_path / "derived")  # config.json derived from ModelConfig
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "derived").eval()
+  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
+
+  original = json.loads((path / "config.json").read_text())
+  hf.save_pretrained(model, tmp_path / "kept", hf_config=original)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "kept").eval()
+  assert reloaded.config.model_type == original["model_type"]
+  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "keep" + "".join(map(str, p.kept)))
+def test_save_pretrained_pruned(family_dir, tmp_path, plan):
+  family, path, _ = family_dir
+  model, _ = hf.from_pretrained(path)
+  hf.save_pretrained(model, tmp_path, skip=plan.skipped,
+                     hf_config=json.loads((path / "config.json").read_text()))
+  pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert pruned.config.num_hidden_layers == len(plan.kept)
+  assert len(pruned.base_model.layers if hasattr(pruned.base_model, "layers")
+             else pruned.base_model.h) == len(plan.kept)
+  tokens = _tokens(3)
+  assert _max_err(_torch_logits(pruned, tokens), model(jnp.asarray(tokens), skip=plan.skipped)) < ATOL
+  reloaded, _ = hf.from_pretrained(tmp_path)  # and back: the pruned folder is a plain n-layer model
+  assert reloaded.cfg.num_layers == len(plan.kept)
+  assert _max_err(reloaded(jnp.asarray(tokens)), model(jnp.asarray(tokens), skip=plan.skipped)) < 1e-6
+
+
+def test_sharded_checkpoint(family_dir, tmp_path):
+  family, _, torch_model = family_dir
+  torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").is_file()
+  assert not (tmp_path / "model.safetensors").exists()
+  model, _ = hf.from_pretrained(tmp_path)
+  tokens = _tokens(4)
+  assert _max_err(model(jnp.asarray(tokens)), _torch_logits(torch_model, tokens)) < ATOL
+
+
+def test_bfloat16(family_dir):
+  _, path, _ = family_dir
+  f32, _ = hf.from_pretrained(path)
+  bf16, _ = hf.from_pretrained(path, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype("float32")}
+  tokens = jnp.asarray(_tokens(5))
+  ref, out = np.asarray(f32(tokens)), np.asarray(bf16(tokens))
+  assert np.isfinite(out).all()
+  assert _max_err(out, ref) < 0.05 * np.abs(ref).max()  # bf16 keeps ~3 significant digits
+  bf16_params, _ = hf.from_pretrained(path, dtype="bfloat16", param_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16_params))} == {jnp.dtype("bfloat16")}
+  assert _max_err(bf16_params(tokens), ref) < 0.05 * np.abs(ref).max()
+
+
+def test_tokenizer_is_returned(tmp_path):
+  tiny.save_hf_model("llama", tmp_path)
+  vocab = {f"w{i}": i for i in range(tiny.VOCAB)}
+  word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+  word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="w0",
+                                       pad_token="w0").save_pretrained(tmp_path)
+  model, tokenizer = hf.from_pretrained(tmp_path)
+  assert tokenizer.encode("w5 w7 w11") == [5, 7, 11]
+  hf.save_pretrained(model, tmp_path / "out", tokenizer=tokenizer)
+  assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").encode("w7") == [7]
+
+
+def test_config_round_trip():
+  for family in tiny.FAMILIES:
+    cfg = hf.config_from_hf(tiny.hf_config(family).to_dict())
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  with pytest.raises(ValueError, match=r"num_kv_heads=2 in the model but 4"):
+    hf.config_to_hf(tiny.tiny_config(norm="layer", mlp="plain", pos="learned"))
+
+
+def _raises(match, fn, *args, **kwargs):
+  with pytest.raises(ValueError, match=match) as error:
+    fn(*args, **kwargs)
+  assert "\n" not in str(error.value)
+
+
+def _with_config(path, **changes):
+  config = json.loads((path / "config.json").read_text())
+  config.update(changes)
+  (path / "config.json").write_text(json.dumps(config))
+
+
+def test_errors(tmp_path):
+  _raises(r"is not a directory", hf.from_pretrained, tmp_path / "nowhere")
+  _raises(r"has no config.json", hf.from_pretrained, tmp_path)
+
+  torch_model = tiny.save_hf_model("llama", tmp_path / "llama")
+  state = safetensors.numpy.load_file(tmp_path / "llama" / "model.safetensors")
+  del state["model.layers.1.mlp.up_proj.weight"]
+  safetensors.numpy.save_file(state, tmp_path / "llama" / "model.safetensors",
+                              metadata={"format": "pt"})
+  _raises(r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight", hf.from_pretrained,
+          tmp_path / "llama")
+
+  (tmp_path / "llama" / "model.safetensors").unlink()
+  torch.save(torch_model.state_dict(), tmp_path / "llama" / "pytorch_model.bin")
+  _raises(r"only PyTorch \.bin weights: convert them to safetensors, e\.g\. "
+          r"model\.save_pretrained\(path, safe_serialization=True\)",
+          hf.from_pretrained, tmp_path / "llama")
+
+  _with_config(tmp_path / "llama", model_type="falcon")
+  _raises(r"model_type='falcon' is unsupported: supported are llama, mistral, qwen2, gpt2, bloom",
+          hf.from_pretrained, tmp_path / "llama")
+
+  llama = tiny.hf_config("llama").to_dict()
+  _raises(r"mistral sliding_window=4096 is unsupported for now: set \"sliding_window\": null",
+          hf.config_from_hf, {**tiny.hf_config("mistral").to_dict(), "sliding_window": 4096})
+  _raises(r"qwen2 use_sliding_window=true is unsupported for now",
+          hf.config_from_hf, {**tiny.hf_config("qwen2").to_dict(), "use_sliding_window": True})
+  _raises(r"activation 'relu' is unsupported", hf.config_from_hf, {**llama, "hidden_act": "relu"})
+  _raises(r"rope type 'yarn' is unsupported", hf.config_from_hf,
+          {**llama, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+  _raises(r"hf_config \(model_type='llama'\) does not describe this model: num_layers=4 in the "
+          r"model but 3", hf.save_pretrained, nnx.eval_shape(tiny.tiny_model), tmp_path / "out",
+          hf_config={**llama, "num_hidden_layers": 3})

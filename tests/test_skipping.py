@@ -1,0 +1,91 @@
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ulskip_jax import plan_layers
+from ulskip_jax.skipping import STRATEGIES, num_kept, parse_ratios
+
+
+@st.composite
+def layers_and_ratio(draw, min_kept=1):
+  L = draw(st.integers(1, 128))
+  ratio = draw(st.floats(1.0, float(L), allow_nan=False))
+  n = int(L / ratio)
+  if n < min_kept:
+    ratio = L / min_kept if L >= min_kept else 1.0
+  return L, ratio
+
+
+@settings(max_examples=400, deadline=None)
+@given(layers_and_ratio(min_kept=2))
+def test_uls_plan_properties(lr):
+  L, r = lr
+  if L < 2:
+    return
+  plan = plan_layers(L, r)
+  n = int(L / r)
+  assert len(plan.kept) == n
+  assert plan.kept[0] == 0 and plan.kept[-1] == L - 1
+  assert list(plan.kept) == sorted(set(plan.kept))
+  assert sorted(plan.kept + plan.skipped) == list(range(L))
+  gaps = [b - a for a, b in zip(plan.kept, plan.kept[1:])]
+  assert max(gaps) - min(gaps) <= 1, gaps
+  assert plan == plan_layers(L, r)  # deterministic
+  hash(plan.skipped)
+
+
+@settings(max_examples=300, deadline=None)
+@given(layers_and_ratio(), st.sampled_from([s for s in STRATEGIES if not s.startswith("uls")]),
+       st.integers(0, 10))
+def test_baseline_plans_keep_n_sorted_layers(lr, strategy, seed):
+  L, r = lr
+  plan = plan_layers(L, r, strategy, seed=seed)
+  assert len(plan.kept) == int(L / r)
+  assert list(plan.kept) == sorted(set(plan.kept))
+  assert set(plan.kept).isdisjoint(plan.skipped)
+  assert sorted(plan.kept + plan.skipped) == list(range(L))
+  assert plan == plan_layers(L, r, strategy, seed=seed)
+
+
+def test_paper_plans_for_30_layers():
+  assert plan_layers(30, 2).kept == (0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29)
+  assert plan_layers(30, 5).kept == (0, 6, 12, 17, 23, 29)
+  # The authors' code (reproduced by "uls_reference"): every s-th layer, then the last.
+  assert plan_layers(30, 2, "uls_reference").kept == tuple(range(0, 27, 2)) + (29,)
+  assert plan_layers(30, 5, "uls_reference").kept == (0, 6, 12, 18, 24, 29)
+
+
+def test_baselines_by_hand():
+  assert plan_layers(12, 3, "top").kept == (0, 1, 2, 3)
+  assert plan_layers(12, 3, "bottom").kept == (8, 9, 10, 11)
+  assert plan_layers(12, 3, "middle").kept == (0, 1, 10, 11)
+  assert plan_layers(12, 3, "every_other").kept == (0, 3, 6, 9)
+  assert plan_layers(12, 2, "every_other").kept == (0, 2, 4, 6, 8, 10)
+  assert plan_layers(12, 3, "random", seed=1) != plan_layers(12, 3, "random", seed=2)
+  assert plan_layers(12, strategy=[3, 1]).skipped == (1, 3)
+  assert plan_layers(12, 1).skipped == ()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, 2), "num_layers=0"),
+    ((12, 0.5), "ratio=0.5 is out of range"),
+    ((12, 13), "ratio=13 is out of range"),
+    ((12, float("nan")), "ratio=nan"),
+    ((12, 7), r"keeps n=int\(12/7\)=1"),
+    ((12, 2, "fancy"), "strategy='fancy' is unknown"),
+    ((12, None, [1, 1]), r"\[1\] appear more than once"),
+    ((12, None, [12]), "skip index 12 is out of range"),
+    ((12, None, [1.5]), "skip index 1.5 is not an int"),
+    ((12, 2, [1]), "explicit skip list"),
+    ((12, None, list(range(12))), "skips all 12 layers"),
+    ((20, 1.5, "uls_reference"), "use strategy='uls'"),
+])
+def test_bad_input_errors(args, match):
+  with pytest.raises(ValueError, match=match):
+    plan_layers(*args)
+
+
+def test_num_kept_and_parse_ratios():
+  assert num_kept(30, 3) == 10 and num_kept(30, 2.5) == 12
+  assert parse_ratios("1,2, 5") == [1.0, 2.0, 5.0]
+  with pytest.raises(ValueError, match="ratios='a,b'"):
+    parse_ratios("a,b")

@@ -1,0 +1,47 @@
+"""Skip-aware fine-tuning.
+
+  python train.py --config configs/bible_2x.py --workdir runs/bible_2x [--config.num_steps=100]
+"""
+
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from ulskip_jax import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer go "
+                    "(default: runs/<config name>).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {argv[1:]}")
+  name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+  workdir = FLAGS.workdir or os.path.join("runs", name)
+  try:
+    metrics = train_lib.train_and_evaluate(FLAGS.config, workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  try:  # unknown --config.key, bad value or config file: one line, not a traceback
+    argv = FLAGS(sys.argv)
+  except AttributeError as e:  # ml_collections' way of saying the key does not exist
+    print(f"error: unknown config key {e}: see configs/base.py for the allowed keys",
+          file=sys.stderr)
+    sys.exit(2)
+  except (flags.Error, KeyError, TypeError, ValueError) as e:
+    print(f"error: bad flag or config: {e}", file=sys.stderr)
+    sys.exit(2)
+  main(argv)

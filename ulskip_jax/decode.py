@@ -1,0 +1,457 @@
+"""Batched decoding with a static skip plan: greedy, sampling and beam search.
+
+Shapes: B batch rows (after bucketing), P prompt slots (bucketed), N new-token slots (bucketed),
+S = P + N cache slots, V vocabulary, R = B * num_beams flattened beam rows.
+
+One call of `generate` runs ONE compiled executable: a batched prefill, then a `lax.while_loop`
+over a preallocated state (token buffer + KV cache) that stops when every row has finished or the
+budget is spent. Parameters go in as `nnx.split` state (an argument, never closed over) and the
+cache is created inside the executable, so XLA updates it in place and no step copies it (beam
+search gathers it on the beam axis once a step, which is inherent to beam search).
+
+Prompts are left padded: row b's prompt ends at slot P - 1, its token at slot j has position
+j - pad_b, and its pads have segment id 0 (masked everywhere). So rows of different lengths share
+one slot index per step, and every row's next token is read from the last prefill column.
+
+Buckets keep the number of executables bounded: prompt slots P = max(16, next power of two),
+batch B = next power of two (dummy rows are masked and finished from the start), new-token slots
+N = max(16, next power of two) with the actual `max_new_tokens` traced. One executable is built
+per (model structure, skip tuple, mode, B, P, N, static decoding options) and reused; temperature,
+top_p, length_penalty, eos_id, pad_id, seed and max_new_tokens are traced values.
+
+Prompt-length policy: a prompt whose length + max_new_tokens exceeds the model's position limit
+(`cfg.max_position`) is refused with a one-line ValueError naming the prompt; nothing is truncated
+silently (truncation would change what is being evaluated). Empty prompts are refused too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache, kept_layers
+from ulskip_jax.skipping import plan_layers
+
+Array = jax.Array
+MIN_BUCKET = 16
+NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Everything static about one executable (hashable: part of the executable cache key)."""
+  skip: tuple[int, ...]
+  paper_mode: bool          # prompt through all layers, response through the kept ones
+  max_new_slots: int        # N, the bucketed token budget
+  sample: bool              # False = greedy (argmax)
+  top_k: int | None
+  use_top_p: bool
+  num_beams: int
+  no_repeat_ngram_size: int
+  early_stopping: bool | str
+
+
+@dataclasses.dataclass
+class DecodeStats:
+  """Counts and timings of one or more `generate` calls (add them with `+`).
+
+  generated_tokens counts the tokens the model produced, each row's EOS included, dummy rows and
+  the pads after EOS excluded. wall_s is the execution time (host to device, run, back to lists)
+  without compile_s, the time spent building executables. cache_bytes is the largest KV cache
+  allocated (kept layers only: n / L of full depth; beams multiply the rows).
+  """
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  wall_s: float = 0.0
+  compile_s: float = 0.0
+  cache_bytes: int = 0
+  executables_built: int = 0
+  calls: int = 0
+
+  def __add__(self, other: DecodeStats) -> DecodeStats:
+    return DecodeStats(self.prompt_tokens + other.prompt_tokens,
+                       self.generated_tokens + other.generated_tokens,
+                       self.wall_s + other.wall_s, self.compile_s + other.compile_s,
+                       max(self.cache_bytes, other.cache_bytes),
+                       self.executables_built + other.executables_built, self.calls + other.calls)
+
+  @property
+  def generated_tokens_per_s(self) -> float:
+    return self.generated_tokens / self.wall_s if self.wall_s else 0.0
+
+  @property
+  def total_tokens_per_s(self) -> float:
+    """(prompt + generated) tokens per second, the throughput the ULS paper reports."""
+    return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
+
+  def as_dict(self) -> dict[str, Any]:
+    return dict(dataclasses.asdict(self), generated_tokens_per_s=self.generated_tokens_per_s,
+                total_tokens_per_s=self.total_tokens_per_s)
+
+
+# Compiled executables, keyed by (graphdef, state avals, options, B, P). Module level so that every
+# call with the same model structure and bucket reuses one executable.
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
+def num_compiles() -> int:
+  """Executables built by this module so far (one per distinct key; see the module docstring)."""
+  return len(_EXECUTABLES)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """The next power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None) -> tuple[int, ...]:
+  """`ratio` -> the ULS plan's skipped layers; `skip` as given; neither -> full depth."""
+  if skip is not None and ratio is not None:
+    raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
+  if ratio is not None:
+    return plan_layers(num_layers, ratio).skipped
+  skip = tuple(sorted(skip or ()))
+  kept_layers(num_layers, skip)  # validates
+  return skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Token selection.
+
+def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, cur: Array,
+                         n: int) -> Array:
+  """-inf on every token that would repeat an n-gram of buf[:, first_valid:cur] (prompt included,
+  as Hugging Face's NoRepeatNGramLogitsProcessor does for decoder-only models; pads excluded)."""
+  R, L = buf_RL.shape
+  J = L - n + 1  # n-gram start slots
+  starts = jnp.arange(J)
+  windows = jnp.stack([buf_RL[:, k:k + J] for k in range(n)], -1)  # [R, J, n]
+  last = jax.lax.dynamic_slice_in_dim(buf_RL, cur - (n - 1), n - 1, axis=1)  # [R, n-1]
+  ngram_ok = (starts[None] >= first_valid_R[:, None]) & (starts[None] + n - 1 < cur)
+  last_ok = (cur - (n - 1) >= first_valid_R)[:, None]
+  match = ngram_ok & last_ok & jnp.all(windows[..., :n - 1] == last[:, None], -1)
+  banned = jnp.zeros(logits_RV.shape, bool).at[jnp.arange(R)[:, None], windows[..., -1]].max(match)
+  return jnp.where(banned, -jnp.inf, logits_RV)
+
+
+def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Array,
+            top_p: Array) -> Array:
+  """Greedy argmax, or a sample after temperature, top-k then top-p (Hugging Face's order)."""
+  if not opts.sample:
+    return jnp.argmax(logits_BV, -1).astype(jnp.int32)
+  logits = logits_BV / temperature
+  if opts.top_k is not None:
+    kth = jax.lax.top_k(logits, opts.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if opts.use_top_p:
+    sorted_desc = -jnp.sort(-logits, -1)
+    probs = jax.nn.softmax(sorted_desc, -1)
+    before = jnp.cumsum(probs, -1) - probs  # mass of the strictly more likely tokens
+    keep = (before < top_p).at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The executables.
+
+def _prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array, rows: int,
+             num_slots: int) -> tuple[Array, KVCache]:
+  """Run the prompt, fill a fresh kept-layer cache; returns last-position logits [B, V]."""
+  B, P = prompt_BP.shape
+  positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
+  segment_ids = (positions >= 0).astype(jnp.int32)
+  cache = init_cache(model.cfg, B, num_slots, opts.skip)
+  x, cache = model.hidden(prompt_BP, skip=opts.skip, positions_BT=positions,
+                          segment_ids_BT=segment_ids, full_depth_BT=True if opts.paper_mode else None,
+                          cache=cache, cache_index=0)
+  logits = model.unembed(x[:, -1:])[:, 0]
+  if rows != B:  # beams: the prompt ran once per row; copy its cache to each of the row's beams
+    cache = jax.tree.map(lambda a: jnp.repeat(a, rows // B, axis=0), cache)
+    logits = jnp.repeat(logits, rows // B, axis=0)
+  return logits, cache
+
+
+def _step(model: Decoder, opts: DecodeOptions, tokens_R: Array, positions_R: Array,
+          cache: KVCache, slot: Array) -> tuple[Array, KVCache]:
+  """One token per row through the kept layers: logits [R, V] and the updated cache."""
+  x, cache = model.hidden(tokens_R[:, None], skip=opts.skip, positions_BT=positions_R[:, None],
+                          cache=cache, cache_index=slot)
+  return model.unembed(x)[:, 0], cache
+
+
+def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
+               temperature, top_p, length_penalty, *, opts: DecodeOptions):
+  """Greedy / sampling: returns the new tokens [B, N] (pad after EOS and past the budget)."""
+  del length_penalty
+  model = nnx.merge(graphdef, state)
+  B, P = prompt_BP.shape
+  N = opts.max_new_slots
+  buf = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], 1)  # [B, P + N]
+
+  def choose(logits, t, buf, done):
+    if opts.no_repeat_ngram_size:
+      logits = _ban_repeated_ngrams(logits, buf, pad_B, P + t, opts.no_repeat_ngram_size)
+    tok = _select(logits, jax.random.fold_in(rng, t), opts, temperature, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], P + t, 1)
+    return tok, buf, done | (tok == eos_id)
+
+  logits, cache = _prefill(model, opts, prompt_BP, pad_B, B, P + N)
+  tok, buf, done = choose(logits, 0, buf, ~active_B)
+
+  def cond(carry):
+    t, _, _, done, _ = carry
+    return (t < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    t, tok, buf, done, cache = carry
+    slot = P + t - 1  # the previous token's slot
+    logits, cache = _step(model, opts, tok, slot - pad_B, cache, slot)
+    tok, buf, done = choose(logits, t, buf, done)
+    return t + 1, tok, buf, done, cache
+
+  _, _, buf, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, buf, done, cache))
+  return buf[:, P:]
+
+
+def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
+             temperature, top_p, length_penalty, *, opts: DecodeOptions):
+  """Beam search with Hugging Face's semantics (transformers' vectorised `_beam_search`).
+
+  Each step keeps the top 2 * num_beams continuations of all beams; those ending in EOS (or at the
+  budget) that rank in the first num_beams become finished hypotheses scored
+  sum(logprob) / generated_len ** length_penalty (EOS counted); the best num_beams unfinished ones
+  run on. `early_stopping`: True stops a row once it has num_beams finished hypotheses; False and
+  "never" use Hugging Face's heuristics. Returns the best finished hypothesis' tokens [B, N].
+  """
+  del rng, temperature, top_p
+  model = nnx.merge(graphdef, state)
+  B, P = prompt_BP.shape
+  N, nb, V = opts.max_new_slots, opts.num_beams, model.cfg.vocab_size
+  K2 = 2 * nb
+  R = B * nb
+  pad_R = jnp.repeat(pad_B, nb)
+  prompt_buf = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], 1)
+  run_seq = jnp.repeat(prompt_buf[:, None], nb, 1)                 # [B, nb, P + N]
+  run_score = jnp.tile(jnp.array([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1))
+  fin_seq, fin_score = run_seq, jnp.full((B, nb), NEG, jnp.float32)
+  fin_flag = jnp.zeros((B, nb), bool)
+  improvable = active_B  # Hugging Face's is_early_stop_heuristic_unsatisfied; dummy rows: done
+  top_nb = jnp.arange(K2) < nb
+
+  def take(x, idx):  # x [B, k, ...], idx [B, j] -> [B, j, ...]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
+
+  def select(logits_RV, t, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable):
+    cur = P + t
+    logp = jax.nn.log_softmax(logits_RV, -1)
+    if opts.no_repeat_ngram_size:
+      logp = _ban_repeated_ngrams(logp, run_seq.reshape(R, -1), pad_R, cur,
+                                  opts.no_repeat_ngram_size)
+    acc = (logp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)
+    top_score, top_idx = jax.lax.top_k(acc, K2)
+    parent, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
+    cand_seq = take(run_seq, parent).at[:, :, cur].set(tok)
+    hits = (tok == eos_id) | (t + 1 >= max_new)
+    # Running beams: the best num_beams continuations that did not finish.
+    live = top_score + jnp.where(hits, NEG, 0.0)
+    keep = jax.lax.top_k(live, nb)[1]
+    run_seq, run_score, parent = take(cand_seq, keep), take(live, keep), take(parent, keep)
+    # Finished hypotheses: merge the new ones (length-penalised) and keep the best num_beams.
+    new = top_score / (t + 1.0) ** length_penalty
+    full = jnp.all(fin_flag, -1, keepdims=True) & (opts.early_stopping is True)
+    just_finished = hits & top_nb[None]
+    new = new + jnp.where(full | ~improvable[:, None], NEG, 0.0) + jnp.where(just_finished, 0.0, NEG)
+    merged = jnp.concatenate([fin_score, new], 1)
+    best = jax.lax.top_k(merged, nb)[1]
+    fin_seq = take(jnp.concatenate([fin_seq, cand_seq], 1), best)
+    fin_score = take(merged, best)
+    fin_flag = take(jnp.concatenate([fin_flag, just_finished], 1), best)
+    # Hugging Face's early-stop heuristic, evaluated at the new length t + 1.
+    hyp_len = jnp.where((opts.early_stopping == "never") & (length_penalty > 0), max_new, t + 1)
+    best_running = run_score[:, :1] / hyp_len.astype(jnp.float32) ** length_penalty
+    worst_fin = jnp.where(fin_flag, jnp.min(fin_score, 1, keepdims=True), NEG)
+    improvable = improvable & jnp.any(best_running > worst_fin, -1)
+    all_full = jnp.all(fin_flag | ~active_B[:, None]) & (opts.early_stopping is True)
+    go_on = jnp.any(improvable) & ~all_full & ~jnp.all(hits | ~active_B[:, None])
+    rows = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
+    return rows, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable, go_on
+
+  logits, cache = _prefill(model, opts, prompt_BP, pad_B, R, P + N)
+  rows, *beams, go_on = select(logits, 0, run_seq, run_score, fin_seq, fin_score, fin_flag,
+                               improvable)
+
+  def cond(carry):
+    return carry[-1]
+
+  def body(carry):
+    t, rows, cache, run_seq, *rest, _ = carry
+    cache = jax.tree.map(lambda a: a[rows], cache)  # reorder beams: parents' K/V
+    slot = P + t - 1
+    logits, cache = _step(model, opts, run_seq[:, :, slot].reshape(R), slot - pad_R, cache, slot)
+    rows, *beams, go_on = select(logits, t, run_seq, *rest)
+    return (t + 1, rows, cache, *beams, go_on)
+
+  carry = jax.lax.while_loop(cond, body, (jnp.int32(1), rows, cache, *beams, go_on))
+  fin_seq = carry[5]
+  return fin_seq[:, 0, P:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The public API.
+
+def _executable(fn, graphdef, state, args, opts: DecodeOptions):
+  """The compiled executable for these shapes and options, built once (returns it and the seconds
+  spent compiling, 0 when it was cached)."""
+  leaves, treedef = jax.tree.flatten(state)
+  key = (fn.__name__, graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), opts,
+         tuple((a.shape, a.dtype) for a in args))
+  if key in _EXECUTABLES:
+    return _EXECUTABLES[key], 0.0
+  start = time.perf_counter()
+  jitted = jax.jit(fn, static_argnames=("graphdef", "opts"))
+  compiled = jitted.lower(graphdef, state, *args, opts=opts).compile()
+  _EXECUTABLES[key] = compiled
+  return compiled, time.perf_counter() - start
+
+
+def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> None:
+  if not prompts:
+    raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: it must be an int >= 1")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+    if len(p) + max_new_tokens > cfg.max_position:
+      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                       f"needs {len(p) + max_new_tokens} positions but the model allows "
+                       f"{cfg.max_position}: shorten it or lower max_new_tokens")
+
+
+def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
+  """The executable `generate` would run for this batch size, prompt length and options (built if
+  needed): for inspecting its HLO or `memory_analysis()`."""
+  _, _, compiled = _prepare(model, [[0] * prompt_len] * batch_size, **kw)
+  return compiled[0]
+
+
+def _prepare(model: Decoder, prompts, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
+             pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
+             no_repeat_ngram_size=0, seed=0, length_penalty=1.0, early_stopping=True):
+  cfg = model.cfg
+  if mode not in ("paper", "everywhere"):
+    raise ValueError(f"mode={mode!r} is unknown: allowed are 'paper' and 'everywhere'")
+  skip = resolve_skip(cfg.num_layers, skip, ratio)
+  _check_prompts(cfg, prompts, max_new_tokens)
+  sample = temperature > 0
+  if not sample and (top_k is not None or top_p is not None):
+    raise ValueError("top_k / top_p need sampling: set temperature > 0")
+  if num_beams < 1 or (num_beams > 1 and sample):
+    raise ValueError(f"num_beams={num_beams} with temperature={temperature}: beam search is "
+                     "deterministic (temperature=0) and num_beams must be >= 1")
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k={top_k} is out of range: allowed is 1 <= top_k <= {cfg.vocab_size}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} is out of range: allowed is 0 < top_p <= 1")
+  if early_stopping not in (True, False, "never"):
+    raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
+                     "'never'")
+  opts = DecodeOptions(skip=skip, paper_mode=(mode == "paper" and bool(skip)),
+                       max_new_slots=bucket(max_new_tokens, MIN_BUCKET), sample=sample,
+                       top_k=top_k, use_top_p=top_p is not None, num_beams=num_beams,
+                       no_repeat_ngram_size=no_repeat_ngram_size,
+                       early_stopping=early_stopping if num_beams > 1 else True)
+  B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
+  prompt_BP = np.full((B, P), pad_id, np.int32)
+  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
+  for i, p in enumerate(prompts):
+    prompt_BP[i, P - len(p):] = p
+    pad_B[i] = P - len(p)
+  active_B = np.arange(B) < len(prompts)
+  eos = -1 if eos_id is None else eos_id
+  args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens), np.int32(eos), np.int32(pad_id),
+          jax.random.key_data(jax.random.key(seed)), np.float32(max(temperature, 1e-6)),
+          np.float32(top_p or 1.0), np.float32(length_penalty))
+  graphdef, state = nnx.split(model)
+  fn = _beam_fn if num_beams > 1 else _sample_fn
+  compiled = _executable(fn, graphdef, state, args, opts)
+  return opts, (state, args, B * num_beams, P), compiled
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence[int] | None = None,
+             ratio: float | None = None, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
+             mode: str = "paper", temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, num_beams: int = 1, no_repeat_ngram_size: int = 0,
+             seed: int = 0, length_penalty: float = 1.0,
+             early_stopping: bool | str = True) -> tuple[list[list[int]], DecodeStats]:
+  """Generate up to `max_new_tokens` after each prompt, in one compiled prefill + while loop.
+
+  prompts: lists of token ids, any lengths (all run as one left-padded batch; `generate_text`
+    chunks long lists).
+  skip / ratio: an explicit skipped-layer tuple, or a speedup ratio for the ULS plan
+    (`plan_layers(L, ratio).skipped`); neither = full depth; both = ValueError.
+  mode: "paper" runs the prompt through all layers (K/V kept for the kept layers only) and the
+    generated tokens through the kept layers; "everywhere" skips the same layers for both.
+  temperature: 0 = greedy; > 0 samples (after top_k, then top_p) with `jax.random.key(seed)`.
+  num_beams > 1: beam search like transformers' `generate(num_beams=..., early_stopping=...)`,
+    score sum(logprob) / len ** length_penalty.
+  no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens.
+  eos_id: a row stops after emitting it (None = never); outputs are cut before it.
+
+  Returns (token ids per prompt, in input order, EOS excluded; DecodeStats). Raises ValueError
+  (one line) for a prompt that is empty or longer than `cfg.max_position - max_new_tokens`.
+  """
+  opts, (state, args, rows, P), (compiled, compile_s) = _prepare(
+      model, prompts, skip=skip, ratio=ratio, max_new_tokens=max_new_tokens, eos_id=eos_id,
+      pad_id=pad_id, mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
+      num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+      length_penalty=length_penalty, early_stopping=early_stopping)
+  start = time.perf_counter()
+  out = np.asarray(compiled(state, *args))
+  outputs, generated = [], 0
+  for row in out[:len(prompts), :max_new_tokens].tolist():
+    n = row.index(eos_id) if eos_id in row else len(row)
+    outputs.append(row[:n])
+    generated += min(n + 1, len(row))
+  stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
+                      wall_s=time.perf_counter() - start, compile_s=compile_s,
+                      cache_bytes=cache_bytes(model.cfg, rows, P + opts.max_new_slots, opts.skip),
+                      executables_built=int(compile_s > 0), calls=1)
+  return outputs, stats
+
+
+def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
+                  progress: bool = False, sort_by_length: bool = True, **kw
+                  ) -> tuple[list[str], DecodeStats]:
+  """Tokenize `texts`, `generate` in chunks of `batch_size`, decode; same order and count as the
+  input. Sorting by length (then restoring the order) keeps padding small. eos_id / pad_id default
+  to the tokenizer's; other keyword arguments go to `generate`."""
+  kw.setdefault("eos_id", tokenizer.eos_token_id)
+  kw.setdefault("pad_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                else kw["eos_id"] if kw["eos_id"] is not None else 0)
+  prompts = [tokenizer.encode(t) for t in texts]
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else \
+      list(range(len(prompts)))
+  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  if progress:
+    from tqdm import tqdm
+    chunks = tqdm(chunks, desc="batches", unit="batch")
+  results: list[str | None] = [None] * len(texts)
+  stats = DecodeStats()
+  for chunk in chunks:
+    ids, s = generate(model, [prompts[i] for i in chunk], **kw)
+    stats = stats + s
+    for i, row in zip(chunk, ids):
+      results[i] = tokenizer.decode(row, skip_special_tokens=True)
+  return results, stats

@@ -1,0 +1,408 @@
+"""Skip-aware fine-tuning: pure train/eval steps and the loop around them.
+
+The step is a module-level pure function (state, batch) -> (state, metrics) over the model's split
+state (a pure dict of arrays), jitted once per skip tuple with explicit shardings and the state
+donated. The skip tuple is a static argument, so a run that samples ratios from a set builds one
+executable per ratio and reuses it (`Trainer.num_compiles`).
+
+Paper mode (the default): the prompt runs every layer and response tokens only the kept layers;
+the loss is on response tokens only. "everywhere" mode skips on every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ulskip_jax import checkpoint as ckpt_lib
+from ulskip_jax import data as data_lib
+from ulskip_jax import sharding as shd
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import plan_layers
+
+PyTree = Any
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions.
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  kw = {k: v for k, v in config.model.items() if k in MODEL_FIELDS}
+  kw["vocab_size"] = vocab_size
+  if kw.get("rope_scaling") is not None:
+    kw["rope_scaling"] = tuple(sorted(dict(kw["rope_scaling"]).items()))
+  return ModelConfig(**kw)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, optional frozen embeddings."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optim.lr, max(optim.warmup_steps, 1), max(num_steps, optim.warmup_steps + 1),
+      end_value=optim.lr * optim.final_lr_fraction)
+  # No weight decay on norms and biases (vectors), as in most LLM recipes.
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                   optax.adamw(schedule, optim.b1, optim.b2, weight_decay=optim.weight_decay,
+                               mask=decay_mask))
+  if optim.freeze_embeddings:  # the ULS authors freeze the embeddings while fine-tuning
+    def labels(params):
+      return {k: jax.tree.map(lambda _: "frozen" if k in ("embed", "pos_embed") else "train", v)
+              for k, v in params.items()}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx
+
+
+def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool):
+  """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype)."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
+                 segment_ids_BT=batch["segment_ids"],
+                 full_depth_BT=batch["full_depth"] if paper else None)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return (xent * mask).sum(), mask.sum()
+
+
+def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
+               paper: bool, accum_steps: int):
+  """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens."""
+  def micro(carry, mb):
+    grad_sum, loss_sum, count = carry
+    (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], graphdef, mb, skip,
+                                                            paper)
+    return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
+
+  micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+  zeros = jax.tree.map(jnp.zeros_like, state["params"])
+  (grad_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), micro_batches)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grad_sum)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.global_norm(grads))
+  return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+
+def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool):
+  loss, count = loss_sums(params, graphdef, batch, skip, paper)
+  return dict(loss_sum=loss, tokens=count)
+
+
+def skip_for_step(config, num_layers: int, step: int) -> tuple[int, ...]:
+  """The static skip tuple of a step: full depth first, then the ratio (or one drawn per step).
+
+  The draw depends only on (seed, step), so a resumed run repeats the same sequence.
+  """
+  if step < config.skip.full_depth_steps:
+    return ()
+  ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
+  ratio = ratios[np.random.default_rng([config.seed, step]).integers(len(ratios))]
+  return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed).skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers.
+
+def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+  """jax.distributed from explicit flags, or from the environment on TPU pods / SLURM."""
+  if dist.coordinator_address:
+    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+  elif dist.auto and any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
+                                                     "JAX_COORDINATOR_ADDRESS")):
+    jax.distributed.initialize()
+
+
+def load_tokenizer(config, workdir: str, train_pairs) -> data_lib.Tokenizer:
+  """The base model's tokenizer, the one saved in the workdir, or a BPE trained on the corpus."""
+  saved = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(saved, "tokenizer_config.json")):
+    return data_lib.Tokenizer.load(saved)
+  if config.model.init_from:
+    tok = data_lib.Tokenizer.from_pretrained(config.model.init_from)
+  else:
+    texts = [t for p in train_pairs for t in (p["source"], p["target"])]
+    tok = data_lib.Tokenizer.train_bpe(texts, config.data.vocab_size)
+  if jax.process_index() == 0:
+    tmp = saved + f".tmp{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, saved)  # atomic: a resumed run never sees half a tokenizer
+  return tok
+
+
+def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None):
+  """Parameters as a pure dict, created directly with their shardings (or the base model's)."""
+  if base_params is not None:
+    return jax.device_put(base_params, shardings)
+  make = lambda: nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  return jax.jit(make, out_shardings=shardings)()
+
+
+def abstract_like(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+class Trainer:
+  """Holds what the loop needs: mesh, jitted steps (one per skip tuple), data and checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    os.makedirs(workdir, exist_ok=True)
+    self.pairs = data_lib.load_pairs(config.data)
+    self.tok = load_tokenizer(config, workdir, self.pairs["train"])
+    self.base_params = None
+    if config.model.init_from:
+      from ulskip_jax import hf
+      base, _ = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
+                                   param_dtype=config.model.param_dtype)
+      self.model_cfg = base.cfg
+      self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    else:
+      self.model_cfg = model_config(config, self.tok.vocab_size)
+    self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
+    abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef = nnx.graphdef(abstract)
+    self.param_sh = shd.param_shardings(nnx.state(abstract, nnx.Param), self.mesh,
+                                        tuple(tuple(r) for r in config.mesh.rules))
+    self.batch_sh = shd.batch_sharding(self.mesh)
+    self.optimizer = make_optimizer(config.optim, config.num_steps)
+    self.paper = config.skip.mode == "paper"
+    if config.skip.mode not in ("paper", "everywhere"):
+      raise ValueError(f"skip.mode={config.skip.mode!r} is unknown: allowed are paper, everywhere")
+    n_proc = jax.process_count()
+    if config.batch_size % (n_proc * config.optim.accum_steps):
+      raise ValueError(f"batch_size={config.batch_size} must be divisible by process count "
+                       f"{n_proc} x accum_steps {config.optim.accum_steps}")
+    self.batcher = data_lib.Batcher.from_pairs(
+        self.tok, config.data.template, self.pairs["train"], config.batch_size // n_proc,
+        config.data.seq_len, pack=config.data.pack, seed=config.seed,
+        process_index=jax.process_index(), process_count=n_proc)
+    self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=config.checkpoint.every,
+                                      keep=config.checkpoint.keep,
+                                      async_=config.checkpoint.async_save,
+                                      tokenizer_dir=os.path.join(workdir, "tokenizer"))
+    self._train_step = None  # jitted once the state's shardings are known (init_state)
+    self.num_compiles = 0     # train-step executables built (one per skip tuple)
+    self._eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef,
+                                                paper=self.paper), static_argnames=("skip",))
+
+  def init_state(self) -> dict:
+    params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
+    opt_state = jax.jit(self.optimizer.init)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
+    state = dict(params=params, opt_state=opt_state, step=step)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer,
+                                paper=self.paper, accum_steps=self.config.optim.accum_steps)
+
+    def counted(*args):  # runs only when jit traces, i.e. once per compiled executable
+      self.num_compiles += 1
+      return step_fn(*args)
+
+    self._train_step = jax.jit(
+        counted,
+        static_argnums=2, in_shardings=(state_sh, self.batch_sh),
+        out_shardings=(state_sh, shd.replicated(self.mesh)), donate_argnums=0)
+    return state
+
+  def restore_or_init(self) -> dict:
+    state = self.init_state()
+    cfg = self.config
+    if not (cfg.checkpoint.resume and self.ckpt.latest_step() is not None):
+      return state
+    params, opt_state, meta = self.ckpt.restore(
+        cfg.checkpoint.resume_step or None, params_target=abstract_like(state["params"]),
+        opt_state_target=abstract_like(state["opt_state"]))
+    self.batcher.restore(meta["data"])
+    step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh))
+    logging.info("resumed from step %d", meta["step"])
+    return dict(params=params, opt_state=opt_state, step=step)
+
+  def global_batch(self, local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(self.batch_sh, v) for k, v in local.items()}
+
+  def step(self, state, local_batch, step: int):
+    skip = skip_for_step(self.config, self.model_cfg.num_layers, step)
+    return self._train_step(state, self.global_batch(local_batch), skip)
+
+  def evaluate(self, params, ratios) -> dict:
+    """Validation loss (per response token) and perplexity per ratio."""
+    cfg = self.config
+    out = {}
+    for ratio in ratios:
+      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
+      batches = data_lib.Batcher.from_pairs(
+          self.tok, cfg.data.template, self.pairs["validation"],
+          cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
+          shuffle=False, repeat=False, process_index=jax.process_index(),
+          process_count=jax.process_count())
+      loss, tokens = 0.0, 0.0
+      for i, b in enumerate(batches):
+        if i >= cfg.eval_batches:
+          break
+        m = self._eval_step(params, self.global_batch(b), skip=skip)
+        loss, tokens = loss + float(m["loss_sum"]), tokens + float(m["tokens"])
+      out[f"val_loss/r{ratio:g}"] = loss / max(tokens, 1.0)
+      out[f"val_ppl/r{ratio:g}"] = math.exp(min(out[f"val_loss/r{ratio:g}"], 50.0))
+    if cfg.eval_bleu_examples and jax.process_count() == 1:
+      out.update(self.bleu(params, ratios))
+    return out
+
+  def bleu(self, params, ratios) -> dict:
+    """BLEU / chrF per ratio on the first validation examples (greedy, skip as in training)."""
+    import sacrebleu
+    from ulskip_jax import decode
+    cfg = self.config
+    pairs = self.pairs["validation"][:cfg.eval_bleu_examples]
+    prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, cfg.data.seq_len)
+    model = nnx.merge(self.graphdef, jax.device_get(params))
+    out = {}
+    for ratio in ratios:
+      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
+      ids, _ = decode.generate(model, prompts, skip=skip, max_new_tokens=cfg.eval_max_new_tokens,
+                               eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                               mode=cfg.skip.mode)
+      hyps = [self.tok.decode(x).strip() for x in ids]
+      out[f"bleu/r{ratio:g}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+      out[f"chrf/r{ratio:g}"] = sacrebleu.corpus_chrf(hyps, [refs]).score
+    return out
+
+  def save(self, state, step: int, force: bool = False) -> None:
+    meta = dict(data=self.batcher.state(), config=self.config.to_dict(),
+                model_config=dataclasses.asdict(self.model_cfg))
+    self.ckpt.save(step, state["params"], state["opt_state"], meta, force=force)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last metrics. Logs JSONL + TensorBoard in workdir."""
+  maybe_initialize_distributed(config.distributed)
+  trainer = Trainer(config, workdir)
+  state = trainer.restore_or_init()
+  start = int(state["step"])
+  lead = jax.process_index() == 0
+  log = _Logger(workdir, enabled=lead)
+  eval_ratios = tuple(config.eval_ratios) or tuple(config.skip.ratios) or (config.skip.ratio,)
+  if lead:
+    log.text(f"model {trainer.model_cfg.num_layers} layers, "
+             f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
+             f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
+  from tqdm import tqdm
+  bar = tqdm(total=config.num_steps, initial=start, disable=not (lead and config.progress_bar),
+             dynamic_ncols=True)
+  pending, last = None, {}
+  t0 = [time.perf_counter()]  # time of the last logged step, for tokens/s
+  with ckpt_lib.PreemptionGuard() as guard:
+    for step in range(start, config.num_steps):
+      state, metrics = trainer.step(state, next(trainer.batcher), step)
+      if pending is not None:  # read step t-1's metrics after dispatching step t
+        last = _log_metrics(pending, log, bar, config, t0)
+      pending = (step, metrics)
+      stop = guard.should_stop(step + 1)
+      trainer.save(state, step + 1, force=stop)
+      if stop:
+        log.text(f"preempted: saved step {step + 1} and stopping")
+        break
+      if config.eval_every and (step + 1) % config.eval_every == 0:
+        last.update(_eval_and_log(trainer, state, step + 1, eval_ratios, log))
+    if pending is not None:
+      last.update(_log_metrics(pending, log, bar, config, t0))
+    final = int(state["step"])
+    if final == config.num_steps:
+      trainer.save(state, final, force=True)
+      if config.eval_every and final % config.eval_every:
+        last.update(_eval_and_log(trainer, state, final, eval_ratios, log))
+  trainer.ckpt.wait()
+  trainer.ckpt.close()
+  bar.close()
+  log.close()
+  last["num_compiles"] = trainer.num_compiles
+  return last
+
+
+def _log_metrics(pending, log, bar, config, t0) -> dict:
+  step, metrics = pending
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(m["loss"]):
+    raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}: lower optim.lr or check data")
+  bar.update(1)
+  now = time.perf_counter()
+  m["tokens_per_s"] = m["tokens"] / max(now - t0[0], 1e-9)  # response tokens this step
+  t0[0] = now
+  if (step + 1) % config.log_every == 0 or step == 0:
+    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+    log.scalars(step + 1, m)
+  return {"train_loss": m["loss"], "step": step + 1}
+
+
+def _eval_and_log(trainer, state, step, ratios, log) -> dict:
+  metrics = trainer.evaluate(state["params"], ratios)
+  log.scalars(step, metrics)
+  log.text(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
+  return metrics
+
+
+class _Logger:
+  """JSONL + TensorBoard on the lead process."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.jsonl = open(os.path.join(workdir, "log.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def scalars(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps(dict(step=step, time=time.time(), **metrics)) + "\n")
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      if k != "step":
+        self.tb.add_scalar(k, v, step)
+
+  def text(self, msg: str) -> None:
+    if self.enabled:
+      print(msg, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference side.
+
+def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None):
+  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = workdir  # a checkpoints folder given directly
+  restored = ckpt_lib.restore_params(directory, step)
+  fields = dict(restored.meta["model_config"])
+  if dtype:
+    fields["dtype"] = dtype
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
+  model = nnx.eval_shape(lambda: Decoder(ModelConfig(**fields), rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(model)
+  model = nnx.merge(graphdef, restored.params)
+  tok = data_lib.Tokenizer.load(restored.tokenizer_dir) if restored.tokenizer_dir else None
+  return model, tok
