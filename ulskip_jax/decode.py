@@ -339,31 +339,31 @@ def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> None:
                        f"{cfg.max_position}: shorten it or lower max_new_tokens")
 
 
-def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
-  """The executable `generate` would run for this batch size, prompt length and options (built if
-  needed): for inspecting its HLO or `memory_analysis()`."""
-  _, _, compiled = _prepare(model, [[0] * prompt_len] * batch_size, **kw)
-  return compiled[0]
-
-
-def _prepare(model: Decoder, prompts, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
-             pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
-             no_repeat_ngram_size=0, seed=0, length_penalty=1.0, early_stopping=True):
+def _plan_call(model: Decoder, prompts, *, beam_search: bool, skip=None, ratio=None,
+               max_new_tokens, eos_id=None, pad_id=0, mode="paper", temperature=0.0, top_k=None,
+               top_p=None, num_beams=1, no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
+               early_stopping=True):
+  """Validate the options; return (function, static options, array arguments, cache rows, P)."""
   cfg = model.cfg
   if mode not in ("paper", "everywhere"):
     raise ValueError(f"mode={mode!r} is unknown: allowed are 'paper' and 'everywhere'")
   skip = resolve_skip(cfg.num_layers, skip, ratio)
   _check_prompts(cfg, prompts, max_new_tokens)
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} is negative: use 0 for greedy, > 0 to sample")
   sample = temperature > 0
   if not sample and (top_k is not None or top_p is not None):
     raise ValueError("top_k / top_p need sampling: set temperature > 0")
   if num_beams < 1 or (num_beams > 1 and sample):
-    raise ValueError(f"num_beams={num_beams} with temperature={temperature}: beam search is "
-                     "deterministic (temperature=0) and num_beams must be >= 1")
+    raise ValueError(f"num_beams={num_beams} with temperature={temperature} is unsupported: beam "
+                     "search is deterministic (temperature=0) and num_beams must be >= 1")
   if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
     raise ValueError(f"top_k={top_k} is out of range: allowed is 1 <= top_k <= {cfg.vocab_size}")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} is out of range: allowed is 0 < top_p <= 1")
+  if not 0 <= no_repeat_ngram_size <= MIN_BUCKET:
+    raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size} is out of range: allowed is "
+                     f"0 (off) to {MIN_BUCKET}")
   if early_stopping not in (True, False, "never"):
     raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
                      "'never'")
@@ -371,7 +371,7 @@ def _prepare(model: Decoder, prompts, *, skip=None, ratio=None, max_new_tokens, 
                        max_new_slots=bucket(max_new_tokens, MIN_BUCKET), sample=sample,
                        top_k=top_k, use_top_p=top_p is not None, num_beams=num_beams,
                        no_repeat_ngram_size=no_repeat_ngram_size,
-                       early_stopping=early_stopping if num_beams > 1 else True)
+                       early_stopping=early_stopping if beam_search else True)
   B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
   prompt_BP = np.full((B, P), pad_id, np.int32)
   pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
@@ -379,14 +379,22 @@ def _prepare(model: Decoder, prompts, *, skip=None, ratio=None, max_new_tokens, 
     prompt_BP[i, P - len(p):] = p
     pad_B[i] = P - len(p)
   active_B = np.arange(B) < len(prompts)
-  eos = -1 if eos_id is None else eos_id
-  args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens), np.int32(eos), np.int32(pad_id),
+  args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens),
+          np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
           jax.random.key_data(jax.random.key(seed)), np.float32(max(temperature, 1e-6)),
           np.float32(top_p or 1.0), np.float32(length_penalty))
+  fn = _beam_fn if beam_search else _sample_fn
+  return fn, opts, args, B * num_beams, P
+
+
+def compile_generate(model: Decoder, batch_size: int, prompt_len: int, *, beam_search=None, **kw):
+  """The executable `generate` runs for this batch size, prompt length and keyword arguments
+  (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
+  beam_search = kw.get("num_beams", 1) > 1 if beam_search is None else beam_search
+  fn, opts, args, _, _ = _plan_call(model, [[0] * prompt_len] * batch_size,
+                                    beam_search=beam_search, **kw)
   graphdef, state = nnx.split(model)
-  fn = _beam_fn if num_beams > 1 else _sample_fn
-  compiled = _executable(fn, graphdef, state, args, opts)
-  return opts, (state, args, B * num_beams, P), compiled
+  return _executable(fn, graphdef, state, args, opts)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence[int] | None = None,
@@ -405,20 +413,30 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
     generated tokens through the kept layers; "everywhere" skips the same layers for both.
   temperature: 0 = greedy; > 0 samples (after top_k, then top_p) with `jax.random.key(seed)`.
   num_beams > 1: beam search like transformers' `generate(num_beams=..., early_stopping=...)`,
-    score sum(logprob) / len ** length_penalty.
-  no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens.
+    hypotheses scored sum(logprob) / generated_len ** length_penalty.
+  no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens
+    (pads excluded), as transformers' NoRepeatNGramLogitsProcessor does for decoder-only models.
   eos_id: a row stops after emitting it (None = never); outputs are cut before it.
 
   Returns (token ids per prompt, in input order, EOS excluded; DecodeStats). Raises ValueError
-  (one line) for a prompt that is empty or longer than `cfg.max_position - max_new_tokens`.
+  (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
+  are never truncated silently.
   """
-  opts, (state, args, rows, P), (compiled, compile_s) = _prepare(
-      model, prompts, skip=skip, ratio=ratio, max_new_tokens=max_new_tokens, eos_id=eos_id,
-      pad_id=pad_id, mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
-      num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-      length_penalty=length_penalty, early_stopping=early_stopping)
+  return _generate(model, prompts, beam_search=num_beams > 1, skip=skip, ratio=ratio,
+                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
+                   temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                   no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+                   length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
+  """`generate`, with the search chosen explicitly (beam search with one beam is greedy: a test)."""
+  fn, opts, args, rows, P = _plan_call(model, prompts, beam_search=beam_search, **kw)
+  graphdef, state = nnx.split(model)
+  compiled, compile_s = _executable(fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out = np.asarray(compiled(state, *args))
+  eos_id, max_new_tokens = kw.get("eos_id"), kw["max_new_tokens"]
   outputs, generated = [], 0
   for row in out[:len(prompts), :max_new_tokens].tolist():
     n = row.index(eos_id) if eos_id in row else len(row)
@@ -431,27 +449,59 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
   return outputs, stats
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """Prompt ids: [bos] + text for `ulskip_jax.data.Tokenizer` (the training format); a Hugging
+  Face tokenizer adds its own special tokens (BOS for Llama, none for GPT-2)."""
+  if hasattr(tokenizer, "bos_id"):
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+  return tokenizer(text)["input_ids"]
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+  """Text of `ids` without special tokens, for either tokenizer kind."""
+  if hasattr(tokenizer, "bos_id"):
+    return tokenizer.decode(ids)
+  return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def special_ids(tokenizer) -> tuple[int | None, int]:
+  """(eos_id, pad_id) of either tokenizer kind; pad falls back to eos, then 0."""
+  if hasattr(tokenizer, "eos_id"):
+    return tokenizer.eos_id, tokenizer.pad_id
+  eos = tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id
+  return eos, pad if pad is not None else eos if eos is not None else 0
+
+
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
                   progress: bool = False, sort_by_length: bool = True, **kw
                   ) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts`, `generate` in chunks of `batch_size`, decode; same order and count as the
-  input. Sorting by length (then restoring the order) keeps padding small. eos_id / pad_id default
-  to the tokenizer's; other keyword arguments go to `generate`."""
-  kw.setdefault("eos_id", tokenizer.eos_token_id)
-  kw.setdefault("pad_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                else kw["eos_id"] if kw["eos_id"] is not None else 0)
-  prompts = [tokenizer.encode(t) for t in texts]
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else \
-      list(range(len(prompts)))
+  """Tokenize `texts` (`encode_prompt`), `generate` in chunks of `batch_size`, decode.
+
+  Returns one string per text, in input order. Every prompt is checked before anything runs, so a
+  too-long prompt fails fast. Sorting by length (the order is restored after) keeps padding and
+  prompt buckets small. eos_id / pad_id default to the tokenizer's; other keyword arguments go to
+  `generate`. progress: a tqdm bar over batches (on stderr).
+  """
+  eos_id, pad_id = special_ids(tokenizer)
+  kw.setdefault("eos_id", eos_id)
+  kw.setdefault("pad_id", pad_id)
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+  prompts = [encode_prompt(tokenizer, t) for t in texts]
+  _check_prompts(model.cfg, prompts, kw.get("max_new_tokens", 1))
+  order = list(range(len(prompts)))
+  if sort_by_length:
+    order.sort(key=lambda i: len(prompts[i]))
   chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
   if progress:
     from tqdm import tqdm
     chunks = tqdm(chunks, desc="batches", unit="batch")
-  results: list[str | None] = [None] * len(texts)
+  results: list[str] = [""] * len(texts)
   stats = DecodeStats()
   for chunk in chunks:
-    ids, s = generate(model, [prompts[i] for i in chunk], **kw)
-    stats = stats + s
+    ids, chunk_stats = generate(model, [prompts[i] for i in chunk], **kw)
+    stats = stats + chunk_stats
     for i, row in zip(chunk, ids):
-      results[i] = tokenizer.decode(row, skip_special_tokens=True)
+      results[i] = decode_ids(tokenizer, row)
   return results, stats
