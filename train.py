@@ -27,7 +27,10 @@ def main(argv):
   try:
     metrics = train_lib.train_and_evaluate(FLAGS.config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    # After a failed restore, Orbax's outstanding TensorStore reads complete on a closed event
+    # loop and print "Event loop is closed" tracebacks at exit: the line above is the message.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     sys.exit(2)
   print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in sorted(metrics.items())))

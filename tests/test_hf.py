@@ -1,4 +1,4 @@
-"""hf.py: our logits equal transformers' on the same weights, full depth, skipped and round-tripped."""
+"""hf.py: our logits equal transformers' on the same weights: full depth, skipped, round-tripped."""
 
 import copy
 import json
@@ -19,17 +19,24 @@ from ulskip_jax.skipping import plan_layers
 
 B, T, PAD = 2, 12, 4  # row 0 of the padded batch has PAD left-padding tokens
 ATOL = 1e-4
-# Tiny matmuls gain nothing from threads, and on a busy machine torch's spinning worker threads made
-# each 32-wide linear take ~20 ms.
-torch.set_num_threads(1)
 PLANS = [plan_layers(4, 2), plan_layers(4, 4 / 3)]  # keep (0, 3) and (0, 2, 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  """Tiny matmuls gain nothing from threads, and on a busy machine torch's spinning worker
+  threads made each 32-wide linear take ~20 ms (the file took 80 s instead of 30 s)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
 def family_dir(request, tmp_path_factory):
-  """(family, folder with the saved torch model, the torch model)."""
+  """(folder with the saved torch model, the torch model)."""
   path = tmp_path_factory.mktemp(request.param)
-  return request.param, path, tiny.save_hf_model(request.param, path)
+  return path, tiny.save_hf_model(request.param, path)
 
 
 def _tokens(seed=0):
@@ -67,7 +74,7 @@ def _max_err(a, b):
 
 
 def test_full_depth_logits_match_torch(family_dir):
-  family, path, torch_model = family_dir
+  path, torch_model = family_dir
   model, tokenizer = hf.from_pretrained(path)
   assert tokenizer is None
   tokens = _tokens()
@@ -85,7 +92,7 @@ def test_full_depth_logits_match_torch(family_dir):
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: "keep" + "".join(map(str, p.kept)))
 def test_skip_everywhere_matches_deleted_layers(family_dir, plan):
-  family, path, torch_model = family_dir
+  path, torch_model = family_dir
   model, _ = hf.from_pretrained(path)
   tokens = _tokens(1)
   ours = model(jnp.asarray(tokens), skip=plan.skipped)
@@ -93,7 +100,7 @@ def test_skip_everywhere_matches_deleted_layers(family_dir, plan):
 
 
 def test_save_pretrained_loads_in_transformers(family_dir, tmp_path):
-  family, path, torch_model = family_dir
+  path, torch_model = family_dir
   model, _ = hf.from_pretrained(path)
   tokens = _tokens(2)
   ref = _torch_logits(torch_model, tokens)
@@ -111,7 +118,7 @@ def test_save_pretrained_loads_in_transformers(family_dir, tmp_path):
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: "keep" + "".join(map(str, p.kept)))
 def test_save_pretrained_pruned(family_dir, tmp_path, plan):
-  family, path, _ = family_dir
+  path, _ = family_dir
   model, _ = hf.from_pretrained(path)
   hf.save_pretrained(model, tmp_path, skip=plan.skipped,
                      hf_config=json.loads((path / "config.json").read_text()))
@@ -120,14 +127,15 @@ def test_save_pretrained_pruned(family_dir, tmp_path, plan):
   assert len(pruned.base_model.layers if hasattr(pruned.base_model, "layers")
              else pruned.base_model.h) == len(plan.kept)
   tokens = _tokens(3)
-  assert _max_err(_torch_logits(pruned, tokens), model(jnp.asarray(tokens), skip=plan.skipped)) < ATOL
+  skipped = model(jnp.asarray(tokens), skip=plan.skipped)
+  assert _max_err(_torch_logits(pruned, tokens), skipped) < ATOL
   reloaded, _ = hf.from_pretrained(tmp_path)  # and back: the pruned folder is a plain n-layer model
   assert reloaded.cfg.num_layers == len(plan.kept)
-  assert _max_err(reloaded(jnp.asarray(tokens)), model(jnp.asarray(tokens), skip=plan.skipped)) < 1e-6
+  assert _max_err(reloaded(jnp.asarray(tokens)), skipped) < 1e-6
 
 
 def test_sharded_checkpoint(family_dir, tmp_path):
-  family, _, torch_model = family_dir
+  _, torch_model = family_dir
   torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
   assert not (tmp_path / "model.safetensors").exists()
@@ -136,18 +144,61 @@ def test_sharded_checkpoint(family_dir, tmp_path):
   assert _max_err(model(jnp.asarray(tokens)), _torch_logits(torch_model, tokens)) < ATOL
 
 
-def test_bfloat16(family_dir):
-  _, path, _ = family_dir
+def test_bfloat16(family_dir, tmp_path):
+  path, torch_model = family_dir
   f32, _ = hf.from_pretrained(path)
+  tokens = jnp.asarray(_tokens(5))
+  ref = np.asarray(f32(tokens))
+  tolerance = 0.05 * np.abs(ref).max()  # bf16 keeps ~3 significant digits
   bf16, _ = hf.from_pretrained(path, dtype="bfloat16")
   assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype("float32")}
-  tokens = jnp.asarray(_tokens(5))
-  ref, out = np.asarray(f32(tokens)), np.asarray(bf16(tokens))
-  assert np.isfinite(out).all()
-  assert _max_err(out, ref) < 0.05 * np.abs(ref).max()  # bf16 keeps ~3 significant digits
+  out = np.asarray(bf16(tokens))
+  assert np.isfinite(out).all() and _max_err(out, ref) < tolerance
   bf16_params, _ = hf.from_pretrained(path, dtype="bfloat16", param_dtype="bfloat16")
   assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16_params))} == {jnp.dtype("bfloat16")}
-  assert _max_err(bf16_params(tokens), ref) < 0.05 * np.abs(ref).max()
+  assert _max_err(bf16_params(tokens), ref) < tolerance
+  copy.deepcopy(torch_model).to(torch.bfloat16).save_pretrained(tmp_path)  # as most hubs store
+  from_bf16, _ = hf.from_pretrained(tmp_path)
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(from_bf16))} == {jnp.dtype("float32")}
+  assert _max_err(from_bf16(tokens), ref) < tolerance
+
+
+def _random_torch_model(config, seed=0):
+  """Like tiny.hf_model, for configs tiny.FAMILIES does not cover."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = "norm" in name or name.split(".")[-2].startswith("ln")
+      p.copy_(1.0 + 0.1 * torch.randn_like(p) if is_norm and name.endswith("weight")
+              else 0.1 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+  return model
+
+
+VARIANTS = {
+    # Llama with every bias, MQA, a head_dim unrelated to hidden_size and a tanh GELU.
+    "llama_bias_mqa": ("llama", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=1,
+                                     head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "gpt2_gelu": ("gpt2", dict(activation_function="gelu", n_inner=48)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants(variant, tmp_path):
+  family, changes = VARIANTS[variant]
+  config = tiny.hf_config(family)
+  for key, value in changes.items():
+    setattr(config, key, value)
+  torch_model = _random_torch_model(config)
+  torch_model.save_pretrained(tmp_path / "in")
+  model, _ = hf.from_pretrained(tmp_path / "in")
+  tokens = _tokens(6)
+  ref = _torch_logits(torch_model, tokens)
+  assert _max_err(model(jnp.asarray(tokens)), ref) < ATOL
+  hf.save_pretrained(model, tmp_path / "out")
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
 
 
 def test_tokenizer_is_returned(tmp_path):
@@ -161,12 +212,19 @@ def test_tokenizer_is_returned(tmp_path):
   assert tokenizer.encode("w5 w7 w11") == [5, 7, 11]
   hf.save_pretrained(model, tmp_path / "out", tokenizer=tokenizer)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").encode("w7") == [7]
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert (config["bos_token_id"], config["pad_token_id"]) == (None, 0)  # the tokenizer's ids
 
 
 def test_config_round_trip():
   for family in tiny.FAMILIES:
     cfg = hf.config_from_hf(tiny.hf_config(family).to_dict())
     assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  # Older config.json files keep rope_theta and rope_scaling at the top level.
+  legacy = tiny.hf_config("llama3").to_dict()
+  rope = legacy.pop("rope_parameters")
+  legacy.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+  assert hf.config_from_hf(legacy) == hf.config_from_hf(tiny.hf_config("llama3").to_dict())
   with pytest.raises(ValueError, match=r"num_kv_heads=2 in the model but 4"):
     hf.config_to_hf(tiny.tiny_config(norm="layer", mlp="plain", pos="learned"))
 
@@ -187,23 +245,26 @@ def test_errors(tmp_path):
   _raises(r"is not a directory", hf.from_pretrained, tmp_path / "nowhere")
   _raises(r"has no config.json", hf.from_pretrained, tmp_path)
 
-  torch_model = tiny.save_hf_model("llama", tmp_path / "llama")
-  state = safetensors.numpy.load_file(tmp_path / "llama" / "model.safetensors")
+  folder = tmp_path / "llama"
+  torch_model = tiny.save_hf_model("llama", folder)
+  _with_config(folder, intermediate_size=48)
+  _raises(r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\) but config\.json "
+          r"implies \(48, 32\)", hf.from_pretrained, folder)
+  _with_config(folder, intermediate_size=64)
+
+  state = safetensors.numpy.load_file(folder / "model.safetensors")
   del state["model.layers.1.mlp.up_proj.weight"]
-  safetensors.numpy.save_file(state, tmp_path / "llama" / "model.safetensors",
-                              metadata={"format": "pt"})
-  _raises(r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight", hf.from_pretrained,
-          tmp_path / "llama")
+  safetensors.numpy.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+  _raises(r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight", hf.from_pretrained, folder)
 
-  (tmp_path / "llama" / "model.safetensors").unlink()
-  torch.save(torch_model.state_dict(), tmp_path / "llama" / "pytorch_model.bin")
+  (folder / "model.safetensors").unlink()
+  torch.save(torch_model.state_dict(), folder / "pytorch_model.bin")
   _raises(r"only PyTorch \.bin weights: convert them to safetensors, e\.g\. "
-          r"model\.save_pretrained\(path, safe_serialization=True\)",
-          hf.from_pretrained, tmp_path / "llama")
+          r"model\.save_pretrained\(path, safe_serialization=True\)", hf.from_pretrained, folder)
 
-  _with_config(tmp_path / "llama", model_type="falcon")
+  _with_config(folder, model_type="falcon")
   _raises(r"model_type='falcon' is unsupported: supported are llama, mistral, qwen2, gpt2, bloom",
-          hf.from_pretrained, tmp_path / "llama")
+          hf.from_pretrained, folder)
 
   llama = tiny.hf_config("llama").to_dict()
   _raises(r"mistral sliding_window=4096 is unsupported for now: set \"sliding_window\": null",

@@ -1,4 +1,4 @@
-"""Hugging Face folders <-> the NNX `Decoder`: load a local checkpoint, write one back (pruned or not).
+"""Hugging Face folders <-> the NNX `Decoder`: load a local checkpoint, write one back (pruned).
 
   model, tokenizer = from_pretrained("/ckpt/Llama-3.2-1B")         # config.json + safetensors
   save_pretrained(model, "/out/llama-uls2", skip=plan.skipped)      # only the kept layers
@@ -16,10 +16,10 @@ stores [in, out]. The fused QKV output of GPT-2's c_attn is [3, H, Hd] (all q, t
 all v); BLOOM's query_key_value output is [H, 3, Hd] (q, k, v interleaved per head).
 
 The family is not a ModelConfig field: `config_to_hf` infers it from the architecture (learned
-positions: gpt2, ALiBi: bloom, qkv bias without out bias: qwen2, any other RoPE model: llama,
-which also serves Mistral checkpoints, as those must have no sliding window here). Pass the
-original config.json dict as `hf_config` to keep its model_type and its other fields (token ids,
-generation settings); it is checked against the model's config either way.
+positions: gpt2, ALiBi: bloom, qkv bias without out bias: qwen2, any other RoPE model: llama; a
+Mistral without sliding window, the only kind loaded here, computes exactly what a Llama does).
+Pass the original config.json dict as `hf_config` to keep its model_type and its other fields
+(token ids and the like); it is checked against the model's config either way.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _gpt2_config(hf: dict) -> ModelConfig:
   if (not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx")
       or hf.get("add_cross_attention")):
     raise ValueError("gpt2 with scale_attn_weights=false, scale_attn_by_inverse_layer_idx=true or "
-                     "add_cross_attention=true is unsupported: only the standard GPT-2 attention is")
+                     "add_cross_attention=true is unsupported: only standard GPT-2 attention is")
   d_model = _get(hf, "n_embd", "hidden_size", required=True)
   num_heads = _get(hf, "n_head", "num_attention_heads", required=True)
   return ModelConfig(
@@ -357,11 +357,21 @@ def _weight_files(path: Path) -> dict[str, Path]:
   raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def _read_tensors(path: Path, family: str, cfg: ModelConfig, our_keys: set) -> dict:
-  """Our flat path -> numpy array in our layout, read from the checkpoint in `path`."""
+def _stored_shape(family: str, key: str, prefix: tuple, shapes: dict) -> tuple:
+  """The shape HF stores for our key (fused parts concatenated along the output axis)."""
+  parts = [_hf_shape(k, shapes[prefix + tuple(k.split("."))]) for k in _FUSED.get(key, (key,))]
+  shape = (*parts[0][:-1], sum(part[-1] for part in parts))
+  return shape[::-1] if _transposed(family, key) else shape
+
+
+def _read_tensors(path: Path, family: str, cfg: ModelConfig, shapes: dict) -> dict:
+  """Our flat path -> numpy array of our shape, read from the checkpoint in `path`.
+
+  shapes: our flat path -> shape, for every parameter the model has.
+  """
   files = _weight_files(path)
   base = _names(family)[0]
-  wanted = _tensor_map(family, our_keys, [(i, i) for i in range(cfg.num_layers)])
+  wanted = _tensor_map(family, set(shapes), [(i, i) for i in range(cfg.num_layers)])
 
   def stored_name(name):  # checkpoints of the bare HF model (e.g. GPT-2's) lack the base prefix
     return name if name in files or not name.startswith(base) else name[len(base):]
@@ -379,26 +389,17 @@ def _read_tensors(path: Path, family: str, cfg: ModelConfig, our_keys: set) -> d
     with safe_open(file, framework="np") as f:
       for name, key, prefix in entries:
         w = f.get_tensor(stored_name(name))
+        expected = _stored_shape(family, key, prefix, shapes)
+        if w.shape != expected:
+          raise ValueError(f"{path}: tensor {stored_name(name)} has shape {w.shape} but "
+                           f"config.json implies {expected}")
         if _transposed(family, key):
           w = w.T
         parts = _split_qkv(family, cfg, w) if key in _FUSED else [w]
         for part_key, part in zip(_FUSED.get(key, (key,)), parts):
-          out[prefix + tuple(part_key.split("."))] = part
+          our_key = prefix + tuple(part_key.split("."))
+          out[our_key] = part.reshape(shapes[our_key])
   return out
-
-
-def _build(cfg: ModelConfig, tensors: dict, path: Path) -> Decoder:
-  """A Decoder holding `tensors` (our flat path -> array), with no random initialisation."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  leaves = []
-  for key, variable in nnx.to_flat_state(abstract):
-    shape, array = variable.get_value().shape, tensors[key]
-    dotted = ".".join(str(k) for k in (key[2:] if key[0] == "layers" else key))
-    if array.shape != _hf_shape(dotted, shape):
-      raise ValueError(f"{path}: the tensor for {'.'.join(map(str, key))} has shape {array.shape} "
-                       f"but config.json implies {_hf_shape(dotted, shape)}")
-    leaves.append((key, variable.replace(jnp.asarray(array.reshape(shape), cfg.param_dtype))))
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = None):
@@ -416,9 +417,14 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
     raise ValueError(f"{path} has no config.json: give a Hugging Face model folder")
   hf = json.loads((path / "config.json").read_text())
   cfg = dataclasses.replace(config_from_hf(hf), dtype=dtype, param_dtype=param_dtype or "float32")
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-  our_keys = {key for key, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-  model = _build(cfg, _read_tensors(path, hf["model_type"], cfg, our_keys), path)
+  # The abstract model gives the parameter tree (names, shapes, axis metadata) without running
+  # any initialiser; merging the checkpoint's arrays into it makes the real model.
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  flat = nnx.to_flat_state(abstract)
+  tensors = _read_tensors(path, hf["model_type"], cfg,
+                          {key: var.get_value().shape for key, var in flat})
+  model = nnx.merge(graphdef, nnx.from_flat_state(
+      [(key, var.replace(jnp.asarray(tensors[key], cfg.param_dtype))) for key, var in flat]))
   tokenizer = None
   if any((path / name).is_file() for name in _TOKENIZER_FILES):
     import transformers  # slow to import; only when there is a tokenizer to load
@@ -435,13 +441,18 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
 
   skip: layers to leave out; the kept ones are renumbered 0..n-1 and num_hidden_layers = n.
   hf_config: a config.json dict to start from (keeps model_type and every other field); it must
-    describe `model`. None derives one from `model.cfg` (`config_to_hf`).
+    describe `model`. None derives one from `model.cfg` (`config_to_hf`), with the special token
+    ids of `tokenizer`.
   Weights are written in the model's parameter dtype; a tied lm_head is not written (HF ties it).
   """
   cfg = model.cfg
   kept = kept_layers(cfg.num_layers, tuple(skip or ()))
   if hf_config is None:
     hf = config_to_hf(cfg)
+    # Explicit ids (null without a tokenizer): the family defaults, e.g. GPT-2's 50256, would
+    # point anywhere in another vocabulary.
+    for token in ("bos", "eos", "pad"):
+      hf[f"{token}_token_id"] = getattr(tokenizer, f"{token}_token_id", None)
   else:
     hf = copy.deepcopy(dict(hf_config))
     _check_describes(cfg, hf, "hf_config")
@@ -454,11 +465,11 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
   hf["architectures"] = [_ARCHITECTURES[family]]
   hf["dtype" if "dtype" in hf else "torch_dtype"] = cfg.param_dtype
 
-  ours = {key: np.asarray(var.get_value())
-          for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
-  for name, key, prefix in _tensor_map(family, set(ours), list(enumerate(kept))):
-    parts = [ours[prefix + tuple(k.split("."))] for k in _FUSED.get(key, (key,))]
+  for name, key, prefix in _tensor_map(family, set(params), list(enumerate(kept))):
+    parts = [np.asarray(params[prefix + tuple(k.split("."))].get_value())
+             for k in _FUSED.get(key, (key,))]
     parts = [a.reshape(_hf_shape(k, a.shape)) for k, a in zip(_FUSED.get(key, (key,)), parts)]
     w = _fuse_qkv(family, cfg, *parts) if key in _FUSED else parts[0]
     tensors[name] = np.ascontiguousarray(w.T if _transposed(family, key) else w)

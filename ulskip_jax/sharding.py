@@ -80,3 +80,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def shardings_like_params(tree, params, default: NamedSharding):
+  """Shardings for `tree` (e.g. an optimizer state) whose leaves mirror `params`' leaves.
+
+  A leaf whose key path ends with a parameter's key path, and which has that parameter's shape
+  (Adam's mu and nu), gets its sharding; every other leaf (counts, masked-out nodes' siblings)
+  gets `default`. Matching paths rather than calling optax.tree_map_params copes with the
+  MaskedNode leaves that frozen parameters leave in a multi_transform state.
+  """
+  by_path = {tuple(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def one(path, leaf):
+    for start in range(len(path)):
+      param = by_path.get(tuple(path[start:]))
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return default
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -205,7 +205,11 @@ class Trainer:
 
   def init_state(self) -> dict:
     params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
-    opt_state = jax.jit(self.optimizer.init)(params)
+    # Explicit shardings: left to jit, scalars such as Adam's count land on device 0 alone and
+    # the step then rejects a state spread over two device sets (any mesh of more than 1 device).
+    opt_sh = shd.shardings_like_params(jax.eval_shape(self.optimizer.init, params), params,
+                                       shd.replicated(self.mesh))
+    opt_state = jax.jit(self.optimizer.init, out_shardings=opt_sh)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
     state = dict(params=params, opt_state=opt_state, step=step)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -227,9 +231,13 @@ class Trainer:
     cfg = self.config
     if not (cfg.checkpoint.resume and self.ckpt.latest_step() is not None):
       return state
-    params, opt_state, meta = self.ckpt.restore(
-        cfg.checkpoint.resume_step or None, params_target=abstract_like(state["params"]),
-        opt_state_target=abstract_like(state["opt_state"]))
+    try:
+      params, opt_state, meta = self.ckpt.restore(
+          cfg.checkpoint.resume_step or None, params_target=abstract_like(state["params"]),
+          opt_state_target=abstract_like(state["opt_state"]))
+    except ckpt_lib.CheckpointError as e:  # name the flag as train.py spells it
+      raise ckpt_lib.CheckpointError(
+          str(e).replace("--config.resume_step", "--config.checkpoint.resume_step")) from None
     self.batcher.restore(meta["data"])
     step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh))
     logging.info("resumed from step %d", meta["step"])

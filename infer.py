@@ -1,0 +1,225 @@
+"""Generate with ULS layer skipping from a checkpoint, at one or more speedup ratios.
+
+  python infer.py --checkpoint DIR --input prompts.txt --output out.txt --ratio 1,2,5 \
+      --batch-size 16 --max-new-tokens 64 [--references refs.txt] [--metrics-out m.json]
+
+DIR is a Hugging Face folder (config.json + safetensors + tokenizer files) or a training workdir.
+Input is text (one prompt a line) or JSONL (`.jsonl`/`.json`, one object a line, prompt in
+`--input-field`); `--template` formats each prompt from `{source}` (the line, or the field) and,
+for JSONL, any other field of the record. Output has one line per input line, in input order;
+newlines inside a generation are replaced by spaces and each line is stripped. With several
+ratios (or skip lists) each gets its own file: out.txt -> out.r2.txt, out.r5.txt.
+
+Per ratio it prints generated tokens/s, (prompt + generated) tokens/s (what the ULS paper
+reports), wall and compile time, KV cache bytes, and BLEU + chrF (sacrebleu; `--metric rouge`
+for ROUGE-1/2/L F1) when references are given. Bad input is reported in one line on stderr with
+exit code 2. A prompt longer than the model's positions minus --max-new-tokens is an error (it
+is never truncated silently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import string
+import sys
+
+
+class UsageError(Exception):
+  """Bad input: reported in one line on stderr, exit code 2."""
+
+
+def load_model(path: str):
+  """(model, tokenizer) from a Hugging Face folder (has config.json) or a training workdir."""
+  if not os.path.isdir(path):
+    raise UsageError(f"checkpoint {path} is not a directory: give a Hugging Face folder "
+                     "(config.json) or a training workdir")
+  try:
+    if os.path.isfile(os.path.join(path, "config.json")):
+      from ulskip_jax import hf
+      model, tokenizer = hf.from_pretrained(path)
+    else:
+      from ulskip_jax import train_lib
+      model, tokenizer = train_lib.load_for_inference(path)
+  except Exception as e:  # a broken checkpoint: say what failed, in one line
+    raise UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+  if tokenizer is None:
+    raise UsageError(f"checkpoint {path} has no tokenizer: add the tokenizer files to it")
+  return model, tokenizer
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"cannot read {what} {path}: {e.strerror if isinstance(e, OSError) else e}")
+
+
+def read_prompts(path: str, field: str, template: str | None) -> list[str]:
+  """The prompt texts of a text or JSONL file, with the template applied."""
+  lines = _read_lines(path, "input")
+  if not lines:
+    raise UsageError(f"input {path} is empty: give one prompt a line")
+  if path.endswith((".jsonl", ".json")):
+    records = []
+    for n, line in enumerate(lines, 1):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{n} is not valid JSON: {e.msg}")
+      if not isinstance(record, dict) or field not in record:
+        raise UsageError(f"{path}:{n} has no field {field!r}: set --input-field")
+      records.append({**record, "source": str(record[field])})
+  else:
+    records = [{"source": line} for line in lines]
+  if template is None:
+    return [r["source"] for r in records]
+  names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  for name in names:
+    if name not in records[0]:
+      raise UsageError(f"template field {{{name}}} is unknown: available are "
+                       + ", ".join(f"{{{k}}}" for k in records[0]))
+  try:
+    return [template.format_map(r) for r in records]
+  except (KeyError, IndexError, ValueError) as e:
+    raise UsageError(f"template {template!r} cannot be applied: {e}")
+
+
+def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
+  """[(label, generate keyword arguments)] per ratio or skip list, validated before any run."""
+  from ulskip_jax import decode, skipping
+  runs = []
+  if args.skip is not None and args.ratio is not None:
+    raise UsageError("--ratio and --skip both given: pass one or the other")
+  try:
+    if args.skip is not None:
+      for text in args.skip.split(";"):
+        skip = tuple(int(i) for i in text.split(",") if i.strip())
+        decode.resolve_skip(num_layers, skip, None)
+        runs.append(("skip" + "-".join(map(str, skip)), dict(skip=skip)))
+    else:
+      for ratio in skipping.parse_ratios(args.ratio or "1"):
+        skipping.plan_layers(num_layers, ratio)
+        runs.append((f"r{ratio:g}", dict(ratio=ratio)))
+  except ValueError as e:
+    raise UsageError(str(e))
+  return runs
+
+
+def output_path(output: str, label: str, several: bool) -> str:
+  if not several:
+    return output
+  root, ext = os.path.splitext(output)
+  return f"{root}.{label}{ext}"
+
+
+def score(hyps: list[str], refs: list[str], metric: str) -> dict[str, float]:
+  if metric == "rouge":
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, h) for h, r in zip(hyps, refs)]
+    return {k: 100 * sum(s[k].fmeasure for s in scores) / len(scores)
+            for k in ("rouge1", "rouge2", "rougeL")}
+  import sacrebleu
+  return dict(bleu=sacrebleu.corpus_bleu(hyps, [refs]).score,
+              chrf=sacrebleu.corpus_chrf(hyps, [refs]).score)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="Hugging Face folder or training workdir")
+  p.add_argument("--input", required=True, help="prompts: text (one a line) or .jsonl")
+  p.add_argument("--output", required=True, help="generations, one a line (.rX per ratio)")
+  p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
+  p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
+                 "(several lists separated by ';')")
+  p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
+                 help="paper: prompt at full depth; everywhere: prompt skips too")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--num-beams", type=int, default=1)
+  p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+  p.add_argument("--length-penalty", type=float, default=1.0)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int)
+  p.add_argument("--top-p", type=float)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--references", help="reference outputs, one a line, for BLEU/chrF or ROUGE")
+  p.add_argument("--metric", choices=("bleu", "rouge"), default="bleu",
+                 help="bleu: BLEU + chrF (sacrebleu); rouge: ROUGE-1/2/L F1")
+  p.add_argument("--template", help="prompt template with {source}, e.g. 'KJV: {source}\\nWEB:'")
+  p.add_argument("--input-field", default="source", help="JSONL field holding the prompt")
+  p.add_argument("--metrics-out", help="write a JSON summary of every run here")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return p.parse_args(argv)
+
+
+def run(args) -> dict:
+  from ulskip_jax import decode
+  texts = read_prompts(args.input, args.input_field, args.template)
+  refs = None
+  if args.references:
+    refs = _read_lines(args.references, "references")
+    if len(refs) != len(texts):
+      raise UsageError(f"references {args.references} has {len(refs)} lines but input "
+                       f"{args.input} has {len(texts)}: they must match line for line")
+  for flag in ("batch_size", "max_new_tokens", "num_beams"):
+    if getattr(args, flag) < 1:
+      raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+  model, tokenizer = load_model(args.checkpoint)
+  runs = parse_runs(args, model.cfg.num_layers)
+  kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  summary = dict(checkpoint=args.checkpoint, input=args.input, num_prompts=len(texts),
+                 num_layers=model.cfg.num_layers, batch_size=args.batch_size, settings=kw, runs=[])
+  for label, plan in runs:
+    try:
+      hyps, stats = decode.generate_text(model, tokenizer, texts, batch_size=args.batch_size,
+                                         progress=not args.no_progress, **plan, **kw)
+    except ValueError as e:  # a prompt too long for the model (numbered from 0), a bad option
+      raise UsageError(f"{args.input}: {e}")
+    hyps = [" ".join(h.splitlines()).strip() for h in hyps]
+    path = output_path(args.output, label, len(runs) > 1)
+    _write(path, "".join(h + "\n" for h in hyps))
+    skip = decode.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"))
+    result = dict(label=label, output=path, skip=list(skip),
+                  kept_layers=model.cfg.num_layers - len(skip), **stats.as_dict())
+    if refs is not None:
+      result.update(score(hyps, refs, args.metric))
+    summary["runs"].append(result)
+    metrics = "".join(f", {k} {result[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2",
+                                                          "rougeL") if k in result)
+    print(f"{label}: {result['kept_layers']}/{model.cfg.num_layers} layers, "
+          f"{stats.generated_tokens_per_s:.1f} generated tok/s, "
+          f"{stats.total_tokens_per_s:.1f} (prompt + generated) tok/s, wall {stats.wall_s:.2f} s, "
+          f"compile {stats.compile_s:.2f} s, KV cache {stats.cache_bytes / 2**20:.2f} MiB"
+          f"{metrics} -> {path}", flush=True)
+  if args.metrics_out:
+    _write(args.metrics_out, json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def _write(path: str, text: str) -> None:
+  try:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+  except OSError as e:
+    raise UsageError(f"cannot write {path}: {e.strerror}")
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    run(args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,262 @@
+"""Decoding: cached decode equals recomputation, transformers' generate, batching, EOS, beams,
+sampling, executable reuse, and no cache copy in the decode loop.
+
+Most tests share one bucket (4 rows, 16 prompt slots, 16 new-token slots) so that each model
+structure compiles each executable once for the whole file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from tests import tiny
+from ulskip_jax import decode, hf, plan_layers
+from ulskip_jax.model import cache_bytes
+
+PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 3]]  # lengths 4, 9, 2
+MAX_NEW = 10
+EOS = 2  # the tiny configs' eos_token_id
+RATIO = 2  # 4 layers -> kept (0, 3)
+# Compile time dominates tests of tiny models: build without LLVM optimisations (~3x faster).
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+  saved = dict(decode.COMPILER_OPTIONS)
+  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  yield
+  decode.COMPILER_OPTIONS.clear()
+  decode.COMPILER_OPTIONS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """family -> (torch model, our model from its saved folder), built once for the file."""
+  out = {}
+  for family in tiny.FAMILIES:
+    path = tmp_path_factory.mktemp(family)
+    torch_model = tiny.save_hf_model(family, path)
+    out[family] = torch_model, hf.from_pretrained(path)[0]
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "skip", "paper"),
+                   compiler_options=FAST_COMPILE)
+def _recompute_logits(graphdef, state, tokens_BT, prompt_len_B, *, skip, paper):
+  """Logits of a cache-free forward over right-padded rows (causal, so padding is invisible)."""
+  model = nnx.merge(graphdef, state)
+  full_depth = jnp.arange(tokens_BT.shape[1])[None] < prompt_len_B[:, None] if paper else None
+  return model(tokens_BT, skip=skip, full_depth_BT=full_depth)
+
+
+def greedy_by_recompute(model, prompts, skip, paper, max_new=MAX_NEW, eos_id=None):
+  """Greedy decoding by re-running the whole sequence every step: the reference for the cache."""
+  T = 32
+  graphdef, state = nnx.split(model)
+  seqs = [list(p) for p in prompts]
+  done = [False] * len(prompts)
+  lens = np.array([len(p) for p in prompts])
+  for _ in range(max_new):
+    tokens = np.zeros((len(prompts), T), np.int32)
+    for i, s in enumerate(seqs):
+      tokens[i, :len(s)] = s
+    logits = _recompute_logits(graphdef, state, tokens, lens, skip=skip, paper=paper)
+    for i, s in enumerate(seqs):
+      if not done[i]:
+        s.append(int(jnp.argmax(logits[i, len(s) - 1])))
+        done[i] = s[-1] == eos_id
+  return [s[len(p):len(s) - (s[-1] == eos_id)] for s, p in zip(seqs, prompts)]
+
+
+def torch_generate(torch_model, prompts, **kw):
+  """transformers' generate on a left-padded batch; new tokens per row, cut before EOS."""
+  P = max(len(p) for p in prompts)
+  ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW,
+                               do_sample=False, eos_token_id=EOS, pad_token_id=0, **kw)
+  rows = out[:, P:].tolist()
+  return [row[:row.index(EOS)] if EOS in row else row for row in rows]
+
+
+@pytest.mark.parametrize("mode", ["paper", "everywhere"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_cached_greedy_equals_recompute(models, family, mode):
+  model = models[family][1]
+  skip = plan_layers(4, RATIO).skipped
+  got, _ = decode.generate(model, PROMPTS, ratio=RATIO, mode=mode, max_new_tokens=MAX_NEW,
+                           eos_id=None)
+  # Each prompt alone, unpadded: so this also checks that batching changes nothing.
+  assert got == greedy_by_recompute(model, PROMPTS, skip, mode == "paper")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_full_depth_equals_transformers_generate(models, family):
+  torch_model, model = models[family]
+  got, stats = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=EOS)
+  assert got == torch_generate(torch_model, PROMPTS)
+  assert stats.prompt_tokens == sum(map(len, PROMPTS))
+
+
+def test_batch_equals_each_prompt_alone(models):
+  model = models["qwen2"][1]
+  batch, _ = decode.generate(model, PROMPTS, ratio=RATIO, max_new_tokens=MAX_NEW, eos_id=None)
+  alone = [decode.generate(model, [p], ratio=RATIO, max_new_tokens=MAX_NEW, eos_id=None)[0][0]
+           for p in PROMPTS]
+  assert batch == alone
+
+
+def test_eos_stops_rows(models):
+  model = models["gpt2"][1]
+  free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  eos = free[0][3]  # a token greedy decoding emits: row 0 must stop before it
+  got, stats = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=eos)
+  want = [row[:row.index(eos)] if eos in row else row for row in free]
+  assert got == want and len(got[0]) <= 3
+  assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in want)
+  assert stats.executables_built == 0  # eos_id is traced: the same executable
+
+
+def test_beam_search_with_one_beam_is_greedy(models):
+  model = models["llama"][1]
+  greedy, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=EOS)
+  beam, _ = decode._generate(model, PROMPTS, beam_search=True, num_beams=1,
+                             max_new_tokens=MAX_NEW, eos_id=EOS)
+  assert beam == greedy
+
+
+@pytest.mark.parametrize("family,early_stopping,length_penalty",
+                         [("llama3", True, 1.0), ("bloom", False, 0.7)])
+def test_beam_search_equals_transformers(models, family, early_stopping, length_penalty):
+  torch_model, model = models[family]
+  prompts = [[1, 5, 6, 7, 5, 6], [1, 9, 8, 7, 6, 5]]  # equal lengths: HF's n-grams include pads
+  kw = dict(num_beams=4, no_repeat_ngram_size=3, early_stopping=early_stopping,
+            length_penalty=length_penalty)
+  got, _ = decode.generate(model, prompts, max_new_tokens=MAX_NEW, eos_id=EOS, **kw)
+  assert got == torch_generate(torch_model, prompts, **kw)
+  for prompt, row in zip(prompts, got):
+    ngrams = [tuple(prompt + row)[i:i + 3] for i in range(len(prompt + row) - 2)]
+    assert len(ngrams) == len(set(ngrams))
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(models):
+  model = models["mistral"][1]
+  kw = dict(max_new_tokens=MAX_NEW, eos_id=None, temperature=1.0, top_p=0.9)
+  first, _ = decode.generate(model, PROMPTS, seed=3, **kw)
+  assert decode.generate(model, PROMPTS, seed=3, **kw)[0] == first
+  assert decode.generate(model, PROMPTS, seed=4, **kw)[0] != first
+  greedy, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  top1, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None,
+                            temperature=1.0, top_k=1, seed=5)
+  assert top1 == greedy
+
+
+def test_one_executable_per_skip_and_bucket():
+  model = tiny.tiny_model(d_ff=48)  # a structure no other test uses
+  before = decode.num_compiles()
+  _, stats = decode.generate(model, [[1, 2, 3], [4, 5]], ratio=2, max_new_tokens=5, eos_id=None)
+  assert decode.num_compiles() == before + 1 and stats.executables_built == 1
+  assert stats.compile_s > 0
+  # Other lengths, budget and eos in the same buckets (2 rows, 16 + 16 slots): no new executable.
+  _, stats = decode.generate(model, [[1] * 12, [4, 5, 6, 7]], ratio=2, max_new_tokens=9, eos_id=7)
+  assert decode.num_compiles() == before + 1 and stats.executables_built == 0
+  assert stats.compile_s == 0
+  decode.generate(model, [[1, 2], [3]], skip=(1,), max_new_tokens=5, eos_id=None)
+  assert decode.num_compiles() == before + 2
+  decode.generate(model, [[1, 2], [3]], ratio=2, max_new_tokens=5, eos_id=None)
+  decode.generate(model, [[1, 2], [3]], skip=plan_layers(4, 2).skipped, max_new_tokens=5,
+                  eos_id=None)
+  assert decode.num_compiles() == before + 2
+
+
+def _hlo_computations(text: str) -> dict[str, list[str]]:
+  comps, lines = {}, None
+  for line in text.splitlines():
+    header = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+    if header:
+      lines = comps.setdefault(header.group(1), [])
+    elif lines is not None and line.strip() != "}":
+      lines.append(line)
+  return comps
+
+
+def _reachable(comps, root):
+  seen, todo = set(), [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      todo += re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", line)
+  return seen
+
+
+def test_decode_loop_updates_the_cache_in_place(models):
+  """No op in the while loop (fusions included) makes a cache-layer-sized array except in-place
+  dynamic-update-slices: no per-step copy or transpose of the cache."""
+  model = models["llama"][1]
+  compiled = decode.compile_generate(model, 3, 9, ratio=RATIO, mode="everywhere",
+                                     max_new_tokens=MAX_NEW, eos_id=None)
+  text = compiled.as_text()
+  comps = _hlo_computations(text)
+  (body,) = set(re.findall(r"body=(%[\w.\-]+)", text))
+  cfg = model.cfg
+  layer_elems = 4 * cfg.num_kv_heads * 32 * cfg.head_dim  # [B, K, S, Hd] of one kept layer
+  in_place, seen_ops = 0, set()
+  for name in _reachable(comps, body):
+    for line in comps[name]:
+      op = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+      if not op or not op.group(1) or math.prod(map(int, op.group(1).split(","))) < layer_elems:
+        continue
+      kind = op.group(2)
+      seen_ops.add(kind)
+      if kind == "fusion":
+        fused = re.search(r"calls=(%[\w.\-]+)", line).group(1)
+        assert any("dynamic-update-slice(" in l for l in comps[fused]), line
+        in_place += 1
+      else:
+        assert kind in ("parameter", "get-tuple-element", "tuple", "bitcast",
+                        "dynamic-update-slice"), line
+  assert in_place >= 2 * 2  # K and V of both kept layers are written in place
+  memory = compiled.memory_analysis()
+  total_cache = cache_bytes(cfg, 4, 32, plan_layers(4, RATIO).skipped)
+  assert memory.temp_size_in_bytes < 4 * total_cache + 200_000, (memory, total_cache)
+
+
+def test_cache_holds_kept_layers_only(models):
+  model = models["llama"][1]
+  _, full = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=EOS)
+  _, half = decode.generate(model, PROMPTS, ratio=RATIO, mode="everywhere",
+                            max_new_tokens=MAX_NEW, eos_id=EOS)
+  pos_bytes = 4 * 32 * 4
+  assert half.cache_bytes - pos_bytes == (full.cache_bytes - pos_bytes) // 2
+
+
+def test_bad_arguments_raise_one_line_errors(models):
+  model = models["gpt2"][1]  # max_position 128
+  cases = [
+      (dict(prompts=[[1] * 120], max_new_tokens=10), "prompt 0 has 120 tokens"),
+      (dict(prompts=[[1], []], max_new_tokens=10), "prompt 1 is empty"),
+      (dict(prompts=PROMPTS, max_new_tokens=10, ratio=2, skip=(1,)), "pass one or the other"),
+      (dict(prompts=PROMPTS, max_new_tokens=10, ratio=9), "out of range"),
+      (dict(prompts=PROMPTS, max_new_tokens=10, top_k=3), "temperature > 0"),
+      (dict(prompts=PROMPTS, max_new_tokens=10, mode="sometimes"), "mode='sometimes'"),
+      (dict(prompts=PROMPTS, max_new_tokens=0), "max_new_tokens=0"),
+  ]
+  for kw, message in cases:
+    kw.setdefault("eos_id", EOS)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+      decode.generate(model, **kw)
+    assert "\n" not in str(info.value)
