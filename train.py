@@ -19,6 +19,12 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer 
 flags.mark_flags_as_required(["config"])
 
 
+def _log_unraisable(u):
+  # After a failed Orbax restore (a corrupt checkpoint) the other TensorStore reads finish on a
+  # closed event loop, and Python would print each one's traceback around the one-line error.
+  logging.debug("ignored in %r: %s", u.object, u.exc_value)  # shown with --verbosity=1
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments: {argv[1:]}")
@@ -27,10 +33,7 @@ def main(argv):
   try:
     metrics = train_lib.train_and_evaluate(FLAGS.config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    # After a failed restore, Orbax's outstanding TensorStore reads complete on a closed event
-    # loop and print "Event loop is closed" tracebacks at exit: the line above is the message.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in sorted(metrics.items())))
@@ -38,6 +41,7 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
+  sys.unraisablehook = _log_unraisable
   try:  # unknown --config.key, bad value or config file: one line, not a traceback
     argv = FLAGS(sys.argv)
   except AttributeError as e:  # ml_collections' way of saying the key does not exist

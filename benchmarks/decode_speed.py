@@ -1,22 +1,27 @@
 """Decode speed of ULS plans: tokens/s per ratio and batch, against the byte-count ceiling and
 against transformers' `generate` on the same weights.
 
-  python benchmarks/decode_speed.py            # 24 layers, d_model 1024: about 10 min on 2 cores
-  python benchmarks/decode_speed.py --quick    # 24 layers, d_model 256: about 1 min
+  python benchmarks/decode_speed.py            # 24 layers, d_model 1024: ~12 min on 2 busy cores
+  python benchmarks/decode_speed.py --quick    # 24 layers, d_model 256: ~2 min
 
 Greedy decoding of `--new-tokens` tokens after random `--prompt-len`-token prompts (no EOS, so
 every row generates the full budget). Generated tokens/s is timed over whole `generate` calls
-(prefill included, compile excluded: each shape is warmed up first), best of `--repeats`.
+(prefill included, compile excluded: each shape is warmed up first), best of the repeats; the
+"speedup (CPU s)" column uses this process's CPU seconds instead, which vary less when other
+processes share the machine. transformers runs with the best of 1 and all torch threads.
 
 The ceiling is what ratio r could give if a decode step were bound by the bytes it reads:
 (U + L w) / (U + n w), with U the final norm + unembedding bytes and w one layer's weights plus
-its KV cache bytes at this batch size; n = int(L / r) kept layers.
+its KV cache bytes at this batch size; n = int(L / r) kept layers. Steps that are compute-bound
+(the prefill, large batches) can beat it, up to L / n.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -44,8 +49,13 @@ def parse_args(argv=None):
   p.add_argument("--ratios", default="1,2,3,5")
   p.add_argument("--modes", default="everywhere,paper")
   p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
-  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--min-seconds", type=float, default=20.0,
+                 help="repeat short cases until the timed rounds last this long")
+  p.add_argument("--torch-repeats", type=int, default=1)
   p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+  p.add_argument("--torch-threads", default=f"1,{os.cpu_count()}",
+                 help="torch thread counts to try; the best is reported")
   args = p.parse_args(argv)
   if args.quick:
     args.d_model, args.d_ff, args.heads, args.kv_heads, args.vocab = 256, 704, 4, 2, 2048
@@ -65,28 +75,50 @@ def torch_model(args):
   return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def time_ours(model, prompts, args, **kw):
-  decode.generate(model, prompts, max_new_tokens=args.new_tokens, eos_id=None, **kw)  # compile
-  best = float("inf")
-  for _ in range(args.repeats):
-    _, stats = decode.generate(model, prompts, max_new_tokens=args.new_tokens, eos_id=None, **kw)
-    best = min(best, stats.wall_s)
-  return len(prompts) * args.new_tokens / best
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
-def time_torch(tmodel, prompts, args):
+def time_ours(model, prompts, args, ratios, mode) -> dict[float, tuple[float, float]]:
+  """(generated tokens per wall second, per CPU second) for each ratio, best of the repeats.
+
+  Every shape is compiled first; then the repeats (at least --repeats, and enough rounds to last
+  --min-seconds) go round the ratios in turn, so that load from other processes hits every ratio
+  alike. CPU seconds (all threads of this process) hardly move
+  with such load, so speedups by CPU time are the steadier estimate on a shared machine.
+  """
+  kw = dict(max_new_tokens=args.new_tokens, eos_id=None, mode=mode)
+  round_s = sum(decode.generate(model, prompts, ratio=ratio, **kw)[1].wall_s for ratio in ratios)
+  wall = {ratio: float("inf") for ratio in ratios}
+  cpu = dict(wall)
+  for _ in range(max(args.repeats, math.ceil(args.min_seconds / round_s))):
+    for ratio in ratios:
+      start = cpu_seconds()
+      _, stats = decode.generate(model, prompts, ratio=ratio, **kw)
+      cpu[ratio] = min(cpu[ratio], cpu_seconds() - start)
+      wall[ratio] = min(wall[ratio], stats.wall_s)
+  tokens = len(prompts) * args.new_tokens
+  return {ratio: (tokens / wall[ratio], tokens / cpu[ratio]) for ratio in ratios}
+
+
+def time_torch(tmodel, prompts, args) -> tuple[float, int]:
+  """(generated tokens/s, torch threads) of transformers' greedy generate, the best over the
+  thread counts in --torch-threads: with other processes on the machine, OpenMP on every core
+  can be 100x slower than one thread (its barriers spin while a thread is descheduled)."""
   import torch
   ids = torch.tensor(prompts)
-  kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+  kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+  best = (0.0, 0)
   with torch.inference_mode():
-    tmodel.generate(ids, **kw)
-    best = float("inf")
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      tmodel.generate(ids, **kw)
-      best = min(best, time.perf_counter() - start)
-  return len(prompts) * args.new_tokens / best
+    for threads in (int(t) for t in args.torch_threads.split(",")):
+      torch.set_num_threads(threads)
+      tmodel.generate(ids, max_new_tokens=2, **kw)  # warm-up
+      for _ in range(args.torch_repeats):
+        start = time.perf_counter()
+        tmodel.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
+        best = max(best, (len(prompts) * args.new_tokens / (time.perf_counter() - start), threads))
+  return best
 
 
 def ceiling(model, batch: int, ratio: float, args) -> float:
@@ -105,8 +137,6 @@ def ceiling(model, batch: int, ratio: float, args) -> float:
 
 def main(argv=None):
   args = parse_args(argv)
-  import torch
-  torch.set_num_threads(os.cpu_count())
   batches = [int(b) for b in args.batches.split(",")]
   ratios = [float(r) for r in args.ratios.split(",")]
   tmodel = torch_model(args)
@@ -119,26 +149,30 @@ def main(argv=None):
   print(f"# decode speed: L={args.layers} d_model={args.d_model} d_ff={args.d_ff} "
         f"heads={args.heads}/{args.kv_heads} vocab={args.vocab} dtype={args.dtype} "
         f"prompt={args.prompt_len} new={args.new_tokens}, {os.cpu_count()} CPU cores\n")
-  print("| mode | batch | ratio | kept | tok/s | speedup | ceiling | % of ceiling | transformers "
-        "tok/s | ours / transformers |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| mode | batch | ratio | kept | tok/s | speedup | speedup (CPU s) | ceiling | "
+        "% of ceiling | transformers tok/s | ours / transformers |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  hf_tps = {}
   for mode in args.modes.split(","):
     for batch in batches:
+      start = time.perf_counter()
       prompts = rng.integers(3, args.vocab, (batch, args.prompt_len)).tolist()
-      base = None
+      tps = time_ours(model, prompts, args, ratios, mode)
+      if not args.no_torch and batch not in hf_tps:
+        hf_tps[batch] = time_torch(tmodel, prompts, args)
       for ratio in ratios:
-        start = time.perf_counter()
-        tps = time_ours(model, prompts, args, ratio=ratio, mode=mode)
-        base = base or tps
-        ceil = ceiling(model, batch, ratio, args)
-        hf_cols = "| |"
-        if ratio == 1 and not args.no_torch and mode == args.modes.split(",")[0]:
-          hf_tps = time_torch(tmodel, prompts, args)
-          hf_cols = f"| {hf_tps:.1f} | {tps / hf_tps:.2f}x |"
+        (wall_tps, cpu_tps), (base_wall, base_cpu) = tps[ratio], tps[ratios[0]]
+        speedup, ceil = wall_tps / base_wall, ceiling(model, batch, ratio, args)
         kept = len(plan_layers(args.layers, ratio).kept)
-        print(f"| {mode} | {batch} | {ratio:g} | {kept} | {tps:.1f} | {tps / base:.2f}x | "
-              f"{ceil:.2f}x | {100 * tps / base / ceil:.0f}% {hf_cols}"
-              f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
+        hf_cols = "| |"
+        if ratio == 1 and batch in hf_tps:
+          hf_cols = (f"| {hf_tps[batch][0]:.1f} ({hf_tps[batch][1]} thr) | "
+                     f"{wall_tps / hf_tps[batch][0]:.2f}x |")
+        print(f"| {mode} | {batch} | {ratio:g} | {kept} | {wall_tps:.1f} | {speedup:.2f}x | "
+              f"{cpu_tps / base_cpu:.2f}x | {ceil:.2f}x | {100 * speedup / ceil:.0f}% {hf_cols}",
+              flush=True)
+      print(f"<!-- {mode} batch {batch}: {time.perf_counter() - start:.0f} s, load "
+            f"{os.getloadavg()[0]:.1f} -->", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from flax import nnx
 from ulskip_jax import Decoder, init_cache, plan_layers
 from ulskip_jax.model import cache_bytes
 
-from tiny import tiny_config, tiny_model
+from tiny import jit_call, tiny_config, tiny_model
 
 TOL = 2e-5
 
@@ -38,47 +38,49 @@ def _delete_layers(model: Decoder, skip) -> Decoder:
                                        dict(pos="learned", norm="layer", num_kv_heads=1)])
 def test_skipping_a_layer_equals_deleting_it(overrides):
   model = tiny_model(**overrides)
-  tokens = _tokens()
+  fwd, tokens = jit_call(model), _tokens()
   for skip in [(1,), (1, 2), (0, 3)]:
-    want = _delete_layers(model, skip)(tokens)
-    np.testing.assert_allclose(model(tokens, skip=skip), want, atol=TOL)
-  np.testing.assert_allclose(model(tokens, skip=()), model(tokens), atol=0)
+    want = jit_call(_delete_layers(model, skip))(tokens)
+    np.testing.assert_allclose(fwd(tokens, skip=skip), want, atol=TOL)
+  np.testing.assert_allclose(fwd(tokens, skip=()), fwd(tokens), atol=0)
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
 @pytest.mark.parametrize("skip", [(), (1, 2)])
 def test_cached_decode_equals_full_forward(pos, skip):
   model = tiny_model(pos=pos)
+  fwd = jit_call(model)
   tokens = _tokens(T=12)
-  want = model(tokens, skip=skip)
+  want = fwd(tokens, skip=skip)
   cache = init_cache(model.cfg, 2, 16, skip)
-  got, cache = model(tokens[:, :5], skip=skip, cache=cache, cache_index=0)
+  got, cache = fwd(tokens[:, :5], skip=skip, cache=cache, cache_index=0)
   steps = [got]
   for t in range(5, 12):
-    logits, cache = model(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
+    logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
                           cache=cache, cache_index=t)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=TOL)
   # An empty cache equals no cache.
-  np.testing.assert_allclose(model(tokens, skip=skip, cache=init_cache(model.cfg, 2, 12, skip))[0],
+  np.testing.assert_allclose(fwd(tokens, skip=skip, cache=init_cache(model.cfg, 2, 12, skip))[0],
                              want, atol=TOL)
 
 
 def test_paper_mode_prompt_at_full_depth_response_skips():
   model = tiny_model()
+  fwd = jit_call(model)
   tokens, P, skip = _tokens(T=12), 7, (1, 2)
   full_depth = jnp.broadcast_to(jnp.arange(12) < P, (2, 12))
-  got = model(tokens, skip=skip, full_depth_BT=full_depth)
+  got = fwd(tokens, skip=skip, full_depth_BT=full_depth)
   # The prompt sees exactly the full model; the response differs from both full and skipped.
-  np.testing.assert_allclose(got[:, :P], model(tokens)[:, :P], atol=TOL)
-  assert not np.allclose(got[:, P:], model(tokens)[:, P:], atol=1e-3)
-  assert not np.allclose(got[:, P:], model(tokens, skip=skip)[:, P:], atol=1e-3)
+  np.testing.assert_allclose(got[:, :P], fwd(tokens)[:, :P], atol=TOL)
+  assert not np.allclose(got[:, P:], fwd(tokens)[:, P:], atol=1e-3)
+  assert not np.allclose(got[:, P:], fwd(tokens, skip=skip)[:, P:], atol=1e-3)
   # Cached: prefill at full depth writes KV for kept layers only, then decode skips.
   cache = init_cache(model.cfg, 2, 12, skip)
-  first, cache = model(tokens[:, :P], skip=skip, full_depth_BT=True, cache=cache, cache_index=0)
+  first, cache = fwd(tokens[:, :P], skip=skip, full_depth_BT=True, cache=cache, cache_index=0)
   steps = [first]
   for t in range(P, 12):
-    logits, cache = model(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
+    logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
                           cache=cache, cache_index=t)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), got, atol=TOL)
@@ -86,13 +88,14 @@ def test_paper_mode_prompt_at_full_depth_response_skips():
 
 def test_packed_segments_equal_separate_sequences():
   model = tiny_model()
+  fwd = jit_call(model)
   a, b = _tokens(1, 6, seed=2), _tokens(1, 5, seed=3)
   packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], 1)
   seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 3])
   pos = jnp.asarray([list(range(6)) + list(range(5)) + [0] * 3])
-  got = model(packed, positions_BT=pos, segment_ids_BT=seg, skip=(2,))
-  np.testing.assert_allclose(got[:, :6], model(a, skip=(2,)), atol=TOL)
-  np.testing.assert_allclose(got[:, 6:11], model(b, skip=(2,)), atol=TOL)
+  got = fwd(packed, positions_BT=pos, segment_ids_BT=seg, skip=(2,))
+  np.testing.assert_allclose(got[:, :6], fwd(a, skip=(2,)), atol=TOL)
+  np.testing.assert_allclose(got[:, 6:11], fwd(b, skip=(2,)), atol=TOL)
 
 
 def test_one_compile_per_skip_tuple():
@@ -111,7 +114,7 @@ def test_skipped_layer_weights_are_never_read():
   model = tiny_model()
   graphdef, state = nnx.split(model)
   tokens = _tokens()
-  grads = jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, skip=(1, 2)).sum())(state)
+  grads = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, skip=(1, 2)).sum()))(state)
   layer_norms = [sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(grads["layers"][i]))
                  for i in range(4)]
   assert layer_norms[1] == layer_norms[2] == 0.0 and layer_norms[0] > 0 and layer_norms[3] > 0
@@ -128,14 +131,14 @@ def test_cache_shrinks_with_ratio():
 def test_remat_and_bf16():
   model, remat = tiny_model(), tiny_model(remat=True)
   tokens = _tokens()
-  g1 = jax.grad(lambda s: nnx.merge(*nnx.split(model)[:1], s)(tokens, skip=(1,)).sum())(
-      nnx.state(model))
-  g2 = jax.grad(lambda s: nnx.merge(*nnx.split(remat)[:1], s)(tokens, skip=(1,)).sum())(
-      nnx.state(remat))
+  def grads(m):
+    graphdef, state = nnx.split(m)
+    return jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, skip=(1,)).sum()))(state)
+  g1, g2 = grads(model), grads(remat)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
   bf16 = tiny_model(dtype="bfloat16")
-  np.testing.assert_allclose(bf16(tokens), model(tokens), atol=0.15)
+  np.testing.assert_allclose(jit_call(bf16)(tokens), jit_call(model)(tokens), atol=0.15)
 
 
 def test_bad_skip_index():

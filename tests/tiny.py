@@ -73,3 +73,39 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def tiny_model(seed: int = 0, **overrides) -> Decoder:
   return Decoder(tiny_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+def save_tiny_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
+  """A word-level tokenizer over VOCAB words ("w0" .. "w96", plus the specials), saved to path."""
+  import tokenizers
+  vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+  vocab.update({f"w{i}": i for i in range(3, VOCAB)})
+  word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w3"))
+  word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  word_level.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="w3",
+                                             pad_token="<pad>", bos_token="<bos>",
+                                             eos_token="<eos>")
+  tok.save_pretrained(path)
+  return tok
+
+
+def jit_call(model: Decoder):
+  """model(tokens, **kw) under one jax.jit (skip static): eager op-by-op runs are slow to start."""
+  import functools
+
+  import jax
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnames=("skip", "paper_prefill"))
+  def call(state, tokens, skip=(), paper_prefill=False, **kw):
+    if paper_prefill:
+      kw["full_depth_BT"] = True
+    return nnx.merge(graphdef, state)(tokens, skip=skip, **kw)
+
+  def wrapped(tokens, *, skip=(), full_depth_BT=None, **kw):
+    paper_prefill = full_depth_BT is True
+    if full_depth_BT is not None and not paper_prefill:
+      kw["full_depth_BT"] = full_depth_BT
+    return call(state, tokens, skip=tuple(skip), paper_prefill=paper_prefill, **kw)
+  return wrapped

@@ -27,7 +27,6 @@ silently (truncation would change what is being evaluated). Empty prompts are re
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache, kept_layers
+from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache
 from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
@@ -122,9 +121,7 @@ def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | Non
     raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
   if ratio is not None:
     return plan_layers(num_layers, ratio).skipped
-  skip = tuple(sorted(skip or ()))
-  kept_layers(num_layers, skip)  # validates
-  return skip
+  return plan_layers(num_layers, strategy=tuple(skip)).skipped if skip else ()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -151,8 +151,9 @@ def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None):
   return jax.jit(make, out_shardings=shardings)()
 
 
-def abstract_like(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def with_shardings(abstract_tree, shardings):
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      abstract_tree, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +181,8 @@ class Trainer:
     self.graphdef = nnx.graphdef(abstract)
     self.param_sh = shd.param_shardings(nnx.state(abstract, nnx.Param), self.mesh,
                                         tuple(tuple(r) for r in config.mesh.rules))
+    self.abstract_params = with_shardings(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+                                          self.param_sh)
     self.batch_sh = shd.batch_sharding(self.mesh)
     self.optimizer = make_optimizer(config.optim, config.num_steps)
     self.paper = config.skip.mode == "paper"
@@ -205,13 +208,18 @@ class Trainer:
 
   def init_state(self) -> dict:
     params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings(params))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
+    return self._jit_step_for(dict(params=params, opt_state=opt_state, step=step))
+
+  def _opt_shardings(self, params):
     # Explicit shardings: left to jit, scalars such as Adam's count land on device 0 alone and
     # the step then rejects a state spread over two device sets (any mesh of more than 1 device).
-    opt_sh = shd.shardings_like_params(jax.eval_shape(self.optimizer.init, params), params,
-                                       shd.replicated(self.mesh))
-    opt_state = jax.jit(self.optimizer.init, out_shardings=opt_sh)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
-    state = dict(params=params, opt_state=opt_state, step=step)
+    return shd.shardings_like_params(jax.eval_shape(self.optimizer.init, params), params,
+                                     shd.replicated(self.mesh))
+
+  def _jit_step_for(self, state: dict) -> dict:
+    """Jits the train step for `state`'s shardings (traced once per skip tuple); returns state."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer,
                                 paper=self.paper, accum_steps=self.config.optim.accum_steps)
@@ -227,21 +235,24 @@ class Trainer:
     return state
 
   def restore_or_init(self) -> dict:
-    state = self.init_state()
     cfg = self.config
     if not (cfg.checkpoint.resume and self.ckpt.latest_step() is not None):
-      return state
+      return self.init_state()
+    # Restore into abstract targets: a random init first would hold two states in memory at once
+    # (and compile an init that is thrown away).
+    params = self.abstract_params
+    opt_state = with_shardings(jax.eval_shape(self.optimizer.init, params),
+                               self._opt_shardings(params))
     try:
       params, opt_state, meta = self.ckpt.restore(
-          cfg.checkpoint.resume_step or None, params_target=abstract_like(state["params"]),
-          opt_state_target=abstract_like(state["opt_state"]))
+          cfg.checkpoint.resume_step or None, params_target=params, opt_state_target=opt_state)
     except ckpt_lib.CheckpointError as e:  # name the flag as train.py spells it
       raise ckpt_lib.CheckpointError(
           str(e).replace("--config.resume_step", "--config.checkpoint.resume_step")) from None
     self.batcher.restore(meta["data"])
     step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh))
     logging.info("resumed from step %d", meta["step"])
-    return dict(params=params, opt_state=opt_state, step=step)
+    return self._jit_step_for(dict(params=params, opt_state=opt_state, step=step))
 
   def global_batch(self, local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(self.batch_sh, v) for k, v in local.items()}
