@@ -3,7 +3,8 @@
   python infer.py --checkpoint DIR --input prompts.txt --output out.txt --ratio 1,2,5 \
       --batch-size 16 --max-new-tokens 64 [--references refs.txt] [--metrics-out m.json]
 
-DIR is a Hugging Face folder (config.json + safetensors + tokenizer files) or a training workdir.
+DIR is a Hugging Face folder (config.json + safetensors + tokenizer files) or a training workdir
+(then pass the training template, e.g. --template 'KJV: {source}\nWEB:' for configs/bible_2x.py).
 Input is text (one prompt a line) or JSONL (`.jsonl`/`.json`, one object a line, prompt in
 `--input-field`); `--template` formats each prompt from `{source}` (the line, or the field) and,
 for JSONL, any other field of the record. Output has one line per input line, in input order;
@@ -41,7 +42,7 @@ def load_model(path: str):
       model, tokenizer = hf.from_pretrained(path)
     else:
       from ulskip_jax import train_lib
-      model, tokenizer = train_lib.load_for_inference(path)
+      model, tokenizer = train_lib.load_for_inference(os.path.abspath(path))  # Orbax: absolute
   except Exception as e:  # a broken checkpoint: say what failed, in one line
     raise UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -77,6 +78,7 @@ def read_prompts(path: str, field: str, template: str | None) -> list[str]:
     records = [{"source": line} for line in lines]
   if template is None:
     return [r["source"] for r in records]
+  template = template.replace("\\n", "\n")  # a shell argument's "\n" is a newline here
   names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
   for name in names:
     if name not in records[0]:
@@ -97,7 +99,10 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   try:
     if args.skip is not None:
       for text in args.skip.split(";"):
-        skip = tuple(int(i) for i in text.split(",") if i.strip())
+        if not all(i.strip().isdigit() for i in text.split(",")):
+          raise ValueError(f"--skip {args.skip!r} is invalid: give comma-separated layer indices, "
+                           "e.g. 1,3,5 (several lists separated by ';')")
+        skip = tuple(int(i) for i in text.split(","))
         decode.resolve_skip(num_layers, skip, None)
         runs.append(("skip" + "-".join(map(str, skip)), dict(skip=skip)))
     else:
@@ -150,7 +155,8 @@ def parse_args(argv):
   p.add_argument("--references", help="reference outputs, one a line, for BLEU/chrF or ROUGE")
   p.add_argument("--metric", choices=("bleu", "rouge"), default="bleu",
                  help="bleu: BLEU + chrF (sacrebleu); rouge: ROUGE-1/2/L F1")
-  p.add_argument("--template", help="prompt template with {source}, e.g. 'KJV: {source}\\nWEB:'")
+  p.add_argument("--template", help="prompt template with {source} (and, for JSONL, any field); "
+                 "\\n is a newline, e.g. 'KJV: {source}\\nWEB:'")
   p.add_argument("--input-field", default="source", help="JSONL field holding the prompt")
   p.add_argument("--metrics-out", help="write a JSON summary of every run here")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")

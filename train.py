@@ -3,6 +3,7 @@
   python train.py --config configs/bible_2x.py --workdir runs/bible_2x [--config.num_steps=100]
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -19,10 +20,19 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer 
 flags.mark_flags_as_required(["config"])
 
 
-def _log_unraisable(u):
-  # After a failed Orbax restore (a corrupt checkpoint) the other TensorStore reads finish on a
-  # closed event loop, and Python would print each one's traceback around the one-line error.
-  logging.debug("ignored in %r: %s", u.object, u.exc_value)  # shown with --verbosity=1
+def _quiet_abandoned_reads():
+  """Sends Python's reports of exceptions nobody can catch to the debug log (--verbosity=1).
+
+  When Orbax fails to restore a corrupt checkpoint it abandons its other TensorStore reads, which
+  then fail on a closed event loop (unraisable exceptions) or are collected unretrieved (asyncio's
+  "Task exception was never retrieved"): a traceback each, printed around the one-line error.
+  """
+  sys.unraisablehook = lambda u: logging.debug("ignored in %r: %s", u.object, u.exc_value)
+
+  def to_debug(record):
+    logging.debug("asyncio: %s", record.getMessage())
+    return False
+  std_logging.getLogger("asyncio").addFilter(to_debug)
 
 
 def main(argv):
@@ -41,7 +51,7 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  sys.unraisablehook = _log_unraisable
+  _quiet_abandoned_reads()
   try:  # unknown --config.key, bad value or config file: one line, not a traceback
     argv = FLAGS(sys.argv)
   except AttributeError as e:  # ml_collections' way of saying the key does not exist

@@ -1,10 +1,12 @@
 """Skip-aware training on 8 simulated devices against 1, and the step time of skip-aware steps.
 
-  python benchmarks/train_parity.py            # ~6 min on 2 busy CPU cores
-  python benchmarks/train_parity.py --quick    # 5 parity steps, batch 8, 3 timed steps: ~3 min
+  python benchmarks/train_parity.py                 # ~6 min on 2 busy CPU cores
+  python benchmarks/train_parity.py --quick         # 5 parity steps, 3 timed steps: ~3 min
+  python benchmarks/train_parity.py --d-model 192   # the wider model bible_2x used to have
 
-Both parts use the bible_2x model size (12 layers, d_model 192, 4 heads, 2 KV heads, d_ff 768,
-the BPE vocabulary of 4096) on Bible batches of seq_len 128, with skip-aware steps from step 0.
+Both parts use the model, seq_len and batch size of configs/bible_2x.py (12 layers, d_model 128,
+4 heads, 2 KV heads, a BPE vocabulary of 4096; 16 rows of 96 tokens) on Bible batches, with
+skip-aware steps from step 0. `--d-model D` widens the model (head_dim D / 4, d_ff 4 D).
 
 1. Parity: `--parity-steps` Trainer steps at ratio 2 in paper mode, once on 1 CPU device and once
    on 8 simulated ones as mesh (2, 2, 2) (data, fsdp, tensor): the same losses within 1e-5. Each
@@ -12,9 +14,10 @@ the BPE vocabulary of 4096) on Bible batches of seq_len 128, with skip-aware ste
 2. Step time: one jitted train step (forward, backward, AdamW) on one fixed batch of `--batch`
    rows, full depth against ULS ratios 2 and 3, in paper mode (prompt at full depth, response
    through the kept layers) and everywhere mode (every token through the kept layers only).
-   ms/step is the median wall time of `--timing-steps` steps after two warm-up steps (the first
-   compiles); CPU ms/step is this process's CPU time per step, which varies less when other
-   processes share the machine.
+   Every case is compiled and warmed up first, then timed in `--timing-steps` rounds of one step
+   per case, so that a change in the machine's load hits all cases alike. ms/step is the median
+   wall time, CPU ms/step the median CPU time of this process (all its threads), which varies
+   less when other processes share the machine; speedups are against full depth, same mode.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="fewer steps and a smaller batch")
   p.add_argument("--parity-steps", type=int, default=20)
-  p.add_argument("--parity-batch", type=int, default=16, help="global rows per parity step")
-  p.add_argument("--batch", type=int, default=32, help="rows of the timed batch (bible_2x: 32)")
-  p.add_argument("--timing-steps", type=int, default=5)
+  p.add_argument("--parity-batch", type=int, default=0, help="rows per parity step (0: bible_2x's)")
+  p.add_argument("--batch", type=int, default=0, help="rows of the timed batch (0: bible_2x's)")
+  p.add_argument("--d-model", type=int, default=0, help="model width (0: bible_2x's)")
+  p.add_argument("--timing-steps", type=int, default=7)
   p.add_argument("--ratios", default="2,3")
   p.add_argument("--max-examples", type=int, default=4000,
                  help="Bible pairs per split (tokenizer training and batches)")
@@ -48,7 +52,7 @@ def parse_args(argv=None):
   p.add_argument("--workdir", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
-    args.parity_steps, args.parity_batch, args.batch, args.timing_steps = 5, 8, 8, 3
+    args.parity_steps, args.timing_steps = 5, 3
   return args
 
 
@@ -56,7 +60,10 @@ def bible_2x_config(args, batch_size: int):
   sys.path.insert(0, REPO)
   from configs import bible_2x
   c = bible_2x.get_config()
-  c.batch_size = batch_size
+  c.batch_size = batch_size or c.batch_size
+  if args.d_model:
+    d = args.d_model
+    c.model.d_model, c.model.head_dim, c.model.d_ff = d, d // 4, 4 * d
   c.num_steps = max(args.parity_steps, 1)
   c.skip.full_depth_steps = 0   # skip-aware from the first step
   c.data.max_examples = args.max_examples
@@ -81,7 +88,9 @@ def child_parity(args) -> dict:
     losses.append(float(metrics["loss"]))
   trainer.ckpt.close()
   return dict(losses=losses, mesh=dict(trainer.mesh.shape),
-              params=sum(x.size for x in jax.tree.leaves(state["params"])))
+              params=sum(x.size for x in jax.tree.leaves(state["params"])),
+              batch=[cfg.batch_size, cfg.data.seq_len], d_model=cfg.model.d_model,
+              layers=cfg.model.num_layers)
 
 
 def child_timing(args) -> dict:
@@ -90,7 +99,6 @@ def child_timing(args) -> dict:
   import time
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from ulskip_jax import train_lib
@@ -100,34 +108,39 @@ def child_timing(args) -> dict:
   trainer = train_lib.Trainer(cfg, args.workdir)
   batch = trainer.global_batch(next(trainer.batcher))
   num_layers = trainer.model_cfg.num_layers
-  cpu = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(
-      resource.RUSAGE_SELF).ru_stime
-  rows = []
-  ratios = [1.0] + [float(r) for r in args.ratios.split(",")]
+
+  def cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+  cases = []  # each with its own jitted step and state, compiled and warmed up first
   for mode in ("paper", "everywhere"):
     step_fn = jax.jit(functools.partial(
         train_lib.train_step, graphdef=trainer.graphdef, optimizer=trainer.optimizer,
         paper=mode == "paper", accum_steps=1), static_argnums=2, donate_argnums=0)
-    for ratio in ratios:
+    for ratio in [1.0] + [float(r) for r in args.ratios.split(",")]:
       skip = plan_layers(num_layers, ratio, cfg.skip.strategy).skipped
-      state = trainer.init_state()
+      case = dict(mode=mode, ratio=ratio, kept=num_layers - len(skip), skip=skip, fn=step_fn,
+                  state=trainer.init_state(), wall=[], cpu=[])
       for _ in range(2):  # compile, then one more so that nothing first-time is timed
-        state, metrics = step_fn(state, batch, skip)
+        case["state"], metrics = step_fn(case["state"], batch, skip)
         jax.block_until_ready(metrics)
-      walls, cpu0 = [], cpu()
-      for _ in range(args.timing_steps):
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch, skip)
-        jax.block_until_ready(metrics)
-        walls.append(time.perf_counter() - t0)
-      rows.append(dict(mode=mode, ratio=ratio, kept=num_layers - len(skip),
-                       ms=1e3 * float(np.median(walls)),
-                       cpu_ms=1e3 * (cpu() - cpu0) / args.timing_steps,
-                       loss=float(metrics["loss"])))
-      del state
+      cases.append(case)
+  # Rounds of one step per case, so that a change in the machine's load hits every case alike.
+  for _ in range(args.timing_steps):
+    for case in cases:
+      t0, c0 = time.perf_counter(), cpu_s()
+      case["state"], metrics = case["fn"](case["state"], batch, case["skip"])
+      jax.block_until_ready(metrics)
+      case["wall"].append(time.perf_counter() - t0)
+      case["cpu"].append(cpu_s() - c0)
+  rows = [dict(mode=c["mode"], ratio=c["ratio"], kept=c["kept"],
+               ms=1e3 * float(np.median(c["wall"])), cpu_ms=1e3 * float(np.median(c["cpu"])))
+          for c in cases]
   tokens = int(np.asarray(jax.device_get(batch["segment_ids"]) > 0).sum())
   return dict(rows=rows, batch=list(batch["tokens"].shape), tokens=tokens,
-              cores=os.cpu_count(), jax=jax.__version__)
+              cores=os.cpu_count(), jax=jax.__version__, layers=num_layers,
+              d_model=cfg.model.d_model, load=os.getloadavg()[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +151,7 @@ def run_child(args, kind: str, devices: int, workdir: str, mesh: str = "-1,1,1")
           f"--workdir={workdir}", f"--parity-steps={args.parity_steps}",
           f"--parity-batch={args.parity_batch}", f"--batch={args.batch}",
           f"--timing-steps={args.timing_steps}", f"--ratios={args.ratios}",
+          f"--d-model={args.d_model}",
           f"--max-examples={args.max_examples}"]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
@@ -153,8 +167,9 @@ def parity(args, root: str) -> float:
   os.makedirs(eight_dir)  # the same tokenizer, not a second BPE training
   shutil.copytree(os.path.join(one_dir, "tokenizer"), os.path.join(eight_dir, "tokenizer"))
   eight = run_child(args, "parity", 8, eight_dir, mesh="2,2,2")
-  print(f"## Parity: {args.parity_steps} steps at ratio 2 (paper mode), bible_2x model size "
-        f"({one['params'] / 1e6:.2f}M params), {args.parity_batch} rows x 128 tokens\n")
+  b, t = one["batch"]
+  print(f"## Parity: {args.parity_steps} steps at ratio 2 (paper mode), {one['layers']} layers, "
+        f"d_model {one['d_model']} ({one['params'] / 1e6:.2f}M params), {b} rows x {t} tokens\n")
   print(f"| step | 1 device {one['mesh']} | 8 devices {eight['mesh']} | abs diff |")
   print("|---|---|---|---|")
   diffs = []
@@ -175,15 +190,16 @@ def timing(args, root: str) -> None:
     shutil.copytree(os.path.join(root, "one", "tokenizer"), os.path.join(workdir, "tokenizer"))
   result = run_child(args, "timing", 1, workdir)
   b, t = result["batch"]
-  print(f"## Train step time: bible_2x model size, batch {b} x {t} ({result['tokens']} real "
-        f"tokens), 1 CPU device ({result['cores']} cores), jax {result['jax']}\n")
-  print("| mode | ratio | kept layers | ms/step | CPU ms/step | speedup vs full depth |")
-  print("|---|---|---|---|---|---|")
+  print(f"## Train step time: {result['layers']} layers, d_model {result['d_model']}, batch {b} x "
+        f"{t} ({result['tokens']} real tokens), 1 CPU device ({result['cores']} cores), "
+        f"jax {result['jax']}, load average {result['load']:.1f} at the end\n")
+  print("| mode | ratio | kept layers | ms/step | CPU ms/step | speedup (wall) | speedup (CPU) |")
+  print("|---|---|---|---|---|---|---|")
   for row in result["rows"]:
     full = next(r for r in result["rows"] if r["mode"] == row["mode"] and r["ratio"] == 1.0)
     name = "full depth" if row["ratio"] == 1.0 else f"{row['ratio']:g}"
     print(f"| {row['mode']} | {name} | {row['kept']} | {row['ms']:.0f} | {row['cpu_ms']:.0f} | "
-          f"{full['ms'] / row['ms']:.2f}x |")
+          f"{full['ms'] / row['ms']:.2f}x | {full['cpu_ms'] / row['cpu_ms']:.2f}x |")
   print()
 
 

@@ -1,4 +1,4 @@
-"""CNN / DailyMail summarisation from a pretrained base model, skip-aware at 2x.
+r"""CNN / DailyMail summarisation from a pretrained base model, skip-aware at 2x.
 
   python train.py --config configs/cnndm_2x.py --workdir runs/cnndm_2x \
       --config.model.init_from=/path/to/bloomz-560m

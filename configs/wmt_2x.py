@@ -1,4 +1,4 @@
-"""WMT14 German -> English from a pretrained base model (e.g. BLOOMZ), skip-aware at 2x.
+r"""WMT14 German -> English from a pretrained base model (e.g. BLOOMZ), skip-aware at 2x.
 
   python train.py --config configs/wmt_2x.py --workdir runs/wmt_2x \
       --config.model.init_from=/path/to/bloomz-560m

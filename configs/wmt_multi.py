@@ -1,4 +1,4 @@
-"""WMT14 German -> English, one model for several speedups: a ratio from (1, 2, 3, 5) per step.
+r"""WMT14 German -> English, one model for several speedups: a ratio from (1, 2, 3, 5) per step.
 
   python train.py --config configs/wmt_multi.py --workdir runs/wmt_multi \
       --config.model.init_from=/path/to/bloomz-560m

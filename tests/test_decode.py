@@ -31,12 +31,16 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive
 
 
 @pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  saved = dict(decode.COMPILER_OPTIONS)
+def fast_settings():
+  """Fast compiles, and one torch thread: tiny models gain nothing from more, and on a busy
+  machine OpenMP's spinning barriers made transformers' generate 100x slower."""
+  saved, threads = dict(decode.COMPILER_OPTIONS), torch.get_num_threads()
   decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  torch.set_num_threads(1)
   yield
   decode.COMPILER_OPTIONS.clear()
   decode.COMPILER_OPTIONS.update(saved)
+  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import tokenizers
-import transformers
-
 import infer
 from tests import tiny
 from ulskip_jax import decode, hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = [f"w{i}" for i in range(tiny.VOCAB - 4)]
-INPUTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
+INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
           "w30"]
 
 
@@ -31,23 +27,11 @@ def fast_compile():
   decode.COMPILER_OPTIONS.update(saved)
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-  """Word-level over WORDS, ids matching the tiny configs (pad 0, bos 1, eos 2); adds bos."""
-  vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A",
-                                                                special_tokens=[("<s>", 1)])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                                              eos_token="</s>", pad_token="<pad>",
-                                              unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("llama")
   tiny.save_hf_model("llama", path, seed=1)
-  tiny_tokenizer().save_pretrained(path)
+  tiny.save_tiny_tokenizer(path)
   return str(path)
 
 
@@ -68,7 +52,7 @@ def run_main(capsys, *argv):
 
 def test_one_line_per_input_per_ratio_in_order(checkpoint, files, tmp_path, capsys):
   inputs = files("in.txt", INPUTS)
-  refs = files("refs.txt", ["w1 w2"] * len(INPUTS))
+  refs = files("refs.txt", ["w4 w5"] * len(INPUTS))
   output, metrics = tmp_path / "out.txt", tmp_path / "m.json"
   code, out, err = run_main(capsys, "--checkpoint", checkpoint, "--input", inputs, "--output",
                             output, "--ratio", "1,2", "--batch-size", 3, "--max-new-tokens", 6,
@@ -97,10 +81,10 @@ def test_one_line_per_input_per_ratio_in_order(checkpoint, files, tmp_path, caps
 def test_jsonl_template_single_ratio_and_rouge(checkpoint, files, tmp_path, capsys):
   records = [json.dumps(dict(src=text, lang="w50")) for text in INPUTS[:3]]
   inputs = files("in.jsonl", records)
-  refs = files("refs.txt", ["w1 w2", "w3", "w4 w5"])
+  refs = files("refs.txt", ["w4 w5", "w6", "w7 w8"])
   output, metrics = tmp_path / "out.txt", tmp_path / "m.json"
   code, out, err = run_main(capsys, "--checkpoint", checkpoint, "--input", inputs, "--output",
-                            output, "--input-field", "src", "--template", "{lang} w51 {source}",
+                            output, "--input-field", "src", "--template", "{lang} w51\\n{source}",
                             "--ratio", "2", "--mode", "everywhere", "--max-new-tokens", 5,
                             "--num-beams", 2, "--no-repeat-ngram-size", 3, "--references", refs,
                             "--metric", "rouge", "--metrics-out", metrics)
@@ -115,6 +99,7 @@ def test_jsonl_template_single_ratio_and_rouge(checkpoint, files, tmp_path, caps
     ("broken_checkpoint", "cannot load checkpoint"),
     ("ratio_out_of_range", "ratio=9.0 is out of range"),
     ("empty_input", "is empty"),
+    ("missing_input", "cannot read input"),
     ("prompt_too_long", "tokens; with max_new_tokens=8"),
     ("unknown_template_field", "template field {lang} is unknown"),
     ("references_mismatch", "references"),
@@ -134,12 +119,14 @@ def test_bad_input_is_one_line_and_exit_code_2(checkpoint, files, tmp_path, caps
     args["ratio"] = "9"
   elif case == "empty_input":
     args["input"] = files("empty.txt", [])
+  elif case == "missing_input":
+    args["input"] = tmp_path / "none.txt"
   elif case == "prompt_too_long":
-    args["input"] = files("long.txt", ["w1 " * 125])
+    args["input"] = files("long.txt", ["w5 " * 125])
   elif case == "unknown_template_field":
     args["template"] = "{lang}: {source}"
   elif case == "references_mismatch":
-    args["references"] = files("refs.txt", ["w1"])
+    args["references"] = files("refs.txt", ["w5"])
   elif case == "ratio_and_skip":
     args["skip"] = "1,2"
   argv = [x for k, v in args.items() for x in ("--" + k.replace("_", "-"), v)]

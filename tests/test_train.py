@@ -111,7 +111,7 @@ def children(tmp_path_factory, compile_cache):
   host0, 1:  two processes (jax.distributed on localhost) of 1 device each, as mesh (1, 2, 1),
              so that fsdp splits every parameter across the hosts; they resume from eight's
              step-4 checkpoint. One pair of runs checks both a change of mesh on resume and
-             two hosts against one (it saves a 17 s CPU-bound child of the ~2 minutes).
+             two hosts against one: a separate 2-device resume cost another ~17 CPU seconds.
   """
   runs = _Children(tmp_path_factory.mktemp("children"))
   root = runs.root
@@ -227,7 +227,7 @@ def _copy_run(src, dst, steps=()):
 
 
 def _example_batch(rows: int, seq_len: int = 32, vocab: int = 97, seed: int = 0):
-  """Random examples packed two per row (the last row may hold one), and the examples."""
+  """A batch of random examples packed two per row, and the examples as (prompt, target)."""
   rng = np.random.default_rng(seed)
   examples = [(rng.integers(3, vocab, rng.integers(4, 9)).tolist(),
                rng.integers(3, vocab, rng.integers(3, 7)).tolist()) for _ in range(2 * rows)]

@@ -303,9 +303,9 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
     rows, *beams, go_on = select(logits, t, run_seq, *rest)
     return (t + 1, rows, cache, *beams, go_on)
 
-  carry = jax.lax.while_loop(cond, body, (jnp.int32(1), rows, cache, *beams, go_on))
-  fin_seq = carry[5]
-  return fin_seq[:, 0, P:]
+  _, _, _, _, _, fin_seq, *_ = jax.lax.while_loop(cond, body,
+                                                 (jnp.int32(1), rows, cache, *beams, go_on))
+  return fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Baselines: which layers ran for which token, checked against a masked-depth forward.
+
+The reference for every dynamic decode is `baselines.masked_hidden` over prompt + generated
+tokens, where each generated token runs exactly the layers the decode says it ran and keeps its
+hidden state through the others (so those layers' K/V come from it, as CALM propagates). Cached
+decoding equals it only if the right layers ran and the skipped layers' cache was filled right.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tests import tiny
+from ulskip_jax import baselines, decode
+from ulskip_jax.data import pack_row
+
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]]  # equal lengths: no padding in the reference
+MAX_NEW = 12
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+  saved = dict(decode.COMPILER_OPTIONS)
+  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  yield
+  decode.COMPILER_OPTIONS.clear()
+  decode.COMPILER_OPTIONS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def model():
+  # Larger logits than the default init, so that confidences spread over (0, 1).
+  m = tiny.tiny_model(seed=3)
+  m.embed[...] = m.embed[...] * 60.0
+  return m
+
+
+def _reference(model, prompts, generated, depth_of_step):
+  """Greedy tokens and logits of the masked forward: generated token t (t >= 1) comes from the
+  step that fed token t - 1 through the layers in `depth_of_step(t)` (a set of layer ids)."""
+  P, L = len(prompts[0]), model.cfg.num_layers
+  seq = np.array([p + g for p, g in zip(prompts, generated)], np.int32)
+  B, T = seq.shape
+  runs = np.ones((L, B, T), bool)
+  for t in range(1, len(generated[0])):
+    runs[:, :, P + t - 1] = np.array([l in depth_of_step(t) for l in range(L)])[:, None]
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fwd(state, tokens, runs):
+    m = nnx.merge(graphdef, state)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x = baselines.masked_hidden(m, tokens, pos, jnp.ones((B, T), jnp.int32), lambda l, x: runs[l])
+    return m.unembed(x)
+  logits = np.asarray(fwd(state, seq, runs))
+  return logits[:, P - 1:-1].argmax(-1), logits
+
+
+def _generated(ids):
+  assert all(len(row) == MAX_NEW for row in ids), "the test needs rows without EOS"
+  return ids
+
+
+def test_early_exit_threshold_above_one_is_the_full_model(model):
+  ids, stats = baselines.early_exit_generate(model, PROMPTS, threshold=2.0, exit_every=1,
+                                             max_new_tokens=MAX_NEW, eos_id=None)
+  want, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  assert ids == want
+  assert stats.ratio(4) == 1.0 and stats.loop_steps == MAX_NEW - 1
+
+
+@pytest.mark.parametrize("exit_every", [1, 2])
+def test_early_exit_threshold_zero_runs_only_the_first_exit_point(model, exit_every):
+  ids, stats = baselines.early_exit_generate(model, PROMPTS, threshold=0.0, exit_every=exit_every,
+                                             max_new_tokens=MAX_NEW, eos_id=None)
+  first = set(range(exit_every))
+  got, _ = _reference(model, PROMPTS, _generated(ids), lambda t: first)
+  np.testing.assert_array_equal(got, np.array(ids))
+  assert stats.ratio(4) == 4 / exit_every
+
+
+def test_early_exit_truncated_logits_equal_a_truncated_model(model):
+  """A generated token that exits at the first point gets the truncated model's logits: the
+  prompt's cache at layer 0 is the same either way, so a one-step check is exact."""
+  graphdef, state = nnx.split(model)
+  step = baselines._Method("early_exit", 16, exit_every=1)
+  prompt = jnp.array(PROMPTS, jnp.int32)
+  B, P = prompt.shape
+
+  @jax.jit
+  def one_step(state, threshold):
+    m = nnx.merge(graphdef, state)
+    cache = baselines.init_cache(m.cfg, B, P + 1)
+    _, cache = m.hidden(prompt, cache=cache)
+    tok = jnp.array([3, 4], jnp.int32)
+    logits, _, run = baselines._early_exit_step(m, step, tok, jnp.full((B,), P), cache, P,
+                                                jnp.ones((B,), bool), threshold)
+    return logits, run
+  logits, run = one_step(state, 0.0)
+  # Reference: a model of layer 0 alone, prompt included, via the plain decoder with skip.
+  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, skip=(1, 2, 3)))(
+      state, jnp.concatenate([prompt, jnp.array([[3], [4]])], 1))[:, -1]
+  assert int(run) == 1
+  np.testing.assert_allclose(logits, want, atol=2e-5)
+
+
+def test_early_exit_propagates_kv_into_skipped_layers(model):
+  """With a threshold that exits on some steps and not others, later full-depth tokens attend to
+  the exited tokens' propagated K/V; cached decode then equals the masked forward."""
+  L = model.cfg.num_layers
+  threshold, ratio = baselines.tune_threshold(model, PROMPTS, 1.6, batch_size=2, exit_every=1,
+                                              iterations=6, max_new_tokens=MAX_NEW, eos_id=None)
+  method = baselines._Method("early_exit", 16, exit_every=1)
+  ids, stats, step_layers = baselines._generate(model, PROMPTS, method, max_new_tokens=MAX_NEW,
+                                                eos_id=None, pad_id=0, threshold=threshold)
+  depths = step_layers[1:MAX_NEW]
+  assert len(set(depths.tolist())) > 1 and depths.max() == L, depths  # a mixture, full included
+  # Some step after an exit runs deeper than that exit: it reads propagated K/V.
+  assert any(depths[j] < depths[k] for j in range(len(depths)) for k in range(j + 1, len(depths)))
+  got, _ = _reference(model, PROMPTS, _generated(ids), lambda t: set(range(step_layers[t])))
+  np.testing.assert_array_equal(got, np.array(ids))
+  assert stats.ratio(L) == pytest.approx(L / depths.mean()) and ratio == stats.ratio(L)
+
+
+@pytest.mark.parametrize("L,ratio,horizon", [(4, 2, 12), (12, 2, 40), (12, 3, 40), (12, 5, 40),
+                                             (24, 2, 64), (24, 5, 64)])
+def test_skipdecode_schedule_is_monotone_and_hits_the_ratio(L, ratio, horizon):
+  sched = baselines.skipdecode_schedule(L, ratio, horizon)
+  depths = [int(sched.depth(s)) for s in range(horizon + 5)]
+  assert all(a >= b for a, b in zip(depths, depths[1:])) and 1 <= min(depths) <= max(depths) <= L
+  assert sched.mean_depth(horizon) == pytest.approx(L / ratio, abs=0.5)
+  assert sched.skip(0) == tuple(range(L - sched.depths[0]))
+
+
+def test_skipdecode_outputs_equal_a_model_running_each_tokens_layers(model):
+  L = model.cfg.num_layers
+  sched = baselines.SkipDecodeSchedule(L, starts=(0, 3, 7), depths=(4, 3, 1))
+  ids, stats = baselines.skipdecode_generate(model, PROMPTS, schedule=sched,
+                                             max_new_tokens=MAX_NEW, eos_id=None)
+  top = lambda t: set(range(L - int(sched.depth(t - 1)), L))
+  got, _ = _reference(model, PROMPTS, _generated(ids), top)
+  np.testing.assert_array_equal(got, np.array(ids))
+  assert stats.ratio(L) == pytest.approx(L / sched.mean_depth(MAX_NEW - 1))
+  assert stats.cache_bytes == decode.cache_bytes(model.cfg, 2, 32, ())  # depth 4 = every layer
+
+
+def test_skipdecode_training_loss_uses_the_decode_schedule(model):
+  """The training loss's per-token depth is the decode step's: response token j runs depth(j)."""
+  examples = [([1, 5, 6], [7, 8, 9, 10, 2]), ([1, 3], [4, 5, 2])]
+  batch = {k: jnp.asarray(v)[None] for k, v in pack_row(examples, 16).items()}
+  np.testing.assert_array_equal(
+      baselines.response_index(batch)[0],
+      [-1, -1, -1, 0, 1, 2, 3, 4, -1, -1, 0, 1, 2, -1, -1, -1])
+  L = model.cfg.num_layers
+  sched = baselines.SkipDecodeSchedule(L, starts=(0, 2), depths=(3, 1))
+  graphdef, _ = nnx.split(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  loss, count = jax.jit(lambda p: baselines.skipdecode_loss_sums(p, graphdef, batch, sched))(params)
+  assert count == 8 and np.isfinite(loss)
+  # Full schedule (depth L everywhere) is the plain model's response loss.
+  full = baselines.SkipDecodeSchedule(L, starts=(0,), depths=(L,))
+  loss_full, _ = baselines.skipdecode_loss_sums(params, graphdef, batch, full)
+  logits = model(batch["tokens"], positions_BT=batch["positions"],
+                 segment_ids_BT=batch["segment_ids"])
+  want = (optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+          * batch["loss_mask"]).sum()
+  np.testing.assert_allclose(loss_full, want, rtol=1e-5)
+
+
+def test_early_exit_training_loss_weights_exit_points(model):
+  graphdef, _ = nnx.split(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  batch = {k: jnp.asarray(v)[None] for k, v in pack_row([([1, 5, 6], [7, 8, 2])], 8).items()}
+  loss, count = baselines.early_exit_loss_sums(params, graphdef, batch, exit_every=2)
+  # Exit points: after layer 1 (weight 2) and the last layer 3 (weight 4).
+  def xent(skip):
+    logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
+                   segment_ids_BT=batch["segment_ids"])
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            * batch["loss_mask"]).sum()
+  np.testing.assert_allclose(loss, (2 * xent((2, 3)) + 4 * xent(())) / 6, rtol=1e-5)
+  assert count == 3

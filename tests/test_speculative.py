@@ -1,0 +1,241 @@
+"""Speculative decoding: greedy output equals full-model greedy decoding for every family and batch
+shape (EOS included); sampling keeps the full model's distribution; the caches are the size the
+design says and are updated in place; options and errors.
+
+Greedy tests share buckets (4 rows or 1 row, 16 prompt slots, 16 new-token slots, k = 4) so each
+model structure compiles each executable once for the whole file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from tests import tiny
+from tests.test_decode import FAST_COMPILE, PROMPTS, _hlo_computations, _reachable
+from ulskip_jax import decode, hf, plan_layers
+from ulskip_jax import speculative as spec
+from ulskip_jax.model import cache_bytes
+
+MAX_NEW = 10
+K = 4  # draft tokens a round (k > 2 runs the inner draft loop)
+SPEC = dict(draft_ratio=2, num_draft_tokens=K)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+  saved = dict(decode.COMPILER_OPTIONS)
+  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  yield
+  decode.COMPILER_OPTIONS.clear()
+  decode.COMPILER_OPTIONS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """family -> our model loaded from a saved tiny Hugging Face folder."""
+  out = {}
+  for family in tiny.FAMILIES:
+    path = tmp_path_factory.mktemp(family)
+    tiny.save_hf_model(family, path)
+    out[family] = hf.from_pretrained(path)[0]
+  return out
+
+
+def cut(rows, eos):
+  return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_greedy_equals_full_model_greedy(models, family):
+  """Token for token, batch 1 and a batch of different lengths, with and without EOS. The two
+  cache designs alternate over the families (both are covered for each kind of model code)."""
+  model = models[family]
+  draft_cache = spec.DRAFT_CACHES[tiny.FAMILIES.index(family) % 2]
+  batch_free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  # Batch 1: the batch's row 1 (test_decode checks that batching changes no row), which saves
+  # compiling the plain decoder once more per family.
+  for prompts, free in ((PROMPTS, batch_free), (PROMPTS[1:2], batch_free[1:2])):
+    got, stats = spec.generate(model, prompts, **SPEC, draft_cache=draft_cache,
+                               max_new_tokens=MAX_NEW, eos_id=None)
+    assert got == free
+    assert stats.generated_tokens == len(prompts) * MAX_NEW
+    assert 0 < stats.verify_passes <= MAX_NEW - 1
+    # EOS: a token that row 0 emits; every row must stop before its first EOS.
+    eos = free[0][3]
+    got, stats = spec.generate(model, prompts, **SPEC, draft_cache=draft_cache,
+                               max_new_tokens=MAX_NEW, eos_id=eos)
+    assert got == cut(free, eos) and len(got[0]) <= 3
+    assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in got)
+    assert stats.executables_built == 0  # eos_id is traced
+
+
+def test_draft_mode_everywhere_is_lossless_too(models):
+  model = models["qwen2"]
+  free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  got, _ = spec.generate(model, PROMPTS, **SPEC, mode="everywhere", max_new_tokens=MAX_NEW,
+                         eos_id=None)
+  assert got == free
+
+
+def test_full_depth_draft_accepts_every_token(models):
+  """A draft with no skipped layers is the full model: every draft is accepted, so each verify
+  pass emits k + 1 tokens (this checks the carried last draft and the compaction of the caches)."""
+  model = models["llama"]
+  free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  got, stats = spec.generate(model, PROMPTS, draft_skip=(), num_draft_tokens=K,
+                             max_new_tokens=MAX_NEW, eos_id=None)
+  assert got == free
+  assert stats.verify_passes == math.ceil((MAX_NEW - 1) / (K + 1))
+  # Per row: the first round emits 4 drafts + 1, the second 4 drafts (the budget of 10).
+  assert stats.accepted_tokens == len(PROMPTS) * (K + K)
+  assert stats.drafted_tokens == len(PROMPTS) * 2 * K
+
+
+def test_cache_sizes_and_stats(models):
+  model = models["llama"]
+  cfg = model.cfg
+  _, sep = spec.generate(model, PROMPTS, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
+  _, shared = spec.generate(model, PROMPTS, **SPEC, draft_cache="shared",
+                            max_new_tokens=MAX_NEW, eos_id=None)
+  slots = 16 + 16 + 2 * K + 1  # prompt + new-token buckets, k + 1 slack, k + 1 scratch
+  assert sep.verify_cache_bytes == shared.verify_cache_bytes == cache_bytes(cfg, 4, slots)
+  pos_bytes = 4 * slots * 4
+  assert sep.draft_cache_bytes - pos_bytes == (sep.verify_cache_bytes - pos_bytes) // 2
+  assert shared.draft_cache_bytes == 0
+  assert sep.cache_bytes == sep.verify_cache_bytes + sep.draft_cache_bytes
+  assert 0 <= sep.accepted_tokens <= sep.drafted_tokens
+  assert sep.drafted_tokens % K == 0 and sep.drafted_tokens <= K * 3 * sep.verify_passes
+  assert sep.as_dict()["acceptance_rate"] == sep.acceptance_rate
+  total = decode.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
+  assert isinstance(total, spec.SpeculativeStats)
+  assert total.drafted_tokens == 2 * sep.drafted_tokens and total.calls == 2
+
+
+def test_loop_commits_in_place(models):
+  """In the round loop, every op that makes a cache layer ([B, K, S, Hd]) is an in-place
+  dynamic-update-slice or scatter (no per-round copy of a cache); the temporaries stay small."""
+  model = models["llama"]
+  compiled = spec.compile_generate(model, 3, 9, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
+  text = compiled.as_text()
+  comps = _hlo_computations(text)
+  bodies = set(re.findall(r"body=(%[\w.\-]+)", text))
+  cfg = model.cfg
+  slots = 16 + 16 + 2 * K + 1
+  layer_shape = f"f32[4,{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
+  in_place = 0
+  for name in set().union(*(_reachable(comps, b) for b in bodies)):
+    for line in comps[name]:
+      op = re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* ([\w\-]+)\(", line)
+      if not op or op.group(1) != layer_shape:
+        continue
+      kind = op.group(2)
+      if kind == "fusion":
+        fused = re.search(r"calls=(%[\w.\-]+)", line).group(1)
+        assert any(re.search(r"(dynamic-update-slice|scatter)\(", l) for l in comps[fused]), line
+        in_place += 1
+      else:
+        assert kind in ("parameter", "get-tuple-element", "tuple", "bitcast",
+                        "dynamic-update-slice", "scatter"), line
+  assert in_place >= 2 * (4 + 2)  # K and V of every verify and draft layer
+  caches = (cache_bytes(cfg, 4, slots) + cache_bytes(cfg, 4, slots, plan_layers(4, 2).skipped))
+  memory = compiled.memory_analysis()
+  assert memory.temp_size_in_bytes < 3 * caches + 300_000, (memory, caches)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling keeps the full model's distribution.
+
+def exact_first_two(model, prompt, temperature, top_k):
+  """The full model's joint distribution of the first two sampled tokens [V, V], computed from
+  cache-free forwards, and the same with the second token drawn from the draft (ratio 2, paper
+  mode: the prompt at full depth), which speculative sampling must NOT produce."""
+  V = model.cfg.vocab_size
+  call = tiny.jit_call(model)
+  seqs = np.array([prompt + [t] for t in range(V)], np.int32)  # [V, T]: every first token
+  full = np.asarray(call(seqs))
+  paper = np.arange(seqs.shape[1])[None] < len(prompt)
+  draft = np.asarray(call(seqs, skip=plan_layers(4, 2).skipped,
+                          full_depth_BT=jnp.asarray(np.repeat(paper, V, 0))))
+
+  def probs(logits):
+    logits = logits.astype(np.float64) / temperature
+    kth = np.sort(logits, -1)[..., -top_k][..., None]
+    logits = np.where(logits < kth, -np.inf, logits)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  first = probs(full[0, len(prompt) - 1])
+  return first[:, None] * probs(full[:, -1]), first[:, None] * probs(draft[:, -1])
+
+
+def test_sampling_keeps_the_full_model_distribution():
+  """Chi-square of 4096 samples of the first two tokens against the exact joint (64 cells);
+  the draft's own joint is far enough away that the same test would reject it."""
+  model = tiny.tiny_model(seed=3, vocab_size=8)
+  prompt, temperature, top_k, rows, seeds = [1, 5, 3], 1.5, 6, 128, 32
+  exact, drafted = exact_first_two(model, prompt, temperature, top_k)
+  counts = np.zeros((8, 8))
+  accepted = drafted_tokens = 0
+  for seed in range(seeds):
+    out, stats = spec.generate(model, [prompt] * rows, draft_ratio=2, num_draft_tokens=2,
+                               max_new_tokens=2, eos_id=None, temperature=temperature,
+                               top_k=top_k, seed=seed)
+    for t1, t2 in out:
+      counts[t1, t2] += 1
+    accepted += stats.accepted_tokens
+    drafted_tokens += stats.drafted_tokens
+  n = rows * seeds
+  assert 0.2 < accepted / drafted_tokens < 0.95  # both acceptance and rejection happen
+
+  def chi_square_p(expected_probs):
+    expected = n * expected_probs.ravel() / expected_probs.sum()
+    big = expected >= 5  # lump rare cells so the chi-square approximation holds
+    obs = np.append(counts.ravel()[big], counts.ravel()[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    assert obs[~keep].sum() == 0  # never a token the filtered full model cannot produce
+    return scipy.stats.chisquare(obs[keep], exp[keep]).pvalue, keep.sum() - 1
+
+  p_value, dof = chi_square_p(exact)
+  assert p_value > 1e-3, p_value
+  # Power: the statistic expected if the second token came from the draft unchecked.
+  noncentral = n * np.sum(np.where(exact > 0, (drafted - exact) ** 2 / np.maximum(exact, 1e-12), 0))
+  assert noncentral > scipy.stats.chi2.isf(1e-6, dof) * 2, noncentral
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and errors.
+
+def test_parse_speculative():
+  assert spec.parse_speculative("draft_ratio=2,k=4") == dict(draft_ratio=2.0, num_draft_tokens=4)
+  assert spec.parse_speculative("draft_skip=1-2, num_draft_tokens=3,draft_cache=shared") == dict(
+      draft_skip=(1, 2), num_draft_tokens=3, draft_cache="shared")
+  for text, message in [("ratio=2", "'ratio' is unknown"), ("k=four", "'k=four' is invalid"),
+                        ("draft_ratio", "'draft_ratio' is invalid")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      spec.parse_speculative(text)
+
+
+def test_bad_arguments_raise_one_line_errors(models):
+  model = models["gpt2"]
+  cases = [
+      (dict(num_draft_tokens=3), "needs a draft"),
+      (dict(draft_ratio=2, num_draft_tokens=0), "num_draft_tokens=0 is out of range"),
+      (dict(draft_ratio=2, draft_cache="both"), "draft_cache='both' is unknown"),
+      (dict(draft_ratio=2, draft_skip=(1,)), "pass one or the other"),
+      (dict(draft_ratio=9), "out of range"),
+      (dict(draft_ratio=2, draft_cache="shared", mode="everywhere"), "is impossible"),
+      (dict(draft_ratio=2, max_new_tokens=200), "prompt 0 has"),
+  ]
+  for kw, message in cases:
+    kw = dict(dict(max_new_tokens=5, eos_id=2), **kw)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+      spec.generate(model, PROMPTS, **kw)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,546 @@
+"""Dynamic-depth baselines for the ULS comparison: CALM-style early exit and SkipDecode.
+
+Both decode greedily in the same shape of executable as `decode.generate`: left-padded prompts in
+power-of-two buckets, one jitted prefill + `lax.while_loop`, a per-layer KV cache ([B, K, S, Hd]
+per cached layer), the same EOS handling and `DecodeStats`. So tokens/s compare like for like
+with ULS and the static plans, which run through `decode.generate` itself.
+
+Early exit (Schuster et al. 2022, CALM). Exit points sit after every `exit_every`-th layer. At
+each one the hidden state goes through final_norm + unembedding, and the step stops when the
+top-1 softmax probability reaches `threshold`. The decision is BATCH-WIDE (as T5X CALM decodes):
+the step exits when every live row (not finished, not a dummy) is confident. Per-row exit with
+masking would change which tokens a row emits but save nothing: the remaining layers still run
+on the whole [B, 1, D] tensor as long as one row needs them, so at batch > 1 it costs the full
+depth every step. Batch-wide exit keeps the saving real, and its cost (a batch exits only when
+its least confident row does) is exactly what the speed table at batch 1 / 8 / 32 shows. Layers
+after the exit are not run, but their K/V for this token are computed from the exit hidden state
+(CALM's state propagation: norm, K/V projection, RoPE; no attention, no MLP), so later tokens
+find a full cache.
+
+SkipDecode (Del Corro et al. 2023). One depth schedule for the whole batch: decode step s runs
+the TOP `depth(s)` layers, and depth never grows with s. A token skips only lower layers, and
+every later token skips at least the same ones, so each layer a token attends in is one that all
+earlier tokens ran: the cache never has a hole. The schedule has a few levels (static skip
+tuples); the loop picks one with `lax.switch`, so one executable serves every step.
+
+Training (equal budget to ULS fine-tuning, see benchmarks/reproduce.py):
+  * early exit: cross-entropy at every exit point, weighted by depth (CALM's weights), shared head;
+  * SkipDecode: the forward masks layer updates per token by the schedule (`masked_hidden`), which
+    equals decoding exactly because of the monotone schedule.
+
+Shapes: B batch rows, P prompt slots, N new-token slots, S = P + N cache slots, T sequence, D width,
+V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ulskip_jax import decode
+from ulskip_jax.model import NEG_INF, Decoder, KVCache, alibi_slopes, init_cache
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked-depth forward (training and teacher-forced evaluation).
+
+def masked_hidden(model: Decoder, tokens_BT, positions_BT, segment_ids_BT, runs_fn,
+                  exit_fn=None):
+  """Hidden states [B, T, D] where layer l updates token (b, t) only if `runs_fn(l, x)[b, t]`.
+
+  A token that does not run layer l keeps its hidden state, and the layer's K/V for it are still
+  computed from that state: exactly CALM's propagation of an exit state, and exactly what a
+  token skipping lower layers in SkipDecode never exposes (no later token reads them).
+  exit_fn(l, x), if given, is called after each layer with the updated hidden states (for
+  exit-point losses and confidences).
+  """
+  x = model.embed_tokens(tokens_BT, positions_BT)
+  for l, layer in enumerate(model.layers):
+    runs = runs_fn(l, x)
+    y, _ = layer(x, positions_BT, segment_ids_BT)
+    x = jnp.where(runs[..., None], y, x)
+    if exit_fn is not None:
+      exit_fn(l, x)
+  return x
+
+
+def response_index(batch: dict) -> Array:
+  """[B, T] index of each token within its segment's response (0 = the first target token fed
+  back, i.e. decode step 0); -1 on prompt tokens and padding."""
+  seg, prompt = batch["segment_ids"], batch["full_depth"]
+  same = seg[:, :, None] == seg[:, None, :]
+  prompt_len = jnp.sum(same & prompt[:, None, :], -1)  # prompt tokens in the token's segment
+  return jnp.where(prompt | (seg == 0), -1, batch["positions"] - prompt_len)
+
+
+def exit_layers(num_layers: int, exit_every: int) -> tuple[int, ...]:
+  """Layer indices after which a token may exit (the last layer is not an exit point: a token
+  that reaches it is done anyway)."""
+  if not 1 <= exit_every < num_layers:
+    raise ValueError(f"exit_every={exit_every} is out of range: allowed is 1 <= exit_every < "
+                     f"num_layers={num_layers}")
+  return tuple(range(exit_every - 1, num_layers - 1, exit_every))
+
+
+def early_exit_loss_sums(params, graphdef, batch, exit_every: int):
+  """CALM's training loss: sum over exit points j (and the last layer) of w_j * CE_j / sum w,
+  w_j = number of layers before the exit; summed over response tokens, with their count."""
+  model = nnx.merge(graphdef, params)
+  L = model.cfg.num_layers
+  points = exit_layers(L, exit_every) + (L - 1,)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  total = []
+
+  def at_exit(l, x):
+    if l in points:
+      xent = optax.softmax_cross_entropy_with_integer_labels(model.unembed(x), batch["targets"])
+      total.append((l + 1) * (xent * mask).sum())
+
+  # Every token runs every layer (the prompt is full depth anyway).
+  masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
+                lambda l, x: jnp.ones(x.shape[:2], bool), at_exit)
+  return sum(total) / sum(l + 1 for l in points), mask.sum()
+
+
+def early_exit_teacher_forced_loss_sums(params, graphdef, batch, exit_every: int, threshold):
+  """Validation loss of early exit under teacher forcing: each response token exits at its own
+  first confident exit point (per token here: there is no batch of decode steps to agree on),
+  later layers propagate its exit state (their K/V computed from it). Returns (loss sum, token
+  count, layer sum over response tokens)."""
+  model = nnx.merge(graphdef, params)
+  L = model.cfg.num_layers
+  points = set(exit_layers(L, exit_every))
+  resp = batch["loss_mask"] > 0
+  B, T = batch["tokens"].shape
+  state = dict(exited=jnp.zeros((B, T), bool), layers=jnp.zeros((B, T), jnp.float32))
+
+  def runs(l, x):
+    r = ~state["exited"] | ~resp  # the prompt always runs every layer
+    state["layers"] = state["layers"] + r
+    return r
+
+  def at_exit(l, x):
+    if l in points:
+      conf = jnp.max(jax.nn.softmax(model.unembed(x), -1), -1)
+      state["exited"] = state["exited"] | (conf >= threshold)
+
+  x = masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"], runs,
+                    at_exit)
+  xent = optax.softmax_cross_entropy_with_integer_labels(model.unembed(x), batch["targets"])
+  mask = resp.astype(jnp.float32)
+  return (xent * mask).sum(), mask.sum(), (state["layers"] * mask).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# SkipDecode's schedule.
+
+@dataclasses.dataclass(frozen=True)
+class SkipDecodeSchedule:
+  """Decode step s runs the top depths[b] layers, b the last level with starts[b] <= s.
+
+  depths strictly decrease and starts strictly increase from 0, so the skipped set only grows.
+  Hashable: it is a static argument of the executable and of the training step.
+  """
+  num_layers: int
+  starts: tuple[int, ...]
+  depths: tuple[int, ...]
+
+  def __post_init__(self):
+    if not self.starts or self.starts[0] != 0 or len(self.starts) != len(self.depths):
+      raise ValueError(f"starts={self.starts} must begin at 0 and match depths={self.depths}")
+    if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+      raise ValueError(f"starts={self.starts} must strictly increase")
+    if any(b >= a for a, b in zip(self.depths, self.depths[1:])):
+      raise ValueError(f"depths={self.depths} must strictly decrease (monotone schedule)")
+    if not 1 <= self.depths[-1] <= self.depths[0] <= self.num_layers:
+      raise ValueError(f"depths={self.depths} must lie in [1, num_layers={self.num_layers}]")
+
+  def level(self, step):
+    """Level index of decode step(s) `step` (int or array; negative = the prompt, level 0)."""
+    return jnp.maximum(jnp.searchsorted(jnp.asarray(self.starts), step, side="right") - 1, 0)
+
+  def depth(self, step):
+    return jnp.asarray(self.depths)[self.level(step)]
+
+  def skip(self, level: int) -> tuple[int, ...]:
+    """The static skip tuple of a level: the lowest L - depth layers."""
+    return tuple(range(self.num_layers - self.depths[level]))
+
+  def mean_depth(self, num_steps: int) -> float:
+    return float(np.mean([self.depths[int(self.level(s))] for s in range(num_steps)]))
+
+
+def skipdecode_schedule(num_layers: int, ratio: float, horizon: int,
+                        num_levels: int = 4) -> SkipDecodeSchedule:
+  """A linear-decay schedule whose mean depth over the first `horizon` steps is L / ratio.
+
+  Depths are `num_levels` values spread evenly from 1.5 m down to 0.5 m (m = L / ratio, clipped
+  to [1, L], rounded, deduplicated), the shape of SkipDecode's linear decay quantised to a few
+  static branches. Levels start with equal lengths; the first and last then trade steps until the
+  mean over `horizon` steps is m (to a step). Past the horizon the last level continues, so a
+  longer generation reaches a higher average ratio and a shorter one a lower: report the ratio
+  measured on the data, not this nominal one.
+  """
+  L, m = num_layers, num_layers / ratio
+  if not 1 <= m <= L:
+    raise ValueError(f"ratio={ratio} is out of range: allowed is 1 <= ratio <= {L}")
+  if horizon < num_levels:
+    raise ValueError(f"horizon={horizon} is shorter than num_levels={num_levels}")
+  hi, lo = min(L, round(1.5 * m)), max(1, round(0.5 * m))
+  depths = sorted({round(hi - (hi - lo) * i / max(num_levels - 1, 1)) for i in range(num_levels)},
+                  reverse=True)
+  if len(depths) == 1:
+    return SkipDecodeSchedule(L, (0,), tuple(depths))
+  frac = np.full(len(depths), 1.0 / len(depths))
+  shift = (np.dot(frac, depths) - m) / (depths[0] - depths[-1])
+  frac[0] -= shift
+  frac[-1] += shift
+  frac = np.clip(frac, 1.0 / horizon, None)
+  lengths = np.maximum(1, np.round(frac / frac.sum() * horizon)).astype(int)
+  starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+  return SkipDecodeSchedule(L, starts, tuple(depths))
+
+
+def skipdecode_loss_sums(params, graphdef, batch, schedule: SkipDecodeSchedule):
+  """Response cross-entropy with each response token running only its step's top layers."""
+  model = nnx.merge(graphdef, params)
+  L = model.cfg.num_layers
+  depth_BT = jnp.where(response_index(batch) >= 0, schedule.depth(response_index(batch)), L)
+  x = masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
+                    lambda l, x: l >= L - depth_BT)
+  xent = optax.softmax_cross_entropy_with_integer_labels(model.unembed(x), batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return (xent * mask).sum(), mask.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# A generic fine-tuning step over any of the losses above (same optimizer and data as ULS).
+
+def train_step(state: dict, batch: dict, *, graphdef, optimizer, loss_fn):
+  """One AdamW update of `loss_fn(params, graphdef, batch) -> (loss sum, count)` per token."""
+  def mean_loss(params):
+    loss, count = loss_fn(params, graphdef, batch)
+    return loss / jnp.maximum(count, 1.0)
+
+  loss, grads = jax.value_and_grad(mean_loss)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  return dict(params=params, opt_state=opt_state), dict(loss=loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding.
+
+@dataclasses.dataclass(frozen=True)
+class _Method:
+  """Static description of a dynamic method (part of the executable's key)."""
+  kind: str                                  # "early_exit" | "skipdecode"
+  max_new_slots: int
+  exit_every: int = 0
+  schedule: SkipDecodeSchedule | None = None
+
+
+@dataclasses.dataclass
+class DynamicStats(decode.DecodeStats):
+  """DecodeStats plus the depth actually run: layers summed over decode-loop steps (batch-wide,
+  so one count per step), and the steps. The first token comes from the full-depth prompt pass,
+  as in ULS's paper mode, so it is not a loop step."""
+  layer_steps: int = 0
+  loop_steps: int = 0
+
+  def __add__(self, other):
+    base = decode.DecodeStats.__add__(self, other)
+    return DynamicStats(**dataclasses.asdict(base), layer_steps=self.layer_steps + other.layer_steps,
+                        loop_steps=self.loop_steps + other.loop_steps)
+
+  def ratio(self, num_layers: int) -> float:
+    """L / mean layers run per decode step (1.0 when no step ran)."""
+    return num_layers * self.loop_steps / self.layer_steps if self.layer_steps else 1.0
+
+
+_EXECUTABLES: dict[tuple, object] = {}
+
+
+def num_compiles() -> int:
+  return len(_EXECUTABLES)
+
+
+def _cache_write(cache_BKSD, new_BK1D, slot):
+  return jax.lax.dynamic_update_slice_in_dim(cache_BKSD, new_BK1D.astype(cache_BKSD.dtype), slot, 2)
+
+
+def _project_kv(layer, x_B1D, positions_B1):
+  """The layer's K/V [B, K, 1, Hd] for hidden states x (norm, projection, RoPE)."""
+  _, k, v = layer.attn.project_qkv(layer.attn_norm(x_B1D), positions_B1)
+  return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _block_step(layer, x_B1D, positions_B1, k_BKSD, v_BKSD, cache_pos_BS, slot):
+  """`Block` on one token per row that only READS the cache: attention over the cached slots
+  before this one plus the token's own K/V, which are returned (k, v [B, K, 1, Hd]) for the caller
+  to write. Inside `lax.cond` / `lax.switch` a branch that wrote the cache would make XLA copy
+  every cache layer it touches on every step (measured in the HLO); writing outside keeps the
+  update in place, as in `decode.generate`."""
+  cfg = layer.attn.cfg
+  h = layer.attn_norm(x_B1D)
+  q, k, v = layer.attn.project_qkv(h, positions_B1)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  B, _, H, Hd = q.shape
+  K, S = k_BKSD.shape[1], k_BKSD.shape[2]
+  qg = q.reshape(B, 1, K, H // K, Hd)
+  scale = 1.0 / math.sqrt(Hd)
+  s_cache = jnp.einsum("btkgd,bksd->bkgts", qg, k_BKSD.astype(q.dtype)).astype(jnp.float32) * scale
+  s_self = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
+  if cfg.pos == "alibi":
+    slopes = alibi_slopes(cfg.num_heads).reshape(K, H // K)[None, :, :, None, None]
+    rel = (cache_pos_BS - positions_B1).astype(jnp.float32)[:, None, None, None, :]
+    s_cache = s_cache + slopes * rel
+  visible = ((cache_pos_BS >= 0) & (cache_pos_BS <= positions_B1)
+             & (jnp.arange(S) != slot)[None])  # this token's own slot is not written yet
+  s_cache = jnp.where(visible[:, None, None, None, :], s_cache, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), -1).astype(q.dtype)
+  out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_BKSD.astype(q.dtype))
+         + jnp.einsum("bkgts,bksd->btkgd", probs[..., S:], v)).reshape(B, 1, H, Hd)
+  y = jnp.einsum("bthk,hkd->btd", out, layer.attn.o[...].astype(q.dtype))
+  if cfg.out_bias:
+    y = y + layer.attn.o_bias[...].astype(y.dtype)
+  x = x_B1D + y
+  return x + layer.mlp(layer.mlp_norm(x)), k, v
+
+
+def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, threshold):
+  L, k = model.cfg.num_layers, method.exit_every
+  positions = pos_B[:, None]
+  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  x = model.embed_tokens(tok_B[:, None], positions)
+  ks, vs = list(cache.k), list(cache.v)
+  exited, layers_run = jnp.array(False), jnp.int32(0)
+  logits = jnp.zeros((tok_B.shape[0], model.cfg.vocab_size), jnp.float32)
+  points = exit_layers(L, k)
+  for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
+    def run(x, seg_k, seg_v, seg=seg):
+      new_k, new_v = [], []
+      for l, kc, vc in zip(seg, seg_k, seg_v):
+        x, kn, vn = _block_step(model.layers[l], x, positions, kc, vc, cache_pos, slot)
+        new_k.append(kn)
+        new_v.append(vn)
+      return x, tuple(new_k), tuple(new_v)
+
+    def fill(x, seg_k, seg_v, seg=seg):  # CALM's propagation: K/V from the exit state
+      kv = [_project_kv(model.layers[l], x, positions) for l in seg]
+      return x, tuple(a for a, _ in kv), tuple(b for _, b in kv)
+
+    x, new_k, new_v = jax.lax.cond(exited, fill, run, x, tuple(ks[l] for l in seg),
+                                   tuple(vs[l] for l in seg))
+    for l, kn, vn in zip(seg, new_k, new_v):
+      ks[l], vs[l] = _cache_write(ks[l], kn, slot), _cache_write(vs[l], vn, slot)
+    layers_run = layers_run + jnp.where(exited, 0, len(seg))
+    if seg[-1] in points:
+      def confidence(x, logits):
+        exit_logits = model.unembed(x)[:, 0]
+        conf = jnp.max(jax.nn.softmax(exit_logits, -1), -1)
+        return jnp.all((conf >= threshold) | ~live_B), exit_logits
+
+      now, exit_logits = jax.lax.cond(exited, lambda x, lg: (jnp.array(True), lg), confidence,
+                                      x, logits)
+      logits = jnp.where(exited, logits, exit_logits)
+      exited = now
+  logits = jax.lax.cond(exited, lambda x, lg: lg, lambda x, lg: model.unembed(x)[:, 0], x, logits)
+  return logits, KVCache(tuple(ks), tuple(vs), cache_pos), layers_run
+
+
+def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
+  """The level's top layers; the cache holds the top depths[0] layers (all any level runs). A
+  level's unrun lower layers get zeros in this token's slot: no later token runs them (monotone
+  schedule), so nothing ever reads those slots."""
+  sched, L = method.schedule, model.cfg.num_layers
+  positions = pos_B[:, None]
+  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  x = model.embed_tokens(tok_B[:, None], positions)
+  first_cached = L - sched.depths[0]
+  kv_shape = (tok_B.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
+
+  def branch(level):
+    offset = L - sched.depths[level] - first_cached  # cache index of the level's first layer
+
+    def run(x, ks, vs):
+      zeros = jnp.zeros(kv_shape, x.dtype)
+      new_k, new_v = [zeros] * offset, [zeros] * offset
+      for j in range(offset, len(ks)):
+        x, kn, vn = _block_step(model.layers[first_cached + j], x, positions, ks[j], vs[j],
+                                cache_pos, slot)
+        new_k.append(kn)
+        new_v.append(vn)
+      return x, tuple(new_k), tuple(new_v)
+    return run
+
+  level = sched.level(step)
+  x, new_k, new_v = jax.lax.switch(level, [branch(b) for b in range(len(sched.depths))],
+                                   x, cache.k, cache.v)
+  ks = tuple(_cache_write(c, n, slot) for c, n in zip(cache.k, new_k))
+  vs = tuple(_cache_write(c, n, slot) for c, n in zip(cache.v, new_v))
+  layers_run = jnp.asarray(sched.depths, jnp.int32)[level]
+  return model.unembed(x)[:, 0], KVCache(ks, vs, cache_pos), layers_run
+
+
+def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,
+                 *, method: _Method):
+  """Greedy decoding; returns (tokens [B, N], layers run at each loop step [N] (index t: the step
+  that produced token t; 0 at t = 0, the prompt pass), loop steps)."""
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  B, P = prompt_BP.shape
+  N = method.max_new_slots
+  if method.kind == "early_exit":
+    cached_skip = ()
+  else:
+    cached_skip = tuple(range(cfg.num_layers - method.schedule.depths[0]))
+  positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
+  cache = init_cache(cfg, B, P + N, cached_skip)
+  # The prompt runs every layer (paper mode), caching the layers any step may read.
+  x, cache = model.hidden(prompt_BP, skip=cached_skip, positions_BT=positions,
+                          segment_ids_BT=(positions >= 0).astype(jnp.int32),
+                          full_depth_BT=True if cached_skip else None, cache=cache, cache_index=0)
+  tok = jnp.argmax(model.unembed(x[:, -1:])[:, 0], -1).astype(jnp.int32)
+  done = ~active_B
+  tok = jnp.where(done, pad_id, tok)
+  done = done | (tok == eos_id)
+  buf = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+
+  def cond(carry):
+    t, _, _, done, _, _ = carry
+    return (t < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    t, tok, buf, done, cache, step_layers = carry
+    slot = P + t - 1
+    if method.kind == "early_exit":
+      logits, cache, run = _early_exit_step(model, method, tok, slot - pad_B, cache, slot, ~done,
+                                            threshold)
+    else:
+      logits, cache, run = _skipdecode_step(model, method, tok, slot - pad_B, cache, slot, t - 1)
+    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], t, 1)
+    step_layers = step_layers.at[t].set(run)
+    return t + 1, tok, buf, done | (tok == eos_id), cache, step_layers
+
+  t, _, buf, _, _, step_layers = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), tok, buf, done, cache, jnp.zeros((N,), jnp.int32)))
+  return buf, step_layers, t - 1
+
+
+def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, eos_id, pad_id,
+              threshold: float = 0.0):
+  """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
+  decode._check_prompts(model.cfg, prompts, max_new_tokens)
+  B, P = decode.bucket(len(prompts)), decode.bucket(max(len(p) for p in prompts), decode.MIN_BUCKET)
+  prompt_BP = np.full((B, P), pad_id, np.int32)
+  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
+  for i, p in enumerate(prompts):
+    prompt_BP[i, P - len(p):] = p
+    pad_B[i] = P - len(p)
+  args = (prompt_BP, pad_B, np.arange(B) < len(prompts), np.int32(max_new_tokens),
+          np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.float32(threshold))
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  key = (graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), method, B, P,
+         tuple(sorted(decode.COMPILER_OPTIONS.items())))
+  compile_s = 0.0
+  if key not in _EXECUTABLES:
+    start = time.perf_counter()
+    jitted = jax.jit(_generate_fn, static_argnames=("graphdef", "method"))
+    _EXECUTABLES[key] = jitted.lower(graphdef, state, *args, method=method).compile(
+        dict(decode.COMPILER_OPTIONS))
+    compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  buf, step_layers, loop_steps = jax.device_get(_EXECUTABLES[key](state, *args))
+  outputs, generated = [], 0
+  for row in np.asarray(buf)[:len(prompts), :max_new_tokens].tolist():
+    n = row.index(eos_id) if eos_id in row else len(row)
+    outputs.append(row[:n])
+    generated += min(n + 1, len(row))
+  cached = (model.cfg.num_layers if method.kind == "early_exit" else method.schedule.depths[0])
+  skip = tuple(range(model.cfg.num_layers - cached))
+  stats = DynamicStats(
+      prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
+      wall_s=time.perf_counter() - start, compile_s=compile_s,
+      cache_bytes=decode.cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
+      executables_built=int(compile_s > 0), calls=1, layer_steps=int(np.sum(step_layers)),
+      loop_steps=int(loop_steps))
+  return outputs, stats, np.asarray(step_layers)
+
+
+def early_exit_generate(model: Decoder, prompts: Sequence[Sequence[int]], *, threshold: float,
+                        exit_every: int = 2, max_new_tokens: int, eos_id: int | None,
+                        pad_id: int = 0) -> tuple[list[list[int]], DynamicStats]:
+  """Greedy CALM-style early exit (see the module docstring); threshold is traced (0 = exit at
+  the first exit point, > 1 = never exit). Returns (ids per prompt, EOS excluded; stats)."""
+  exit_layers(model.cfg.num_layers, exit_every)
+  method = _Method("early_exit", decode.bucket(max_new_tokens, decode.MIN_BUCKET), exit_every)
+  return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                   pad_id=pad_id, threshold=threshold)[:2]
+
+
+def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
+                        schedule: SkipDecodeSchedule, max_new_tokens: int, eos_id: int | None,
+                        pad_id: int = 0) -> tuple[list[list[int]], DynamicStats]:
+  """Greedy SkipDecode with `schedule` (one batch-wide depth per decode step)."""
+  if schedule.num_layers != model.cfg.num_layers:
+    raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has "
+                     f"{model.cfg.num_layers}")
+  method = _Method("skipdecode", decode.bucket(max_new_tokens, decode.MIN_BUCKET),
+                   schedule=schedule)
+  return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                   pad_id=pad_id)[:2]
+
+
+def generate_batched(fn, model, prompts, *, batch_size: int, **kw):
+  """`fn` (one of the generate functions) over `prompts` in chunks, sorted by length (order
+  restored); returns (ids per prompt, summed stats)."""
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  results, stats = [None] * len(prompts), None
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    ids, s = fn(model, [prompts[i] for i in chunk], **kw)
+    stats = s if stats is None else stats + s
+    for i, row in zip(chunk, ids):
+      results[i] = row
+  return results, stats
+
+
+def tune_threshold(model: Decoder, prompts, target_ratio: float, *, batch_size: int,
+                   exit_every: int = 2, iterations: int = 8, **kw) -> tuple[float, float]:
+  """Bisection on the confidence threshold until early exit's measured ratio on `prompts` (at
+  this batch size: the batch-wide decision depends on it) is closest to `target_ratio`.
+
+  Returns (threshold, ratio reached). The ratio falls as the threshold rises; if even threshold
+  0 (always the first exit point) stays below the target, that is what is returned.
+  """
+  L = model.cfg.num_layers
+
+  def ratio(threshold):
+    _, stats = generate_batched(early_exit_generate, model, prompts, batch_size=batch_size,
+                                threshold=threshold, exit_every=exit_every, **kw)
+    return stats.ratio(L)
+
+  lo, hi = 0.0, 1.0  # ratio(lo) >= target >= ratio(hi), as far as reachable
+  best = (0.0, ratio(0.0))
+  if best[1] <= target_ratio:
+    return best
+  for _ in range(iterations):
+    mid = (lo + hi) / 2
+    r = ratio(mid)
+    if abs(math.log(r / target_ratio)) < abs(math.log(best[1] / target_ratio)):
+      best = (mid, r)
+    lo, hi = (mid, hi) if r >= target_ratio else (lo, mid)
+  return best

@@ -1,0 +1,456 @@
+"""Self-speculative decoding: the ULS sub-model drafts, the full model verifies. Lossless.
+
+Shapes: B batch rows, P prompt slots, N new-token slots (bucketed as in `decode.py`), k draft
+tokens per round, V vocabulary, S cache slots.
+
+One call runs ONE compiled executable: a full-depth prefill of the prompt, then a `lax.while_loop`
+of rounds. A round drafts k tokens with the kept layers of the draft plan (one token per draft
+step, an inner `fori_loop`), verifies them in one full-depth pass over the k + 1 positions
+[pending token, drafts], and per row accepts the longest prefix of drafts the full model agrees
+with plus the full model's own next token (so every round emits 1 to k + 1 tokens per row).
+Greedy: a draft is accepted when it is the full model's argmax, so the output equals full-model
+greedy decoding token for token. Sampling: speculative sampling (Leviathan et al. 2023; Chen et
+al. 2023): accept draft d ~ q with probability min(1, p(d) / q(d)), else sample from
+norm(max(0, p - q)); every emitted token is then distributed exactly as the full model's
+(temperature, top_k and top_p filtering apply to both p and q).
+
+Cache design (`draft_cache`):
+  * "separate" (default): a verify cache for all L layers (the full model's K/V) and a draft cache
+    for the n kept layers. The draft's kept layers see other inputs than the same layers inside
+    the full model (the skipped layers are missing below them), so their K/V for generated tokens
+    differs; with its own cache the draft is exactly the ULS sub-model that was fine-tuned
+    (paper mode: its prompt K/V is the full model's, copied from the verify cache after the one
+    prefill; generated tokens go through the kept layers only). Costs n / L of a full cache more,
+    plus the k draft K/V entries a round. When a row accepts all k drafts, the last draft was
+    never run through the draft model; it is carried into the next round's first draft step (a
+    2-token chunk), so the draft cache has no holes.
+  * "shared": one cache of L layers. The draft writes its kept-layer K/V into the rows' scratch
+    slots and the verify pass overwrites them, so the draft attends to the full model's K/V of
+    every committed token (Draft & Verify, Zhang et al. 2023; LayerSkip). 1x the memory, but the
+    draft then sees context K/V unlike what ULS fine-tuning trained it on.
+  Recomputing the draft's K/V instead of caching it would cost a pass over the whole prefix per
+  round, which is what the cache is there to avoid.
+
+Rows accept different numbers of tokens, so rows are compacted, not holed: each cache has P + N + k
+committed slots and a scratch of k + 1 slots at the end. Every pass writes its chunk into the
+scratch at one slot index shared by all rows (the model's `cache_index`); attention masks by the
+per-slot positions, so the committed prefix plus the scratch is exactly each row's context. After
+verification each row copies its accepted entries (at most k + 1 slots a layer) from the scratch
+to its own next committed slots (a batched dynamic_update_slice, in place) and the scratch is
+marked empty (pos = -1). Marking rejected slots empty in place instead would leave up to k holes a
+round: the cache would need P + N (k + 1) slots and every attention would read all of them.
+
+Positions fed to the model are clamped to the position limit: a draft beyond a row's budget may
+run past it (a learned position table would give NaN there), and no query whose output is used
+can see a clamped slot (they are all at the last position, which no needed query reaches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ulskip_jax import decode
+from ulskip_jax.model import Decoder, KVCache, cache_bytes, kept_layers
+
+Array = jax.Array
+DRAFT_CACHES = ("separate", "shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeOptions:
+  """Everything static about one executable (hashable: part of the executable cache key)."""
+  draft_skip: tuple[int, ...]
+  num_draft_tokens: int     # k
+  shared_cache: bool        # draft_cache == "shared"
+  paper_mode: bool          # the draft's prompt K/V is the full model's (else kept layers only)
+  max_new_slots: int        # N
+  sample: bool
+  top_k: int | None
+  use_top_p: bool
+
+
+@dataclasses.dataclass
+class SpeculativeStats(decode.DecodeStats):
+  """DecodeStats plus speculation counts.
+
+  drafted_tokens: k per round per row still generating; accepted_tokens: drafts that matched (or
+  passed the p / q test) and were emitted. verify_passes: full-depth passes (rounds), the same for
+  all rows of a call. cache_bytes = verify_cache_bytes + draft_cache_bytes (0 when shared).
+  """
+  drafted_tokens: int = 0
+  accepted_tokens: int = 0
+  verify_passes: int = 0
+  verify_cache_bytes: int = 0
+  draft_cache_bytes: int = 0
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+  def __add__(self, other: decode.DecodeStats) -> SpeculativeStats:
+    base = decode.DecodeStats.__add__(self, other)
+    extra = {f.name: getattr(other, f.name, 0) for f in dataclasses.fields(SpeculativeStats)
+             if f.name not in {g.name for g in dataclasses.fields(decode.DecodeStats)}}
+    return SpeculativeStats(
+        **dataclasses.asdict(base),
+        drafted_tokens=self.drafted_tokens + extra["drafted_tokens"],
+        accepted_tokens=self.accepted_tokens + extra["accepted_tokens"],
+        verify_passes=self.verify_passes + extra["verify_passes"],
+        verify_cache_bytes=max(self.verify_cache_bytes, extra["verify_cache_bytes"]),
+        draft_cache_bytes=max(self.draft_cache_bytes, extra["draft_cache_bytes"]))
+
+  def __radd__(self, other: decode.DecodeStats) -> SpeculativeStats:
+    return self + other  # DecodeStats() + SpeculativeStats (generate_text's running sum)
+
+  def as_dict(self) -> dict[str, Any]:
+    return dict(super().as_dict(), acceptance_rate=self.acceptance_rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token selection.
+
+def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array,
+                     top_p: Array) -> Array:
+  """Logits [..., V] after temperature, top-k then top-p: the distribution `decode._select`
+  samples from (the same steps, on any leading shape)."""
+  logits = logits / temperature
+  if opts.top_k is not None:
+    kth = jax.lax.top_k(logits, opts.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if opts.use_top_p:
+    sorted_desc = -jnp.sort(-logits, -1)
+    probs = jax.nn.softmax(sorted_desc, -1)
+    before = jnp.cumsum(probs, -1) - probs
+    keep = (before < top_p).at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _choose(logits_BV: Array, rng: Array, opts: SpeculativeOptions, temperature, top_p):
+  """(token [B], its distribution [B, V] or None when greedy)."""
+  if not opts.sample:
+    return jnp.argmax(logits_BV, -1).astype(jnp.int32), None
+  filtered = _filtered_logits(logits_BV, opts, temperature, top_p)
+  tok = jax.random.categorical(rng, filtered, -1).astype(jnp.int32)
+  return tok, jax.nn.softmax(filtered, -1)
+
+
+def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array,
+            opts: SpeculativeOptions, temperature, top_p) -> tuple[Array, Array]:
+  """(accepted drafts a [B] in 0..k, the full model's token after them [B]).
+
+  logits_BKV: verify logits at the k + 1 chunk positions (position i predicts draft i + 1).
+  """
+  B, k = drafts_BK.shape
+  rows = jnp.arange(B)
+  if not opts.sample:
+    target = jnp.argmax(logits_BKV, -1).astype(jnp.int32)  # [B, k + 1]
+    a = jnp.sum(jnp.cumprod(drafts_BK == target[:, :k], 1), 1)
+    return a, target[rows, a]
+  accept_rng, bonus_rng = jax.random.split(rng)
+  p = jax.nn.softmax(_filtered_logits(logits_BKV, opts, temperature, top_p), -1)  # [B, k+1, V]
+  p_draft = jnp.take_along_axis(p[:, :k], drafts_BK[..., None], -1)[..., 0]
+  q_draft = jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
+  u = jax.random.uniform(accept_rng, (B, k))
+  a = jnp.sum(jnp.cumprod(u * q_draft < p_draft, 1), 1)  # u < p / q, q > 0 (d was drawn from q)
+  # Rejected at a < k: the residual norm(max(0, p - q)); all accepted: p itself.
+  q_next = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], 1)[rows, a]
+  p_next = p[rows, a]
+  residual = jnp.maximum(p_next - q_next, 0.0)
+  # p == q up to rounding can leave nothing (a rejection there has probability ~0): fall back to p.
+  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 1e-9, residual, p_next)
+  bonus = jax.random.categorical(bonus_rng, jnp.log(residual), -1).astype(jnp.int32)
+  return a, bonus
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row cache commits.
+
+def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
+  """buf[b, ..., offset_B[b] : offset_B[b] + len, ...] = block[b] along `axis` (in place)."""
+  return jax.vmap(lambda x, u, o: jax.lax.dynamic_update_slice_in_dim(x, u, o, axis - 1))(
+      buf, block.astype(buf.dtype), offset_B)
+
+
+def _commit(cache: KVCache, scratch: int, width: int, shift_B: Array, count_B: Array,
+            dest_B: Array, first_pos_B: Array) -> KVCache:
+  """Move scratch entries [shift_b, shift_b + count_b) of each row to slots dest_b... and empty
+  the scratch. Slots dest_b + count_b ... dest_b + width - 1 get pos -1 (garbage, overwritten by
+  the row's next commit)."""
+  j = jnp.arange(width)
+  src = jnp.minimum(j[None] + shift_B[:, None], width - 1)  # [B, width]
+
+  def move(x_BKSD):
+    block = x_BKSD[:, :, scratch:scratch + width]
+    block = jnp.take_along_axis(block, src[:, None, :, None], 2)
+    return _write_rows(x_BKSD, block, dest_B, 2)
+
+  pos_block = jnp.where(j[None] < count_B[:, None], first_pos_B[:, None] + j[None], -1)
+  pos = _write_rows(cache.pos, pos_block, dest_B, 1)
+  pos = pos.at[:, scratch:].set(-1)
+  return KVCache(tuple(map(move, cache.k)), tuple(map(move, cache.v)), pos)
+
+
+def _kept_view(cache: KVCache, kept: tuple[int, ...]) -> KVCache:
+  return KVCache(tuple(cache.k[i] for i in kept), tuple(cache.v[i] for i in kept), cache.pos)
+
+
+def _merge_view(cache: KVCache, view: KVCache, kept: tuple[int, ...]) -> KVCache:
+  k, v = list(cache.k), list(cache.v)
+  for j, i in enumerate(kept):
+    k[i], v[i] = view.k[j], view.v[j]
+  return KVCache(tuple(k), tuple(v), view.pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# The executable.
+
+def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
+                    temperature, top_p, length_penalty, *, opts: SpeculativeOptions):
+  """Returns (new tokens [B, N + k + 1] (pad after EOS and the budget), accepted drafts [B],
+  drafted tokens [B], rounds)."""
+  del length_penalty
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  B, P = prompt_BP.shape
+  N, k = opts.max_new_slots, opts.num_draft_tokens
+  Z = P + N + k          # scratch slots [Z, Z + k + 1); committed slots before
+  S = Z + k + 1
+  kept = kept_layers(cfg.num_layers, opts.draft_skip)
+  separate = not opts.shared_cache
+  prompt_len_B = P - pad_B
+  rows = jnp.arange(B)
+  steps = jnp.arange(k + 1, dtype=jnp.int32)
+  limit = cfg.max_position - 1
+
+  def prefill(skip, full_depth):
+    dec_opts = decode.DecodeOptions(skip=skip, paper_mode=full_depth, max_new_slots=N,
+                                    sample=opts.sample, top_k=opts.top_k,
+                                    use_top_p=opts.use_top_p, num_beams=1,
+                                    no_repeat_ngram_size=0, early_stopping=True)
+    return decode._prefill(model, dec_opts, prompt_BP, pad_B, B, S)
+
+  def run(tokens_BT, positions_BT, cache, index, skip, segment_ids_BT=None):
+    x, cache = model.hidden(tokens_BT, skip=skip, positions_BT=jnp.minimum(positions_BT, limit),
+                            segment_ids_BT=segment_ids_BT, cache=cache, cache_index=index)
+    return model.unembed(x), cache
+
+  logits, cache = prefill((), False)
+  draft_cache = None
+  if separate:
+    draft_cache = (_kept_view(cache, kept) if opts.paper_mode or not opts.draft_skip
+                   else prefill(opts.draft_skip, False)[1])
+  tok, _ = _choose(logits, jax.random.fold_in(rng, 0), opts, temperature, top_p)
+  tok = jnp.where(active_B, tok, pad_id)
+  out = jnp.full((B, N + k + 1), pad_id, jnp.int32).at[:, 0].set(tok)
+  generated = jnp.ones((B,), jnp.int32)
+  done = ~active_B | (tok == eos_id) | (max_new <= 1)
+  zeros = jnp.zeros((B,), jnp.int32)
+
+  def draft(cache, draft_cache, pending, carry_tok, carry_valid, pos0, rng):
+    """k draft tokens [B, k] (and their distributions [B, k, V] when sampling)."""
+    dcache = draft_cache if separate else _kept_view(cache, kept)
+    if separate:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
+      logits, dcache = run(jnp.stack([carry_tok, pending], 1),
+                           pos0[:, None] + jnp.array([-1, 0], jnp.int32), dcache, Z,
+                           opts.draft_skip, jnp.stack([carry_valid.astype(jnp.int32),
+                                                       jnp.ones_like(pending)], 1))
+      first_slot = Z + 1
+    else:
+      logits, dcache = run(pending[:, None], pos0[:, None], dcache, Z, opts.draft_skip)
+      first_slot = Z
+    tok, q = _choose(logits[:, -1], jax.random.fold_in(rng, 0), opts, temperature, top_p)
+    drafts = jnp.zeros((B, k), jnp.int32).at[:, 0].set(tok)
+    qs = None if q is None else jnp.zeros((B, k, q.shape[-1]), q.dtype).at[:, 0].set(q)
+
+    def step(i, carry):
+      drafts, qs, dcache = carry
+      logits, dcache = run(drafts[:, i - 1, None], pos0[:, None] + i, dcache, first_slot + i,
+                           opts.draft_skip)
+      tok, q = _choose(logits[:, 0], jax.random.fold_in(rng, i), opts, temperature, top_p)
+      drafts = drafts.at[:, i].set(tok)
+      qs = None if q is None else qs.at[:, i].set(q)
+      return drafts, qs, dcache
+
+    drafts, qs, dcache = jax.lax.fori_loop(1, k, step, (drafts, qs, dcache))
+    if separate:
+      return drafts, qs, cache, dcache
+    return drafts, qs, _merge_view(cache, dcache, kept), None
+
+  def cond(carry):
+    return ~jnp.all(carry[3])
+
+  def body(carry):
+    (rnd, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid, accepted,
+     drafted, last_commit) = carry
+    # The previous round's verify commit, done here rather than right after its verify pass:
+    # there, between the pass's in-place write and the commit's, attention reads the cache, and
+    # XLA copied every verify layer twice a round (measured in the HLO; test_speculative checks).
+    cache = _commit(cache, Z, k + 1, zeros, *last_commit)
+    round_rng = jax.random.fold_in(rng, rnd)
+    pos0 = prompt_len_B + generated - 1  # the pending token's position
+    committed = generated - 1            # generated tokens whose K/V is in the verify cache
+    drafts, qs, cache, draft_cache = draft(cache, draft_cache, pending, carry_tok, carry_valid,
+                                           pos0, jax.random.fold_in(round_rng, 0))
+    logits, cache = run(jnp.concatenate([pending[:, None], drafts], 1), pos0[:, None] + steps,
+                        cache, Z, ())
+    a, bonus = _accept(logits, drafts, qs, jax.random.fold_in(round_rng, 1), opts, temperature,
+                       top_p)
+    # Emitted: the a accepted drafts, then the full model's token; cut after EOS and the budget.
+    block = jnp.where(steps[None] < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
+    count = a + 1
+    is_eos = (block == eos_id) & (steps[None] < count[:, None])
+    hit_eos = jnp.any(is_eos, 1)
+    count = jnp.where(hit_eos, jnp.argmax(is_eos, 1) + 1, count)
+    count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
+    block = jnp.where(steps[None] < count[:, None], block, pad_id)
+    out = _write_rows(out, block, generated, 1)
+    accepted = accepted + jnp.minimum(a, count)
+    drafted = drafted + jnp.where(done, 0, k)
+    # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
+    # token becomes the next pending one; done at the start of the next round); the draft cache
+    # keeps the same tokens, those it has run.
+    last_commit = (count, P + committed, pos0)
+    if separate:
+      carry_int = carry_valid.astype(jnp.int32)
+      draft_count = jnp.where(done, 0, carry_int + jnp.minimum(count, k))
+      draft_cache = _commit(draft_cache, Z, k + 1, 1 - carry_int, draft_count,
+                            P + committed - carry_int, pos0 - carry_int)
+      carry_valid = (count == k + 1) & ~done
+      carry_tok = drafts[:, k - 1]
+    pending = jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], pending)
+    generated = generated + count
+    done = done | hit_eos | (generated >= max_new)
+    return (rnd + 1, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid,
+            accepted, drafted, last_commit)
+
+  init = (jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros, zeros > 0, zeros,
+          zeros, (zeros, zeros + P, zeros))
+  carry = jax.lax.while_loop(cond, body, init)
+  rnd, out, *_, accepted, drafted, _ = carry
+  return out, accepted, drafted, rnd - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The public API.
+
+def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None,
+                  draft_ratio: float | None) -> tuple[int, ...]:
+  """The draft's skipped layers: `draft_ratio` -> the ULS plan; `draft_skip` as given."""
+  if draft_skip is None and draft_ratio is None:
+    raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
+  return decode.resolve_skip(num_layers, draft_skip, draft_ratio)
+
+
+def parse_speculative(text: str) -> dict[str, Any]:
+  """'draft_ratio=2,k=4' -> dict(draft_ratio=2.0, num_draft_tokens=4), for command lines.
+
+  Keys: draft_ratio, draft_skip (layers joined by '-', e.g. 1-3-5), k or num_draft_tokens,
+  draft_cache (separate | shared). One-line ValueError for anything else.
+  """
+  out: dict[str, Any] = {}
+  for item in (t.strip() for t in text.split(",") if t.strip()):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    try:
+      if not sep:
+        raise ValueError
+      if key == "draft_ratio":
+        out["draft_ratio"] = float(value)
+      elif key == "draft_skip":
+        out["draft_skip"] = tuple(int(i) for i in value.split("-") if i.strip())
+      elif key in ("k", "num_draft_tokens"):
+        out["num_draft_tokens"] = int(value)
+      elif key == "draft_cache":
+        out["draft_cache"] = value.strip()
+      else:
+        raise KeyError
+    except KeyError:
+      raise ValueError(f"speculative option {key!r} is unknown: allowed are draft_ratio, "
+                       "draft_skip, k (num_draft_tokens), draft_cache")
+    except ValueError:
+      raise ValueError(f"speculative option {item!r} is invalid: write e.g. "
+                       "'draft_ratio=2,k=4' or 'draft_skip=1-2,k=4,draft_cache=shared'")
+  return out
+
+
+def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
+          draft_cache="separate", mode="paper", **kw):
+  """Validate; return (static options, array arguments, B, S)."""
+  cfg = model.cfg
+  skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio)
+  if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or not (
+      1 <= num_draft_tokens <= decode.MIN_BUCKET):
+    raise ValueError(f"num_draft_tokens={num_draft_tokens!r} is out of range: allowed is 1 to "
+                     f"{decode.MIN_BUCKET}")
+  if draft_cache not in DRAFT_CACHES:
+    raise ValueError(f"draft_cache={draft_cache!r} is unknown: allowed are "
+                     f"{', '.join(DRAFT_CACHES)}")
+  if draft_cache == "shared" and mode != "paper":
+    raise ValueError(f"mode={mode!r} with draft_cache='shared' is impossible: the shared cache "
+                     "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
+  _, dec_opts, args, B, P = decode._plan_call(model, prompts, beam_search=False, mode=mode, **kw)
+  opts = SpeculativeOptions(draft_skip=skip, num_draft_tokens=num_draft_tokens,
+                            shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
+                            max_new_slots=dec_opts.max_new_slots, sample=dec_opts.sample,
+                            top_k=dec_opts.top_k, use_top_p=dec_opts.use_top_p)
+  return opts, args, B, P + opts.max_new_slots + 2 * num_draft_tokens + 1
+
+
+def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
+  """The executable `generate` runs for this batch size, prompt length and keyword arguments
+  (built if needed), for inspecting its HLO or memory."""
+  opts, args, _, _ = _plan(model, [[0] * prompt_len] * batch_size, **kw)
+  graphdef, state = nnx.split(model)
+  return decode._executable(_speculative_fn, graphdef, state, args, opts)[0]
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
+             draft_skip: Sequence[int] | None = None, draft_ratio: float | None = None,
+             num_draft_tokens: int = 4, draft_cache: str = "separate", max_new_tokens: int,
+             eos_id: int | None, pad_id: int = 0, mode: str = "paper", temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0
+             ) -> tuple[list[list[int]], SpeculativeStats]:
+  """Decode with the full model, drafting `num_draft_tokens` tokens a round with the ULS plan.
+
+  The output is the full model's: greedy (temperature 0) equals `decode.generate(model, prompts,
+  ...)` without skip token for token; sampling has the full model's distribution (not its exact
+  samples: the random numbers are used differently).
+  draft_skip / draft_ratio: the draft's skipped layers, or a ratio for the ULS plan.
+  draft_cache: "separate" or "shared" (module docstring). mode: "paper" gives the draft the full
+    model's prompt K/V; "everywhere" runs the prompt through the kept layers for the draft cache.
+  Other arguments as in `decode.generate`. Returns (token ids per prompt, EOS excluded;
+  SpeculativeStats).
+  """
+  opts, args, B, S = _plan(model, prompts, draft_skip=draft_skip, draft_ratio=draft_ratio,
+                           num_draft_tokens=num_draft_tokens, draft_cache=draft_cache, mode=mode,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  graphdef, state = nnx.split(model)
+  compiled, compile_s = decode._executable(_speculative_fn, graphdef, state, args, opts)
+  start = time.perf_counter()
+  out, accepted, drafted, rounds = jax.device_get(compiled(state, *args))
+  outputs, generated = [], 0
+  for row in np.asarray(out)[:len(prompts), :max_new_tokens].tolist():
+    n = row.index(eos_id) if eos_id in row else len(row)
+    outputs.append(row[:n])
+    generated += min(n + 1, len(row))
+  verify_bytes = cache_bytes(model.cfg, B, S)
+  draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)
+  stats = SpeculativeStats(
+      prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
+      wall_s=time.perf_counter() - start, compile_s=compile_s,
+      cache_bytes=verify_bytes + draft_bytes, executables_built=int(compile_s > 0), calls=1,
+      drafted_tokens=int(drafted[:len(prompts)].sum()),
+      accepted_tokens=int(accepted[:len(prompts)].sum()), verify_passes=int(rounds),
+      verify_cache_bytes=verify_bytes, draft_cache_bytes=draft_bytes)
+  return outputs, stats
