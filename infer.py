@@ -2,9 +2,10 @@
 
   python infer.py --checkpoint DIR --input prompts.txt --output out.txt --ratio 1,2,5 \
       --batch-size 16 --max-new-tokens 64 [--references refs.txt] [--metrics-out m.json]
+  python infer.py ... --speculative draft_ratio=2,k=4   # full-model output, ULS sub-model drafts
 
 DIR is a Hugging Face folder (config.json + safetensors + tokenizer files) or a training workdir
-(then pass the training template, e.g. --template 'KJV: {source}\nWEB:' for configs/bible_2x.py).
+(whose training prompt template is the default --template).
 Input is text (one prompt a line) or JSONL (`.jsonl`/`.json`, one object a line, prompt in
 `--input-field`); `--template` formats each prompt from `{source}` (the line, or the field) and,
 for JSONL, any other field of the record. Output has one line per input line, in input order;
@@ -32,7 +33,10 @@ class UsageError(Exception):
 
 
 def load_model(path: str):
-  """(model, tokenizer) from a Hugging Face folder (has config.json) or a training workdir."""
+  """(model, tokenizer, template) from a Hugging Face folder (config.json) or a training workdir.
+
+  The template is the training run's prompt template (None for a Hugging Face folder).
+  """
   if not os.path.isdir(path):
     raise UsageError(f"checkpoint {path} is not a directory: give a Hugging Face folder "
                      "(config.json) or a training workdir")
@@ -40,15 +44,18 @@ def load_model(path: str):
     if os.path.isfile(os.path.join(path, "config.json")):
       from ulskip_jax import hf
       model, tokenizer = hf.from_pretrained(path)
+      template = None
     else:
       from ulskip_jax import train_lib
-      model, tokenizer = train_lib.load_for_inference(os.path.abspath(path))  # Orbax: absolute
+      model, tokenizer, config = train_lib.load_for_inference(  # Orbax wants an absolute path
+          os.path.abspath(path), with_config=True)
+      template = config.get("data", {}).get("template")
   except Exception as e:  # a broken checkpoint: say what failed, in one line
     raise UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
   if tokenizer is None:
     raise UsageError(f"checkpoint {path} has no tokenizer: add the tokenizer files to it")
-  return model, tokenizer
+  return model, tokenizer, template
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -96,6 +103,17 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   runs = []
   if args.skip is not None and args.ratio is not None:
     raise UsageError("--ratio and --skip both given: pass one or the other")
+  if args.speculative is not None:
+    if args.skip is not None or args.ratio is not None:
+      raise UsageError("--speculative with --ratio/--skip: the full model verifies; give the "
+                       "draft's layers in --speculative, e.g. draft_ratio=2,k=4")
+    from ulskip_jax import speculative
+    try:
+      options = speculative.parse_speculative(args.speculative)
+      speculative.resolve_draft(num_layers, options.get("draft_skip"), options.get("draft_ratio"))
+    except ValueError as e:
+      raise UsageError(f"--speculative: {e}")
+    return [("spec", dict(speculative=options))]
   try:
     if args.skip is not None:
       for text in args.skip.split(";"):
@@ -141,6 +159,9 @@ def parse_args(argv):
   p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
   p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
                  "(several lists separated by ';')")
+  p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
+                 "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys draft_ratio, "
+                 "draft_skip=1-3-5, k, draft_cache=separate|shared)")
   p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
                  help="paper: prompt at full depth; everywhere: prompt skips too")
   p.add_argument("--batch-size", type=int, default=8)
@@ -165,7 +186,8 @@ def parse_args(argv):
 
 def run(args) -> dict:
   from ulskip_jax import decode
-  texts = read_prompts(args.input, args.input_field, args.template)
+  model, tokenizer, train_template = load_model(args.checkpoint)
+  texts = read_prompts(args.input, args.input_field, args.template or train_template)
   refs = None
   if args.references:
     refs = _read_lines(args.references, "references")
@@ -175,7 +197,6 @@ def run(args) -> dict:
   for flag in ("batch_size", "max_new_tokens", "num_beams"):
     if getattr(args, flag) < 1:
       raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
-  model, tokenizer = load_model(args.checkpoint)
   runs = parse_runs(args, model.cfg.num_layers)
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
@@ -203,10 +224,17 @@ def run(args) -> dict:
           f"{stats.generated_tokens_per_s:.1f} generated tok/s, "
           f"{stats.total_tokens_per_s:.1f} (prompt + generated) tok/s, wall {stats.wall_s:.2f} s, "
           f"compile {stats.compile_s:.2f} s, KV cache {stats.cache_bytes / 2**20:.2f} MiB"
-          f"{metrics} -> {path}", flush=True)
+          f"{metrics}{_speculation(stats)} -> {path}", flush=True)
   if args.metrics_out:
     _write(args.metrics_out, json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def _speculation(stats) -> str:
+  if not hasattr(stats, "acceptance_rate"):
+    return ""
+  return (f", drafts accepted {stats.acceptance_rate:.1%} ({stats.accepted_tokens}/"
+          f"{stats.drafted_tokens}), {stats.verify_passes} verify passes")
 
 
 def _write(path: str, text: str) -> None:

@@ -29,14 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ulskip_jax import baselines, decode, hf, plan_layers, train_lib  # noqa: E402
 from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
 from ulskip_jax import data as data_lib  # noqa: E402
 
-STAGES = ("base", "ft", "quality", "speed_trained", "speed", "report")
+STAGES = ("base", "ft", "quality_partial", "quality", "speed_trained", "speed", "report")
 
 
 def log(msg: str) -> None:
@@ -84,6 +83,18 @@ def _finished(workdir: str, steps: int) -> bool:
   return os.path.isdir(d) and ckpt_lib.Checkpointer(d).latest_step() == steps
 
 
+def _claim(workdir: str) -> bool:
+  """True if this process may train `workdir`: the first to create `<workdir>.claim` does, so two
+  processes running the ft stage share the runs (delete stale .claim files after a crash)."""
+  try:
+    fd = os.open(workdir.rstrip("/") + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  os.write(fd, str(os.getpid()).encode())
+  os.close(fd)
+  return True
+
+
 def run_base(c) -> str:
   """Train the base model at full depth; export it as a Hugging Face folder (+ tokenizer)."""
   workdir, export = os.path.join(c.workdir, "base"), os.path.join(c.workdir, "base_hf")
@@ -113,7 +124,7 @@ def ft_config(c, base_hf: str, strategy: str = "uls", ratio: float = 2.0, ratios
 
 
 def run_static_ft(c, base_hf, name, workdir, **kw) -> float:
-  if _finished(workdir, c.ft_steps):
+  if _finished(workdir, c.ft_steps) or not _claim(workdir):
     return 0.0
   start = time.perf_counter()
   train_lib.train_and_evaluate(ft_config(c, base_hf, **kw), workdir)
@@ -123,7 +134,7 @@ def run_static_ft(c, base_hf, name, workdir, **kw) -> float:
 
 def run_dynamic_ft(c, base_hf, name, export, loss_fn) -> float:
   """Fine-tune with a baselines loss, the same data order, optimizer and steps as ULS; export HF."""
-  if os.path.exists(os.path.join(export, "config.json")):
+  if os.path.exists(os.path.join(export, "config.json")) or not _claim(export):
     return 0.0
   start = time.perf_counter()
   t = ft_config(c, base_hf)
@@ -159,6 +170,11 @@ def mean_target_tokens(tok, pairs) -> float:
                                                                     for p in pairs])]))
 
 
+def method_ratios(c, method):
+  """The ratios `method` is fine-tuned / evaluated at (config.method_ratios, else all)."""
+  return tuple(c.method_ratios.get(method, c.ratios))
+
+
 def sd_schedule(c, L, ratio, horizon):
   return baselines.skipdecode_schedule(L, ratio, max(int(round(horizon)), c.skipdecode_levels),
                                        c.skipdecode_levels)
@@ -167,7 +183,7 @@ def sd_schedule(c, L, ratio, horizon):
 def run_ft(c, base_hf) -> dict:
   times = {}
   for strategy in c.ft_strategies:
-    for r in c.ratios:
+    for r in method_ratios(c, strategy):
       name = f"{strategy}_r{r:g}"
       times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
                                   strategy=strategy, ratio=r)
@@ -178,7 +194,7 @@ def run_ft(c, base_hf) -> dict:
   tok = data_lib.Tokenizer.from_pretrained(base_hf)
   horizon = mean_target_tokens(tok, data_lib.load_pairs(c.train.data)["validation"])
   L = c.train.model.num_layers
-  for r in c.ratios:
+  for r in method_ratios(c, "skipdecode"):
     sched = sd_schedule(c, L, r, horizon)
     times[f"skipdecode_r{r:g}"] = run_dynamic_ft(
         c, base_hf, f"skipdecode_r{r:g}", os.path.join(c.workdir, f"ft_skipdecode_r{r:g}"),
@@ -261,37 +277,56 @@ class Evaluator:
     return dict(out, ppl=ppl, ratio=stats.ratio(L), schedule=dataclasses.asdict(sched))
 
 
-def run_quality(c, base_hf) -> dict:
+def run_quality(c, base_hf, partial: bool = False) -> dict:
+  """One cached JSON row per (method, ratio). partial: skip rows whose fine-tuned model is not
+  there yet (a second process can evaluate while the first still fine-tunes)."""
   ev = Evaluator(c, base_hf)
   cache_dir = os.path.join(c.workdir, "quality")
   L = c.train.model.num_layers
   base, _ = hf.from_pretrained(base_hf)
   rows = {}
 
-  def row(name, make):
+  def row(name, make, needs=None):
+    if needs is not None and not os.path.exists(needs):
+      if partial:
+        log(f"quality {name}: skipped ({needs} is not there yet)")
+        return
+      log(f"quality {name}: waiting for {needs} (another process is fine-tuning it)")
+      deadline = time.time() + 3600
+      while not os.path.exists(needs):
+        if time.time() > deadline:
+          raise FileNotFoundError(f"{needs} is missing: run the ft stage first")
+        time.sleep(10)
     start = time.perf_counter()
     rows[name] = _cached(os.path.join(cache_dir, name + ".json"), make)
     log(f"quality {name}: BLEU {rows[name]['bleu']:.1f} chrF {rows[name]['chrf']:.1f} "
         f"ppl {rows[name]['ppl']:.2f} ratio {rows[name]['ratio']:.2f} "
         f"({time.perf_counter() - start:.0f} s)")
 
+  def finished(workdir):
+    return os.path.join(workdir, "checkpoints", str(c.ft_steps))
+
   row("full", lambda: ev.static(base, ()))
   for r in c.ratios:
     row(f"uls_noft_r{r:g}", lambda: ev.static(base, plan_layers(L, r).skipped))
   for strategy in c.ft_strategies:
-    for r in c.ratios:
+    for r in method_ratios(c, strategy):
+      workdir = os.path.join(c.workdir, f"ft_{strategy}_r{r:g}")
       row(f"{strategy}_ft_r{r:g}", lambda: ev.static(
-          load_workdir_model(os.path.join(c.workdir, f"ft_{strategy}_r{r:g}")),
-          plan_layers(L, r, strategy, seed=c.train.seed).skipped))
+          load_workdir_model(workdir), plan_layers(L, r, strategy, seed=c.train.seed).skipped),
+          finished(workdir))
   for r in c.multi_ratios:
     row(f"multi_r{r:g}", lambda: ev.static(load_workdir_model(c.multi_workdir),
-                                           plan_layers(L, r).skipped if r > 1 else ()))
-  ee_model, _ = hf.from_pretrained(os.path.join(c.workdir, "ft_early_exit"))
+                                           plan_layers(L, r).skipped if r > 1 else ()),
+        finished(c.multi_workdir))
+  ee_dir = os.path.join(c.workdir, "ft_early_exit")
   for r in c.ratios:
-    row(f"early_exit_r{r:g}", lambda: ev.early_exit(ee_model, r))
-  for r in c.ratios:
-    row(f"skipdecode_r{r:g}", lambda: ev.skipdecode(
-        hf.from_pretrained(os.path.join(c.workdir, f"ft_skipdecode_r{r:g}"))[0], r))
+    row(f"early_exit_r{r:g}", lambda: ev.early_exit(hf.from_pretrained(ee_dir)[0], r),
+        os.path.join(ee_dir, "config.json"))
+  for r in method_ratios(c, "skipdecode"):
+    sd_dir = os.path.join(c.workdir, f"ft_skipdecode_r{r:g}")
+    row(f"skipdecode_r{r:g}", lambda: ev.skipdecode(hf.from_pretrained(sd_dir)[0], r),
+        os.path.join(sd_dir, "config.json"))
   return rows
 
 
@@ -323,7 +358,7 @@ def run_speed_trained(c, base_hf, quality) -> dict:
   base, _ = hf.from_pretrained(base_hf)
   ee, _ = hf.from_pretrained(os.path.join(c.workdir, "ft_early_exit"))
   sd = {r: hf.from_pretrained(os.path.join(c.workdir, f"ft_skipdecode_r{r:g}"))[0]
-        for r in c.ratios}
+        for r in method_ratios(c, "skipdecode")}
   out = {}
   for batch in c.speed.batches:
     def gen(fn, model, **kw):
@@ -332,8 +367,9 @@ def run_speed_trained(c, base_hf, quality) -> dict:
     cases = {"full": gen(decode.generate, base)}
     for r in c.ratios:
       cases[f"uls_r{r:g}"] = gen(decode.generate, base, ratio=r)
-      cases[f"skipdecode_r{r:g}"] = gen(baselines.skipdecode_generate, sd[r],
-                                        schedule=sd_schedule(c, L, r, ev.horizon))
+      if r in sd:
+        cases[f"skipdecode_r{r:g}"] = gen(baselines.skipdecode_generate, sd[r],
+                                          schedule=sd_schedule(c, L, r, ev.horizon))
       cases[f"early_exit_r{r:g}"] = gen(baselines.early_exit_generate, ee,
                                         threshold=quality[f"early_exit_r{r:g}"]["threshold"],
                                         exit_every=c.exit_every)
@@ -427,16 +463,22 @@ def _f(x, fmt=".1f"):
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _runs(prefix, method=None, all_ratios=False):
+  """Quality-table row names of a method: prefix + ratio, over its ratios."""
+  return lambda c: [f"{prefix}_r{r:g}" for r in (c.ratios if all_ratios else
+                                                  method_ratios(c, method))]
+
+
 QUALITY_GROUPS = [
     ("full model", lambda c: ["full"]),
-    ("ULS, no fine-tuning", lambda c: [f"uls_noft_r{r:g}" for r in c.ratios]),
-    ("ULS, fine-tuned per ratio", lambda c: [f"uls_ft_r{r:g}" for r in c.ratios]),
+    ("ULS, no fine-tuning", _runs("uls_noft", all_ratios=True)),
+    ("ULS, fine-tuned per ratio", _runs("uls_ft", "uls")),
     ("ULS, one multi-ratio checkpoint", lambda c: [f"multi_r{r:g}" for r in c.multi_ratios]),
-    ("top (keep first n), fine-tuned", lambda c: [f"top_ft_r{r:g}" for r in c.ratios]),
-    ("bottom (keep last n), fine-tuned", lambda c: [f"bottom_ft_r{r:g}" for r in c.ratios]),
-    ("random, fine-tuned", lambda c: [f"random_ft_r{r:g}" for r in c.ratios]),
-    ("early exit (CALM), fine-tuned", lambda c: [f"early_exit_r{r:g}" for r in c.ratios]),
-    ("SkipDecode, fine-tuned", lambda c: [f"skipdecode_r{r:g}" for r in c.ratios]),
+    ("top (keep first n), fine-tuned", _runs("top_ft", "top")),
+    ("bottom (keep last n), fine-tuned", _runs("bottom_ft", "bottom")),
+    ("random, fine-tuned", _runs("random_ft", "random")),
+    ("early exit (CALM), fine-tuned", _runs("early_exit", all_ratios=True)),
+    ("SkipDecode, fine-tuned", _runs("skipdecode", "skipdecode")),
     ("copy source", lambda c: ["copy"]),
 ]
 
@@ -480,7 +522,8 @@ def speed_trained_table(c, st) -> str:
       r = st[str(b)][name]
       ratio = r["ratio"] if r["ratio"] is not None else (
           1.0 if name == "full" else float(name.rsplit("_r", 1)[1]))
-      cells.append(f"{r['tok_s']:.0f} ({ratio:.2f}x, {r['tok_s'] / st[str(b)]['full']['tok_s']:.2f}x speed)")
+      speedup = r["tok_s"] / st[str(b)]["full"]["tok_s"]
+      cells.append(f"{r['tok_s']:.0f} ({ratio:.2f}x, {speedup:.2f}x speed)")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -490,7 +533,8 @@ def speed_table(c, sp) -> str:
   lines = [f"Random-weight Llama, {s.layers} layers, d_model {s.d_model}, d_ff {s.d_ff}, heads "
            f"{s.heads}/{s.kv_heads}, vocab {s.vocab}, f32; {s.prompt_len}-token prompts, "
            f"{s.new_tokens} new tokens (no EOS); generated tokens/s, best of {s.repeats}.", "",
-           "| batch | method | layers / step | tok/s | speedup vs ULS r1 | compile s | KV cache MB |",
+           "| batch | method | layers / step | tok/s | speedup vs ULS r1 | compile s | "
+           "KV cache MB |",
            "|---|---|---|---|---|---|---|"]
   for b, res in sp["batches"].items():
     base = res["uls_r1"]["tok_s"]
@@ -611,10 +655,12 @@ def main(argv=None):
     log(f"stage {name} done ({time.perf_counter() - start:.0f} s)")
     return result
 
-  if {"base", "ft", "quality", "speed_trained"} & set(stages):
+  if {"base", "ft", "quality_partial", "quality", "speed_trained"} & set(stages):
     base_hf = stage("base", lambda: run_base(c))
   if "ft" in stages:
     stage("ft", lambda: run_ft(c, base_hf))
+  if "quality_partial" in stages:
+    stage("quality_partial", lambda: run_quality(c, base_hf, partial=True))
   if "quality" in stages or "speed_trained" in stages:
     q = stage("quality", lambda: run_quality(c, base_hf))
   if "speed_trained" in stages:

@@ -8,6 +8,8 @@ decoding equals it only if the right layers ran and the skipped layers' cache wa
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,26 @@ def test_early_exit_training_loss_weights_exit_points(model):
             * batch["loss_mask"]).sum()
   np.testing.assert_allclose(loss, (2 * xent((2, 3)) + 4 * xent(())) / 6, rtol=1e-5)
   assert count == 3
+
+
+@pytest.mark.parametrize("kind", ["early_exit", "skipdecode"])
+def test_dynamic_decode_loops_do_not_copy_the_cache(model, kind):
+  """The cond / per-layer branches only read the cache and the new slot is written outside them,
+  so XLA updates it in place: no cache-layer-sized copy anywhere in the executable (a branch that
+  wrote the cache made XLA copy those layers on every step)."""
+  if kind == "early_exit":
+    baselines.early_exit_generate(model, PROMPTS, threshold=0.5, exit_every=2,
+                                  max_new_tokens=MAX_NEW, eos_id=None)
+  else:
+    sched = baselines.SkipDecodeSchedule(4, starts=(0, 3, 7), depths=(4, 3, 1))
+    baselines.skipdecode_generate(model, PROMPTS, schedule=sched, max_new_tokens=MAX_NEW,
+                                  eos_id=None)
+  (compiled,) = [v for k, v in baselines._EXECUTABLES.items()
+                 if k[3].kind == kind and k[0] == nnx.graphdef(model)]
+  cfg = model.cfg
+  layer_shape = f"f32[2,{cfg.num_kv_heads},32,{cfg.head_dim}]"  # [B, K, S, Hd], S = 16 + 16
+  text = compiled.as_text()
+  assert layer_shape in text  # the pattern below is not vacuous
+  copies = [l for l in text.splitlines()
+            if re.search(re.escape(layer_shape) + r"\{[^}]*\} copy\(", l)]
+  assert not copies, copies[:2]

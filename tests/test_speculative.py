@@ -30,8 +30,10 @@ SPEC = dict(draft_ratio=2, num_draft_tokens=K)
 
 @pytest.fixture(autouse=True, scope="module")
 def fast_compile():
+  """test_decode's fast-compile options, and XLA's older CPU emitters: the speculative
+  executable (prefill, two draft graphs, verify, commits) then builds in half the time."""
   saved = dict(decode.COMPILER_OPTIONS)
-  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  decode.COMPILER_OPTIONS.update(FAST_COMPILE, xla_cpu_use_fusion_emitters=False)
   yield
   decode.COMPILER_OPTIONS.clear()
   decode.COMPILER_OPTIONS.update(saved)
@@ -175,11 +177,13 @@ def exact_first_two(model, prompt, temperature, top_k):
   return first[:, None] * probs(full[:, -1]), first[:, None] * probs(draft[:, -1])
 
 
-def test_sampling_keeps_the_full_model_distribution():
+def test_sampling_keeps_the_full_model_distribution(tmp_path, monkeypatch):
   """Chi-square of 4096 samples of the first two tokens against the exact joint (64 cells);
   the draft's own joint is far enough away that the same test would reject it."""
-  model = tiny.tiny_model(seed=3, vocab_size=8)
-  prompt, temperature, top_k, rows, seeds = [1, 5, 3], 1.5, 6, 128, 32
+  monkeypatch.setattr(tiny, "VOCAB", 8)  # a Llama with 8 tokens (NNX init op by op is slower)
+  tiny.save_hf_model("llama", tmp_path, seed=3)
+  model = hf.from_pretrained(tmp_path)[0]
+  prompt, temperature, top_k, rows, seeds = [1, 5, 3], 1.5, 6, 256, 16
   exact, drafted = exact_first_two(model, prompt, temperature, top_k)
   counts = np.zeros((8, 8))
   accepted = drafted_tokens = 0
@@ -239,3 +243,37 @@ def test_bad_arguments_raise_one_line_errors(models):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
       spec.generate(model, PROMPTS, **kw)
     assert "\n" not in str(info.value)
+
+
+def test_decode_generate_and_infer_dispatch(models, tmp_path, capsys):
+  """decode.generate(speculative=...) and infer.py --speculative give the full model's output
+  (with the greedy test's shapes, so they reuse its executables)."""
+  import infer
+  model = models["llama"]
+  free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
+  got, stats = decode.generate(model, PROMPTS, speculative=SPEC, max_new_tokens=MAX_NEW,
+                               eos_id=None)
+  assert got == free and stats.drafted_tokens > 0
+  for kw, message in [(dict(ratio=2), "skip/ratio given with speculative"),
+                      (dict(num_beams=2), "num_beams=2"),
+                      (dict(speculative=dict(SPEC, k=4)), "['k'] unknown")]:
+    kw = dict(dict(speculative=SPEC, max_new_tokens=MAX_NEW, eos_id=None), **kw)
+    with pytest.raises(ValueError, match=re.escape(message)):
+      decode.generate(model, PROMPTS, **kw)
+  # infer.py: the same tiny Llama (seed 0) with a tokenizer; 3 prompts fill the 4-row bucket.
+  tiny.save_hf_model("llama", tmp_path)
+  tiny.save_tiny_tokenizer(tmp_path)
+  (tmp_path / "in.txt").write_text("w5 w6 w7\nw8 w9 w10 w11 w12 w13 w14 w15\nw3\n")
+  common = ["--checkpoint", str(tmp_path), "--input", str(tmp_path / "in.txt"),
+            "--batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--no-progress"]
+  assert infer.main(common + ["--output", str(tmp_path / "full.txt")]) == 0
+  assert infer.main(common + ["--output", str(tmp_path / "spec.txt"),
+                              "--speculative", "draft_ratio=2,k=4",
+                              "--metrics-out", str(tmp_path / "m.json")]) == 0
+  assert (tmp_path / "spec.txt").read_text() == (tmp_path / "full.txt").read_text()
+  assert "drafts accepted" in capsys.readouterr().out
+  import json
+  run = json.loads((tmp_path / "m.json").read_text())["runs"][0]
+  assert run["drafted_tokens"] > 0 and 0 <= run["acceptance_rate"] <= 1
+  assert infer.main(common + ["--output", str(tmp_path / "x.txt"), "--speculative", "k=4"]) == 2
+  assert "needs a draft" in capsys.readouterr().err

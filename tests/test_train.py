@@ -28,6 +28,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -74,6 +75,7 @@ class _Children:
 
   def __init__(self, root: pathlib.Path):
     self.root, self.procs, self.results, self.threads = root, {}, {}, []
+    self.stopping = threading.Event()  # set at teardown: threads start nothing more
 
   def start(self, name, proc):
     self.procs[name] = proc
@@ -93,6 +95,7 @@ class _Children:
     return self.results[name]
 
   def kill_unfinished(self):
+    self.stopping.set()
     for thread in self.threads:
       thread.join()
     for proc in self.procs.values():
@@ -102,6 +105,14 @@ class _Children:
 
 
 @pytest.fixture(scope="module", autouse=True)
+def start_children_early(request):
+  """Starts `children` with the module, so they run while the in-process tests do, if needed."""
+  if any("children" in item.fixturenames for item in request.session.items
+         if item.module is request.module):
+    request.getfixturevalue("children")
+
+
+@pytest.fixture(scope="module")
 def children(tmp_path_factory, compile_cache):
   """Starts, in the background, the runs that tests compare against.
 
@@ -125,11 +136,11 @@ def children(tmp_path_factory, compile_cache):
     step4 = root / "eight" / "checkpoints" / "4"
     deadline = time.monotonic() + TIMEOUT_S
     while not step4.is_dir() and runs.procs["eight"].poll() is None:
-      if time.monotonic() > deadline:
+      if time.monotonic() > deadline or runs.stopping.is_set():
         return
       time.sleep(0.05)
-    if not step4.is_dir():
-      return  # the eight-device run failed; its own test reports why
+    if not step4.is_dir() or runs.stopping.is_set():
+      return  # the eight-device run failed (its own test reports why), or the tests are over
     _copy_run(root / "eight", root / "hosts", steps=[4])
     port = _free_port()
     for i in range(2):
@@ -562,29 +573,43 @@ def _load_config(name):
   return module.get_config()
 
 
+def _run_configs(name, cfg) -> list:
+  """The train.py run configs of a config file: itself, or those a benchmark's config nests."""
+  is_run = lambda c: isinstance(c, ml_collections.ConfigDict) and "model" in c and "skip" in c
+  if is_run(cfg):
+    return [cfg]
+  nested = [v for v in cfg.values() if is_run(v)]
+  assert nested, f"configs/{name}.py holds no run config (model, skip, ...), nor nests one"
+  return nested
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_at_tiny_size(name, tmp_path):
-  cfg = _load_config(name)
+  for i, cfg in enumerate(_run_configs(name, _load_config(name))):
+    _check_run_config(name, cfg, tmp_path / str(i))
+
+
+def _check_run_config(name, cfg, workdir):
   assert cfg.skip.mode in ("paper", "everywhere") and cfg.num_steps > 0
   data_lib.check_template(cfg.data.template)
   for ratio in tuple(cfg.skip.ratios) or (cfg.skip.ratio,):  # each ratio fits the model's depth
     plan_layers(cfg.model.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed)
+  if cfg.model.init_from:
+    pytest.fail(f"{name} hard-codes model.init_from={cfg.model.init_from!r}; it must come "
+                "from the command line")
   for k, v in TINY_MODEL.items():
     setattr(cfg.model, k, v)
   cfg.data.max_examples, cfg.batch_size, cfg.optim.accum_steps = 40, 4, 1
   cfg.data.vocab_size, cfg.data.seq_len = 300, min(cfg.data.seq_len, 128)
   cfg.mesh.shape = (-1, 1, 1)
 
-  if cfg.model.init_from:
-    pytest.fail(f"{name} hard-codes model.init_from={cfg.model.init_from!r}; it must come "
-                "from the command line")
   if cfg.data.source != "bible":  # hub / TFDS data: no network here, check the models only
     # From scratch (the run config's fields), and from an init_from folder (its config.json).
     for model_cfg in (train_lib.model_config(cfg, vocab_size=97), hf.config_from_hf(TINY_BLOOM)):
       nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
     train_lib.make_optimizer(cfg.optim, cfg.num_steps)
     return
-  trainer = train_lib.Trainer(cfg, str(tmp_path))
+  trainer = train_lib.Trainer(cfg, str(workdir))
   assert trainer.model_cfg.num_layers == 4 and trainer.model_cfg.d_model == 32
   batch = next(trainer.batcher)
   assert batch["tokens"].shape == (4, cfg.data.seq_len)

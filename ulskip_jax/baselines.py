@@ -260,7 +260,8 @@ class DynamicStats(decode.DecodeStats):
 
   def __add__(self, other):
     base = decode.DecodeStats.__add__(self, other)
-    return DynamicStats(**dataclasses.asdict(base), layer_steps=self.layer_steps + other.layer_steps,
+    return DynamicStats(**dataclasses.asdict(base),
+                        layer_steps=self.layer_steps + other.layer_steps,
                         loop_steps=self.loop_steps + other.loop_steps)
 
   def ratio(self, num_layers: int) -> float:
@@ -340,10 +341,15 @@ def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, 
       kv = [_project_kv(model.layers[l], x, positions) for l in seg]
       return x, tuple(a for a, _ in kv), tuple(b for _, b in kv)
 
-    x, new_k, new_v = jax.lax.cond(exited, fill, run, x, tuple(ks[l] for l in seg),
-                                   tuple(vs[l] for l in seg))
-    for l, kn, vn in zip(seg, new_k, new_v):
-      ks[l], vs[l] = _cache_write(ks[l], kn, slot), _cache_write(vs[l], vn, slot)
+    if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
+      ones = jnp.ones(positions.shape, jnp.int32)
+      for l in seg:
+        x, (ks[l], vs[l]) = model.layers[l](x, positions, ones, (ks[l], vs[l], cache_pos, slot))
+    else:
+      x, new_k, new_v = jax.lax.cond(exited, fill, run, x, tuple(ks[l] for l in seg),
+                                     tuple(vs[l] for l in seg))
+      for l, kn, vn in zip(seg, new_k, new_v):
+        ks[l], vs[l] = _cache_write(ks[l], kn, slot), _cache_write(vs[l], vn, slot)
     layers_run = layers_run + jnp.where(exited, 0, len(seg))
     if seg[-1] in points:
       def confidence(x, logits):
@@ -360,37 +366,35 @@ def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, 
 
 
 def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
-  """The level's top layers; the cache holds the top depths[0] layers (all any level runs). A
-  level's unrun lower layers get zeros in this token's slot: no later token runs them (monotone
-  schedule), so nothing ever reads those slots."""
+  """The step's top layers; the cache holds the top depths[0] layers (all any level runs).
+
+  Each cached layer sits in its own two-way `lax.cond` (run it, or skip it) on `l >= L - depth`:
+  with depth from the schedule's few levels that is the same set of static paths as a
+  `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
+  operands made XLA copy the cache layers some branches leave unread on every step (seen in the
+  HLO), while per-layer conds read only their own layer. A skipped layer writes zeros into this
+  token's slot: no later token runs that layer (monotone schedule), so nothing reads them.
+  """
   sched, L = method.schedule, model.cfg.num_layers
   positions = pos_B[:, None]
   cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
   x = model.embed_tokens(tok_B[:, None], positions)
   first_cached = L - sched.depths[0]
+  depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(step)]
   kv_shape = (tok_B.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
+  ks, vs = list(cache.k), list(cache.v)
+  for j in range(len(ks)):
+    layer = model.layers[first_cached + j]
 
-  def branch(level):
-    offset = L - sched.depths[level] - first_cached  # cache index of the level's first layer
+    def run(x, kc, vc, layer=layer):
+      return _block_step(layer, x, positions, kc, vc, cache_pos, slot)
 
-    def run(x, ks, vs):
-      zeros = jnp.zeros(kv_shape, x.dtype)
-      new_k, new_v = [zeros] * offset, [zeros] * offset
-      for j in range(offset, len(ks)):
-        x, kn, vn = _block_step(model.layers[first_cached + j], x, positions, ks[j], vs[j],
-                                cache_pos, slot)
-        new_k.append(kn)
-        new_v.append(vn)
-      return x, tuple(new_k), tuple(new_v)
-    return run
+    def skip(x, kc, vc):
+      return x, jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype)
 
-  level = sched.level(step)
-  x, new_k, new_v = jax.lax.switch(level, [branch(b) for b in range(len(sched.depths))],
-                                   x, cache.k, cache.v)
-  ks = tuple(_cache_write(c, n, slot) for c, n in zip(cache.k, new_k))
-  vs = tuple(_cache_write(c, n, slot) for c, n in zip(cache.v, new_v))
-  layers_run = jnp.asarray(sched.depths, jnp.int32)[level]
-  return model.unembed(x)[:, 0], KVCache(ks, vs, cache_pos), layers_run
+    x, kn, vn = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, ks[j], vs[j])
+    ks[j], vs[j] = _cache_write(ks[j], kn, slot), _cache_write(vs[j], vn, slot)
+  return model.unembed(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache_pos), depth
 
 
 def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,

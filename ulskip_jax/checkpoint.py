@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 from typing import Any, NamedTuple
 
@@ -138,7 +139,7 @@ class Checkpointer:
       tokenizer_dir: str | None = None,
       read_only: bool = False,
   ):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(directory))  # Orbax rejects relative paths
     self._tokenizer_dir = tokenizer_dir
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f'checkpoint directory {self.directory} does not exist')

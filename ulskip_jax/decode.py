@@ -402,8 +402,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
              ratio: float | None = None, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
              mode: str = "paper", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, num_beams: int = 1, no_repeat_ngram_size: int = 0,
-             seed: int = 0, length_penalty: float = 1.0,
-             early_stopping: bool | str = True) -> tuple[list[list[int]], DecodeStats]:
+             seed: int = 0, length_penalty: float = 1.0, early_stopping: bool | str = True,
+             speculative: dict | None = None) -> tuple[list[list[int]], DecodeStats]:
   """Generate up to `max_new_tokens` after each prompt, in one compiled prefill + while loop.
 
   prompts: lists of token ids, any lengths (all run as one left-padded batch; `generate_text`
@@ -418,11 +418,20 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
   no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens
     (pads excluded), as transformers' NoRepeatNGramLogitsProcessor does for decoder-only models.
   eos_id: a row stops after emitting it (None = never); outputs are cut before it.
+  speculative: e.g. dict(draft_ratio=2, num_draft_tokens=4): self-speculative decoding, the ULS
+    sub-model drafting and the full model verifying; the output is the full model's (see
+    `speculative.py`; stats are then `SpeculativeStats`, with the acceptance rate).
 
   Returns (token ids per prompt, in input order, EOS excluded; DecodeStats). Raises ValueError
   (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
   are never truncated silently.
   """
+  if speculative is not None:
+    from ulskip_jax import speculative as speculative_lib  # it imports this module
+    return speculative_lib.generate_from_decode(
+        model, prompts, speculative, skip=skip, ratio=ratio, num_beams=num_beams,
+        no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens, eos_id=eos_id,
+        pad_id=pad_id, mode=mode, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   return _generate(model, prompts, beam_search=num_beams > 1, skip=skip, ratio=ratio,
                    max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
                    temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,

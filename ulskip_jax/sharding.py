@@ -86,9 +86,9 @@ def shardings_like_params(tree, params, default: NamedSharding):
   """Shardings for `tree` (e.g. an optimizer state) whose leaves mirror `params`' leaves.
 
   A leaf whose key path ends with a parameter's key path, and which has that parameter's shape
-  (Adam's mu and nu), gets its sharding; every other leaf (counts, masked-out nodes' siblings)
-  gets `default`. Matching paths rather than calling optax.tree_map_params copes with the
-  MaskedNode leaves that frozen parameters leave in a multi_transform state.
+  (Adam's mu and nu), gets its sharding; every other leaf (step counts) gets `default`. Matching
+  paths, unlike optax.tree_map_params, copes with the MaskedNode that a frozen parameter leaves
+  in a multi_transform state in place of its moments.
   """
   by_path = {tuple(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
 

@@ -409,8 +409,13 @@ class _Logger:
 # ----------------------------------------------------------------------------------------------
 # Inference side.
 
-def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None):
-  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint."""
+def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
+                       with_config: bool = False):
+  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
+
+  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
+  prompt template.
+  """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     directory = workdir  # a checkpoints folder given directly
@@ -424,4 +429,6 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   graphdef = nnx.graphdef(model)
   model = nnx.merge(graphdef, restored.params)
   tok = data_lib.Tokenizer.load(restored.tokenizer_dir) if restored.tokenizer_dir else None
+  if with_config:
+    return model, tok, restored.meta.get("config", {})
   return model, tok

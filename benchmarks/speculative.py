@@ -1,0 +1,197 @@
+"""Self-speculative decoding against full-depth decoding and plain ULS: tokens/s and acceptance.
+
+  python benchmarks/speculative.py --checkpoint runs/bible_multi            # ~8 min, 2 CPU cores
+  python benchmarks/speculative.py --checkpoint runs/bible_multi --quick    # ~3 min
+  python benchmarks/speculative.py --quick                                  # random weights
+
+For each batch size, greedy decoding of the same prompts (held-out Bible verses in the checkpoint's
+prompt template; random tokens for random weights) by: the full model; plain ULS at each draft
+ratio (paper mode; a different, lossy output); and speculative decoding for every (draft ratio, k),
+whose output is checked to be identical to the full model's ("same" column). EOS ends a row, so
+every method that is exact generates the same tokens.
+
+Generated tokens/s is timed over whole `generate` calls (prefill included, compile excluded: every
+shape is warmed up first), the best of the repeats, the methods taken in turn each round so that
+load from other processes hits them alike; "x full (CPU)" is the speedup by this process's CPU
+seconds, the steadier figure on a shared machine. Acceptance = accepted drafts / drafted tokens;
+"tok/pass" = tokens a row gains per verify pass, 1 + its accepted drafts (at most k + 1; the batch
+runs as many passes as its slowest row needs). KV MiB: the caches allocated (speculative: the
+full-depth verify cache + the draft's kept-layer cache).
+
+The baselines' greedy argmax is XLA's variadic reduce, 8-12x slower on CPU than the two-pass one
+speculative.py uses (up to a tenth of a decode step): `--decode-argmax two-pass` (the default)
+gives decode.py's greedy path the same two-pass argmax, so that speedups compare algorithms.
+
+--checkpoint takes a Hugging Face folder or a training workdir (`train_lib.load_for_inference`);
+without one, a random model of the bible_2x shape (12 layers, d_model 128), on which the draft
+rarely agrees with the full model: its acceptance and speed say little about a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ulskip_jax import decode, plan_layers  # noqa: E402
+
+TEMPLATE = "KJV: {source}\nWEB:"  # configs/base.py's, for Hugging Face folders
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", help="Hugging Face folder or training workdir (default: random)")
+  p.add_argument("--quick", action="store_true", help="batches 1,8; k 2,4; draft ratio 2")
+  p.add_argument("--batches", default="1,8,32")
+  p.add_argument("--ks", default="2,4,6", help="draft tokens per round")
+  p.add_argument("--draft-ratios", default="2,3")
+  p.add_argument("--draft-cache", default="separate", help="separate | shared | separate,shared")
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3, help="timed calls per case (best reported)")
+  p.add_argument("--min-seconds", type=float, default=0.0,
+                 help="repeat short cases until each batch size's timed rounds last this long")
+  p.add_argument("--decode-argmax", choices=("two-pass", "xla"), default="two-pass",
+                 help="the greedy argmax of the full / ULS baselines (see the module docstring)")
+  p.add_argument("--out", help="also write the markdown table here")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batches, args.ks, args.draft_ratios, args.repeats = "1,8", "2,4", "2", 2
+  return args
+
+
+def load(args):
+  """(model, prompts: list of token lists, eos_id, description)."""
+  from ulskip_jax import data as data_lib
+  if args.checkpoint is None:
+    from flax import nnx
+
+    from ulskip_jax.model import Decoder, ModelConfig
+    cfg = ModelConfig(vocab_size=4096, num_layers=12, d_model=128, num_heads=4, num_kv_heads=2,
+                      head_dim=32, d_ff=512, tie_embeddings=True)
+    model = nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, int(rng.integers(16, 33))).tolist()
+               for _ in range(64)]
+    return model, prompts, None, "random weights (bible_2x shape)"
+  path = args.checkpoint
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from ulskip_jax import hf
+    model, tokenizer = hf.from_pretrained(path)
+    template = TEMPLATE
+  else:
+    from ulskip_jax import train_lib
+    model, tokenizer, config = train_lib.load_for_inference(os.path.abspath(path),
+                                                            with_config=True)
+    template = config.get("data", {}).get("template", TEMPLATE)
+  import ml_collections
+  pairs = data_lib.load_pairs(ml_collections.ConfigDict(dict(source="bible")))["validation"]
+  texts = [data_lib.format_prompt(template, pair["source"]) for pair in pairs[:64]]
+  prompts = [decode.encode_prompt(tokenizer, t)[:96] for t in texts]
+  eos_id, _ = decode.special_ids(tokenizer)
+  return model, prompts, eos_id, path
+
+
+def use_two_pass_argmax() -> None:
+  """decode.py's greedy selection with speculative.py's two-pass argmax (sampling unchanged)."""
+  from ulskip_jax import speculative
+  select = decode._select
+
+  def two_pass_select(logits_BV, rng, opts, temperature, top_p):
+    if opts.sample:
+      return select(logits_BV, rng, opts, temperature, top_p)
+    return speculative._argmax(logits_BV)
+  decode._select = two_pass_select
+
+
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def methods(args, num_layers: int):
+  """[(name, generate keyword arguments)]: full, plain ULS per ratio, speculative per case."""
+  ratios = [float(r) for r in args.draft_ratios.split(",")]
+  out = [("full", {})]
+  out += [(f"ULS r{r:g}", dict(ratio=r)) for r in ratios]
+  for cache in args.draft_cache.split(","):
+    for r in ratios:
+      for k in (int(k) for k in args.ks.split(",")):
+        name = f"spec r{r:g} k{k}" + ("" if cache == "separate" else " shared")
+        out.append((name, dict(speculative=dict(draft_ratio=r, num_draft_tokens=k,
+                                                draft_cache=cache))))
+  return out
+
+
+def bench_batch(model, prompts, eos_id, cases, args):
+  """{name: (tok/s wall, tok/s CPU, stats, outputs)} for one batch of prompts."""
+  kw = dict(max_new_tokens=args.new_tokens, eos_id=eos_id)
+  results = {}
+  for name, case in cases:  # warm up: compile every shape
+    outputs, stats = decode.generate(model, prompts, **case, **kw)
+    results[name] = [float("inf"), float("inf"), stats, outputs]
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < args.repeats or time.perf_counter() - start < args.min_seconds:
+    for name, case in cases:
+      cpu0 = cpu_seconds()
+      _, stats = decode.generate(model, prompts, **case, **kw)
+      best = results[name]
+      best[0] = min(best[0], stats.wall_s)
+      best[1] = min(best[1], cpu_seconds() - cpu0)
+      best[2] = stats
+    rounds += 1
+  return {name: (r[2].generated_tokens / r[0], r[2].generated_tokens / r[1], r[2], r[3])
+          for name, r in results.items()}
+
+
+def table(model, batches, per_batch) -> str:
+  lines = ["| batch | method | tok/s | x full | x full (CPU) | same | acceptance | tok/pass | "
+           "KV MiB |", "|---|---|---|---|---|---|---|---|---|"]
+  for batch in batches:
+    res = per_batch[batch]
+    full_wall, full_cpu, _, full_out = res["full"]
+    for name, (wall, cpu, stats, out) in res.items():
+      spec = hasattr(stats, "acceptance_rate")
+      same = ("yes" if out == full_out else "NO") if spec else "-"
+      acceptance = f"{stats.acceptance_rate:.2f}" if spec else "-"
+      per_pass = f"{stats.tokens_per_row_pass:.2f}" if spec else "-"
+      lines.append(f"| {batch} | {name} | {wall:.0f} | {wall / full_wall:.2f} | "
+                   f"{cpu / full_cpu:.2f} | {same} | {acceptance} | {per_pass} | "
+                   f"{stats.cache_bytes / 2**20:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.decode_argmax == "two-pass":
+    use_two_pass_argmax()
+  model, prompts, eos_id, what = load(args)
+  cfg = model.cfg
+  batches = [int(b) for b in args.batches.split(",")]
+  cases = methods(args, cfg.num_layers)
+  plans = ", ".join(f"r{r}: kept {plan_layers(cfg.num_layers, float(r)).kept}"
+                    for r in args.draft_ratios.split(","))
+  print(f"# speculative decoding: {what}; L={cfg.num_layers} d_model={cfg.d_model} "
+        f"vocab={cfg.vocab_size}; {plans}; greedy, {args.new_tokens} new tokens, "
+        f"EOS {'on' if eos_id is not None else 'off'}; baselines' argmax: {args.decode_argmax}",
+        flush=True)
+  per_batch = {}
+  start = time.perf_counter()
+  for batch in batches:
+    per_batch[batch] = bench_batch(model, prompts[:batch], eos_id, cases, args)
+    print(f"batch {batch} done at {time.perf_counter() - start:.0f} s", flush=True)
+  text = table(model, batches, per_batch)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
