@@ -160,8 +160,8 @@ def parse_args(argv):
   p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
                  "(several lists separated by ';')")
   p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
-                 "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys draft_ratio, "
-                 "draft_skip=1-3-5, k, draft_cache=separate|shared)")
+                 "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys "
+                 "draft_ratio, draft_skip=1-3-5, k, draft_cache=separate|shared)")
   p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
                  help="paper: prompt at full depth; everywhere: prompt skips too")
   p.add_argument("--batch-size", type=int, default=8)

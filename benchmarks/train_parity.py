@@ -1,7 +1,7 @@
 """Skip-aware training on 8 simulated devices against 1, and the step time of skip-aware steps.
 
   python benchmarks/train_parity.py                 # ~6 min on 2 busy CPU cores
-  python benchmarks/train_parity.py --quick         # 5 parity steps, 3 timed steps: ~3 min
+  python benchmarks/train_parity.py --quick         # 5 parity steps, 3 timed rounds: ~3 min
   python benchmarks/train_parity.py --d-model 192   # the wider model bible_2x used to have
 
 Both parts use the model, seq_len and batch size of configs/bible_2x.py (12 layers, d_model 128,
@@ -36,7 +36,7 @@ TOLERANCE = 1e-5
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="fewer steps and a smaller batch")
+  p.add_argument("--quick", action="store_true", help="5 parity steps, 3 timed rounds")
   p.add_argument("--parity-steps", type=int, default=20)
   p.add_argument("--parity-batch", type=int, default=0, help="rows per parity step (0: bible_2x's)")
   p.add_argument("--batch", type=int, default=0, help="rows of the timed batch (0: bible_2x's)")

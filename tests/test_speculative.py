@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,7 +112,8 @@ def test_cache_sizes_and_stats(models):
   assert shared.draft_cache_bytes == 0
   assert sep.cache_bytes == sep.verify_cache_bytes + sep.draft_cache_bytes
   assert 0 <= sep.accepted_tokens <= sep.drafted_tokens
-  assert sep.drafted_tokens % K == 0 and sep.drafted_tokens <= K * 3 * sep.verify_passes
+  assert sep.drafted_tokens == K * sep.row_passes and sep.row_passes <= 3 * sep.verify_passes
+  assert sep.tokens_per_row_pass == 1 + sep.accepted_tokens / sep.row_passes
   assert sep.as_dict()["acceptance_rate"] == sep.acceptance_rate
   total = decode.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
   assert isinstance(total, spec.SpeculativeStats)

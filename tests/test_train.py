@@ -162,9 +162,10 @@ def _free_port() -> int:
 
 
 def _env(cache: pathlib.Path, devices: int = 1, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "XLA_FLAGS")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()  # e.g. conftest's compile options
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"]),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              # A closed port: a hub dataset fails at once, and never downloads, even online.
@@ -217,15 +218,6 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout_s: float = T
       proc.kill()
       pytest.fail(f"timed out waiting for {what}")
     time.sleep(0.05)
-
-
-def _log_lines(workdir) -> int:
-  """Complete lines in log.jsonl so far (0 before the first)."""
-  path = os.path.join(workdir, "log.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(line.endswith("\n") for line in f)
 
 
 def _copy_run(src, dst, steps=()):
@@ -484,36 +476,30 @@ def test_two_processes_match_one(children):
 
 
 def test_killed_then_preempted_run_resumes_exactly(children, compile_cache, tmp_path):
-  """SIGKILL after the step-4 checkpoint, resume, SIGTERM mid-run, resume: the same losses."""
-  ckpt_dir = tmp_path / "checkpoints"
-  slow = dict(ULSKIP_TEST_STEP_SLEEP=0.25)
+  """SIGKILL after the step-4 checkpoint, resume, SIGTERM at step 7, resume: the same losses."""
+  ckpt_dir, paused = tmp_path / "checkpoints", tmp_path / "paused"
+  saved_steps = lambda: sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
 
-  killed = _start(compile_cache, tmp_path, *RUN_FLAGS, **slow)
-  _wait_for(lambda: (ckpt_dir / "4").is_dir(), killed, "the step-4 checkpoint")
+  killed = _start(compile_cache, tmp_path, *RUN_FLAGS, ULSKIP_TEST_PAUSE_AT=5)
+  _wait_for(paused.exists, killed, "the run to pause in its 6th step")
   killed.send_signal(signal.SIGKILL)
   _finish(killed, expect_rc=-signal.SIGKILL)
-  saved = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-  assert saved[-1] < NUM_STEPS, f"the run finished before it was killed: checkpoints {saved}"
-  resume_from = saved[-1]
+  assert saved_steps() == [4], saved_steps()
+  paused.unlink()
 
-  logged_before = _log_lines(tmp_path)
-  preempted = _start(compile_cache, tmp_path, *RUN_FLAGS, **slow)
-  _wait_for(lambda: _log_lines(tmp_path) >= logged_before + 2, preempted,
-            "two steps logged after the resume")
+  preempted = _start(compile_cache, tmp_path, *RUN_FLAGS, ULSKIP_TEST_PAUSE_AT=6)
+  _wait_for(paused.exists, preempted, "the resumed run to pause in its 7th step")
   preempted.send_signal(signal.SIGTERM)
   out, _ = _finish(preempted, expect_rc=0)
-  assert f"steps {resume_from}..{NUM_STEPS}" in out, out
-  stopped = [line for line in out.splitlines() if line.startswith("preempted: saved step")]
-  assert len(stopped) == 1, out
-  stop_step = int(stopped[0].split()[3])
-  assert resume_from < stop_step < NUM_STEPS, out
-  assert (ckpt_dir / str(stop_step) / "params").is_dir(), sorted(os.listdir(ckpt_dir))
+  assert f"steps 4..{NUM_STEPS}" in out, out
+  assert "preempted: saved step 7 and stopping" in out, out
+  assert saved_steps() == [4, 7], saved_steps()  # 7 is no multiple of checkpoint.every
 
   out, _ = _finish(_start(compile_cache, tmp_path, *RUN_FLAGS))
-  assert f"steps {stop_step}..{NUM_STEPS}" in out, out
+  assert f"steps 7..{NUM_STEPS}" in out, out
   children.result("one")
   _assert_losses_match(_losses(tmp_path), _losses(children.root / "one"),
-                       range(resume_from + 1, NUM_STEPS + 1), SAME_MESH_TOL)
+                       range(5, NUM_STEPS + 1), SAME_MESH_TOL)
 
 
 def test_corrupt_latest_checkpoint_is_one_line_and_resume_step_works(children, compile_cache,

@@ -6,8 +6,9 @@ torch is kept out of tensorboardX: torch is only a test dependency (the parity r
 tensorboardX imports it whenever it is installed, which costs each child ~1.5 s of a ~5 s run.
 
 Environment:
-  ULSKIP_TEST_STEP_SLEEP=SECONDS  sleep after dispatching each step, so that a test can kill or
-                                  preempt the run between two checkpoints (tiny steps take ~10 ms)
+  ULSKIP_TEST_PAUSE_AT=STEP       once step STEP (0-based) is dispatched, write <workdir>/paused
+                                  and wait there (up to 5 min) for SIGTERM, so that a test can
+                                  kill or preempt the run at a known step however slow it runs
   ULSKIP_TEST_SHARDINGS=PATH      write {param path: PartitionSpec as a list} as JSON once the
                                   state is initialised, to check that params are really sharded
   ULSKIP_TEST_FINAL_PARAMS=PATH   write the last step's params as .npz (keys: their key paths),
@@ -30,19 +31,34 @@ del sys.modules["torch"]  # others (datasets) must see torch as not imported, no
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
 from ulskip_jax import train_lib  # noqa: E402
+
+PAUSE_LIMIT_S = 300
 
 
 def _patch_trainer():
-  sleep_s = float(os.environ.get("ULSKIP_TEST_STEP_SLEEP", "0"))
+  pause_at = int(os.environ.get("ULSKIP_TEST_PAUSE_AT", "-1"))
   shardings_path = os.environ.get("ULSKIP_TEST_SHARDINGS")
   params_path = os.environ.get("ULSKIP_TEST_FINAL_PARAMS")
   trainer = train_lib.Trainer
   original_step, original_init_state, original_save = trainer.step, trainer.init_state, trainer.save
 
-  def slow_step(self, *args, **kwargs):
-    out = original_step(self, *args, **kwargs)
-    time.sleep(sleep_s)
+  guard, original_on_sigterm = ckpt_lib.PreemptionGuard, ckpt_lib.PreemptionGuard._on_sigterm
+  sigterm = []
+
+  def on_sigterm(self, signum, frame):
+    sigterm.append(signum)
+    original_on_sigterm(self, signum, frame)
+
+  def pausing_step(self, state, local_batch, step):
+    out = original_step(self, state, local_batch, step)
+    if step == pause_at:
+      with open(os.path.join(self.workdir, "paused"), "w") as f:
+        f.write(str(step))
+      deadline = time.monotonic() + PAUSE_LIMIT_S
+      while not sigterm and time.monotonic() < deadline:
+        time.sleep(0.02)  # the SIGTERM handler runs between these sleeps
     return out
 
   def recording_init_state(self):
@@ -60,8 +76,9 @@ def _patch_trainer():
                                jax.tree_util.tree_leaves_with_path(state["params"])})
     return original_save(self, state, step, force=force)
 
-  if sleep_s:
-    trainer.step = slow_step
+  if pause_at >= 0:
+    trainer.step = pausing_step
+    guard._on_sigterm = on_sigterm
   if shardings_path:
     trainer.init_state = recording_init_state
   if params_path:

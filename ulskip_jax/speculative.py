@@ -417,7 +417,8 @@ def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *
   then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments."""
   unknown = sorted(set(speculative) - set(OPTION_KEYS))
   if unknown:
-    raise ValueError(f"speculative option(s) {unknown} unknown: allowed are {', '.join(OPTION_KEYS)}")
+    raise ValueError(f"speculative option(s) {unknown} unknown: allowed are "
+                     f"{', '.join(OPTION_KEYS)}")
   if skip is not None or ratio is not None:
     raise ValueError("skip/ratio given with speculative: the full model verifies, so give the "
                      "draft's layers as speculative=dict(draft_ratio=...) or draft_skip")
