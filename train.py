@@ -55,7 +55,8 @@ if __name__ == "__main__":
   try:  # unknown --config.key, bad value or config file: one line, not a traceback
     argv = FLAGS(sys.argv)
   except AttributeError as e:  # ml_collections' way of saying the key does not exist
-    print(f"error: unknown config key {e}: see configs/base.py for the allowed keys",
+    key = str(e).strip("\"'")
+    print(f"error: unknown config key {key!r}: see configs/base.py for the allowed keys",
           file=sys.stderr)
     sys.exit(2)
   except (flags.Error, KeyError, TypeError, ValueError) as e:

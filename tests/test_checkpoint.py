@@ -211,7 +211,7 @@ def test_corrupt_latest_names_step_and_fallback_restores_previous(tmp_path, corr
   message = str(info.value)
   assert '\n' not in message
   assert 'step 20' in message and 'earlier steps: [10]' in message
-  assert '--config.resume_step=N' in message
+  assert '--config.checkpoint.resume_step=N' in message
 
   got, _, meta = ckpt.restore(params_target=_abstract(old), fallback=True)
   assert meta['step'] == 10

@@ -21,11 +21,11 @@ Train loop:
   ckpt.close()  # waits for the last async save
 
 Resume:
-  params, opt_state, meta = ckpt.restore(config.resume_step or None,
+  params, opt_state, meta = ckpt.restore(config.checkpoint.resume_step or None,
                                          params_target=abstract_params,
                                          opt_state_target=abstract_opt_state)
 An unreadable step raises CheckpointError naming the earlier steps, and the user picks one
-with --config.resume_step=N: silently training on from an older step is a choice we leave
+with --config.checkpoint.resume_step=N: silently training on from an older step is a choice we leave
 to the caller, who can pass `fallback=True` to walk back to the newest readable step.
 """
 
@@ -49,7 +49,7 @@ PyTree = Any
 # Files never copied with a tokenizer, so pointing `tokenizer_dir` at a Hugging Face
 # model directory does not put a copy of the weights into every step.
 _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.msgpack', '.h5', '.gguf')
-_RESUME_HINT = '--config.resume_step=N'
+_RESUME_HINT = '--config.checkpoint.resume_step=N'
 
 
 class CheckpointError(ValueError):
@@ -103,6 +103,7 @@ def _json_default(x):
 def _one_line(e: BaseException) -> str:
   # TensorStore errors carry the whole spec over dozens of lines.
   first = (str(e).strip().splitlines() or [''])[0]
+  first = first.split(' See full TensorStore details')[0]
   return f'{type(e).__name__}: {first[:300]}'
 
 

@@ -68,8 +68,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
   """NamedShardings, as a pure dict shaped like `nnx.to_pure_dict(state)`."""
   def one(var):
-    axes = var.get_metadata().get("axes") or (None,) * var.value.ndim
-    return NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh, rules))
+    shape = var.get_value().shape
+    axes = var.get_metadata().get("axes") or (None,) * len(shape)
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
   specs = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs)
 

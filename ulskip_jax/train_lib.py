@@ -93,7 +93,7 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.global_norm(grads))
+  metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.tree.norm(grads))
   return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
@@ -243,12 +243,8 @@ class Trainer:
     params = self.abstract_params
     opt_state = with_shardings(jax.eval_shape(self.optimizer.init, params),
                                self._opt_shardings(params))
-    try:
-      params, opt_state, meta = self.ckpt.restore(
-          cfg.checkpoint.resume_step or None, params_target=params, opt_state_target=opt_state)
-    except ckpt_lib.CheckpointError as e:  # name the flag as train.py spells it
-      raise ckpt_lib.CheckpointError(
-          str(e).replace("--config.resume_step", "--config.checkpoint.resume_step")) from None
+    params, opt_state, meta = self.ckpt.restore(
+        cfg.checkpoint.resume_step or None, params_target=params, opt_state_target=opt_state)
     self.batcher.restore(meta["data"])
     step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh))
     logging.info("resumed from step %d", meta["step"])
