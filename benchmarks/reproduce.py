@@ -85,11 +85,17 @@ def _finished(workdir: str, steps: int) -> bool:
 
 def _claim(workdir: str) -> bool:
   """True if this process may train `workdir`: the first to create `<workdir>.claim` does, so two
-  processes running the ft stage share the runs (delete stale .claim files after a crash)."""
+  processes running the ft stage share the runs. A claim whose process is gone (a crash, a kill)
+  is taken over, and the run resumes from its last checkpoint."""
+  path = workdir.rstrip("/") + ".claim"
   try:
-    fd = os.open(workdir.rstrip("/") + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
   except FileExistsError:
-    return False
+    with open(path) as f:
+      owner = f.read().strip()
+    if owner.isdigit() and os.path.exists(f"/proc/{owner}"):
+      return False
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
   os.write(fd, str(os.getpid()).encode())
   os.close(fd)
   return True
@@ -520,8 +526,9 @@ def speed_trained_table(c, st) -> str:
     cells = []
     for b in c.speed.batches:
       r = st[str(b)][name]
+      L = c.train.model.num_layers
       ratio = r["ratio"] if r["ratio"] is not None else (
-          1.0 if name == "full" else float(name.rsplit("_r", 1)[1]))
+          1.0 if name == "full" else L / len(plan_layers(L, float(name.rsplit("_r", 1)[1])).kept))
       speedup = r["tok_s"] / st[str(b)]["full"]["tok_s"]
       cells.append(f"{r['tok_s']:.0f} ({ratio:.2f}x, {speedup:.2f}x speed)")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -562,17 +569,21 @@ def plots(c, q, st, sp) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+  metrics = ("bleu", "chrf", "ppl")
   for title, names in QUALITY_GROUPS[1:-1]:
-    pts = [(measured_speedup(c, n, st), q[n]["bleu"], q[n]["chrf"]) for n in names(c) if n in q]
-    pts = [(1.0, q["full"]["bleu"], q["full"]["chrf"])] + [p for p in pts if p[0] is not None]
+    pts = [(measured_speedup(c, n, st), *(q[n][m] for m in metrics)) for n in names(c) if n in q]
+    pts = [(1.0, *(q["full"][m] for m in metrics))] + [p for p in pts if p[0] is not None]
     pts.sort()
-    for ax, k in zip(axes, (1, 2)):
+    for ax, k in zip(axes, (1, 2, 3)):
       ax.plot([p[0] for p in pts], [p[k] for p in pts], "o-", label=title)
-  for ax, metric in zip(axes, ("BLEU", "chrF")):
-    ax.axhline(q["copy"][metric.lower()], color="gray", ls=":", label="copy source")
+  for ax, metric in zip(axes, ("BLEU", "chrF", "validation perplexity")):
+    if metric in ("BLEU", "chrF"):
+      ax.axhline(q["copy"][metric.lower()], color="gray", ls=":", label="copy source")
+    else:
+      ax.set_yscale("log")
     ax.set_xlabel(f"measured speedup (tok/s vs full, batch {c.speed.plot_batch}, trained model)")
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel(f"test {metric}" if metric != "validation perplexity" else metric)
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7)
   fig.tight_layout()

@@ -52,7 +52,7 @@ def parse_args(argv=None):
   p.add_argument("--batches", default="1,8,32")
   p.add_argument("--ks", default="2,4,6", help="draft tokens per round")
   p.add_argument("--draft-ratios", default="2,3")
-  p.add_argument("--draft-cache", default="separate", help="separate | shared | separate,shared")
+  p.add_argument("--draft-cache", default="shared", help="shared | separate | shared,separate")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3, help="timed calls per case (best reported)")
   p.add_argument("--min-seconds", type=float, default=0.0,
@@ -127,7 +127,7 @@ def methods(args, num_layers: int):
   for cache in args.draft_cache.split(","):
     for r in ratios:
       for k in (int(k) for k in args.ks.split(",")):
-        name = f"spec r{r:g} k{k}" + ("" if cache == "separate" else " shared")
+        name = f"spec r{r:g} k{k}" + ("" if cache == "shared" else " separate")
         out.append((name, dict(speculative=dict(draft_ratio=r, num_draft_tokens=k,
                                                 draft_cache=cache))))
   return out

@@ -80,18 +80,19 @@ def test_greedy_equals_full_model_greedy(models, family):
 def test_draft_mode_everywhere_is_lossless_too(models):
   model = models["qwen2"]
   free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
-  got, _ = spec.generate(model, PROMPTS, **SPEC, mode="everywhere", max_new_tokens=MAX_NEW,
-                         eos_id=None)
+  got, _ = spec.generate(model, PROMPTS, **SPEC, draft_cache="separate", mode="everywhere",
+                         max_new_tokens=MAX_NEW, eos_id=None)
   assert got == free
 
 
 def test_full_depth_draft_accepts_every_token(models):
   """A draft with no skipped layers is the full model: every draft is accepted, so each verify
-  pass emits k + 1 tokens (this checks the carried last draft and the compaction of the caches)."""
+  pass emits k + 1 tokens. With the separate draft cache this checks the carried last draft and
+  the compaction of both caches (a hole would change the draft's tokens)."""
   model = models["llama"]
   free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
   got, stats = spec.generate(model, PROMPTS, draft_skip=(), num_draft_tokens=K,
-                             max_new_tokens=MAX_NEW, eos_id=None)
+                             draft_cache="separate", max_new_tokens=MAX_NEW, eos_id=None)
   assert got == free
   assert stats.verify_passes == math.ceil((MAX_NEW - 1) / (K + 1))
   # Per row: the first round emits 4 drafts + 1, the second 4 drafts (the budget of 10).
@@ -102,9 +103,9 @@ def test_full_depth_draft_accepts_every_token(models):
 def test_cache_sizes_and_stats(models):
   model = models["llama"]
   cfg = model.cfg
-  _, sep = spec.generate(model, PROMPTS, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
-  _, shared = spec.generate(model, PROMPTS, **SPEC, draft_cache="shared",
-                            max_new_tokens=MAX_NEW, eos_id=None)
+  _, sep = spec.generate(model, PROMPTS, **SPEC, draft_cache="separate", max_new_tokens=MAX_NEW,
+                         eos_id=None)
+  _, shared = spec.generate(model, PROMPTS, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
   slots = 16 + 16 + 2 * K + 1  # prompt + new-token buckets, k + 1 slack, k + 1 scratch
   assert sep.verify_cache_bytes == shared.verify_cache_bytes == cache_bytes(cfg, 4, slots)
   pos_bytes = 4 * slots * 4
@@ -120,11 +121,13 @@ def test_cache_sizes_and_stats(models):
   assert total.drafted_tokens == 2 * sep.drafted_tokens and total.calls == 2
 
 
-def test_loop_commits_in_place(models):
+@pytest.mark.parametrize("draft_cache", spec.DRAFT_CACHES)
+def test_loop_commits_in_place(models, draft_cache):
   """In the round loop, every op that makes a cache layer ([B, K, S, Hd]) is an in-place
   dynamic-update-slice or scatter (no per-round copy of a cache); the temporaries stay small."""
   model = models["llama"]
-  compiled = spec.compile_generate(model, 3, 9, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
+  compiled = spec.compile_generate(model, 3, 9, **SPEC, draft_cache=draft_cache,
+                                   max_new_tokens=MAX_NEW, eos_id=None)
   text = compiled.as_text()
   comps = _hlo_computations(text)
   bodies = set(re.findall(r"body=(%[\w.\-]+)", text))
@@ -146,7 +149,8 @@ def test_loop_commits_in_place(models):
         assert kind in ("parameter", "get-tuple-element", "tuple", "bitcast",
                         "dynamic-update-slice", "scatter"), line
   assert in_place >= 2 * (4 + 2)  # K and V of every verify and draft layer
-  caches = (cache_bytes(cfg, 4, slots) + cache_bytes(cfg, 4, slots, plan_layers(4, 2).skipped))
+  caches = cache_bytes(cfg, 4, slots, () if draft_cache == "shared" else plan_layers(4, 2).skipped)
+  caches += cache_bytes(cfg, 4, slots)
   memory = compiled.memory_analysis()
   assert memory.temp_size_in_bytes < 3 * caches + 300_000, (memory, caches)
 
