@@ -112,17 +112,18 @@ class SpeculativeStats(decode.DecodeStats):
     return 1 + self.accepted_tokens / self.row_passes if self.row_passes else 0.0
 
   def __add__(self, other: decode.DecodeStats) -> SpeculativeStats:
-    base = decode.DecodeStats.__add__(self, other)
-    extra = {f.name: getattr(other, f.name, 0) for f in dataclasses.fields(SpeculativeStats)
-             if f.name not in {g.name for g in dataclasses.fields(decode.DecodeStats)}}
+    def total(name):  # a plain DecodeStats has none of these counts
+      return getattr(self, name) + getattr(other, name, 0)
+
+    def largest(name):
+      return max(getattr(self, name), getattr(other, name, 0))
+
     return SpeculativeStats(
-        **dataclasses.asdict(base),
-        drafted_tokens=self.drafted_tokens + extra["drafted_tokens"],
-        accepted_tokens=self.accepted_tokens + extra["accepted_tokens"],
-        verify_passes=self.verify_passes + extra["verify_passes"],
-        row_passes=self.row_passes + extra["row_passes"],
-        verify_cache_bytes=max(self.verify_cache_bytes, extra["verify_cache_bytes"]),
-        draft_cache_bytes=max(self.draft_cache_bytes, extra["draft_cache_bytes"]))
+        **dataclasses.asdict(decode.DecodeStats.__add__(self, other)),
+        drafted_tokens=total("drafted_tokens"), accepted_tokens=total("accepted_tokens"),
+        verify_passes=total("verify_passes"), row_passes=total("row_passes"),
+        verify_cache_bytes=largest("verify_cache_bytes"),
+        draft_cache_bytes=largest("draft_cache_bytes"))
 
   def __radd__(self, other: decode.DecodeStats) -> SpeculativeStats:
     return self + other  # DecodeStats() + SpeculativeStats (generate_text's running sum)
@@ -343,7 +344,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     count = a + 1
     is_eos = (block == eos_id) & (steps[None] < count[:, None])
     hit_eos = jnp.any(is_eos, 1)
-    count = jnp.where(hit_eos, jnp.argmax(is_eos, 1) + 1, count)
+    count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
     count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
     block = jnp.where(steps[None] < count[:, None], block, pad_id)
     out = _write_rows(out, block, generated, 1)
