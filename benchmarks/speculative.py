@@ -114,14 +114,13 @@ def even_baselines() -> None:
   unchanged) and a memoised `cache_bytes` (an eval_shape, ~6 ms of host CPU a call)."""
   import functools
 
-  from ulskip_jax import speculative
   decode.cache_bytes = functools.lru_cache(decode.cache_bytes)
   select = decode._select
 
   def two_pass_select(logits_BV, rng, opts, temperature, top_p):
     if opts.sample:
       return select(logits_BV, rng, opts, temperature, top_p)
-    return speculative._argmax(logits_BV)
+    return decode.argmax(logits_BV)
   decode._select = two_pass_select
 
 

@@ -154,18 +154,10 @@ def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array
   return logits
 
 
-def _argmax(x: Array) -> Array:
-  """jnp.argmax(x, -1) (the first maximal index) as two plain reductions. XLA's CPU argmax, one
-  variadic (value, index) reduce, took 8-12x longer (178 vs 14 us at [8, 4096], 1.15 vs 0.14 ms
-  at [8, 5, 4096]): a third of a round's overhead at batch 8."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), iota, x.shape[-1]), -1)
-
-
 def _choose(logits_BV: Array, rng: Array, opts: SpeculativeOptions, temperature, top_p):
   """(token [B], its distribution [B, V] or None when greedy)."""
   if not opts.sample:
-    return _argmax(logits_BV), None
+    return decode.argmax(logits_BV), None
   filtered = _filtered_logits(logits_BV, opts, temperature, top_p)
   tok = jax.random.categorical(rng, filtered, -1).astype(jnp.int32)
   return tok, jax.nn.softmax(filtered, -1)
@@ -187,7 +179,7 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
   B, k = drafts_BK.shape
   rows = jnp.arange(B)
   if not opts.sample:
-    target = _argmax(logits_BKV)  # [B, k + 1]
+    target = decode.argmax(logits_BKV)  # [B, k + 1]
     a = _leading_true(drafts_BK == target[:, :k])
     return a, target[rows, a]
   accept_rng, bonus_rng = jax.random.split(rng)
