@@ -118,9 +118,10 @@ def run_base(c) -> str:
   return export
 
 
-def ft_config(c, base_hf: str, strategy: str = "uls", ratio: float = 2.0, ratios=()):
+def ft_config(c, base_hf: str, strategy: str = "uls", ratio: float = 2.0, ratios=(), seed=None):
   t = c.train.copy_and_resolve_references()
   t.model.init_from = base_hf
+  t.seed = t.seed if seed is None else seed  # the data order (and a random plan)
   t.num_steps = c.ft_steps
   t.skip.full_depth_steps = 0
   t.skip.strategy, t.skip.ratio, t.skip.ratios = strategy, ratio, tuple(ratios)
@@ -193,6 +194,12 @@ def run_ft(c, base_hf) -> dict:
       name = f"{strategy}_r{r:g}"
       times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
                                   strategy=strategy, ratio=r)
+  for seed in c.replicate_seeds:
+    for strategy in c.replicate_strategies:
+      for r in method_ratios(c, strategy):
+        name = f"{strategy}_s{seed}_r{r:g}"
+        times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
+                                    strategy=strategy, ratio=r, seed=seed)
   times["multi"] = run_static_ft(c, base_hf, "multi", c.multi_workdir, ratios=c.multi_ratios)
   times["early_exit"] = run_dynamic_ft(
       c, base_hf, "early_exit", os.path.join(c.workdir, "ft_early_exit"),
@@ -321,6 +328,13 @@ def run_quality(c, base_hf, partial: bool = False) -> dict:
       row(f"{strategy}_ft_r{r:g}", lambda: ev.static(
           load_workdir_model(workdir), plan_layers(L, r, strategy, seed=c.train.seed).skipped),
           finished(workdir))
+  for seed in c.replicate_seeds:
+    for strategy in c.replicate_strategies:
+      for r in method_ratios(c, strategy):
+        workdir = os.path.join(c.workdir, f"ft_{strategy}_s{seed}_r{r:g}")
+        row(f"{strategy}_s{seed}_ft_r{r:g}", lambda: ev.static(
+            load_workdir_model(workdir), plan_layers(L, r, strategy, seed=seed).skipped),
+            finished(workdir))
   for r in c.multi_ratios:
     row(f"multi_r{r:g}", lambda: ev.static(load_workdir_model(c.multi_workdir),
                                            plan_layers(L, r).skipped if r > 1 else ()),
@@ -447,6 +461,9 @@ def run_speed(c) -> dict:
             for strategy in ("top", "bottom", "middle", "every_other", "random"):
               cases[f"{strategy}_r{r:g}"] = case(
                   decode.generate, skip=plan_layers(L, r, strategy, seed=0).skipped)
+            # The prompt through the kept layers too: the decode loop's speedup without the
+            # full-depth prefill (paper mode, the default, runs the prompt at full depth).
+            cases[f"uls_everywhere_r{r:g}"] = case(decode.generate, ratio=r, mode="everywhere")
       cases["early_exit_first_exit"] = case(baselines.early_exit_generate, threshold=0.0,
                                             exit_every=c.exit_every)
       cases["early_exit_never"] = case(baselines.early_exit_generate, threshold=2.0,
@@ -469,24 +486,27 @@ def _f(x, fmt=".1f"):
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _runs(prefix, method=None, all_ratios=False):
-  """Quality-table row names of a method: prefix + ratio, over its ratios."""
-  return lambda c: [f"{prefix}_r{r:g}" for r in (c.ratios if all_ratios else
-                                                  method_ratios(c, method))]
+def _runs(c, prefix, method=None):
+  """Quality-table row names of a method: prefix + ratio, over its ratios (default: all)."""
+  return [f"{prefix}_r{r:g}" for r in (method_ratios(c, method) if method else c.ratios)]
 
 
-QUALITY_GROUPS = [
-    ("full model", lambda c: ["full"]),
-    ("ULS, no fine-tuning", _runs("uls_noft", all_ratios=True)),
-    ("ULS, fine-tuned per ratio", _runs("uls_ft", "uls")),
-    ("ULS, one multi-ratio checkpoint", lambda c: [f"multi_r{r:g}" for r in c.multi_ratios]),
-    ("top (keep first n), fine-tuned", _runs("top_ft", "top")),
-    ("bottom (keep last n), fine-tuned", _runs("bottom_ft", "bottom")),
-    ("random, fine-tuned", _runs("random_ft", "random")),
-    ("early exit (CALM), fine-tuned", _runs("early_exit", all_ratios=True)),
-    ("SkipDecode, fine-tuned", _runs("skipdecode", "skipdecode")),
-    ("copy source", lambda c: ["copy"]),
-]
+def quality_groups(c):
+  """[(title, row names)] in table order; each replicate (another data seed) after its method."""
+  static = [("uls", "ULS, fine-tuned per ratio"), ("top", "top (keep first n), fine-tuned"),
+            ("bottom", "bottom (keep last n), fine-tuned"), ("random", "random, fine-tuned")]
+  groups = [("full model", ["full"]), ("ULS, no fine-tuning", _runs(c, "uls_noft"))]
+  for strategy, title in static:
+    if strategy in c.ft_strategies:
+      groups.append((title, _runs(c, f"{strategy}_ft", strategy)))
+    if strategy in c.replicate_strategies:
+      groups += [(f"{title}, data seed {seed}" + (" (and plan)" if strategy == "random" else ""),
+                  _runs(c, f"{strategy}_s{seed}_ft", strategy)) for seed in c.replicate_seeds]
+    if strategy == "uls":
+      groups.append(("ULS, one multi-ratio checkpoint", [f"multi_r{r:g}" for r in c.multi_ratios]))
+  return groups + [("early exit (CALM), fine-tuned", _runs(c, "early_exit")),
+                   ("SkipDecode, fine-tuned", _runs(c, "skipdecode", "skipdecode")),
+                   ("copy source", ["copy"])]
 
 
 def measured_speedup(c, name, st):
@@ -506,8 +526,8 @@ def measured_speedup(c, name, st):
 def quality_table(c, q, st=None) -> str:
   lines = ["| method | run | target ratio | measured ratio | BLEU | chrF | val ppl | "
            f"speedup (tok/s, batch {c.speed.plot_batch}) |", "|---|---|---|---|---|---|---|---|"]
-  for title, names in QUALITY_GROUPS:
-    for name in names(c):
+  for title, names in quality_groups(c):
+    for name in names:
       if name not in q:
         continue
       r = q[name]
@@ -571,8 +591,8 @@ def plots(c, q, st, sp) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
   metrics = ("bleu", "chrf", "ppl")
-  for title, names in QUALITY_GROUPS[1:-1]:
-    pts = [(measured_speedup(c, n, st), *(q[n][m] for m in metrics)) for n in names(c) if n in q]
+  for title, names in quality_groups(c)[1:-1]:
+    pts = [(measured_speedup(c, n, st), *(q[n][m] for m in metrics)) for n in names if n in q]
     pts = [(1.0, *(q["full"][m] for m in metrics))] + [p for p in pts if p[0] is not None]
     pts.sort()
     for ax, k in zip(axes, (1, 2, 3)):

@@ -18,11 +18,6 @@ seconds, the steadier figure on a shared machine. Acceptance = accepted drafts /
 runs as many passes as its slowest row needs). KV MiB: the caches allocated (speculative: the
 full-depth verify cache + the draft's kept-layer cache).
 
-The baselines' greedy argmax is XLA's variadic reduce, 8-12x slower on CPU than the two-pass one
-speculative.py uses (up to a tenth of a decode step): `--decode-argmax two-pass` (the default)
-gives decode.py's greedy path the same two-pass argmax (and memoises its per-call cache-size
-eval_shape, as speculative.py does), so that speedups compare algorithms.
-
 --checkpoint takes a Hugging Face folder or a training workdir (`train_lib.load_for_inference`);
 without one, a random model of the bible_2x shape (12 layers, d_model 128), on which the draft
 rarely agrees with the full model: its acceptance and speed say little about a trained model.
@@ -68,8 +63,12 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=3, help="timed calls per case (best reported)")
   p.add_argument("--min-seconds", type=float, default=0.0,
                  help="repeat short cases until each batch size's timed rounds last this long")
-  p.add_argument("--decode-argmax", choices=("two-pass", "xla"), default="two-pass",
-                 help="the greedy argmax of the full / ULS baselines (see the module docstring)")
+  p.add_argument("--widen-mlp", type=int, default=0, metavar="F",
+                 help="zero-pad the MLP to width F: the same function and acceptance with more "
+                      "weight bytes per step (a weight-bandwidth-bound stand-in; see docstring)")
+  p.add_argument("--balance", action="store_true",
+                 help="first time x[B, 4096] @ W[4096, 16384] (f32, 256 MiB) per batch size: "
+                      "where a step stops being weight-bandwidth-bound on this machine")
   p.add_argument("--out", help="also write the markdown table here")
   args = p.parse_args(argv)
   if args.quick:
@@ -109,19 +108,58 @@ def load(args):
   return model, prompts, eos_id, path
 
 
-def even_baselines() -> None:
-  """Give decode.py the two shortcuts speculative.py takes: the two-pass greedy argmax (sampling
-  unchanged) and a memoised `cache_bytes` (an eval_shape, ~6 ms of host CPU a call)."""
-  import functools
+def widen_mlp(model, d_ff: int):
+  """The same model with its MLP zero-padded to width d_ff: gate / up columns and down rows of
+  zeros add exactly 0 to every output (act(0) * 0 = 0), so logits and hence acceptance are
+  unchanged, while each decode step streams d_ff / F times the MLP weights."""
+  import dataclasses
 
-  decode.cache_bytes = functools.lru_cache(decode.cache_bytes)
-  select = decode._select
+  import jax
+  from flax import nnx
 
-  def two_pass_select(logits_BV, rng, opts, temperature, top_p):
-    if opts.sample:
-      return select(logits_BV, rng, opts, temperature, top_p)
-    return decode.argmax(logits_BV)
-  decode._select = two_pass_select
+  from ulskip_jax.model import Decoder
+  if d_ff < model.cfg.d_ff:
+    raise SystemExit(f"--widen-mlp {d_ff} is below the model's d_ff {model.cfg.d_ff}")
+  wide = nnx.eval_shape(lambda: Decoder(dataclasses.replace(model.cfg, d_ff=d_ff),
+                                        rngs=nnx.Rngs(0)))
+  target = nnx.state(wide, nnx.Param)
+  padded = jax.tree.map(
+      lambda x, t: np.pad(np.asarray(x), [(0, n - m) for m, n in zip(x.shape, t.shape)]),
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(target))
+  nnx.replace_by_pure_dict(target, jax.tree.map(jax.numpy.asarray, padded))
+  nnx.update(wide, target)
+  tokens = jax.numpy.arange(16)[None] % model.cfg.vocab_size
+  diff = float(jax.numpy.abs(wide(tokens) - model(tokens)).max())
+  if diff > 1e-4:
+    raise AssertionError(f"the widened model's logits differ by {diff}")
+  return wide
+
+
+def machine_balance(batches) -> str:
+  """A decode step's matmuls on this machine: time of x[B, D] @ W[D, F] with W far larger than
+  any cache. While W's bytes dominate, the time stays flat in B (speculative verification of
+  k + 1 tokens is nearly free); once the FLOPs dominate it grows with B (verification costs
+  k + 1 steps and speculation cannot win)."""
+  import jax
+  import jax.numpy as jnp
+  D, F = 4096, 16384
+  w = jax.random.normal(jax.random.key(0), (D, F), jnp.float32)
+  matmul = jax.jit(lambda x, w: x @ w)
+  lines = ["| B rows | ms | GB/s of W | GFLOP/s | x the B=1 time |", "|---|---|---|---|---|"]
+  base = None
+  for b in sorted({1, 2, 4, *batches, 16, 32}):
+    x = jnp.ones((b, D), jnp.float32)
+    matmul(x, w).block_until_ready()
+    times = []
+    for _ in range(20):
+      start = time.perf_counter()
+      matmul(x, w).block_until_ready()
+      times.append(time.perf_counter() - start)
+    t = min(times)
+    base = base or t
+    lines.append(f"| {b} | {t * 1e3:.1f} | {D * F * 4 / t / 1e9:.1f} | "
+                 f"{2 * b * D * F / t / 1e9:.1f} | {t / base:.2f} |")
+  return "\n".join(lines)
 
 
 def cpu_seconds() -> float:
@@ -184,9 +222,12 @@ def table(model, batches, per_batch) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.decode_argmax == "two-pass":
-    even_baselines()
+  if args.balance:
+    print(machine_balance([int(b) for b in args.batches.split(",")]), flush=True)
   model, prompts, eos_id, what = load(args)
+  if args.widen_mlp:
+    model = widen_mlp(model, args.widen_mlp)
+    what += f" with its MLP zero-padded to d_ff {args.widen_mlp}"
   cfg = model.cfg
   batches = [int(b) for b in args.batches.split(",")]
   cases = methods(args, cfg.num_layers)
@@ -194,7 +235,7 @@ def main(argv=None):
                     for r in args.draft_ratios.split(","))
   print(f"# speculative decoding: {what}; L={cfg.num_layers} d_model={cfg.d_model} "
         f"vocab={cfg.vocab_size}; {plans}; greedy, {args.new_tokens} new tokens, "
-        f"EOS {'on' if eos_id is not None else 'off'}; baselines' argmax: {args.decode_argmax}",
+        f"EOS {'on' if eos_id is not None else 'off'}",
         flush=True)
   per_batch = {}
   start = time.perf_counter()

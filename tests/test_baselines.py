@@ -214,3 +214,17 @@ def test_dynamic_decode_loops_do_not_copy_the_cache(model, kind):
     copies = [l for l in text.splitlines()
               if re.search(re.escape(layer_shape) + r"\{[^}]*\} copy\(", l)]
     assert not copies, copies[:2]
+
+
+def test_threshold_search_resolves_low_confidences():
+  """A weak model's top-1 probabilities sit near 1/V: the search must resolve thresholds there
+  (a linear bisection on [0, 1] jumped from 1.8x to 5.2x and never reached 3x)."""
+  V, L = 4096, 12
+
+  def ratio(t):  # exits deepen as the threshold rises through log-uniform confidences [1/V, .05]
+    frac = min(max(np.log(t * V) / np.log(0.05 * V), 0.0), 1.0)
+    return L / (2 + 10 * frac)
+
+  for target in (2.0, 3.0, 5.0):
+    t, r = baselines._log_bisect(ratio, target, 1 / V, 1.0, 6, (0.0, ratio(0.0)))
+    assert r == ratio(t) and abs(np.log(r / target)) < 0.05, (target, t, r)

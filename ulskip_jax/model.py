@@ -26,6 +26,7 @@ Skipping has two modes, chosen per call by `full_depth`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -130,6 +131,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...]
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...] = (),
                 dtype: Any = None) -> int:
   """Bytes `init_cache` would allocate, computed from shapes only."""
+  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
+
+
+@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
+def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
   shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 

@@ -55,7 +55,6 @@ can see a clamped slot (they are all at the last position, which no needed query
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -70,7 +69,6 @@ from ulskip_jax.model import Decoder, KVCache, cache_bytes, kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
-_cache_bytes = functools.lru_cache(cache_bytes)  # an eval_shape: ~10 ms of host time a call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,8 +490,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
     outputs.append(row[:n])
     generated += min(n + 1, len(row))
   wall_s = time.perf_counter() - start
-  verify_bytes = _cache_bytes(model.cfg, B, S)
-  draft_bytes = 0 if opts.shared_cache else _cache_bytes(model.cfg, B, S, opts.draft_skip)
+  verify_bytes = cache_bytes(model.cfg, B, S)
+  draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)
   stats = SpeculativeStats(
       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
       wall_s=wall_s, compile_s=compile_s,
