@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,7 @@ RUN_FLAGS = ("--config", "configs/tiny.py", f"--config.num_steps={NUM_STEPS}",
 SAME_MESH_TOL = 1e-6   # the same programs on the same devices: a resume must reproduce the run
 OTHER_MESH_TOL = 1e-5  # other meshes reduce in another order (measured: <= 2.4e-6 over 30 steps)
 TIMEOUT_S = 300
+PREEMPT_AT = 9         # the two-host chain is preempted in this step (0-based; saves 10 or later)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,10 +121,13 @@ def children(tmp_path_factory, compile_cache):
   one:       1 device, the reference run (its final params are also dumped, for inference)
   eight:     8 devices as mesh (2, 2, 2), with each parameter's sharding recorded, every
              checkpoint kept
-  host0, 1:  two processes (jax.distributed on localhost) of 1 device each, as mesh (1, 2, 1),
-             so that fsdp splits every parameter across the hosts; they resume from eight's
-             step-4 checkpoint. One pair of runs checks both a change of mesh on resume and
-             two hosts against one: a separate 2-device resume cost another ~17 CPU seconds.
+  preempted0, 1: two processes (jax.distributed on localhost) of 1 device each, as mesh
+             (1, 2, 1), so that fsdp splits every parameter across the hosts; they resume from
+             eight's step-4 checkpoint, pause in step PREEMPT_AT + 1, host 1 gets SIGTERM and
+             both must save the same step and stop;
+  host0, 1:  the same two processes resumed from that step, to the end. One chain checks a change
+             of mesh on resume, a multi-host preemption and two hosts against one: a separate
+             2-device resume cost another ~17 CPU seconds.
   """
   runs = _Children(tmp_path_factory.mktemp("children"))
   root = runs.root
@@ -141,14 +146,33 @@ def children(tmp_path_factory, compile_cache):
       time.sleep(0.05)
     if not step4.is_dir() or runs.stopping.is_set():
       return  # the eight-device run failed (its own test reports why), or the tests are over
-    _copy_run(root / "eight", root / "hosts", steps=[4])
-    port = _free_port()
-    for i in range(2):
-      runs.start(f"host{i}", _start(compile_cache, root / "hosts", *RUN_FLAGS,
-                                    "--config.mesh.shape=(1,2,1)",
-                                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                                    "--config.distributed.num_processes=2",
-                                    f"--config.distributed.process_id={i}"))
+    hosts = root / "hosts"
+    _copy_run(root / "eight", hosts, steps=[4])
+
+    def start_pair(name, **env):
+      port = _free_port()
+      for i in range(2):
+        runs.start(f"{name}{i}", _start(compile_cache, hosts, *RUN_FLAGS,
+                                        "--config.mesh.shape=(1,2,1)",
+                                        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                        "--config.distributed.num_processes=2",
+                                        f"--config.distributed.process_id={i}", **env))
+      return [runs.procs[f"{name}{i}"] for i in range(2)]
+
+    pair = start_pair("preempted", ULSKIP_TEST_PAUSE_AT=PREEMPT_AT)
+    paused = lambda: all((hosts / f"paused{i}").exists() for i in range(2))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not paused() and all(p.poll() is None for p in pair) and not runs.stopping.is_set():
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+    if paused():
+      pair[1].send_signal(signal.SIGTERM)  # one host is preempted; both must stop together
+      (hosts / "go").touch()
+    for i, proc in enumerate(pair):  # the test checks the exit codes
+      runs.results[f"preempted{i}"] = proc.communicate(timeout=TIMEOUT_S)
+    if all(p.returncode == 0 for p in pair) and not runs.stopping.is_set():
+      start_pair("host")
 
   runs.start_later(start_hosts)
   yield runs
@@ -433,9 +457,10 @@ def test_eight_devices_match_one_device(children):
 
 
 def test_resume_on_another_mesh(children):
-  """Step 4 of the (2, 2, 2) run on 8 devices, resumed as (1, 2, 1) on 2, continues it."""
-  out, _ = children.result("host0")
-  children.result("host1")
+  """Step 4 of the (2, 2, 2) run on 8 devices, resumed as (1, 2, 1) on 2, continues it (the
+  two-host chain: preempted, then resumed again)."""
+  out, _ = children.result("preempted0")
+  children.result("host0")
   assert f"steps 4..{NUM_STEPS}" in out, out
   resumed = _losses(children.root / "hosts")
   assert sorted(resumed) == list(range(5, NUM_STEPS + 1))
@@ -443,12 +468,21 @@ def test_resume_on_another_mesh(children):
                        OTHER_MESH_TOL)
 
 
-def test_two_processes_match_one(children):
-  """Two hosts (jax.distributed on localhost, one mesh over both) train like one process."""
+def test_two_processes_preempted_together_then_match_one(children):
+  """Two hosts (jax.distributed on localhost, one mesh over both), one of them sent SIGTERM: both
+  save the same step and stop; resumed, they train like one process."""
+  hosts = children.root / "hosts"
+  for i in range(2):  # both stop cleanly: a host left behind would hang in the collective save
+    out, err = children.result(f"preempted{i}")
+    rc = children.procs[f"preempted{i}"].returncode
+    assert rc == 0, f"rc {rc}\n{out[-2000:]}\n{err[-4000:]}"
+  out, _ = children.result("preempted0")  # process 0 logs
+  stopped = [int(s) for s in re.findall(r"preempted: saved step (\d+) and stopping", out)]
+  assert len(stopped) == 1 and stopped[0] > PREEMPT_AT, out
   out, _ = children.result("host0")
   children.result("host1")
+  assert f"steps {stopped[0]}..{NUM_STEPS}" in out, out  # resumed from the step both saved
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in out, out
-  hosts = children.root / "hosts"
   children.result("one")
   _assert_losses_match(_losses(hosts), _losses(children.root / "one"), range(5, NUM_STEPS + 1),
                        OTHER_MESH_TOL)

@@ -8,7 +8,10 @@ tensorboardX imports it whenever it is installed, which costs each child ~1.5 s 
 Environment:
   ULSKIP_TEST_PAUSE_AT=STEP       once step STEP (0-based) is dispatched, write <workdir>/paused
                                   and wait there (up to 5 min) for SIGTERM, so that a test can
-                                  kill or preempt the run at a known step however slow it runs
+                                  kill or preempt the run at a known step however slow it runs;
+                                  with several processes, write paused<process index> and wait
+                                  for <workdir>/go instead (JAX's preemption service, not a Python
+                                  handler, receives SIGTERM there)
   ULSKIP_TEST_SHARDINGS=PATH      write {param path: PartitionSpec as a list} as JSON once the
                                   state is initialised, to check that params are really sharded
   ULSKIP_TEST_FINAL_PARAMS=PATH   write the last step's params as .npz (keys: their key paths),
@@ -54,10 +57,13 @@ def _patch_trainer():
   def pausing_step(self, state, local_batch, step):
     out = original_step(self, state, local_batch, step)
     if step == pause_at:
-      with open(os.path.join(self.workdir, "paused"), "w") as f:
+      multihost = jax.process_count() > 1
+      name = f"paused{jax.process_index()}" if multihost else "paused"
+      with open(os.path.join(self.workdir, name), "w") as f:
         f.write(str(step))
+      go = os.path.join(self.workdir, "go")
       deadline = time.monotonic() + PAUSE_LIMIT_S
-      while not sigterm and time.monotonic() < deadline:
+      while not (sigterm or multihost and os.path.exists(go)) and time.monotonic() < deadline:
         time.sleep(0.02)  # the SIGTERM handler runs between these sleeps
     return out
 
