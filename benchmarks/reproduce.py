@@ -435,6 +435,7 @@ def run_speed(c) -> dict:
   s = c.speed
   L = s.layers
   rng = np.random.default_rng(0)
+  compiles_before = dict(decode=decode.num_compiles(), baselines=baselines.num_compiles())
   out = dict(config=s.to_dict(), batches={})
   with tempfile.TemporaryDirectory() as tmp:
     full_dir = os.path.join(tmp, "full")
@@ -475,7 +476,8 @@ def run_speed(c) -> dict:
         res[f"transformers_r{r:g}"] = dict(tok_s=tps, threads=threads)
       out["batches"][str(batch)] = res
       log(f"speed batch {batch}: {time.perf_counter() - start:.0f} s")
-  out["num_compiles"] = dict(decode=decode.num_compiles(), baselines=baselines.num_compiles())
+  out["num_compiles"] = dict(decode=decode.num_compiles() - compiles_before["decode"],
+                            baselines=baselines.num_compiles() - compiles_before["baselines"])
   return out
 
 
