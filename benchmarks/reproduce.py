@@ -476,8 +476,8 @@ def run_speed(c) -> dict:
         res[f"transformers_r{r:g}"] = dict(tok_s=tps, threads=threads)
       out["batches"][str(batch)] = res
       log(f"speed batch {batch}: {time.perf_counter() - start:.0f} s")
-  out["num_compiles"] = dict(decode=decode.num_compiles() - compiles_before["decode"],
-                            baselines=baselines.num_compiles() - compiles_before["baselines"])
+  out["stage_compiles"] = dict(decode=decode.num_compiles() - compiles_before["decode"],
+                               baselines=baselines.num_compiles() - compiles_before["baselines"])
   return out
 
 
@@ -582,8 +582,11 @@ def speed_table(c, sp) -> str:
       lines.append(f"| {b} | {name} | {depth:.1f} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
                    f"{r['compile_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} |")
   lines.append("")
-  lines.append(f"Executables built in this stage (one per method x bucket): "
-               f"{sp['num_compiles']}")
+  if "stage_compiles" in sp:
+    lines.append(f"Executables built in this stage (one per method x bucket): "
+                 f"{sp['stage_compiles']}")
+  else:  # written before the stage counted its own
+    lines.append(f"Executables built by the process, earlier stages included: {sp['num_compiles']}")
   return "\n".join(lines)
 
 
@@ -593,12 +596,13 @@ def plots(c, q, st, sp) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
   metrics = ("bleu", "chrf", "ppl")
-  for title, names in quality_groups(c)[1:-1]:
+  for i, (title, names) in enumerate(quality_groups(c)[1:-1]):
     pts = [(measured_speedup(c, n, st), *(q[n][m] for m in metrics)) for n in names if n in q]
     pts = [(1.0, *(q["full"][m] for m in metrics))] + [p for p in pts if p[0] is not None]
     pts.sort()
+    style = dict(color=plt.cm.tab20(i % 20), ls="--" if "data seed" in title else "-")
     for ax, k in zip(axes, (1, 2, 3)):
-      ax.plot([p[0] for p in pts], [p[k] for p in pts], "o-", label=title)
+      ax.plot([p[0] for p in pts], [p[k] for p in pts], "o", label=title, **style)
   for ax, metric in zip(axes, ("BLEU", "chrF", "validation perplexity")):
     if metric in ("BLEU", "chrF"):
       ax.axhline(q["copy"][metric.lower()], color="gray", ls=":", label="copy source")
