@@ -1,13 +1,14 @@
 """The paper's claims side by side on the offline Bible corpus (KJV -> WEB), CPU scale.
 
-  python benchmarks/reproduce.py --config configs/reproduce.py            # ~60 min, 2 CPU cores
-  python benchmarks/reproduce.py --config configs/reproduce.py --quick    # ~6 min smoke run
+  python benchmarks/reproduce.py --config configs/reproduce.py            # ~55 min, 2 CPU cores
+  python benchmarks/reproduce.py --config configs/reproduce.py --quick    # ~2 min smoke run
 
 Stages (each cached under `workdir`; a re-run skips the finished ones):
   1. base: the bible_2x model size (12 layers, d_model 128) trained from scratch at full depth;
   2. fine-tuning from the base with equal steps: ULS / top / bottom / random at each ratio, one
      multi-ratio ULS checkpoint (ratios 1, 2, 3, 5 drawn per step; kept at `multi_workdir` for the
-     speculative-decoding benchmark), early exit (exit-point losses), SkipDecode per ratio;
+     speculative-decoding benchmark), early exit (exit-point losses), SkipDecode per ratio, and
+     ULS / top / random again with another data seed (replicates: which gaps are noise);
   3. quality on held-out test books (BLEU, chrF) and validation perplexity of target tokens;
   4. speed: the trained model at batch 1 / 8 / 32 (every method, real confidences), and a
      random-weight 24-layer model (speed does not depend on the weights) against transformers.
@@ -41,7 +42,7 @@ def get_config():
   c.ratios = (2.0, 3.0, 5.0)         # target (average) speedup ratios
   c.ft_strategies = ("uls", "top", "bottom", "random")
   # Ratios a method is fine-tuned and evaluated at, where not all of `ratios` (e.g. dict(random=
-  # (2.0,)) to save time: one fine-tuning run takes 2-4 minutes on 2 quiet CPU cores).
+  # (2.0,)) to save time: a 150-step fine-tuning run takes 70-130 s on 2 quiet CPU cores).
   c.method_ratios = ml_collections.ConfigDict()
   # The same fine-tuning again with another data order (random: also another plan), at every
   # ratio: how far apart two runs of one method land, i.e. which gaps between methods are noise.
