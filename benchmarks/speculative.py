@@ -55,7 +55,7 @@ def parse_args(argv=None):
   p.add_argument("--draft-ratios", default="2,3")
   p.add_argument("--draft-cache", default="shared", help="shared | separate | shared,separate")
   p.add_argument("--new-tokens", type=int, default=64)
-  p.add_argument("--rows", type=int, default=8,
+  p.add_argument("--rows", type=int, default=32,
                  help="prompts per batch size: max(rows, batch), decoded in batches of batch")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per case (best reported)")
   p.add_argument("--min-seconds", type=float, default=0.0,
