@@ -187,19 +187,21 @@ def sd_schedule(c, L, ratio, horizon):
                                        c.skipdecode_levels)
 
 
+def static_runs(c):
+  """[(run name, quality row name, strategy, ratio, seed)] of the static-plan fine-tunings: each
+  strategy at its ratios, then the replicates (another data seed)."""
+  runs = [(f"{s}_r{r:g}", f"{s}_ft_r{r:g}", s, r, c.train.seed)
+          for s in c.ft_strategies for r in method_ratios(c, s)]
+  return runs + [(f"{s}_s{seed}_r{r:g}", f"{s}_s{seed}_ft_r{r:g}", s, r, seed)
+                 for seed in c.replicate_seeds for s in c.replicate_strategies
+                 for r in method_ratios(c, s)]
+
+
 def run_ft(c, base_hf) -> dict:
   times = {}
-  for strategy in c.ft_strategies:
-    for r in method_ratios(c, strategy):
-      name = f"{strategy}_r{r:g}"
-      times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
-                                  strategy=strategy, ratio=r)
-  for seed in c.replicate_seeds:
-    for strategy in c.replicate_strategies:
-      for r in method_ratios(c, strategy):
-        name = f"{strategy}_s{seed}_r{r:g}"
-        times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
-                                    strategy=strategy, ratio=r, seed=seed)
+  for name, _, strategy, r, seed in static_runs(c):
+    times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
+                                strategy=strategy, ratio=r, seed=seed)
   times["multi"] = run_static_ft(c, base_hf, "multi", c.multi_workdir, ratios=c.multi_ratios)
   times["early_exit"] = run_dynamic_ft(
       c, base_hf, "early_exit", os.path.join(c.workdir, "ft_early_exit"),
@@ -322,19 +324,11 @@ def run_quality(c, base_hf, partial: bool = False) -> dict:
   row("full", lambda: ev.static(base, ()))
   for r in c.ratios:
     row(f"uls_noft_r{r:g}", lambda: ev.static(base, plan_layers(L, r).skipped))
-  for strategy in c.ft_strategies:
-    for r in method_ratios(c, strategy):
-      workdir = os.path.join(c.workdir, f"ft_{strategy}_r{r:g}")
-      row(f"{strategy}_ft_r{r:g}", lambda: ev.static(
-          load_workdir_model(workdir), plan_layers(L, r, strategy, seed=c.train.seed).skipped),
-          finished(workdir))
-  for seed in c.replicate_seeds:
-    for strategy in c.replicate_strategies:
-      for r in method_ratios(c, strategy):
-        workdir = os.path.join(c.workdir, f"ft_{strategy}_s{seed}_r{r:g}")
-        row(f"{strategy}_s{seed}_ft_r{r:g}", lambda: ev.static(
-            load_workdir_model(workdir), plan_layers(L, r, strategy, seed=seed).skipped),
-            finished(workdir))
+  for name, row_name, strategy, r, seed in static_runs(c):
+    workdir = os.path.join(c.workdir, f"ft_{name}")
+    row(row_name, lambda: ev.static(load_workdir_model(workdir),
+                                    plan_layers(L, r, strategy, seed=seed).skipped),
+        finished(workdir))
   for r in c.multi_ratios:
     row(f"multi_r{r:g}", lambda: ev.static(load_workdir_model(c.multi_workdir),
                                            plan_layers(L, r).skipped if r > 1 else ()),
