@@ -4,8 +4,9 @@
       --batch-size 16 --max-new-tokens 64 [--references refs.txt] [--metrics-out m.json]
   python infer.py ... --speculative draft_ratio=2,k=4   # full-model output, ULS sub-model drafts
 
-DIR is a Hugging Face folder (config.json + safetensors + tokenizer files) or a training workdir
-(whose training prompt template is the default --template).
+DIR is a Hugging Face folder (config.json + safetensors + tokenizer files), a training workdir
+(whose training prompt template is the default --template; --step N picks a checkpoint) or one
+of its step folders (`WORKDIR/checkpoints/N`, self-contained).
 Input is text (one prompt a line) or JSONL (`.jsonl`/`.json`, one object a line, prompt in
 `--input-field`); `--template` formats each prompt from `{source}` (the line, or the field) and,
 for JSONL, any other field of the record. Output has one line per input line, in input order;
@@ -32,8 +33,9 @@ class UsageError(Exception):
   """Bad input: reported in one line on stderr, exit code 2."""
 
 
-def load_model(path: str):
-  """(model, tokenizer, template) from a Hugging Face folder (config.json) or a training workdir.
+def load_model(path: str, step: int | None = None):
+  """(model, tokenizer, template) from a Hugging Face folder (config.json), a training workdir or
+  one of its step folders (`step` picks a checkpoint of a workdir; default the latest).
 
   The template is the training run's prompt template (None for a Hugging Face folder).
   """
@@ -43,13 +45,17 @@ def load_model(path: str):
   try:
     if os.path.isfile(os.path.join(path, "config.json")):
       from ulskip_jax import hf
+      if step is not None:
+        raise UsageError(f"--step {step} is for a training workdir, but {path} is a Hugging "
+                         "Face folder")
       model, tokenizer = hf.from_pretrained(path)
       template = None
     else:
       from ulskip_jax import train_lib
-      model, tokenizer, config = train_lib.load_for_inference(  # Orbax wants an absolute path
-          os.path.abspath(path), with_config=True)
+      model, tokenizer, config = train_lib.load_for_inference(path, step, with_config=True)
       template = config.get("data", {}).get("template")
+  except UsageError:
+    raise
   except Exception as e:  # a broken checkpoint: say what failed, in one line
     raise UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -154,6 +160,8 @@ def score(hyps: list[str], refs: list[str], metric: str) -> dict[str, float]:
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="Hugging Face folder or training workdir")
+  p.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the "
+                 "latest)")
   p.add_argument("--input", required=True, help="prompts: text (one a line) or .jsonl")
   p.add_argument("--output", required=True, help="generations, one a line (.rX per ratio)")
   p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
@@ -186,7 +194,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
   from ulskip_jax import decode
-  model, tokenizer, train_template = load_model(args.checkpoint)
+  model, tokenizer, train_template = load_model(args.checkpoint, args.step)
   texts = read_prompts(args.input, args.input_field, args.template or train_template)
   refs = None
   if args.references:

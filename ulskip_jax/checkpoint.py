@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import signal
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 from etils import epath
@@ -50,6 +51,11 @@ PyTree = Any
 # model directory does not put a copy of the weights into every step.
 _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.msgpack', '.h5', '.gguf')
 _RESUME_HINT = '--config.checkpoint.resume_step=N'
+
+# Orbax warns on every read-only manager, i.e. on every inference restore; reading is what we
+# asked for, so the notice only adds noise to infer.py's output.
+std_logging.getLogger('absl').addFilter(
+    lambda record: not record.getMessage().startswith('Given directory is read only'))
 
 
 class CheckpointError(ValueError):
@@ -221,6 +227,20 @@ class Checkpointer:
     path = self.directory / str(step) / 'tokenizer'
     return str(path) if path.is_dir() else None
 
+  def meta(self, step: int | None = None) -> dict:
+    """The JSON meta of `step` (default: the latest), without reading any array."""
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f'step {step} not in {self.directory}; available steps: {steps}')
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} has unreadable meta'
+                            f' ({_one_line(e)})') from e
+
   def restore(
       self,
       step: int | None = None,
@@ -234,7 +254,8 @@ class Checkpointer:
     Targets are abstract pytrees (`jax.ShapeDtypeStruct(..., sharding=...)`) and set the
     structure, dtype and sharding of the result, so any mesh can read any checkpoint.
     Without `params_target`, params come back as a nested dict of arrays on the default
-    device. `opt_state` is only read with `opt_state_target` (optax's namedtuples cannot
+    device, with string keys (Orbax's metadata keeps no key types): restore against the
+    model's abstract state whenever the result is merged into a model. `opt_state` is only read with `opt_state_target` (optax's namedtuples cannot
     be rebuilt from disk); otherwise it is None.
 
     If the step cannot be read, raises CheckpointError naming the earlier steps; with
@@ -308,11 +329,20 @@ def restore_params(
     directory: str | epath.Path,
     step: int | None = None,
     *,
-    params_target: PyTree | None = None,
+    params_target: PyTree | Callable[[dict], PyTree] | None = None,
 ) -> InferenceCheckpoint:
-  """Params, meta (model config, step, ...) and tokenizer path of one step, for infer.py."""
+  """Params, meta (model config, step, ...) and tokenizer path of one step, for infer.py.
+
+  params_target: an abstract tree, or a function of the step's meta that builds one (e.g. the
+  model's abstract state from `meta['model_config']`), so the params come back in the model's
+  own structure. Without a target Orbax rebuilds the tree from its metadata, where every dict
+  key is a string: an `nnx.List` of layers then comes back as keys '0', '1', '10', '11', ...,
+  which flatten in string order, and merging that into a model shuffles its layers.
+  """
   ckpt = Checkpointer(directory, read_only=True)
   try:
+    if callable(params_target):
+      params_target = params_target(ckpt.meta(step))
     params, _, meta = ckpt.restore(step, params_target=params_target)
     return InferenceCheckpoint(params, meta, ckpt.tokenizer_dir(meta['step']))
   finally:

@@ -405,25 +405,53 @@ class _Logger:
 # ----------------------------------------------------------------------------------------------
 # Inference side.
 
-def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
-                       with_config: bool = False):
-  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """(checkpoints folder, step) for a workdir, its `checkpoints/` folder or one step folder."""
+  path = os.path.abspath(path)  # Orbax rejects relative paths
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), step
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # a step folder
+    if step is not None and step != int(name):
+      raise ValueError(f"step {step} was given with step folder {path}: give one or the other")
+    return os.path.dirname(path), int(name)
+  return path, step
 
-  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
-  prompt template.
-  """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    directory = workdir  # a checkpoints folder given directly
-  restored = ckpt_lib.restore_params(directory, step)
-  fields = dict(restored.meta["model_config"])
+
+def model_config_from_meta(meta: dict, dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig a checkpoint's meta records (JSON: tuples came back as lists)."""
+  fields = dict(meta["model_config"])
   if dtype:
     fields["dtype"] = dtype
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
-  model = nnx.eval_shape(lambda: Decoder(ModelConfig(**fields), rngs=nnx.Rngs(0)))
-  graphdef = nnx.graphdef(model)
-  model = nnx.merge(graphdef, restored.params)
+  return ModelConfig(**fields)
+
+
+def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
+                       with_config: bool = False):
+  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
+
+  `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
+  against the model's own abstract state (built from the config the checkpoint records), so
+  the tree keeps its structure and key types: layer i comes back as layer i.
+  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
+  prompt template.
+  """
+  directory, step = checkpoint_location(workdir, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {}
+
+  def target(meta):
+    abstract["model"] = nnx.eval_shape(
+        lambda: Decoder(model_config_from_meta(meta, dtype), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract["model"], nnx.Param))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+
+  restored = ckpt_lib.restore_params(directory, step, params_target=target)
+  model = abstract["model"]
+  nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
+  nnx.update(model, state)
   tok = data_lib.Tokenizer.load(restored.tokenizer_dir) if restored.tokenizer_dir else None
   if with_config:
     return model, tok, restored.meta.get("config", {})
