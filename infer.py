@@ -138,6 +138,19 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   return runs
 
 
+def resolve_chat(tokenizer, chat: bool | None) -> bool:
+  """Whether prompts go through the chat template; a training tokenizer carries its run's setting."""
+  has_template = (tokenizer.has_chat_template if hasattr(tokenizer, "has_chat_template")
+                  else bool(getattr(tokenizer, "chat_template", None)))
+  if chat and not has_template:
+    raise UsageError("--chat: the checkpoint's tokenizer has no chat template; use --no-chat")
+  if hasattr(tokenizer, "set_chat"):  # a training workdir's tokenizer: its run's format
+    if chat is not None:
+      tokenizer.set_chat(chat)
+    return tokenizer.chat
+  return has_template if chat is None else chat
+
+
 def output_path(output: str, label: str, several: bool) -> str:
   if not several:
     return output
@@ -170,6 +183,9 @@ def parse_args(argv):
   p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
                  "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys "
                  "draft_ratio, draft_skip=1-3-5, k, draft_cache=separate|shared)")
+  p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                 help="wrap each prompt as a user turn of the tokenizer's chat template (default: "
+                 "as the training run did for a workdir, else on when the tokenizer has one)")
   p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
                  help="paper: prompt at full depth; everywhere: prompt skips too")
   p.add_argument("--batch-size", type=int, default=8)
@@ -206,15 +222,16 @@ def run(args) -> dict:
     if getattr(args, flag) < 1:
       raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
   runs = parse_runs(args, model.cfg.num_layers)
+  chat = resolve_chat(tokenizer, args.chat)
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-  summary = dict(checkpoint=args.checkpoint, input=args.input, num_prompts=len(texts),
+  summary = dict(checkpoint=args.checkpoint, input=args.input, num_prompts=len(texts), chat=chat,
                  num_layers=model.cfg.num_layers, batch_size=args.batch_size, settings=kw, runs=[])
   for label, plan in runs:
     try:
       hyps, stats = decode.generate_text(model, tokenizer, texts, batch_size=args.batch_size,
-                                         progress=not args.no_progress, **plan, **kw)
+                                         progress=not args.no_progress, chat=chat, **plan, **kw)
     except ValueError as e:  # a prompt too long for the model (numbered from 0), a bad option
       raise UsageError(f"{args.input}: {e}")
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]

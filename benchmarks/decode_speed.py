@@ -3,6 +3,7 @@ against transformers' `generate` on the same weights.
 
   python benchmarks/decode_speed.py            # 24 layers, d_model 1024: ~12 min on 2 busy cores
   python benchmarks/decode_speed.py --quick    # 24 layers, d_model 256: ~2 min
+  python benchmarks/decode_speed.py --checkpoint smollm2 --dtype bfloat16   # a real model
 
 Greedy decoding of `--new-tokens` tokens after random `--prompt-len`-token prompts (no EOS, so
 every row generates the full budget). Generated tokens/s is timed over whole `generate` calls
@@ -37,6 +38,8 @@ from ulskip_jax.model import cache_bytes  # noqa: E402
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="a small model and fewer cases (~1 min)")
+  p.add_argument("--checkpoint", help="a real model instead of a random one: an HF folder, a "
+                 ".gguf file or 'smollm2' (then --layers ... --vocab are ignored)")
   p.add_argument("--layers", type=int, default=24)
   p.add_argument("--d-model", type=int, default=1024)
   p.add_argument("--d-ff", type=int, default=2816)
@@ -139,14 +142,27 @@ def main(argv=None):
   args = parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")]
   ratios = [float(r) for r in args.ratios.split(",")]
-  tmodel = torch_model(args)
-  with tempfile.TemporaryDirectory() as tmp:
-    tmodel.save_pretrained(tmp)
-    model, _ = hf.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
+  if args.checkpoint:  # transformers gets the same weights, through an HF folder we write
+    import transformers
+    model, _ = hf.from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    cfg = model.cfg
+    args.layers, args.d_model, args.d_ff, args.vocab = (cfg.num_layers, cfg.d_model, cfg.d_ff,
+                                                        cfg.vocab_size)
+    args.heads, args.kv_heads = cfg.num_heads, cfg.num_kv_heads
+    f32, _ = hf.from_pretrained(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+      hf.save_pretrained(f32, tmp)
+      tmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+    del f32
+  else:
+    tmodel = torch_model(args)
+    with tempfile.TemporaryDirectory() as tmp:
+      tmodel.save_pretrained(tmp)
+      model, _ = hf.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
   if args.no_torch:
     del tmodel
   rng = np.random.default_rng(0)
-  print(f"# decode speed: L={args.layers} d_model={args.d_model} d_ff={args.d_ff} "
+  print(f"# decode speed: {args.checkpoint or 'random model'}, L={args.layers} d_model={args.d_model} d_ff={args.d_ff} "
         f"heads={args.heads}/{args.kv_heads} vocab={args.vocab} dtype={args.dtype} "
         f"prompt={args.prompt_len} new={args.new_tokens}, {os.cpu_count()} CPU cores\n")
   print("| mode | batch | ratio | kept | tok/s | speedup | speedup (CPU s) | ceiling | "

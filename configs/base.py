@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.target_field = "target"
   c.data.max_examples = 0       # per split; 0 = all
   c.data.template = "KJV: {source}\nWEB:"
+  c.data.chat = False           # prompt = the user turn of the tokenizer's chat template
   c.data.seq_len = 128          # tokens per packed row
   c.data.pack = True
   c.data.vocab_size = 4096      # BPE size when training from scratch

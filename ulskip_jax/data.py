@@ -408,7 +408,7 @@ class Tokenizer:
   code serves tokenizers with and without a bos token.
   """
 
-  def __init__(self, hf_tokenizer: Any):
+  def __init__(self, hf_tokenizer: Any, chat: bool = False):
     if hf_tokenizer.eos_token_id is None:
       raise ValueError(f'tokenizer {type(hf_tokenizer).__name__} has no eos token; one is needed')
     self._hf = hf_tokenizer
@@ -419,18 +419,57 @@ class Tokenizer:
     )
     self.bos_id: int | None = hf_tokenizer.bos_token_id
     self.vocab_size: int = len(hf_tokenizer)
+    self.chat = False
+    self.set_chat(chat)
+
+  @property
+  def has_chat_template(self) -> bool:
+    return bool(getattr(self._hf, 'chat_template', None))
+
+  def set_chat(self, chat: bool) -> None:
+    """Chat format on or off: prompts become the user turn of the tokenizer's chat template."""
+    if chat and not self.has_chat_template:
+      raise ValueError('chat=True but the tokenizer has no chat template: turn chat off '
+                       '(data.chat=False, infer.py --no-chat)')
+    self.chat = bool(chat)
+
+  def prompt_template(self, template: str) -> str:
+    """The template of a whole prompt's text: `template` itself, or in chat format the user
+    turn holding it followed by the opening of the assistant's turn (the model answers there)."""
+    if not self.chat:
+      return template
+    marker = '\0'
+    rendered = self._hf.apply_chat_template(
+        [{'role': 'user', 'content': marker}], tokenize=False, add_generation_prompt=True)
+    head, tail = rendered.split(marker)
+    escape = lambda text: text.replace('{', '{{').replace('}', '}}')
+    return escape(head) + template + escape(tail)
+
+  @property
+  def prefix_ids(self) -> list[int]:
+    """Ids before a prompt's text: [bos] (none in chat format, whose markup opens the text)."""
+    return [self.bos_id] if self.bos_id is not None and not self.chat else []
+
+  def target_text(self, target: str) -> str:
+    """A response as trained: " " + text after a plain prompt, the text alone after the chat
+    markup, which ends in a newline; the end of response is always the eos token."""
+    return target if self.chat else ' ' + target
+
+  def prompt_ids(self, text: str) -> list[int]:
+    """Ids of a prompt whose text (the template already applied) is `text`, as in training."""
+    return self.prefix_ids + self.encode(self.prompt_template('{source}').format(source=text))
 
   @classmethod
-  def from_pretrained(cls, folder: str) -> Tokenizer:
+  def from_pretrained(cls, folder: str, chat: bool = False) -> Tokenizer:
     """Loads a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json, ...)."""
     if not os.path.isdir(folder):
       raise ValueError(f'tokenizer folder {folder!r} does not exist; a local folder is needed')
-    return cls(transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return cls(transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True), chat)
 
   @classmethod
-  def load(cls, directory: str) -> Tokenizer:
+  def load(cls, directory: str, chat: bool = False) -> Tokenizer:
     """Loads what `save` wrote; trained BPE and pretrained tokenizers save the same format."""
-    return cls.from_pretrained(directory)
+    return cls.from_pretrained(directory, chat)
 
   @classmethod
   def train_bpe(
@@ -508,8 +547,11 @@ def encode_example(
 ) -> tuple[list[int], list[int]]:
   """(prompt_ids, target_ids) with len(prompt_ids) + len(target_ids) <= max_len.
 
-  prompt = [bos] + template(source); target = " " + target + [eos]. An example that is too
-  long loses the end of its source first, then the end of its target.
+  prompt = [bos] + template(source); target = " " + target + [eos]. In chat format
+  (`tok.chat`) the prompt is the chat template's user turn holding template(source), then the
+  opening of the assistant turn, and target = target + [eos] (the end-of-turn token of instruct
+  tokenizers). An example that is too long loses the end of its source first, then the end of
+  its target.
   """
   (example,), _ = encode_examples(tok, template, [{'source': source, 'target': target}], max_len)
   return example
@@ -520,9 +562,10 @@ def encode_examples(
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
   """encode_example over many pairs, batched; also returns how many were truncated."""
   check_template(template)
-  prompts = tok.encode_batch([template.format(source=pair['source']) for pair in pairs])
-  targets = tok.encode_batch([' ' + pair['target'] for pair in pairs])
-  bos = [tok.bos_id] if tok.bos_id is not None else []
+  full = tok.prompt_template(template)
+  prompts = tok.encode_batch([full.format(source=pair['source']) for pair in pairs])
+  targets = tok.encode_batch([tok.target_text(pair['target']) for pair in pairs])
+  bos = tok.prefix_ids
   examples, num_truncated = [], 0
   for pair, prompt_ids, target_ids in zip(pairs, prompts, targets):
     prompt_ids, target_ids = bos + prompt_ids, target_ids + [tok.eos_id]
@@ -551,14 +594,13 @@ def eval_prompts(
 
 
 def _truncated_prompt(tok: Tokenizer, template: str, source: str, max_len: int) -> list[int]:
-  """[bos] + template(source), cutting the end of the source to fit max_len tokens.
+  """prefix + template(source) (chat markup included), cutting the end of the source to fit max_len tokens.
 
   A prompt that fits is tokenized whole, exactly as at inference. One that does not is
   tokenized in three pieces (before, source, after), so the cut is exact and the end of the
   template, which cues the answer, always survives.
   """
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  prompt_ids = bos + tok.encode(template.format(source=source))
+  prompt_ids = tok.prefix_ids + tok.encode(tok.prompt_template(template).format(source=source))
   if len(prompt_ids) <= max_len:
     return prompt_ids
   head_ids, tail_ids = _prompt_frame(tok, template)
@@ -572,11 +614,10 @@ def _truncated_prompt(tok: Tokenizer, template: str, source: str, max_len: int) 
 
 
 def _prompt_frame(tok: Tokenizer, template: str) -> tuple[list[int], list[int]]:
-  """Token ids of [bos] + the template text before {source}, and of the text after it."""
+  """Token ids of the prefix + the prompt text before {source}, and of the text after it."""
   # Formatting with a NUL marker resolves escaped braces ({{ }}) before splitting.
-  head, tail = template.format(source='\0').split('\0')
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  return bos + tok.encode(head), tok.encode(tail)
+  head, tail = tok.prompt_template(template).format(source='\0').split('\0')
+  return tok.prefix_ids + tok.encode(head), tok.encode(tail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -467,11 +467,16 @@ def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   return outputs, stats
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-  """Prompt ids: [bos] + text for `ulskip_jax.data.Tokenizer` (the training format); a Hugging
-  Face tokenizer adds its own special tokens (BOS for Llama, none for GPT-2)."""
-  if hasattr(tokenizer, "bos_id"):
-    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+  """Prompt ids of `text`. A `ulskip_jax.data.Tokenizer` encodes as in training (its own chat
+  setting; `chat` is ignored). A Hugging Face tokenizer adds its own special tokens (BOS for Llama,
+  none for GPT-2), or with `chat` wraps the text as a user turn of its chat template."""
+  if hasattr(tokenizer, "prompt_ids"):
+    return tokenizer.prompt_ids(text)
+  if chat:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
   return tokenizer(text)["input_ids"]
 
 
@@ -492,9 +497,9 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 
 
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
-                  progress: bool = False, sort_by_length: bool = True, **kw
+                  progress: bool = False, sort_by_length: bool = True, chat: bool = False, **kw
                   ) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts` (`encode_prompt`), `generate` in chunks of `batch_size`, decode.
+  """Tokenize `texts` (`encode_prompt`, with `chat`), `generate` in chunks of `batch_size`, decode.
 
   Returns one string per text, in input order. Every prompt is checked before anything runs, so a
   too-long prompt fails fast. Sorting by length (the order is restored after) keeps padding and
@@ -506,7 +511,7 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   kw.setdefault("pad_id", pad_id)
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
-  prompts = [encode_prompt(tokenizer, t) for t in texts]
+  prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   _check_prompts(model.cfg, prompts, kw.get("max_new_tokens", 1))
   order = list(range(len(prompts)))
   if sort_by_length:

@@ -126,16 +126,21 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize()
 
 
-def load_tokenizer(config, workdir: str, train_pairs) -> data_lib.Tokenizer:
-  """The base model's tokenizer, the one saved in the workdir, or a BPE trained on the corpus."""
+def load_tokenizer(config, workdir: str, train_pairs, base_tokenizer=None) -> data_lib.Tokenizer:
+  """The one saved in the workdir, the base model's (`base_tokenizer`, a Hugging Face
+  tokenizer), or a BPE trained on the corpus; in chat format when `data.chat`."""
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "tokenizer_config.json")):
-    return data_lib.Tokenizer.load(saved)
-  if config.model.init_from:
-    tok = data_lib.Tokenizer.from_pretrained(config.model.init_from)
+    return data_lib.Tokenizer.load(saved, chat=config.data.chat)
+  if base_tokenizer is not None:
+    tok = data_lib.Tokenizer(base_tokenizer, chat=config.data.chat)
+  elif config.model.init_from:
+    raise ValueError(f"model.init_from={config.model.init_from!r} has no tokenizer: add its "
+                     "tokenizer files")
   else:
     texts = [t for p in train_pairs for t in (p["source"], p["target"])]
     tok = data_lib.Tokenizer.train_bpe(texts, config.data.vocab_size)
+    tok.set_chat(config.data.chat)
   if jax.process_index() == 0:
     tmp = saved + f".tmp{os.getpid()}"
     tok.save(tmp)
@@ -166,15 +171,15 @@ class Trainer:
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
     self.pairs = data_lib.load_pairs(config.data)
-    self.tok = load_tokenizer(config, workdir, self.pairs["train"])
-    self.base_params = None
+    self.base_params, base_tokenizer = None, None
     if config.model.init_from:
       from ulskip_jax import hf
-      base, _ = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
-                                   param_dtype=config.model.param_dtype)
+      base, base_tokenizer = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
+                                                param_dtype=config.model.param_dtype)
       self.model_cfg = base.cfg
       self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
-    else:
+    self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
+    if not config.model.init_from:
       self.model_cfg = model_config(config, self.tok.vocab_size)
     self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
     abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
@@ -435,6 +440,7 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
   against the model's own abstract state (built from the config the checkpoint records), so
   the tree keeps its structure and key types: layer i comes back as layer i.
+  The tokenizer formats prompts as training did (chat format if the run used it).
   with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
   prompt template.
   """
@@ -452,7 +458,8 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   model = abstract["model"]
   nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
   nnx.update(model, state)
-  tok = data_lib.Tokenizer.load(restored.tokenizer_dir) if restored.tokenizer_dir else None
+  chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
+  tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
   if with_config:
     return model, tok, restored.meta.get("config", {})
   return model, tok
