@@ -1,9 +1,10 @@
 """ulskip_jax: Unified Layer Skipping (Liu, Meng and Zhou, 2024) in JAX / Flax NNX."""
 
+from ulskip_jax.gguf_io import smollm2_path
 from ulskip_jax.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache, kept_layers
 from ulskip_jax.skipping import SkipPlan, plan_layers
 
 __all__ = ["Decoder", "KVCache", "ModelConfig", "SkipPlan", "cache_bytes", "config_from_hf",
            "config_to_hf", "from_pretrained", "init_cache", "kept_layers", "plan_layers",
-           "save_pretrained"]
+           "save_pretrained", "smollm2_path"]

