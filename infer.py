@@ -17,7 +17,9 @@ Per ratio it prints generated tokens/s, (prompt + generated) tokens/s (what the 
 reports), wall and compile time, KV cache bytes, and BLEU + chrF (sacrebleu; `--metric rouge`
 for ROUGE-1/2/L F1) when references are given. Bad input is reported in one line on stderr with
 exit code 2. A prompt longer than the model's positions minus --max-new-tokens is an error (it
-is never truncated silently).
+is never truncated silently). Every option, file and folder is checked before any decoding (the
+output folders too), and every error is one line (exit code 2 for bad input, 1 for an internal
+error, whose traceback --verbose prints).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import string
 import sys
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
   """Bad input: reported in one line on stderr, exit code 2."""
 
 
@@ -170,8 +173,44 @@ def score(hyps: list[str], refs: list[str], metric: str) -> dict[str, float]:
               chrf=sacrebleu.corpus_chrf(hyps, [refs]).score)
 
 
+def check_args(args) -> None:
+  """The checks that need no model, before it is loaded: counts, files to read, folders to write
+  (so a missing output folder fails now, not after decoding)."""
+  for flag in ("batch_size", "max_new_tokens", "num_beams"):
+    if getattr(args, flag) < 1:
+      raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+  if args.step is not None and args.step < 0:
+    raise UsageError(f"--step {args.step} is invalid: give a checkpoint step >= 0")
+  for what, path in (("input", args.input), ("references", args.references)):
+    if path is not None and not os.path.isfile(path):
+      raise UsageError(f"cannot read {what} {path}: "
+                       + ("it is a directory" if os.path.isdir(path) else "no such file"))
+  for flag, path in (("--output", args.output), ("--metrics-out", args.metrics_out)):
+    if path is not None:
+      _check_writable(flag, path)
+
+
+def _check_writable(flag: str, path: str) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UsageError(f"{flag} {path} is a directory: give a file path")
+  if not os.path.isdir(folder):
+    raise UsageError(f"{flag} {path}: folder {os.path.dirname(path) or folder} does not exist "
+                     "(create it first)")
+  if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UsageError(f"{flag} {path} is not writable")
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, with its errors in one line (the usage text is one --help away)."""
+
+  def error(self, message):
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = _Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="Hugging Face folder or training workdir")
   p.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the "
                  "latest)")
@@ -205,12 +244,24 @@ def parse_args(argv):
   p.add_argument("--input-field", default="source", help="JSONL field holding the prompt")
   p.add_argument("--metrics-out", help="write a JSON summary of every run here")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
   return p.parse_args(argv)
 
 
 def run(args) -> dict:
+  check_args(args)
   from ulskip_jax import decode
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
+  runs = parse_runs(args, model.cfg.num_layers)
+  kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  for _, plan in runs:  # every option of every run, before any input is read or decoded
+    try:
+      decode.check_generate(model, **plan, **kw)
+    except ValueError as e:  # named as the flag: "top_k=0 ..." -> "--top-k=0 ..."
+      raise UsageError(re.sub(r"^(\w+)=", lambda m: f"--{m[1].replace('_', '-')}="
+                              if m[1] in kw else m[0], str(e))) from None
   texts = read_prompts(args.input, args.input_field, args.template or train_template)
   refs = None
   if args.references:
@@ -218,22 +269,15 @@ def run(args) -> dict:
     if len(refs) != len(texts):
       raise UsageError(f"references {args.references} has {len(refs)} lines but input "
                        f"{args.input} has {len(texts)}: they must match line for line")
-  for flag in ("batch_size", "max_new_tokens", "num_beams"):
-    if getattr(args, flag) < 1:
-      raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
-  runs = parse_runs(args, model.cfg.num_layers)
   chat = resolve_chat(tokenizer, args.chat)
-  kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   summary = dict(checkpoint=args.checkpoint, input=args.input, num_prompts=len(texts), chat=chat,
                  num_layers=model.cfg.num_layers, batch_size=args.batch_size, settings=kw, runs=[])
   for label, plan in runs:
     try:
       hyps, stats = decode.generate_text(model, tokenizer, texts, batch_size=args.batch_size,
                                          progress=not args.no_progress, chat=chat, **plan, **kw)
-    except ValueError as e:  # a prompt too long for the model (numbered from 0), a bad option
-      raise UsageError(f"{args.input}: {e}")
+    except ValueError as e:  # a prompt (numbered from 0): too long, or ids the model lacks
+      raise UsageError(f"{args.input}: {e}") from None
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]
     path = output_path(args.output, label, len(runs) > 1)
     _write(path, "".join(h + "\n" for h in hyps))
@@ -271,14 +315,17 @@ def _write(path: str, text: str) -> None:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
   try:
-    run(args)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    args = parse_args(argv)
+  except SystemExit as e:  # --help (0) or a bad flag (2, reported in one line)
+    return e.code
+  from ulskip_jax import cli
+  return cli.run(lambda: run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code:  # no interpreter teardown: abandoned TensorStore reads would report into it
+    os._exit(code)

@@ -7,8 +7,9 @@ tensorboardX imports it whenever it is installed, which costs each child ~1.5 s 
 
 Environment:
   ULSKIP_TEST_PAUSE_AT=STEP       once step STEP (0-based) is dispatched, write <workdir>/paused
-                                  and wait there (up to 5 min) for SIGTERM, so that a test can
-                                  kill or preempt the run at a known step however slow it runs;
+                                  and wait there (up to 5 min) for SIGTERM or SIGINT, so that a
+                                  test can kill, preempt or interrupt the run at a known step
+                                  however slow it runs;
                                   with several processes, write paused<process index> and wait
                                   for <workdir>/go instead (JAX's preemption service, not a Python
                                   handler, receives SIGTERM there)
@@ -47,12 +48,17 @@ def _patch_trainer():
   trainer = train_lib.Trainer
   original_step, original_init_state, original_save = trainer.step, trainer.init_state, trainer.save
 
-  guard, original_on_sigterm = ckpt_lib.PreemptionGuard, ckpt_lib.PreemptionGuard._on_sigterm
-  sigterm = []
+  guard = ckpt_lib.PreemptionGuard
+  original_on_sigterm, original_on_sigint = guard._on_sigterm, guard._on_sigint
+  sigterm = []  # SIGTERM or SIGINT, whichever ends the pause
 
   def on_sigterm(self, signum, frame):
     sigterm.append(signum)
     original_on_sigterm(self, signum, frame)
+
+  def on_sigint(self, signum, frame):
+    sigterm.append(signum)
+    original_on_sigint(self, signum, frame)
 
   def pausing_step(self, state, local_batch, step):
     out = original_step(self, state, local_batch, step)
@@ -85,6 +91,7 @@ def _patch_trainer():
   if pause_at >= 0:
     trainer.step = pausing_step
     guard._on_sigterm = on_sigterm
+    guard._on_sigint = on_sigint
   if shardings_path:
     trainer.init_state = recording_init_state
   if params_path:

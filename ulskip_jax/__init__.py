@@ -1,5 +1,12 @@
 """ulskip_jax: Unified Layer Skipping (Liu, Meng and Zhou, 2024) in JAX / Flax NNX."""
 
+import logging as _logging
+
+# transformers announces on import that PyTorch is missing; we only use its tokenizers, which
+# need no torch, so that notice is noise. Its other warnings and errors still show.
+_logging.getLogger("transformers").addFilter(
+    lambda record: "PyTorch was not found" not in record.getMessage())
+
 from ulskip_jax.gguf_io import smollm2_path
 from ulskip_jax.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache, kept_layers

@@ -25,8 +25,9 @@ Resume:
                                          params_target=abstract_params,
                                          opt_state_target=abstract_opt_state)
 An unreadable step raises CheckpointError naming the earlier steps, and the user picks one
-with --config.checkpoint.resume_step=N: silently training on from an older step is a choice we leave
-to the caller, who can pass `fallback=True` to walk back to the newest readable step.
+with --config.checkpoint.resume_step=N (infer.py: --step N): silently training on from an older
+step is a choice we leave to the caller, who can pass `fallback=True` to walk back to the newest
+readable step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import logging as std_logging
 import os
 import signal
+import sys
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
@@ -50,7 +52,9 @@ PyTree = Any
 # Files never copied with a tokenizer, so pointing `tokenizer_dir` at a Hugging Face
 # model directory does not put a copy of the weights into every step.
 _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.msgpack', '.h5', '.gguf')
-_RESUME_HINT = '--config.checkpoint.resume_step=N'
+_RESUME_HINT = ('resume from one with --config.checkpoint.resume_step=N, or restore with'
+                ' fallback=True')
+_INFER_HINT = 'load one with --step N'
 
 # Orbax warns on every read-only manager, i.e. on every inference restore; reading is what we
 # asked for, so the notice only adds noise to infer.py's output.
@@ -134,6 +138,7 @@ class Checkpointer:
       so the caller may donate or overwrite its device buffers right away.
     tokenizer_dir: copied into every step, so a step alone is enough for inference.
     read_only: for inference; never creates, writes or cleans anything.
+    hint: how the user picks an earlier step, ending the error for an unreadable one.
   """
 
   def __init__(
@@ -145,9 +150,11 @@ class Checkpointer:
       async_: bool = True,
       tokenizer_dir: str | None = None,
       read_only: bool = False,
+      hint: str = _RESUME_HINT,
   ):
     self.directory = epath.Path(os.path.abspath(directory))  # Orbax rejects relative paths
     self._tokenizer_dir = tokenizer_dir
+    self._hint = hint
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f'checkpoint directory {self.directory} does not exist')
     policies = ocp.checkpoint_managers
@@ -286,8 +293,7 @@ class Checkpointer:
         earlier = [s for s in steps if s < candidate]
         first_error = first_error or CheckpointError(
             f'checkpoint step {candidate} in {self.directory} is unreadable or corrupt'
-            f' ({_one_line(e)}); earlier steps: {earlier or "none"}; resume from one'
-            f' with {_RESUME_HINT}, or restore with fallback=True'
+            f' ({_one_line(e)}); earlier steps: {earlier or "none"}; {self._hint}'
         )
         if fallback:
           logging.warning('skipping unreadable checkpoint step %d: %s',
@@ -339,7 +345,7 @@ def restore_params(
   key is a string: an `nnx.List` of layers then comes back as keys '0', '1', '10', '11', ...,
   which flatten in string order, and merging that into a model shuffles its layers.
   """
-  ckpt = Checkpointer(directory, read_only=True)
+  ckpt = Checkpointer(directory, read_only=True, hint=_INFER_HINT)
   try:
     if callable(params_target):
       params_target = params_target(ckpt.meta(step))
@@ -350,34 +356,50 @@ def restore_params(
 
 
 class PreemptionGuard:
-  """Turns SIGTERM, the scheduler's preemption notice, into a flag the loop polls.
+  """Turns SIGTERM (the scheduler's preemption notice) and Ctrl-C into a flag the loop polls.
 
-  Single process: a Python SIGTERM handler sets `requested`; the loop saves (force=True)
-  and exits. Multi-host: JAX's preemption sync manager (started by
-  `jax.distributed.initialize`) already owns SIGTERM, and hosts must agree on the step
-  to save, so `should_stop` asks it for the sync point instead and no handler is
-  installed. Use as a context manager; the previous handler comes back on exit.
+  Single process: Python handlers for SIGTERM and SIGINT set `requested` (and `signal`, the
+  name of the first one); the loop saves (force=True) and exits. A second Ctrl-C ends the
+  process at once (exit code 130), saving nothing. Multi-host: JAX's preemption sync manager
+  (started by `jax.distributed.initialize`) already owns SIGTERM, and hosts must agree on the
+  step to save, so `should_stop` asks it for the sync point instead and no handler is
+  installed (Ctrl-C then raises KeyboardInterrupt, as by default: one host cannot stop alone).
+  Use as a context manager; the previous handlers come back on exit.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous_handler = None
+    self.signal: str | None = None
+    self._previous_handlers = {}
     self._multihost = jax.process_count() > 1
 
   def __enter__(self):
     if not self._multihost:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum, handler in ((signal.SIGTERM, self._on_sigterm),
+                              (signal.SIGINT, self._on_sigint)):
+        self._previous_handlers[signum] = signal.signal(signum, handler)
     return self
 
   def __exit__(self, *exc):
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: will save a checkpoint and stop')
     self.requested = True
+    self.signal = self.signal or 'SIGTERM'
+
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    if self.signal == 'SIGINT':
+      _say('error: interrupted twice: stopping now, without saving')
+      os._exit(130)  # pylint: disable=protected-access
+    _say('interrupted: finishing this step, saving a checkpoint and stopping (Ctrl-C again to'
+         ' stop now)')
+    self.requested = True
+    self.signal = 'SIGINT'
 
   def should_stop(self, step: int) -> bool:
     """True once the loop should save `step` and exit; call it every step."""
@@ -387,3 +409,10 @@ class PreemptionGuard:
       except RuntimeError:  # jax_enable_preemption_service is off: nothing to sync on
         pass
     return self.requested
+
+
+def _say(message: str) -> None:
+  """One line on stderr, on a line of its own even while a progress bar is drawn."""
+  from tqdm import tqdm  # already imported by the loop that draws the bar
+  tqdm.write(message, file=sys.stderr)
+  sys.stderr.flush()

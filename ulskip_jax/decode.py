@@ -27,6 +27,7 @@ silently (truncation would change what is being evaluated). Empty prompts are re
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache
 from ulskip_jax.skipping import plan_layers
 
@@ -121,7 +123,11 @@ def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | Non
     raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
   if ratio is not None:
     return plan_layers(num_layers, ratio).skipped
-  return plan_layers(num_layers, strategy=tuple(skip)).skipped if skip else ()
+  if skip is None:
+    return ()
+  if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
+    raise ValueError(f"skip={skip!r} is invalid: give a list of layer indices, e.g. (1, 3)")
+  return plan_layers(num_layers, strategy=tuple(skip)).skipped if len(skip) else ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,53 +340,115 @@ def _executable(fn, graphdef, state, args, opts: DecodeOptions):
   return compiled, time.perf_counter() - start
 
 
-def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> None:
-  if not prompts:
+_TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
+
+
+def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[np.ndarray]:
+  """The prompts as int32 arrays, each checked: token ids (not text), not empty, every id in
+  [0, vocab_size) (a larger id reads past the embedding, a negative one wraps), and room for
+  max_new_tokens after it. Lists, tuples and integer arrays (numpy or JAX) are accepted."""
+  if isinstance(prompts, (str, bytes)):
+    raise ValueError(f"prompts={prompts[:40]!r} is text: {_TEXT_HINT}")
+  if getattr(prompts, "ndim", 2) != 2 or not hasattr(prompts, "__len__"):
+    raise ValueError(f"prompts={prompts!r} is invalid: give a list of prompts, each a list of "
+                     "token ids")
+  if not len(prompts):
     raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: it must be an int >= 1")
+  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
+  V = cfg.vocab_size
+  checked = []
   for i, p in enumerate(prompts):
-    if len(p) == 0:
+    if isinstance(p, (str, bytes)):
+      raise ValueError(f"prompt {i} is text ({p[:40]!r}): {_TEXT_HINT}")
+    try:
+      ids = np.asarray(p)
+    except ValueError:  # ragged nesting
+      ids = np.asarray(p, dtype=object)
+    if ids.ndim != 1:
+      raise ValueError(f"prompt {i} is invalid: it must be a flat list of token ids (got shape "
+                       f"{ids.shape})")
+    if ids.size == 0:
       raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+    if ids.dtype.kind not in "iu":
+      bad = next(x for x in list(p) if isinstance(x, bool) or not isinstance(x, numbers.Integral))
+      raise ValueError(f"prompt {i} holds {bad!r}, not a token id: ids are ints in [0, {V})")
+    outside = np.flatnonzero((ids < 0) | (ids >= V))
+    if outside.size:
+      j = int(outside[0])
+      raise ValueError(f"prompt {i} has token id {int(ids[j])} at position {j}: ids must be in "
+                       f"[0, {V}) (the model's vocab_size)")
+    checked.append(ids.astype(np.int32))
     if len(p) + max_new_tokens > cfg.max_position:
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
                        f"needs {len(p) + max_new_tokens} positions but the model allows "
                        f"{cfg.max_position}: shorten it or lower max_new_tokens")
+  return checked
 
 
-def _plan_call(model: Decoder, prompts, *, beam_search: bool, skip=None, ratio=None,
-               max_new_tokens, eos_id=None, pad_id=0, mode="paper", temperature=0.0, top_k=None,
-               top_p=None, num_beams=1, no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
-               early_stopping=True):
-  """Validate the options; return (function, static options, array arguments, cache rows, P)."""
-  cfg = model.cfg
-  if mode not in ("paper", "everywhere"):
-    raise ValueError(f"mode={mode!r} is unknown: allowed are 'paper' and 'everywhere'")
+def _check_options(cfg: ModelConfig, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
+                   pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
+                   no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
+                   early_stopping=True) -> dict[str, Any]:
+  """Every option of `generate` but the prompts, checked (one-line ValueErrors naming the
+  option, its value and what is allowed) and returned as plain Python values, so numpy scalars
+  work and NaN never reaches a comparison that would silently be False."""
+  V = cfg.vocab_size
+  as_choice("mode", mode, ("paper", "everywhere"))
   skip = resolve_skip(cfg.num_layers, skip, ratio)
-  _check_prompts(cfg, prompts, max_new_tokens)
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature} is negative: use 0 for greedy, > 0 to sample")
+  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
+  eos_id = None if eos_id is None else as_int("eos_id", eos_id, 0, V - 1)
+  pad_id = as_int("pad_id", pad_id, 0, V - 1)
+  temperature = as_float("temperature", temperature, min=0)  # 0 = greedy
   sample = temperature > 0
+  top_k = None if top_k is None else as_int("top_k", top_k, 1, V)
+  top_p = None if top_p is None else as_float("top_p", top_p, 0, 1, min_open=True)
   if not sample and (top_k is not None or top_p is not None):
     raise ValueError("top_k / top_p need sampling: set temperature > 0")
-  if num_beams < 1 or (num_beams > 1 and sample):
+  num_beams = as_int("num_beams", num_beams, min=1)
+  if num_beams > 1 and sample:
     raise ValueError(f"num_beams={num_beams} with temperature={temperature} is unsupported: beam "
-                     "search is deterministic (temperature=0) and num_beams must be >= 1")
-  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-    raise ValueError(f"top_k={top_k} is out of range: allowed is 1 <= top_k <= {cfg.vocab_size}")
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} is out of range: allowed is 0 < top_p <= 1")
-  if not 0 <= no_repeat_ngram_size <= MIN_BUCKET:
-    raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size} is out of range: allowed is "
-                     f"0 (off) to {MIN_BUCKET}")
-  if early_stopping not in (True, False, "never"):
+                     "search is deterministic (temperature=0)")
+  no_repeat_ngram_size = as_int("no_repeat_ngram_size", no_repeat_ngram_size, 0, MIN_BUCKET)
+  seed = as_int("seed", seed, 0, 2**32 - 1)  # jax.random.key truncates larger seeds silently
+  length_penalty = as_float("length_penalty", length_penalty)
+  if not any(early_stopping is x for x in (True, False)) and early_stopping != "never":
     raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
                      "'never'")
-  opts = DecodeOptions(skip=skip, paper_mode=(mode == "paper" and bool(skip)),
-                       max_new_slots=bucket(max_new_tokens, MIN_BUCKET), sample=sample,
-                       top_k=top_k, use_top_p=top_p is not None, num_beams=num_beams,
-                       no_repeat_ngram_size=no_repeat_ngram_size,
-                       early_stopping=early_stopping if beam_search else True)
+  return dict(skip=skip, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
+              temperature=temperature, sample=sample, top_k=top_k, top_p=top_p,
+              num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+              length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+def check_generate(model: Decoder, prompts=None, **kw) -> None:
+  """Raises the one-line ValueError `generate(model, prompts, **kw)` would, building and running
+  nothing; with prompts=None the options alone (e.g. before any input is read)."""
+  speculative = kw.pop("speculative", None)
+  if speculative is not None:
+    from ulskip_jax import speculative as speculative_lib  # it imports this module
+    speculative_lib.check_options(model.cfg, speculative, **kw)
+  else:
+    _check_options(model.cfg, **kw)
+  max_new_tokens = as_int("max_new_tokens", kw.get("max_new_tokens"), min=1)
+  if prompts is not None:
+    _check_prompts(model.cfg, prompts, max_new_tokens)
+  elif max_new_tokens >= model.cfg.max_position:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model "
+                     f"allows {model.cfg.max_position} positions in all")
+
+
+def _plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
+  """Validate the options; return (function, static options, array arguments, cache rows, P)."""
+  cfg = model.cfg
+  o = _check_options(cfg, **kw)
+  prompts = _check_prompts(cfg, prompts, o["max_new_tokens"])
+  skip, max_new_tokens, num_beams = o["skip"], o["max_new_tokens"], o["num_beams"]
+  pad_id = o["pad_id"]
+  opts = DecodeOptions(skip=skip, paper_mode=(o["mode"] == "paper" and bool(skip)),
+                       max_new_slots=bucket(max_new_tokens, MIN_BUCKET), sample=o["sample"],
+                       top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=num_beams,
+                       no_repeat_ngram_size=o["no_repeat_ngram_size"],
+                       early_stopping=o["early_stopping"] if beam_search else True)
   B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
   prompt_BP = np.full((B, P), pad_id, np.int32)
   pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
@@ -389,9 +457,9 @@ def _plan_call(model: Decoder, prompts, *, beam_search: bool, skip=None, ratio=N
     pad_B[i] = P - len(p)
   active_B = np.arange(B) < len(prompts)
   args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens),
-          np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
-          jax.random.key_data(jax.random.key(seed)), np.float32(max(temperature, 1e-6)),
-          np.float32(top_p or 1.0), np.float32(length_penalty))
+          np.int32(-1 if o["eos_id"] is None else o["eos_id"]), np.int32(pad_id),
+          jax.random.key_data(jax.random.key(o["seed"])), np.float32(max(o["temperature"], 1e-6)),
+          np.float32(o["top_p"] or 1.0), np.float32(o["length_penalty"]))
   fn = _beam_fn if beam_search else _sample_fn
   return fn, opts, args, B * num_beams, P
 
@@ -506,13 +574,17 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   prompt buckets small. eos_id / pad_id default to the tokenizer's; other keyword arguments go to
   `generate`. progress: a tqdm bar over batches (on stderr).
   """
+  if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+    raise ValueError(f"texts={texts!r:.60} is not a list of strings: give one string per prompt")
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"texts[{i}]={text!r:.60} is not a string: give one string per prompt")
   eos_id, pad_id = special_ids(tokenizer)
   kw.setdefault("eos_id", eos_id)
   kw.setdefault("pad_id", pad_id)
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+  batch_size = as_int("batch_size", batch_size, min=1)
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
-  _check_prompts(model.cfg, prompts, kw.get("max_new_tokens", 1))
+  check_generate(model, prompts, **kw)
   order = list(range(len(prompts)))
   if sort_by_length:
     order.sort(key=lambda i: len(prompts[i]))

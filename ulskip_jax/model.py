@@ -37,6 +37,7 @@ from flax import nnx
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
+DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class ModelConfig:
 
   def __post_init__(self):
     allowed = dict(norm=("rms", "layer"), mlp=("gated", "plain"), act=("silu", "gelu", "gelu_tanh"),
-                   pos=("rope", "learned", "alibi"))
+                   pos=("rope", "learned", "alibi"), dtype=DTYPES, param_dtype=DTYPES)
     for field, values in allowed.items():
       if getattr(self, field) not in values:
         raise ValueError(f"{field}={getattr(self, field)!r} is unknown: allowed are {values}")

@@ -29,9 +29,11 @@ layer, in which case it raises.
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 import random as _random
 from collections.abc import Sequence
+
+from ulskip_jax.checks import as_float, as_int
 
 STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", "random")
 
@@ -50,20 +52,26 @@ class SkipPlan:
     return self.num_layers / len(self.kept)
 
 
-def _check_num_layers(num_layers) -> None:
-  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-    raise ValueError(f"num_layers={num_layers!r} is invalid: it must be an int >= 1")
+def _check_num_layers(num_layers) -> int:
+  return as_int("num_layers", num_layers, min=1)
+
+
+def _check_ratio(num_layers: int, ratio) -> float:
+  try:
+    value = as_float("ratio", ratio)
+  except ValueError:
+    raise ValueError(f"ratio={ratio!r} is invalid: it must be a number in [1, {num_layers}]"
+                     ) from None
+  if not 1 <= value <= num_layers:
+    raise ValueError(f"ratio={ratio!r} is out of range: allowed is 1 <= ratio <= num_layers="
+                     f"{num_layers}")
+  return value
 
 
 def num_kept(num_layers: int, ratio: float) -> int:
   """n = int(L / r), the paper's layer budget for speedup ratio r (1 <= r <= L)."""
-  _check_num_layers(num_layers)
-  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-    raise ValueError(f"ratio={ratio!r} is invalid: it must be a number in [1, {num_layers}]")
-  if not 1 <= ratio <= num_layers:
-    raise ValueError(f"ratio={ratio!r} is out of range: allowed is 1 <= ratio <= num_layers="
-                     f"{num_layers}")
-  return int(num_layers / ratio)
+  num_layers = _check_num_layers(num_layers)
+  return int(num_layers / _check_ratio(num_layers, ratio))
 
 
 def _uls(L: int, n: int) -> list[int]:
@@ -84,8 +92,10 @@ def _uls_reference(L: int, n: int) -> list[int]:
 
 def _from_skipped(L: int, skipped: Sequence[int]) -> list[int]:
   for i in skipped:
-    if isinstance(i, bool) or not isinstance(i, int):
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):
       raise ValueError(f"skip index {i!r} is not an int: indices must be ints in [0, {L - 1}]")
+  skipped = [int(i) for i in skipped]
+  for i in skipped:
     if not 0 <= i < L:
       raise ValueError(f"skip index {i} is out of range: allowed is 0 <= index < {L}")
   if len(set(skipped)) != len(skipped):
@@ -111,8 +121,10 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     "random":        n layers drawn with `seed`.
     a sequence of ints: the skipped layer indices themselves (`ratio` must then be None).
   """
-  _check_num_layers(num_layers)
-  L = num_layers
+  L = _check_num_layers(num_layers)
+  if isinstance(strategy, (bytes, numbers.Number)) or not isinstance(strategy, (str, Sequence)):
+    raise ValueError(f"strategy={strategy!r} is invalid: give a strategy name ("
+                     f"{', '.join(STRATEGIES)}) or a list of skipped indices")
   if not isinstance(strategy, str):
     if ratio is not None:
       raise ValueError(f"ratio={ratio!r} given with an explicit skip list: pass one or the other")
@@ -123,7 +135,7 @@ def plan_layers(num_layers: int, ratio: float | None = None,
                      "or a list of skipped indices")
   if ratio is None:
     raise ValueError(f"strategy={strategy!r} needs a ratio (a number in [1, {L}])")
-  n = num_kept(L, ratio)
+  n = int(L / _check_ratio(L, ratio))
   if strategy in ("uls", "uls_reference") and n < 2 and L > 1:
     raise ValueError(f"ratio={ratio!r} keeps n=int({L}/{ratio})={n} layer(s), but {strategy!r} "
                      f"keeps the first and the last: allowed is ratio <= {L / 2:g}")

@@ -65,7 +65,8 @@ import numpy as np
 from flax import nnx
 
 from ulskip_jax import decode
-from ulskip_jax.model import Decoder, KVCache, cache_bytes, kept_layers
+from ulskip_jax.checks import as_int
+from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
@@ -410,11 +411,12 @@ def parse_speculative(text: str) -> dict[str, Any]:
 OPTION_KEYS = ("draft_skip", "draft_ratio", "num_draft_tokens", "draft_cache")
 
 
-def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *, skip, ratio,
-                         num_beams, no_repeat_ngram_size, **kw
-                         ) -> tuple[list[list[int]], SpeculativeStats]:
-  """`decode.generate(..., speculative=dict(...))`: refuse what speculation cannot combine with,
-  then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments."""
+def _check_combination(speculative: dict[str, Any], skip, ratio, num_beams,
+                       no_repeat_ngram_size) -> None:
+  """What `decode.generate(..., speculative=...)` cannot combine with speculation."""
+  if not isinstance(speculative, dict):
+    raise ValueError(f"speculative={speculative!r} is invalid: give a dict, e.g. "
+                     "dict(draft_ratio=2, num_draft_tokens=4)")
   unknown = sorted(set(speculative) - set(OPTION_KEYS))
   if unknown:
     raise ValueError(f"speculative option(s) {unknown} unknown: allowed are "
@@ -425,24 +427,46 @@ def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *
   if num_beams != 1 or no_repeat_ngram_size:
     raise ValueError(f"num_beams={num_beams} / no_repeat_ngram_size={no_repeat_ngram_size} with "
                      "speculative is unsupported: speculative decoding is greedy or sampling")
+
+
+def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *, skip, ratio,
+                         num_beams, no_repeat_ngram_size, **kw
+                         ) -> tuple[list[list[int]], SpeculativeStats]:
+  """`decode.generate(..., speculative=dict(...))`: refuse what speculation cannot combine with,
+  then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments."""
+  _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
   return generate(model, prompts, **speculative, **kw)
 
 
-def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
-          draft_cache="shared", mode="paper", **kw):
-  """Validate; return (static options, array arguments, B, S)."""
-  cfg = model.cfg
+def check_options(cfg: ModelConfig, speculative: dict[str, Any], *, skip=None, ratio=None,
+                  num_beams=1, no_repeat_ngram_size=0, mode="paper", **kw) -> None:
+  """Raises what `decode.generate(..., speculative=...)` would for these options, running
+  nothing (`decode.check_generate` calls it)."""
+  _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
+  _check_draft(cfg, mode=mode, **speculative)
+  decode._check_options(cfg, mode=mode, **kw)
+
+
+def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
+                 draft_cache="shared", mode="paper") -> tuple[tuple[int, ...], int]:
+  """The draft's skipped layers and num_draft_tokens, checked."""
   skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio)
-  if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or not (
-      1 <= num_draft_tokens <= decode.MIN_BUCKET):
-    raise ValueError(f"num_draft_tokens={num_draft_tokens!r} is out of range: allowed is 1 to "
-                     f"{decode.MIN_BUCKET}")
+  num_draft_tokens = as_int("num_draft_tokens", num_draft_tokens, 1, decode.MIN_BUCKET)
   if draft_cache not in DRAFT_CACHES:
     raise ValueError(f"draft_cache={draft_cache!r} is unknown: allowed are "
                      f"{', '.join(DRAFT_CACHES)}")
   if draft_cache == "shared" and mode != "paper":
     raise ValueError(f"mode={mode!r} with draft_cache='shared' is impossible: the shared cache "
                      "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
+  return skip, num_draft_tokens
+
+
+def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
+          draft_cache="shared", mode="paper", **kw):
+  """Validate; return (static options, array arguments, B, S)."""
+  skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
+                                        num_draft_tokens=num_draft_tokens,
+                                        draft_cache=draft_cache, mode=mode)
   _, dec_opts, args, B, P = decode._plan_call(model, prompts, beam_search=False, mode=mode, **kw)
   opts = SpeculativeOptions(draft_skip=skip, num_draft_tokens=num_draft_tokens,
                             shared_cache=draft_cache == "shared", paper_mode=mode == "paper",

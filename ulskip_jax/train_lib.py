@@ -11,12 +11,14 @@ the loss is on response tokens only. "everywhere" mode skips on every token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,6 +30,7 @@ import optax
 from flax import nnx
 
 from ulskip_jax import checkpoint as ckpt_lib
+from ulskip_jax import config_check
 from ulskip_jax import data as data_lib
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
@@ -190,9 +193,7 @@ class Trainer:
                                           self.param_sh)
     self.batch_sh = shd.batch_sharding(self.mesh)
     self.optimizer = make_optimizer(config.optim, config.num_steps)
-    self.paper = config.skip.mode == "paper"
-    if config.skip.mode not in ("paper", "everywhere"):
-      raise ValueError(f"skip.mode={config.skip.mode!r} is unknown: allowed are paper, everywhere")
+    self.paper = config.skip.mode == "paper"  # config_check.validate_run checked the values
     n_proc = jax.process_count()
     if config.batch_size % (n_proc * config.optim.accum_steps):
       raise ValueError(f"batch_size={config.batch_size} must be divisible by process count "
@@ -309,51 +310,129 @@ class Trainer:
                 model_config=dataclasses.asdict(self.model_cfg))
     self.ckpt.save(step, state["params"], state["opt_state"], meta, force=force)
 
+  def close(self) -> None:
+    """Waits for a pending async save, then stops Orbax's threads."""
+    try:
+      self.ckpt.wait()
+    finally:
+      self.ckpt.close()
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped training once a checkpoint was saved; the message names the step."""
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last metrics. Logs JSONL + TensorBoard in workdir."""
+  """Runs (or resumes) training; returns the last metrics. Logs JSONL + TensorBoard in workdir.
+
+  The config and the workdir are validated first (`config_check.validate_run`), before any data
+  is read or any process group formed. SIGTERM or Ctrl-C (SIGINT, single process): the current
+  step finishes, a checkpoint is saved and the loop stops; after Ctrl-C this then raises
+  Interrupted, and a second Ctrl-C ends the process at once (exit code 130), saving nothing.
+  """
+  config_check.validate_run(config, workdir)
   maybe_initialize_distributed(config.distributed)
-  trainer = Trainer(config, workdir)
+  with _stdout_silenced():  # the BPE trainer's progress bars: blank lines unless on a terminal
+    trainer = Trainer(config, workdir)
+  with ckpt_lib.PreemptionGuard() as guard:
+    try:
+      last, stopped_at = _train(trainer, guard)
+    except BaseException:
+      with contextlib.suppress(Exception):  # the error in flight is the one to report
+        trainer.close()
+      raise
+    trainer.close()
+  if stopped_at is not None and guard.signal == "SIGINT":
+    raise Interrupted(f"interrupted: saved step {stopped_at}; run the same command to resume")
+  return last
+
+
+def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
+  """The loop: (last metrics, the step saved when a signal stopped it, else None)."""
+  config, workdir = trainer.config, trainer.workdir
   state = trainer.restore_or_init()
   start = int(state["step"])
   lead = jax.process_index() == 0
-  log = _Logger(workdir, enabled=lead)
+  log = _Logger(workdir, enabled=lead, start_step=start)
   eval_ratios = tuple(config.eval_ratios) or tuple(config.skip.ratios) or (config.skip.ratio,)
   if lead:
     log.text(f"model {trainer.model_cfg.num_layers} layers, "
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
+    if start == config.num_steps:
+      log.text(f"nothing to train: {workdir} is at step {start} = num_steps")
   from tqdm import tqdm
   bar = tqdm(total=config.num_steps, initial=start, disable=not (lead and config.progress_bar),
              dynamic_ncols=True)
-  pending, last = None, {}
+  pending, last, stopped_at = None, {}, None
   t0 = [time.perf_counter()]  # time of the last logged step, for tokens/s
-  with ckpt_lib.PreemptionGuard() as guard:
+  try:
     for step in range(start, config.num_steps):
       state, metrics = trainer.step(state, next(trainer.batcher), step)
       if pending is not None:  # read step t-1's metrics after dispatching step t
         last = _log_metrics(pending, log, bar, config, t0)
       pending = (step, metrics)
       stop = guard.should_stop(step + 1)
-      trainer.save(state, step + 1, force=stop)
+      with _paused(bar, t0):
+        trainer.save(state, step + 1, force=stop)
       if stop:
-        log.text(f"preempted: saved step {step + 1} and stopping")
+        stopped_at = step + 1
+        how = "interrupted (Ctrl-C)" if guard.signal == "SIGINT" else "preempted"
+        log.text(f"{how}: saved step {step + 1} and stopping")
         break
       if config.eval_every and (step + 1) % config.eval_every == 0:
-        last.update(_eval_and_log(trainer, state, step + 1, eval_ratios, log))
+        with _paused(bar, t0, "evaluating"):
+          last.update(_eval_and_log(trainer, state, step + 1, eval_ratios, log))
     if pending is not None:
       last.update(_log_metrics(pending, log, bar, config, t0))
     final = int(state["step"])
     if final == config.num_steps:
       trainer.save(state, final, force=True)
       if config.eval_every and final % config.eval_every:
-        last.update(_eval_and_log(trainer, state, final, eval_ratios, log))
-  trainer.ckpt.wait()
-  trainer.ckpt.close()
-  bar.close()
-  log.close()
+        with _paused(bar, t0, "evaluating"):
+          last.update(_eval_and_log(trainer, state, final, eval_ratios, log))
+  finally:
+    bar.close()  # ends the bar's line, so whatever follows starts on its own
+    log.close()
   last["num_compiles"] = trainer.num_compiles
-  return last
+  return last, stopped_at
+
+
+@contextlib.contextmanager
+def _paused(bar, t0: list, what: str = ""):
+  """Leaves the block's time (an evaluation, a checkpoint) out of the bar's rate and ETA and of
+  the next tokens/s; `what` shows on the bar meanwhile."""
+  start = time.perf_counter()
+  if what and not bar.disable:
+    bar.set_description_str(what)
+  try:
+    yield
+  finally:
+    paused = time.perf_counter() - start
+    t0[0] += paused
+    if not bar.disable:
+      bar.start_t += paused
+      bar.last_print_t += paused
+      if what:
+        bar.set_description_str("")
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+  """Sends file descriptor 1 to /dev/null unless stdout is a terminal (output written below
+  Python, e.g. by Rust, included)."""
+  if sys.stdout is None or sys.stdout.isatty():
+    yield
+    return
+  sys.stdout.flush()
+  saved = os.dup(1)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 1)
+    yield
+  finally:
+    os.dup2(saved, 1)
+    os.close(saved)
 
 
 def _log_metrics(pending, log, bar, config, t0) -> dict:
@@ -379,14 +458,17 @@ def _eval_and_log(trainer, state, step, ratios, log) -> dict:
 
 
 class _Logger:
-  """JSONL + TensorBoard on the lead process."""
+  """JSONL + TensorBoard on the lead process. A run resumed at `start_step` first drops what a
+  killed or preempted run logged after that step (it is about to be logged again)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     if enabled:
       from tensorboardX import SummaryWriter
-      self.jsonl = open(os.path.join(workdir, "log.jsonl"), "a")
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      path = os.path.join(workdir, "log.jsonl")
+      _truncate_log(path, start_step)
+      self.jsonl = open(path, "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
 
   def scalars(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -399,12 +481,34 @@ class _Logger:
 
   def text(self, msg: str) -> None:
     if self.enabled:
-      print(msg, flush=True)
+      from tqdm import tqdm
+      tqdm.write(msg, file=sys.stdout)  # clears the bar first: never glued onto its line
+      sys.stdout.flush()
 
   def close(self) -> None:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _truncate_log(path: str, last_step: int) -> None:
+  """Keeps the records of steps <= last_step (and drops a line a kill cut short)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # the last line of a killed run, cut short
+  if len(keep) != len(lines):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
