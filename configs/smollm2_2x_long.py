@@ -1,4 +1,4 @@
-"""The quick start's recipe run longer: 150 skip-aware steps of SmolLM2-135M-Instruct at 2x.
+"""The quick start's recipe run longer: 100 skip-aware steps of SmolLM2-135M-Instruct at 2x.
 
   python train.py --config configs/smollm2_2x_long.py --workdir runs/smollm2_2x_long
 
@@ -11,7 +11,7 @@ from configs import smollm2_2x
 
 def get_config():
   c = smollm2_2x.get_config()
-  c.num_steps = 150
+  c.num_steps = 100
   c.optim.warmup_steps = 10
   c.eval_every = 50
   c.eval_bleu_examples = 32
