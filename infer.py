@@ -37,20 +37,19 @@ class UsageError(ValueError):
 
 
 def load_model(path: str, step: int | None = None):
-  """(model, tokenizer, template) from a Hugging Face folder (config.json), a training workdir or
-  one of its step folders (`step` picks a checkpoint of a workdir; default the latest).
+  """(model, tokenizer, template) from a Hugging Face folder (config.json), a .gguf file, the
+  packaged SmolLM2 ("smollm2"), a hub id, a training workdir or one of its step folders (`step` picks a checkpoint of a workdir; default the latest).
 
   The template is the training run's prompt template (None for a Hugging Face folder).
   """
-  if not os.path.isdir(path):
-    raise UsageError(f"checkpoint {path} is not a directory: give a Hugging Face folder "
-                     "(config.json) or a training workdir")
+  from ulskip_jax import hf
+  workdir = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and (
+      os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "params"))
+      or any(name.isdigit() for name in os.listdir(path)))
   try:
-    if os.path.isfile(os.path.join(path, "config.json")):
-      from ulskip_jax import hf
+    if not workdir:  # an HF folder, a .gguf file (or a folder of one), smollm2, a hub id
       if step is not None:
-        raise UsageError(f"--step {step} is for a training workdir, but {path} is a Hugging "
-                         "Face folder")
+        raise UsageError(f"--step {step} is for a training workdir, but {path} is a model")
       model, tokenizer = hf.from_pretrained(path)
       template = None
     else:
@@ -59,6 +58,8 @@ def load_model(path: str, step: int | None = None):
       template = config.get("data", {}).get("template")
   except UsageError:
     raise
+  except ValueError as e:  # our own one-line messages (missing path, bad GGUF, bad config.json)
+    raise UsageError(f"checkpoint {path}: {str(e).strip().splitlines()[0]}") from e
   except Exception as e:  # a broken checkpoint: say what failed, in one line
     raise UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -211,7 +212,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
   p = _Parser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="Hugging Face folder or training workdir")
+  p.add_argument("--checkpoint", required=True, help="Hugging Face folder, .gguf file, 'smollm2', "
+                 "hub id, training workdir or step folder")
   p.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the "
                  "latest)")
   p.add_argument("--input", required=True, help="prompts: text (one a line) or .jsonl")

@@ -96,7 +96,7 @@ def test_jsonl_template_single_ratio_and_rouge(checkpoint, files, tmp_path, caps
 
 @pytest.mark.parametrize("case,message", [
     ("missing_checkpoint", "is not a directory"),
-    ("broken_checkpoint", "cannot load checkpoint"),
+    ("broken_checkpoint", "config.json is not valid JSON"),
     ("ratio_out_of_range", "ratio=9.0 is out of range"),
     ("empty_input", "is empty"),
     ("missing_input", "cannot read input"),

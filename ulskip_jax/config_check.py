@@ -249,21 +249,12 @@ def _model_shape(config) -> tuple[int, int, Any]:
   path = config.model.init_from
   if not path:
     return config.model.num_layers, config.model.max_position, None
-  from ulskip_jax import gguf_io, hf
+  from ulskip_jax import hf
   try:  # hf.from_pretrained's own resolution: a folder, a .gguf, the packaged SmolLM2, a hub id
-    local = hf._resolve(path)
-    gguf_file = hf._gguf_file(local)
-    if gguf_file is None:
-      hf_config = json.loads((local / "config.json").read_text(encoding="utf-8"))
-      if not any((local / name).is_file() for name in hf._TOKENIZER_FILES):
-        raise ValueError(f"{local} has no tokenizer files ({', '.join(hf._TOKENIZER_FILES)}): "
-                         "add the base model's tokenizer")
-    else:
-      hf_config = gguf_io.hf_config(gguf_io.read_header(gguf_file))
+    hf_config, has_tokenizer = hf.read_config(path)
+    if not has_tokenizer:
+      raise ValueError("it has no tokenizer files: add the base model's tokenizer")
     model_cfg = hf.config_from_hf(hf_config)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"model.init_from={path!r}: its config.json is not valid JSON ({e.msg}, "
-                     f"line {e.lineno})") from None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"model.init_from={path!r} cannot be used: {e}") from None
   return model_cfg.num_layers, model_cfg.max_position, model_cfg

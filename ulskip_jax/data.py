@@ -105,6 +105,8 @@ def load_pairs(data_cfg: Any) -> dict[str, list[dict[str, str]]]:
     raise ValueError(f'data.source={source!r} is unknown; allowed: {", ".join(SOURCES)}')
   splits = loaders[source](data_cfg)
   max_examples = _cfg(data_cfg, 'max_examples')
+  if max_examples is not None and max_examples < 0:
+    raise ValueError(f'data.max_examples={max_examples} must be >= 0 (0 = all)')
   if max_examples:
     splits = {name: pairs[:max_examples] for name, pairs in splits.items()}
   return splits
@@ -489,6 +491,7 @@ class Tokenizer:
         min_frequency=min_frequency,
         special_tokens=special_tokens,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bars print blank lines when stdout is not a terminal
     )
     bpe.train_from_iterator(texts, trainer)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(
@@ -526,7 +529,10 @@ class Tokenizer:
 
 def check_template(template: str) -> None:
   """Raises ValueError unless `template` uses only {source}, exactly once."""
-  fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+  try:
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+  except ValueError as e:
+    raise ValueError(f'template {template!r} is malformed: {e}') from None
   for field in fields:
     if field not in TEMPLATE_FIELDS:
       raise ValueError(

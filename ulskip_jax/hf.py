@@ -486,6 +486,21 @@ def _gguf_file(local: Path) -> Path | None:
   return ggufs[0]
 
 
+def read_config(path) -> tuple[dict, bool]:
+  """(config.json dict, has a tokenizer) of what `from_pretrained(path)` would load, reading
+  only config.json or the GGUF header: no weights. Raises a one-line ValueError if unusable."""
+  local = _resolve(path)
+  gguf_file = _gguf_file(local)
+  if gguf_file is not None:
+    return gguf_io.hf_config(gguf_io.read_header(gguf_file)), True
+  try:
+    config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{local / 'config.json'} is not valid JSON ({e.msg}, line {e.lineno})"
+                     ) from None
+  return config, any((local / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = None):
   """(Decoder, tokenizer or None) from a Hugging Face folder, a GGUF file, SmolLM2 or a hub id.
 
@@ -502,7 +517,7 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
   local = _resolve(path)
   gguf_file = _gguf_file(local)
   if gguf_file is None:
-    hf = json.loads((local / "config.json").read_text())
+    hf, _ = read_config(local)
     family = hf.get("model_type")
     read = functools.partial(_read_safetensors, local, family)
     described_by = "config.json"

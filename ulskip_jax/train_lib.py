@@ -332,8 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config_check.validate_run(config, workdir)
   maybe_initialize_distributed(config.distributed)
-  with _stdout_silenced():  # the BPE trainer's progress bars: blank lines unless on a terminal
-    trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir)
   with ckpt_lib.PreemptionGuard() as guard:
     try:
       last, stopped_at = _train(trainer, guard)
@@ -415,24 +414,6 @@ def _paused(bar, t0: list, what: str = ""):
       bar.last_print_t += paused
       if what:
         bar.set_description_str("")
-
-
-@contextlib.contextmanager
-def _stdout_silenced():
-  """Sends file descriptor 1 to /dev/null unless stdout is a terminal (output written below
-  Python, e.g. by Rust, included)."""
-  if sys.stdout is None or sys.stdout.isatty():
-    yield
-    return
-  sys.stdout.flush()
-  saved = os.dup(1)
-  try:
-    with open(os.devnull, "w") as devnull:
-      os.dup2(devnull.fileno(), 1)
-    yield
-  finally:
-    os.dup2(saved, 1)
-    os.close(saved)
 
 
 def _log_metrics(pending, log, bar, config, t0) -> dict:
