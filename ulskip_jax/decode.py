@@ -385,10 +385,10 @@ def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[np.nd
   return checked
 
 
-def _check_options(cfg: ModelConfig, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
-                   pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
-                   no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
-                   early_stopping=True) -> dict[str, Any]:
+def check_options(cfg: ModelConfig, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
+                  pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
+                  no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
+                  early_stopping=True) -> dict[str, Any]:
   """Every option of `generate` but the prompts, checked (one-line ValueErrors naming the
   option, its value and what is allowed) and returned as plain Python values, so numpy scalars
   work and NaN never reaches a comparison that would silently be False."""
@@ -428,7 +428,7 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
     from ulskip_jax import speculative as speculative_lib  # it imports this module
     speculative_lib.check_options(model.cfg, speculative, **kw)
   else:
-    _check_options(model.cfg, **kw)
+    check_options(model.cfg, **kw)
   max_new_tokens = as_int("max_new_tokens", kw.get("max_new_tokens"), min=1)
   if prompts is not None:
     _check_prompts(model.cfg, prompts, max_new_tokens)
@@ -440,7 +440,7 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
 def _plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
   """Validate the options; return (function, static options, array arguments, cache rows, P)."""
   cfg = model.cfg
-  o = _check_options(cfg, **kw)
+  o = check_options(cfg, **kw)
   prompts = _check_prompts(cfg, prompts, o["max_new_tokens"])
   skip, max_new_tokens, num_beams = o["skip"], o["max_new_tokens"], o["num_beams"]
   pad_id = o["pad_id"]

@@ -444,7 +444,7 @@ def check_options(cfg: ModelConfig, speculative: dict[str, Any], *, skip=None, r
   nothing (`decode.check_generate` calls it)."""
   _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
   _check_draft(cfg, mode=mode, **speculative)
-  decode._check_options(cfg, mode=mode, **kw)
+  decode.check_options(cfg, mode=mode, **kw)
 
 
 def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
