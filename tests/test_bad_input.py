@@ -197,12 +197,7 @@ def inputs(root):
 def _config(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny.py with overrides by key path; not type-safe, so any value can be tried."""
   c = ml_collections.ConfigDict(tiny_config.get_config().to_dict(), type_safe=False)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -44,12 +44,7 @@ def _run_config(**overrides):
   c = tiny_config.get_config()
   c.num_steps, c.model.num_layers, c.data.max_examples, c.data.seq_len = 3, LAYERS, 64, 48
   c.checkpoint.every, c.optim.lr = 100, 1e-2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
