@@ -1,9 +1,9 @@
 """ULS against early exit, SkipDecode and contiguous / random static skipping, with transformers as
 the speed reference: one command, markdown tables and plots in benchmarks/results/.
 
-  python benchmarks/reproduce.py --config configs/reproduce.py [--quick] [--stages base,ft,...]
+  python benchmarks/reproduce.py --config configs/reproduce_smollm2.py [--quick] [--stages ...]
 
-Stages: base, ft, quality, speed_trained, speed (see configs/reproduce.py). Each stage's output is
+Stages: base, zero_shot, ft, quality, speed_trained, speed (see the config's docstring). Each stage's output is
 cached under the config's workdir (checkpoints, HF exports, JSON), so a re-run redoes only what is
 missing; delete a file to redo its part. Speed is timed over whole calls (prefill + decode loop,
 compile excluded: every shape is warmed up first), the best of `speed.repeats`, methods taken in
@@ -35,7 +35,8 @@ from ulskip_jax import baselines, decode, hf, plan_layers, train_lib  # noqa: E4
 from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
 from ulskip_jax import data as data_lib  # noqa: E402
 
-STAGES = ("base", "ft", "quality_partial", "quality", "speed_trained", "speed", "report")
+STAGES = ("base", "zero_shot", "ft", "quality_partial", "quality", "speed_trained", "speed",
+          "report")
 
 
 def log(msg: str) -> None:
@@ -102,9 +103,16 @@ def _claim(workdir: str) -> bool:
 
 
 def run_base(c) -> str:
-  """Train the base model at full depth; export it as a Hugging Face folder (+ tokenizer)."""
+  """The base model as a Hugging Face folder (+ tokenizer): `base_init` exported (pruned to the
+  ULS plan of `base_layers_ratio` if set), or a model trained at full depth from scratch."""
   workdir, export = os.path.join(c.workdir, "base"), os.path.join(c.workdir, "base_hf")
   if os.path.exists(os.path.join(export, "config.json")):
+    return export
+  if c.base_init:
+    model, hf_tok = hf.from_pretrained(c.base_init)
+    skip = (plan_layers(model.cfg.num_layers, c.base_layers_ratio).skipped
+            if c.base_layers_ratio else ())
+    hf.save_pretrained(model, export, skip=skip, tokenizer=hf_tok)
     return export
   t = c.train.copy_and_resolve_references()
   t.num_steps = t.skip.full_depth_steps = c.base_steps
@@ -114,8 +122,12 @@ def run_base(c) -> str:
   train_lib.train_and_evaluate(t, workdir)
   log(f"base: {c.base_steps} steps in {time.perf_counter() - start:.0f} s")
   model, tok = train_lib.load_for_inference(workdir)
-  hf.save_pretrained(model, export, tokenizer=tok._hf)
+  hf.save_pretrained(model, export, tokenizer=tok.hf)
   return export
+
+
+def base_tokenizer(c, base_hf):
+  return data_lib.Tokenizer.from_pretrained(base_hf, chat=c.train.data.chat)
 
 
 def ft_config(c, base_hf: str, strategy: str = "uls", ratio: float = 2.0, ratios=(), seed=None):
@@ -146,7 +158,7 @@ def run_dynamic_ft(c, base_hf, name, export, loss_fn) -> float:
   start = time.perf_counter()
   t = ft_config(c, base_hf)
   model, _ = hf.from_pretrained(base_hf)
-  tok = data_lib.Tokenizer.from_pretrained(base_hf)
+  tok = base_tokenizer(c, base_hf)
   pairs = data_lib.load_pairs(t.data)
   batcher = data_lib.Batcher.from_pairs(tok, t.data.template, pairs["train"], t.batch_size,
                                         t.data.seq_len, pack=t.data.pack, seed=t.seed)
@@ -166,14 +178,14 @@ def run_dynamic_ft(c, base_hf, name, export, loss_fn) -> float:
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, jax.device_get(state["params"]))
   nnx.update(model, params)
-  hf.save_pretrained(model, export, tokenizer=tok._hf)
+  hf.save_pretrained(model, export, tokenizer=tok.hf)
   log(f"ft {name}: {t.num_steps} steps in {time.perf_counter() - start:.0f} s")
   return time.perf_counter() - start
 
 
 def mean_target_tokens(tok, pairs) -> float:
   """Mean response length (tokens, EOS included): SkipDecode's schedule horizon."""
-  return float(np.mean([len(ids) + 1 for ids in tok.encode_batch([" " + p["target"]
+  return float(np.mean([len(ids) + 1 for ids in tok.encode_batch([tok.target_text(p["target"])
                                                                     for p in pairs])]))
 
 
@@ -188,25 +200,25 @@ def sd_schedule(c, L, ratio, horizon):
 
 
 def static_runs(c):
-  """[(run name, quality row name, strategy, ratio, seed)] of the static-plan fine-tunings: each
-  strategy at its ratios, then the replicates (another data seed)."""
-  runs = [(f"{s}_r{r:g}", f"{s}_ft_r{r:g}", s, r, c.train.seed)
-          for s in c.ft_strategies for r in method_ratios(c, s)]
+  """[(run name, quality row name, strategy, ratio, seed)] of the static-plan fine-tunings: full
+  depth, each strategy at its ratios, then the replicates (another data seed)."""
+  runs = [("full", "full_ft", "uls", 1.0, c.train.seed)] if c.ft_full else []
+  runs += [(f"{s}_r{r:g}", f"{s}_ft_r{r:g}", s, r, c.train.seed)
+           for s in c.ft_strategies for r in method_ratios(c, s)]
   return runs + [(f"{s}_s{seed}_r{r:g}", f"{s}_s{seed}_ft_r{r:g}", s, r, seed)
                  for seed in c.replicate_seeds for s in c.replicate_strategies
-                 for r in method_ratios(c, s)]
+                 for r in (c.replicate_ratios or method_ratios(c, s))]
 
 
 def run_ft(c, base_hf) -> dict:
-  times = {}
+  times = dict(multi=run_static_ft(c, base_hf, "multi", c.multi_workdir, ratios=c.multi_ratios))
   for name, _, strategy, r, seed in static_runs(c):
     times[name] = run_static_ft(c, base_hf, name, os.path.join(c.workdir, f"ft_{name}"),
                                 strategy=strategy, ratio=r, seed=seed)
-  times["multi"] = run_static_ft(c, base_hf, "multi", c.multi_workdir, ratios=c.multi_ratios)
   times["early_exit"] = run_dynamic_ft(
       c, base_hf, "early_exit", os.path.join(c.workdir, "ft_early_exit"),
       functools.partial(baselines.early_exit_loss_sums, exit_every=c.exit_every))
-  tok = data_lib.Tokenizer.from_pretrained(base_hf)
+  tok = base_tokenizer(c, base_hf)
   horizon = mean_target_tokens(tok, data_lib.load_pairs(c.train.data)["validation"])
   L = c.train.model.num_layers
   for r in method_ratios(c, "skipdecode"):
@@ -230,7 +242,7 @@ class Evaluator:
 
   def __init__(self, c, base_hf):
     self.c = c
-    self.tok = data_lib.Tokenizer.from_pretrained(base_hf)
+    self.tok = base_tokenizer(c, base_hf)
     t = c.train
     pairs = data_lib.load_pairs(t.data)
     self.test_pairs = pairs["test"][:c.eval.test_examples]
@@ -292,18 +304,17 @@ class Evaluator:
     return dict(out, ppl=ppl, ratio=stats.ratio(L), schedule=dataclasses.asdict(sched))
 
 
-def run_quality(c, base_hf, partial: bool = False) -> dict:
-  """One cached JSON row per (method, ratio). partial: skip rows whose fine-tuned model is not
-  there yet (a second process can evaluate while the first still fine-tunes)."""
-  ev = Evaluator(c, base_hf)
-  cache_dir = os.path.join(c.workdir, "quality")
-  L = c.train.model.num_layers
-  base, _ = hf.from_pretrained(base_hf)
-  rows = {}
+class Rows:
+  """Quality rows, one cached JSON file each under <workdir>/quality."""
 
-  def row(name, make, needs=None):
+  def __init__(self, c, partial: bool = False):
+    self.dir, self.partial, self.rows = os.path.join(c.workdir, "quality"), partial, {}
+
+  def add(self, name, make, needs=None):
+    """make() -> row, unless cached. needs: a path that must exist first (another process may
+    still be fine-tuning it: wait, or with partial=True leave the row for a later run)."""
     if needs is not None and not os.path.exists(needs):
-      if partial:
+      if self.partial:
         log(f"quality {name}: skipped ({needs} is not there yet)")
         return
       log(f"quality {name}: waiting for {needs} (another process is fine-tuning it)")
@@ -313,35 +324,71 @@ def run_quality(c, base_hf, partial: bool = False) -> dict:
           raise FileNotFoundError(f"{needs} is missing: run the ft stage first")
         time.sleep(10)
     start = time.perf_counter()
-    rows[name] = _cached(os.path.join(cache_dir, name + ".json"), make)
-    log(f"quality {name}: BLEU {rows[name]['bleu']:.1f} chrF {rows[name]['chrf']:.1f} "
-        f"ppl {rows[name]['ppl']:.2f} ratio {rows[name]['ratio']:.2f} "
-        f"({time.perf_counter() - start:.0f} s)")
+    row = self.rows[name] = _cached(os.path.join(self.dir, name + ".json"), make)
+    log(f"quality {name}: BLEU {row['bleu']:.1f} chrF {row['chrf']:.1f} ppl {row['ppl']:.2f} "
+        f"ratio {row['ratio']:.2f} ({time.perf_counter() - start:.0f} s)")
+
+
+def zero_shot_static(c):
+  """[(row name, strategy, ratio, seed)] of the zero-shot static plans that exist at this depth
+  (uls_reference is undefined where its stride runs past the last layer)."""
+  L = c.train.model.num_layers
+  out = []
+  for s in c.zero_shot.strategies:
+    for r in c.zero_shot.ratios:
+      for seed in (c.zero_shot.random_seeds if s == "random" else (None,)):
+        try:
+          plan_layers(L, r, s, seed=seed)
+        except ValueError:
+          continue
+        name = f"random_s{seed}_noft_r{r:g}" if s == "random" else f"{s}_noft_r{r:g}"
+        out.append((name, s, r, seed))
+  return out
+
+
+def run_zero_shot(c, base_hf) -> dict:
+  """The pretrained model with layers skipped and no fine-tuning: every static strategy, early
+  exit and SkipDecode."""
+  ev, rows = Evaluator(c, base_hf), Rows(c)
+  base, _ = hf.from_pretrained(base_hf)
+  L = base.cfg.num_layers
+  rows.add("full", lambda: ev.static(base, ()))
+  for name, strategy, r, seed in zero_shot_static(c):
+    rows.add(name, lambda: ev.static(base, plan_layers(L, r, strategy, seed=seed).skipped))
+  if c.zero_shot.dynamic:
+    for r in c.zero_shot.ratios:
+      rows.add(f"early_exit_noft_r{r:g}", lambda: ev.early_exit(base, r))
+      rows.add(f"skipdecode_noft_r{r:g}", lambda: ev.skipdecode(base, r))
+  return rows.rows
+
+
+def run_quality(c, base_hf, partial: bool = False) -> dict:
+  """The fine-tuned models: one cached JSON row per (method, ratio). partial: skip rows whose
+  fine-tuned model is not there yet (a second process can evaluate while the first fine-tunes)."""
+  ev, rows = Evaluator(c, base_hf), Rows(c, partial)
+  L = c.train.model.num_layers
 
   def finished(workdir):
     return os.path.join(workdir, "checkpoints", str(c.ft_steps))
 
-  row("full", lambda: ev.static(base, ()))
-  for r in c.ratios:
-    row(f"uls_noft_r{r:g}", lambda: ev.static(base, plan_layers(L, r).skipped))
   for name, row_name, strategy, r, seed in static_runs(c):
     workdir = os.path.join(c.workdir, f"ft_{name}")
-    row(row_name, lambda: ev.static(load_workdir_model(workdir),
-                                    plan_layers(L, r, strategy, seed=seed).skipped),
-        finished(workdir))
+    rows.add(row_name, lambda: ev.static(load_workdir_model(workdir),
+                                         plan_layers(L, r, strategy, seed=seed).skipped),
+             finished(workdir))
   for r in c.multi_ratios:
-    row(f"multi_r{r:g}", lambda: ev.static(load_workdir_model(c.multi_workdir),
-                                           plan_layers(L, r).skipped if r > 1 else ()),
-        finished(c.multi_workdir))
+    rows.add(f"multi_r{r:g}", lambda: ev.static(load_workdir_model(c.multi_workdir),
+                                                plan_layers(L, r).skipped if r > 1 else ()),
+             finished(c.multi_workdir))
   ee_dir = os.path.join(c.workdir, "ft_early_exit")
   for r in c.ratios:
-    row(f"early_exit_r{r:g}", lambda: ev.early_exit(hf.from_pretrained(ee_dir)[0], r),
-        os.path.join(ee_dir, "config.json"))
+    rows.add(f"early_exit_r{r:g}", lambda: ev.early_exit(hf.from_pretrained(ee_dir)[0], r),
+             os.path.join(ee_dir, "config.json"))
   for r in method_ratios(c, "skipdecode"):
     sd_dir = os.path.join(c.workdir, f"ft_skipdecode_r{r:g}")
-    row(f"skipdecode_r{r:g}", lambda: ev.skipdecode(hf.from_pretrained(sd_dir)[0], r),
-        os.path.join(sd_dir, "config.json"))
-  return rows
+    rows.add(f"skipdecode_r{r:g}", lambda: ev.skipdecode(hf.from_pretrained(sd_dir)[0], r),
+             os.path.join(sd_dir, "config.json"))
+  return rows.rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,23 +411,25 @@ def _time_cases(cases, repeats, num_layers):
 
 
 def run_speed_trained(c, base_hf, quality) -> dict:
-  """Every method on the trained 12-layer model with real test prompts, at each batch size;
-  thresholds as tuned for quality (at the quality batch size)."""
+  """Every method with real test prompts (EOS on) at each batch size, in the same decode loop:
+  full depth and ULS on the multi-ratio checkpoint, early exit with the thresholds tuned for
+  quality (at the quality batch size), SkipDecode on its checkpoints."""
   ev = Evaluator(c, base_hf)
   L = c.train.model.num_layers
-  prompts = ev.prompts[:c.speed.trained_examples]
-  base, _ = hf.from_pretrained(base_hf)
+  multi = load_workdir_model(c.multi_workdir)
   ee, _ = hf.from_pretrained(os.path.join(c.workdir, "ft_early_exit"))
   sd = {r: hf.from_pretrained(os.path.join(c.workdir, f"ft_skipdecode_r{r:g}"))[0]
         for r in method_ratios(c, "skipdecode")}
   out = {}
   for batch in c.speed.batches:
+    prompts = ev.prompts[:max(batch, c.speed.min_prompts)]
+
     def gen(fn, model, **kw):
       return lambda: baselines.generate_batched(fn, model, prompts, batch_size=batch,
                                                 **ev.gen_kw, **kw)
-    cases = {"full": gen(decode.generate, base)}
+    cases = {"full": gen(decode.generate, multi)}
     for r in c.ratios:
-      cases[f"uls_r{r:g}"] = gen(decode.generate, base, ratio=r)
+      cases[f"uls_r{r:g}"] = gen(decode.generate, multi, ratio=r)
       if r in sd:
         cases[f"skipdecode_r{r:g}"] = gen(baselines.skipdecode_generate, sd[r],
                                           schedule=sd_schedule(c, L, r, ev.horizon))
@@ -482,38 +531,68 @@ def _f(x, fmt=".1f"):
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _runs(c, prefix, method=None):
+def _runs(c, prefix, method=None, ratios=None):
   """Quality-table row names of a method: prefix + ratio, over its ratios (default: all)."""
-  return [f"{prefix}_r{r:g}" for r in (method_ratios(c, method) if method else c.ratios)]
+  ratios = ratios or (method_ratios(c, method) if method else c.ratios)
+  return [f"{prefix}_r{r:g}" for r in ratios]
+
+
+# The paper's Table 4 (BLOOMZ-7b1 fine-tuned per method, WMT22; tokens/s at batch 8).
+PAPER = {"full": dict(bleu=23.81, tok_s=303.0),
+         "early_exit_r2": dict(bleu=17.82), "skipdecode_r2": dict(bleu=20.70),
+         "uls_ft_r2": dict(bleu=21.23, tok_s=503.0),
+         "early_exit_r5": dict(bleu=10.02), "skipdecode_r5": dict(bleu=11.52),
+         "uls_ft_r5": dict(bleu=14.87, tok_s=1004.0)}
 
 
 def quality_groups(c):
-  """[(title, row names)] in table order; each replicate (another data seed) after its method."""
-  static = [("uls", "ULS, fine-tuned per ratio"), ("top", "top (keep first n), fine-tuned"),
-            ("bottom", "bottom (keep last n), fine-tuned"), ("random", "random, fine-tuned")]
-  groups = [("full model", ["full"]), ("ULS, no fine-tuning", _runs(c, "uls_noft"))]
-  for strategy, title in static:
-    if strategy in c.ft_strategies:
-      groups.append((title, _runs(c, f"{strategy}_ft", strategy)))
-    if strategy in c.replicate_strategies:
-      groups += [(f"{title}, data seed {seed}" + (" (and plan)" if strategy == "random" else ""),
-                  _runs(c, f"{strategy}_s{seed}_ft", strategy)) for seed in c.replicate_seeds]
-    if strategy == "uls":
-      groups.append(("ULS, one multi-ratio checkpoint", [f"multi_r{r:g}" for r in c.multi_ratios]))
-  return groups + [("early exit (CALM), fine-tuned", _runs(c, "early_exit")),
-                   ("SkipDecode, fine-tuned", _runs(c, "skipdecode", "skipdecode")),
-                   ("copy source", ["copy"])]
+  """[(title, row names, fine-tuned?)] in table order; each replicate after its method."""
+  zr = c.zero_shot.ratios
+  groups = [("pretrained, full depth", ["full"], False)]
+  for s in c.zero_shot.strategies:
+    if s == "random":
+      groups += [(f"random (seed {seed}), zero-shot", _runs(c, f"random_s{seed}_noft", ratios=zr),
+                  False) for seed in c.zero_shot.random_seeds]
+    else:
+      groups.append((f"{s}, zero-shot", _runs(c, f"{s}_noft", ratios=zr), False))
+  if c.zero_shot.dynamic:
+    groups += [("early exit, zero-shot", _runs(c, "early_exit_noft", ratios=zr), False),
+               ("SkipDecode, zero-shot", _runs(c, "skipdecode_noft", ratios=zr), False)]
+  if c.ft_full:
+    groups.append(("full depth, fine-tuned", ["full_ft"], True))
+  titles = dict(uls="ULS, fine-tuned per ratio", top="top (keep first n), fine-tuned",
+                bottom="bottom (keep last n), fine-tuned", random="random, fine-tuned")
+  for s in c.ft_strategies:
+    groups.append((titles.get(s, f"{s}, fine-tuned"), _runs(c, f"{s}_ft", s), True))
+    if s in c.replicate_strategies:
+      groups += [(f"{titles.get(s, s)}, data seed {seed}",
+                  _runs(c, f"{s}_s{seed}_ft", s, c.replicate_ratios or None), True)
+                 for seed in c.replicate_seeds]
+    if s == "uls":
+      groups.append(("ULS, one multi-ratio checkpoint",
+                     [f"multi_r{r:g}" for r in c.multi_ratios], True))
+  return groups + [("early exit (CALM), fine-tuned", _runs(c, "early_exit"), True),
+                   ("SkipDecode, fine-tuned", _runs(c, "skipdecode", "skipdecode"), True),
+                   ("copy source", ["copy"], False)]
 
 
-def measured_speedup(c, name, st):
-  """tok/s of `name`'s decode over full depth, from the speed_trained stage at speed.plot_batch
-  (best of repeats). Static plans of equal depth cost the same (same layers count, same cache),
-  so top / bottom / random / multi / ULS-without-fine-tuning use ULS's measurement."""
-  if not st or str(c.speed.plot_batch) not in st:
+def _target(name):
+  return 1.0 if name in ("full", "full_ft") else (
+      float(name.rsplit("_r", 1)[1]) if "_r" in name else None)
+
+
+def measured_speedup(c, name, st, batch=None):
+  """tok/s of `name`'s decode over full depth at `batch` (default speed.plot_batch), from the
+  speed_trained stage. Static plans of equal depth cost the same (same layer count, same
+  cache), so every static plan uses ULS's measurement at its ratio."""
+  batch = str(batch or c.speed.plot_batch)
+  if not st or batch not in st:
     return None
-  res = st[str(c.speed.plot_batch)]
-  if name == "full" or name == "multi_r1":
+  res = st[batch]
+  if _target(name) == 1.0:
     return 1.0
+  if "noft" in name and name.startswith(("early_exit", "skipdecode")):
+    return None  # zero-shot dynamic methods: their depths differ from the fine-tuned ones'
   ratio = name.rsplit("_r", 1)[1]
   key = name if name.startswith(("early_exit", "skipdecode")) else f"uls_r{ratio}"
   return res[key]["tok_s"] / res["full"]["tok_s"] if key in res else None
@@ -522,17 +601,123 @@ def measured_speedup(c, name, st):
 def quality_table(c, q, st=None) -> str:
   lines = ["| method | run | target ratio | measured ratio | BLEU | chrF | val ppl | "
            f"speedup (tok/s, batch {c.speed.plot_batch}) |", "|---|---|---|---|---|---|---|---|"]
-  for title, names in quality_groups(c):
+  for title, names, _ in quality_groups(c):
     for name in names:
       if name not in q:
         continue
       r = q[name]
-      target = name.rsplit("_r", 1)[1] if "_r" in name else ("1" if name == "full" else "–")
       speedup = None if name == "copy" else measured_speedup(c, name, st)
-      lines.append(f"| {title} | {name} | {target} | {_f(r.get('ratio'), '.2f')} | "
-                   f"{_f(r['bleu'])} | {_f(r['chrf'])} | {_f(r.get('ppl'), '.2f')} | "
-                   f"{_f(speedup, '.2f')} |")
+      lines.append(f"| {title} | {name} | {_f(_target(name), 'g')} | "
+                   f"{_f(r.get('ratio'), '.2f')} | {_f(r['bleu'])} | {_f(r['chrf'])} | "
+                   f"{_f(r.get('ppl'), '.2f')} | {_f(speedup, '.2f')} |")
   return "\n".join(lines)
+
+
+def paper_table(c, q, st) -> str:
+  """The paper's Table 4 layout, ours beside theirs."""
+  full = "full_ft" if "full_ft" in q else "full"
+  rows = [("full depth", full, "full")]
+  for r in (2, 5):
+    rows += [(f"early exit {r}x", f"early_exit_r{r}", f"early_exit_r{r}"),
+             (f"SkipDecode {r}x", f"skipdecode_r{r}", f"skipdecode_r{r}"),
+             (f"ULS {r}x", f"uls_ft_r{r}", f"uls_ft_r{r}")]
+  b1, b8 = str(c.speed.batches[0]), str(c.speed.plot_batch)
+  lines = [f"| row | BLEU | rel. BLEU | measured ratio | tok/s batch {b1} | tok/s batch {b8} | "
+           f"speedup batch {b8} | paper BLEU | paper rel. BLEU | paper tok/s batch 8 | "
+           "paper speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  full_bleu = q.get(full, {}).get("bleu") or None
+  for label, name, paper_key in rows:
+    ours = q.get(name)
+    speed_key = "full" if name == full else (name.replace("uls_ft", "uls"))
+    tps = {b: (st or {}).get(b, {}).get(speed_key, {}).get("tok_s") for b in (b1, b8)}
+    p = PAPER.get(paper_key, {})
+    p_speed = p.get("tok_s") and p["tok_s"] / PAPER["full"]["tok_s"]
+    lines.append(
+        f"| {label} | {_f(ours and ours['bleu'])} | "
+        f"{_f(ours and full_bleu and ours['bleu'] / full_bleu, '.0%')} | "
+        f"{_f(ours and ours.get('ratio'), '.2f')} | {_f(tps[b1])} | {_f(tps[b8])} | "
+        f"{_f(tps[b8] and measured_speedup(c, name, st), '.2f')} | {_f(p.get('bleu'), '.2f')} | "
+        f"{_f(p.get('bleu') and p['bleu'] / PAPER['full']['bleu'], '.0%')} | "
+        f"{_f(p.get('tok_s'), '.0f')} | {_f(p_speed, '.2f')} |")
+  return "\n".join(lines)
+
+
+def claims(c, q, st) -> str:
+  """A reading per claim of the paper, each with its evidence and the seed-to-seed noise."""
+  def bleu(name):
+    return q[name]["bleu"] if name in q else None
+
+  def noise(strategy, r):
+    pairs = [(bleu(f"{strategy}_ft_r{r}"), bleu(f"{strategy}_s{seed}_ft_r{r}"))
+             for seed in c.replicate_seeds]
+    gaps = [abs(a - b) for a, b in pairs if a is not None and b is not None]
+    return max(gaps) if gaps else None
+
+  def verdict(ok, gap, tol):
+    if ok is None:
+      return "not measured"
+    if tol is not None and abs(gap) <= tol:
+      return "within seed noise"
+    return "holds" if ok else "does not hold"
+
+  out = ["Verdicts compare BLEU on the test verses; 'seed noise' is the largest BLEU gap between "
+         "two data seeds of the same method at 2x (ULS and top), the least a gap must exceed to "
+         "count.", ""]
+  tol = max([n for n in (noise("uls", 2), noise("top", 2)) if n is not None], default=None)
+  out.append(f"Seed noise at 2x: ULS {_f(noise('uls', 2))}, top {_f(noise('top', 2))} BLEU.")
+  out.append("")
+  out.append("**(a) Balanced middle skipping beats contiguous top / bottom at equal ratio.**")
+  for r in c.zero_shot.ratios:
+    u, t, b = (bleu(f"{s}_noft_r{r:g}") for s in ("uls", "top", "bottom"))
+    ppl = lambda s: q.get(f"{s}_noft_r{r:g}", {}).get("ppl")
+    if u is not None and t is not None and b is not None:
+      out.append(f"- zero-shot {r:g}x: BLEU ULS {u:.1f}, top {t:.1f}, bottom {b:.1f}; perplexity "
+                 f"ULS {_f(ppl('uls'), '.0f')}, top {_f(ppl('top'), '.0f')}, bottom "
+                 f"{_f(ppl('bottom'), '.0f')} -> "
+                 f"{verdict(ppl('uls') < min(ppl('top'), ppl('bottom')), 1.0, None)} by perplexity")
+  u, t, b = bleu("uls_ft_r2"), bleu("top_ft_r2"), bleu("bottom_ft_r2")
+  if None not in (u, t, b):
+    out.append(f"- fine-tuned 2x: BLEU ULS {u:.1f}, top {t:.1f}, bottom {b:.1f} -> "
+               f"{verdict(u > max(t, b), u - max(t, b), tol)}")
+  out.append("")
+  out.append("**(b) ULS beats early exit and SkipDecode in quality at equal ratio "
+             "(fine-tuned).**")
+  for r in (2, 3, 5):
+    u = bleu(f"uls_ft_r{r}") or bleu(f"multi_r{r}")
+    src = "per-ratio" if bleu(f"uls_ft_r{r}") is not None else "multi-ratio"
+    e, d = bleu(f"early_exit_r{r}"), bleu(f"skipdecode_r{r}")
+    others = [x for x in (e, d) if x is not None]
+    if u is not None and others:
+      er = q.get(f"early_exit_r{r}", {}).get("ratio")
+      dr = q.get(f"skipdecode_r{r}", {}).get("ratio")
+      out.append(f"- {r}x: ULS ({src}) {u:.1f}, early exit {_f(e)} (measured ratio "
+                 f"{_f(er, '.2f')}), SkipDecode {_f(d)} (measured {_f(dr, '.2f')}) -> "
+                 f"{verdict(u > max(others), u - max(others), tol)}")
+  out.append("")
+  out.append(f"**(c) ULS's measured speedup beats theirs at batch {c.speed.plot_batch}.**")
+  for r in (2, 3, 5):
+    sp = {m: measured_speedup(c, f"{m}_r{r}", st) for m in ("uls", "early_exit", "skipdecode")}
+    others = [x for k, x in sp.items() if k != "uls" and x is not None]
+    if sp["uls"] is not None and others:
+      out.append(f"- {r}x: ULS {sp['uls']:.2f}x, early exit {_f(sp['early_exit'], '.2f')}x, "
+                 f"SkipDecode {_f(sp['skipdecode'], '.2f')}x -> "
+                 f"{verdict(sp['uls'] > max(others), 1.0, None)}")
+  out.append("")
+  out.append("**(d) One multi-ratio checkpoint is as good as per-ratio ones.**")
+  for r in c.ratios:
+    m, u = bleu(f"multi_r{r:g}"), bleu(f"uls_ft_r{r:g}")
+    if m is not None and u is not None:
+      ok = m >= u - (tol or 0.0)
+      out.append(f"- {r:g}x: multi {m:.1f} vs per-ratio {u:.1f} -> "
+                 f"{'holds (within seed noise or better)' if ok else 'does not hold'}")
+  out.append("")
+  full = bleu("full_ft")
+  out.append("**(e) How much of full-depth BLEU ULS keeps (paper: 89% at 2x, 62% at 5x).**")
+  for r in (2, 5):
+    u = bleu(f"uls_ft_r{r}")
+    if u is not None and full:
+      out.append(f"- {r}x: {u:.1f} of {full:.1f} = {u / full:.0%}")
+  return "\n".join(out)
 
 
 def speed_trained_table(c, st) -> str:
@@ -584,32 +769,64 @@ def speed_table(c, sp) -> str:
   return "\n".join(lines)
 
 
-def plots(c, q, st, sp) -> None:
+def plots(c, q, st) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  groups = quality_groups(c)
   fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
   metrics = ("bleu", "chrf", "ppl")
-  for i, (title, names) in enumerate(quality_groups(c)[1:-1]):
+  full = "full_ft" if "full_ft" in q else "full"
+  for i, (title, names, tuned) in enumerate(g for g in groups if g[2]):
     pts = [(measured_speedup(c, n, st), *(q[n][m] for m in metrics)) for n in names if n in q]
-    pts = [(1.0, *(q["full"][m] for m in metrics))] + [p for p in pts if p[0] is not None]
+    pts = [(1.0, *(q[full][m] for m in metrics))] + [p for p in pts if p[0] is not None]
     pts.sort()
-    style = dict(color=plt.cm.tab20(i % 20), ls="--" if "data seed" in title else "-")
+    style = dict(color=plt.cm.tab20(i % 20), ls="--" if "data seed" in title else "-",
+                 marker="o")
     for ax, k in zip(axes, (1, 2, 3)):
-      ax.plot([p[0] for p in pts], [p[k] for p in pts], "o", label=title, **style)
+      ax.plot([p[0] for p in pts], [p[k] for p in pts], label=title, **style)
   for ax, metric in zip(axes, ("BLEU", "chrF", "validation perplexity")):
     if metric in ("BLEU", "chrF"):
       ax.axhline(q["copy"][metric.lower()], color="gray", ls=":", label="copy source")
     else:
       ax.set_yscale("log")
-    ax.set_xlabel(f"measured speedup (tok/s vs full, batch {c.speed.plot_batch}, trained model)")
+    ax.set_xlabel(f"measured speedup (tok/s vs full, batch {c.speed.plot_batch})")
     ax.set_ylabel(f"test {metric}" if metric != "validation perplexity" else metric)
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7)
+  fig.suptitle("fine-tuned methods: quality against measured speedup")
   fig.tight_layout()
   fig.savefig(os.path.join(c.results_dir, "quality_vs_speedup.png"), dpi=120)
-  if sp is None:
-    return
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  for i, (title, names, tuned) in enumerate(g for g in groups if g[0] != "copy source"):
+    pts = sorted((_target(n), q[n]["bleu"], q[n]["ppl"]) for n in names
+                 if n in q and _target(n) != 1.0)
+    if not pts:
+      continue
+    style = dict(color=plt.cm.tab20(i % 20), ls="-" if tuned else ":",
+                 marker="o" if tuned else "x")
+    for ax, k in zip(axes, (1, 2)):
+      ax.plot([p[0] for p in pts], [p[k] for p in pts], label=title, **style)
+  for ax, name in zip(axes, ("test BLEU", "validation perplexity (target tokens)")):
+    ax.axhline(q["full"]["bleu" if "BLEU" in name else "ppl"], color="k", lw=0.8,
+               label="pretrained, full depth")
+    ax.set_xlabel("ratio (target; measured for early exit / SkipDecode is in the table)")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale("log")
+  axes[0].legend(fontsize=6, ncol=2)
+  fig.suptitle("zero-shot (dotted) and fine-tuned (solid), per strategy")
+  fig.tight_layout()
+  fig.savefig(os.path.join(c.results_dir, "quality_vs_ratio.png"), dpi=120)
+  plt.close(fig)
+
+
+def speed_plot(c, sp) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(sp["batches"]), figsize=(5 * len(sp["batches"]), 4))
   axes = np.atleast_1d(axes)
   for ax, (b, res) in zip(axes, sp["batches"].items()):
@@ -631,10 +848,12 @@ def plots(c, q, st, sp) -> None:
   axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(c.results_dir, "speed_vs_ratio.png"), dpi=120)
+  plt.close(fig)
 
 
 def report(c) -> None:
-  """Tables, plots and results.json from whatever stage outputs are cached (any subset)."""
+  """Tables, plots, the claims' reading and results.json from whatever stage outputs are cached
+  (any subset)."""
   q_dir = os.path.join(c.workdir, "quality")
   q = {os.path.splitext(n)[0]: _json_load(os.path.join(q_dir, n))
        for n in sorted(os.listdir(q_dir)) if n.endswith(".json")} if os.path.isdir(q_dir) else None
@@ -647,13 +866,17 @@ def report(c) -> None:
   st, sp = load("speed_trained.json"), load("speed.json")
   results = dict(stage_seconds=load("stage_seconds.json"), quality=q, speed_trained=st, speed=sp)
   for name, text in (("quality", q and quality_table(c, q, st)),
+                     ("paper_table", q and paper_table(c, q, st)),
+                     ("claims", q and claims(c, q, st)),
                      ("speed_trained", st and speed_trained_table(c, st)),
                      ("speed", sp and speed_table(c, sp))):
     if text:
       with open(os.path.join(c.results_dir, name + ".md"), "w") as f:
         f.write(text + "\n")
   if q and "full" in q:
-    plots(c, q, st, sp)
+    plots(c, q, st)
+  if sp:
+    speed_plot(c, sp)
   _json_dump(results, os.path.join(c.results_dir, "results.json"))
 
 
@@ -686,8 +909,13 @@ def main(argv=None):
     log(f"stage {name} done ({time.perf_counter() - start:.0f} s)")
     return result
 
-  if {"base", "ft", "quality_partial", "quality", "speed_trained"} & set(stages):
+  base_config = os.path.join(c.workdir, "base_hf", "config.json")
+  if {"base", "zero_shot", "ft", "quality_partial", "quality", "speed_trained"} & set(stages):
     base_hf = stage("base", lambda: run_base(c))
+  if os.path.exists(base_config):  # the depth every plan is made for
+    c.train.model.num_layers = hf.config_from_hf(_json_load(base_config)).num_layers
+  if "zero_shot" in stages:
+    stage("zero_shot", lambda: run_zero_shot(c, base_hf))
   if "ft" in stages:
     stage("ft", lambda: run_ft(c, base_hf))
   if "quality_partial" in stages:
@@ -697,7 +925,7 @@ def main(argv=None):
   if "speed_trained" in stages:
     stage("speed_trained", lambda: _cached(os.path.join(c.workdir, "speed_trained.json"),
                                            lambda: run_speed_trained(c, base_hf, q)))
-  if "speed" in stages:
+  if "speed" in stages and c.speed.random_model:
     stage("speed", lambda: _cached(os.path.join(c.workdir, "speed.json"), lambda: run_speed(c)))
   report(c)
   log(f"results in {c.results_dir}")

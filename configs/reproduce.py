@@ -27,6 +27,8 @@ def get_config():
   c.multi_workdir = "runs/bible_multi"
   c.results_dir = "benchmarks/results"
 
+  c.base_init = ""                   # "": train the base from scratch (base_steps)
+  c.base_layers_ratio = 0.0
   c.train = bible_2x.get_config()    # model size, data, optimizer of every run
   c.train.progress_bar = False
   c.train.log_every = 50
@@ -40,6 +42,7 @@ def get_config():
   c.ft_warmup_steps = 5
 
   c.ratios = (2.0, 3.0, 5.0)         # target (average) speedup ratios
+  c.ft_full = False                  # the base itself is the full-depth model
   c.ft_strategies = ("uls", "top", "bottom", "random")
   # Ratios a method is fine-tuned and evaluated at, where not all of `ratios` (e.g. dict(random=
   # (2.0,)) to save time: a 150-step fine-tuning run takes 70-130 s on 2 quiet CPU cores).
@@ -48,9 +51,16 @@ def get_config():
   # ratio: how far apart two runs of one method land, i.e. which gaps between methods are noise.
   c.replicate_seeds = (1,)
   c.replicate_strategies = ("uls", "top", "random")
+  c.replicate_ratios = ()            # () = each strategy's ratios
   c.multi_ratios = (1.0, 2.0, 3.0, 5.0)
   c.exit_every = 2                   # early exit: an exit point after every 2nd layer
   c.skipdecode_levels = 4            # SkipDecode: distinct depths (lax.switch branches)
+
+  c.zero_shot = ml_collections.ConfigDict()  # the base with layers skipped, no fine-tuning
+  c.zero_shot.ratios = c.ratios
+  c.zero_shot.strategies = ("uls",)
+  c.zero_shot.random_seeds = ()
+  c.zero_shot.dynamic = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.test_examples = 96          # held-out test verses decoded for BLEU / chrF
@@ -64,7 +74,8 @@ def get_config():
   c.speed = ml_collections.ConfigDict()
   c.speed.batches = (1, 8, 32)
   c.speed.ratios = (1.0, 2.0, 3.0, 5.0)
-  c.speed.trained_examples = 32      # test prompts per batch size on the trained model
+  c.speed.min_prompts = 32           # test prompts timed at batch b: max(b, min_prompts)
+  c.speed.random_model = True        # the random-weight speed stage
   c.speed.layers = 24                # random-weight speed model (Llama layout)
   c.speed.d_model = 512
   c.speed.d_ff = 1408
@@ -94,7 +105,7 @@ def quick(c):
   c.train.model.head_dim = 16
   c.train.model.d_ff = 128
   c.train.data.vocab_size = 1024
-  c.ratios = (2.0,)
+  c.ratios = c.zero_shot.ratios = (2.0,)
   c.multi_ratios = (1.0, 2.0)
   c.replicate_strategies = ("uls",)
   c.speed.ratios = (1.0, 2.0)
@@ -105,7 +116,7 @@ def quick(c):
   c.eval.max_new_tokens = 24
   c.eval.tune_iterations = 3
   c.speed.batches = (1, 8)
-  c.speed.trained_examples = 8
+  c.speed.min_prompts = 8
   c.speed.d_model = 128
   c.speed.d_ff = 352
   c.speed.heads = 4

@@ -394,6 +394,20 @@ def test_encode_example_truncates_target_when_source_is_gone(tok):
     data.encode_example(tok, TEMPLATE, 'x ' * 50, 'y ' * 50, frame_len)
 
 
+
+def test_encode_examples_batched_equals_one_by_one(tok):
+  """The batched path (one encode of every cut source) gives what each pair gives alone, and
+  the Rust fast path the ids transformers' own __call__ gives."""
+  pairs = [{'source': 'word ' * n, 'target': 'answer ' * m}
+           for n, m in ((1, 1), (60, 2), (3, 40), (50, 50), (10, 5))]
+  batched, num_truncated = data.encode_examples(tok, TEMPLATE, pairs, 32)
+  assert batched == [data.encode_example(tok, TEMPLATE, p['source'], p['target'], 32)
+                     for p in pairs]
+  whole = [data.encode_example(tok, TEMPLATE, p['source'], p['target'], 10_000) for p in pairs]
+  assert num_truncated == sum(len(a) + len(b) > 32 for a, b in whole) >= 3
+  texts = [p['source'] for p in pairs] + ['  two  spaces\n\nnewlines', '']
+  assert tok.encode_batch(texts) == tok.hf(texts, add_special_tokens=False)['input_ids']
+
 def test_eval_prompts(tok, bible_pairs):
   pairs = bible_pairs['test'][:20] + [{'source': 'long ' * 300, 'target': 'ref'}]
   prompts, references = data.eval_prompts(tok, TEMPLATE, pairs, 96)

@@ -422,7 +422,13 @@ class Tokenizer:
     self.bos_id: int | None = hf_tokenizer.bos_token_id
     self.vocab_size: int = len(hf_tokenizer)
     self.chat = False
+    self._chat_frame = None
     self.set_chat(chat)
+
+  @property
+  def hf(self) -> Any:
+    """The wrapped Hugging Face tokenizer (e.g. for `hf.save_pretrained(..., tokenizer=)`)."""
+    return self._hf
 
   @property
   def has_chat_template(self) -> bool:
@@ -441,8 +447,10 @@ class Tokenizer:
     if not self.chat:
       return template
     marker = '\0'
-    rendered = self._hf.apply_chat_template(
-        [{'role': 'user', 'content': marker}], tokenize=False, add_generation_prompt=True)
+    if self._chat_frame is None:  # rendering the Jinja template is slow; it never changes
+      self._chat_frame = self._hf.apply_chat_template(
+          [{'role': 'user', 'content': marker}], tokenize=False, add_generation_prompt=True)
+    rendered = self._chat_frame
     head, tail = rendered.split(marker)
     escape = lambda text: text.replace('{', '{{').replace('}', '}}')
     return escape(head) + template + escape(tail)
@@ -509,12 +517,17 @@ class Tokenizer:
     self._hf.save_pretrained(directory)
 
   def encode(self, text: str) -> list[int]:
-    return self._hf(text, add_special_tokens=False)['input_ids']
+    return self.encode_batch([text])[0]
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """encode over many texts at once (the Rust tokenizer runs them in parallel)."""
     if not texts:
       return []
+    # The Rust tokenizer directly: transformers' __call__ adds Python work per text that costs
+    # more than the tokenization itself, for the same ids.
+    backend = getattr(self._hf, 'backend_tokenizer', None)
+    if backend is not None:
+      return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
     return self._hf(list(texts), add_special_tokens=False)['input_ids']
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -571,22 +584,29 @@ def encode_examples(
   full = tok.prompt_template(template)
   prompts = tok.encode_batch([full.format(source=pair['source']) for pair in pairs])
   targets = tok.encode_batch([tok.target_text(pair['target']) for pair in pairs])
-  bos = tok.prefix_ids
-  examples, num_truncated = [], 0
-  for pair, prompt_ids, target_ids in zip(pairs, prompts, targets):
-    prompt_ids, target_ids = bos + prompt_ids, target_ids + [tok.eos_id]
-    if len(prompt_ids) + len(target_ids) > max_len:
-      num_truncated += 1
-      fixed_len = sum(len(ids) for ids in _prompt_frame(tok, template))
-      if fixed_len >= max_len:
-        raise ValueError(
-            f'max_len={max_len} leaves no room for a target after the {fixed_len}-token '
-            f'template {template!r}; raise max_len'
-        )
+  bos, eos = tok.prefix_ids, [tok.eos_id]
+  too_long = [i for i, (p, t) in enumerate(zip(prompts, targets))
+              if len(bos) + len(p) + len(t) + 1 > max_len]
+  sources = {}
+  if too_long:  # cut the end of the source first (one batched encode of those sources)
+    head_ids, tail_ids = _prompt_frame(tok, template)
+    fixed_len = len(head_ids) + len(tail_ids)
+    if fixed_len >= max_len:
+      raise ValueError(
+          f'max_len={max_len} leaves no room for a target after the {fixed_len}-token '
+          f'template {template!r}; raise max_len'
+      )
+    sources = dict(zip(too_long, tok.encode_batch([pairs[i]['source'] for i in too_long])))
+  examples = []
+  for i, (prompt_ids, target_ids) in enumerate(zip(prompts, targets)):
+    prompt_ids, target_ids = bos + prompt_ids, target_ids + eos
+    if i in sources:
       prompt_budget = max(max_len - len(target_ids), fixed_len)
-      prompt_ids = _truncated_prompt(tok, template, pair['source'], prompt_budget)
+      if len(prompt_ids) > prompt_budget:
+        prompt_ids = head_ids + sources[i][: prompt_budget - fixed_len] + tail_ids
       target_ids = target_ids[: max_len - len(prompt_ids)]
     examples.append((prompt_ids, target_ids))
+  num_truncated = len(too_long)
   return examples, num_truncated
 
 
