@@ -602,8 +602,7 @@ def encode_examples(
     prompt_ids, target_ids = bos + prompt_ids, target_ids + eos
     if i in sources:
       prompt_budget = max(max_len - len(target_ids), fixed_len)
-      if len(prompt_ids) > prompt_budget:
-        prompt_ids = head_ids + sources[i][: prompt_budget - fixed_len] + tail_ids
+      prompt_ids = _fit(prompt_ids, sources[i], (head_ids, tail_ids), prompt_budget)
       target_ids = target_ids[: max_len - len(prompt_ids)]
     examples.append((prompt_ids, target_ids))
   num_truncated = len(too_long)
@@ -629,14 +628,22 @@ def _truncated_prompt(tok: Tokenizer, template: str, source: str, max_len: int) 
   prompt_ids = tok.prefix_ids + tok.encode(tok.prompt_template(template).format(source=source))
   if len(prompt_ids) <= max_len:
     return prompt_ids
-  head_ids, tail_ids = _prompt_frame(tok, template)
-  source_budget = max_len - len(head_ids) - len(tail_ids)
-  if source_budget < 0:
+  frame = _prompt_frame(tok, template)
+  if len(frame[0]) + len(frame[1]) > max_len:
     raise ValueError(
         f'max_len={max_len} is shorter than the template {template!r} '
-        f'({len(head_ids) + len(tail_ids)} tokens); raise max_len'
+        f'({len(frame[0]) + len(frame[1])} tokens); raise max_len'
     )
-  return head_ids + tok.encode(source)[:source_budget] + tail_ids
+  return _fit(prompt_ids, tok.encode(source), frame, max_len)
+
+
+def _fit(prompt_ids: list[int], source_ids: list[int], frame: tuple[list[int], list[int]],
+         max_len: int) -> list[int]:
+  """prompt_ids if they fit in max_len, else the frame around as much of the source as fits."""
+  if len(prompt_ids) <= max_len:
+    return prompt_ids
+  head_ids, tail_ids = frame
+  return head_ids + source_ids[: max_len - len(head_ids) - len(tail_ids)] + tail_ids
 
 
 def _prompt_frame(tok: Tokenizer, template: str) -> tuple[list[int], list[int]]:
