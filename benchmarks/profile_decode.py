@@ -45,19 +45,25 @@ def _nbytes(dtype: str, dims: str) -> int:
 
 
 def hlo_ops(dump_dir: str) -> dict[str, dict]:
-  """{instruction name: dict(kind, bytes read)} from the largest optimized module in the dump
-  (the decode executable; the prefill is inside it)."""
+  """{instruction name: dict(opcode, bytes read, line)} from the largest optimized module in the
+  dump (the decode executable; the prefill is inside it). Optimized HLO text names operands
+  without their shapes, so bytes read are summed over the operands' own definitions."""
   files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")),
                  key=os.path.getsize)
   text = open(files[-1]).read()
-  ops = {}
+  parsed, shapes = [], {}
   for line in text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*?) (\w[\w\-]*)\((.*)", line)
     if not m:
       continue
-    name, _, opcode, rest = m.groups()
-    operands = _SHAPE.findall(rest.split("),")[0] if "calls=" in rest else rest)
-    ops[name] = dict(opcode=opcode, read=sum(_nbytes(*o) for o in operands), line=line.strip())
+    name, result, opcode, rest = m.groups()
+    shape = _SHAPE.match(result)
+    shapes[name] = _nbytes(*shape.groups()) if shape and not result.startswith("(") else 0
+    parsed.append((name, opcode, rest.split(")", 1)[0], line.strip()))
+  ops = {}
+  for name, opcode, args, line in parsed:
+    operands = re.findall(r"%([\w.\-]+)", args)
+    ops[name] = dict(opcode=opcode, read=sum(shapes.get(o, 0) for o in operands), line=line)
   return ops
 
 

@@ -99,8 +99,9 @@ def load(args):
     template = config.get("data", {}).get("template", TEMPLATE)
   import ml_collections
   pairs = data_lib.load_pairs(ml_collections.ConfigDict(dict(source="bible")))["validation"]
-  texts = [data_lib.format_prompt(template, pair["source"]) for pair in pairs[:64]]
-  prompts = [decode.encode_prompt(tokenizer, t)[:96] for t in texts]
+  texts = [data_lib.format_prompt(template, pair["source"]) for pair in pairs[:96]]
+  # Long prompts are dropped, not cut: a cut chat prompt would lose its assistant header.
+  prompts = [p for p in (decode.encode_prompt(tokenizer, t) for t in texts) if len(p) <= 128][:64]
   eos_id, _ = decode.special_ids(tokenizer)
   return model, prompts, eos_id, path
 
