@@ -10,6 +10,7 @@ pruned or not) is the merged model.
 from __future__ import annotations
 
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -136,15 +137,19 @@ def test_merged_equals_unmerged(run):
                              np.asarray(tiny.jit_call(model)(tokens, **kw)), atol=1e-5, rtol=0)
 
 
-def test_resume_equals_uninterrupted(run):
-  config = _config(**{"checkpoint.resume_step": 2})
-  trainer = train_lib.Trainer(config, str(run["workdir"]))
+def test_resume_equals_uninterrupted(run, tmp_path, capsys):
+  """train.py's path (train_and_evaluate) from a copy of the run's step 2; logs the memory line."""
+  workdir = tmp_path / "resumed"
+  for item in ("tokenizer", "checkpoints/2"):
+    shutil.copytree(run["workdir"] / item, workdir / item)
+  train_lib.train_and_evaluate(run["config"], str(workdir))
+  assert "memory (from shapes): params" in capsys.readouterr().out
+  trainer = train_lib.Trainer(run["config"], str(workdir))
   try:
     state = trainer.restore_or_init()
-    assert int(state["step"]) == 2
-    state, _ = trainer.step(state, next(trainer.batcher), 2)
   finally:
     trainer.close()
+  assert int(state["step"]) == STEPS
   _assert_equal(_copy(state["params"]), run["final"]["params"])
   _assert_equal(_copy(state["opt_state"]), run["final"]["opt_state"])
 
@@ -213,3 +218,13 @@ def test_bad_lora_settings_are_one_line_before_any_work(tmp_path, overrides, nam
   assert not (tmp_path / "run").exists()
   with pytest.raises(ValueError, match="lora_rank=-1"):
     tiny.tiny_config(lora_rank=-1, lora_targets=("q",))
+
+
+def test_resuming_with_other_adapters_is_one_line(run):
+  for overrides, named in (({"optim.lora.rank": 8}, "optim.lora.rank=8 (saved: 4)"),
+                           ({"optim.lora.rank": 0}, "optim.lora.rank=0 (saved: 4)"),
+                           ({"optim.lora.targets": ("q",)}, "optim.lora.targets=['q']")):
+    with pytest.raises(config_check.ConfigError) as e:
+      config_check.validate_run(_config(**overrides), str(run["workdir"]))
+    assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
+  config_check.validate_run(_config(**{"optim.lora.dropout": 0.0}), str(run["workdir"]))
