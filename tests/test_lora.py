@@ -170,6 +170,23 @@ def test_inference_and_export_get_the_merged_model(run, tmp_path):
   _assert_equal(pruned, want)
 
 
+def test_lora_on_a_base_model_trains_adapters_beside_its_weights(tmp_path):
+  """model.init_from: the base weights are the folder's, bit for bit; the adapters are fresh."""
+  folder = tmp_path / "base"
+  tiny.save_hf_model("llama", folder, seed=3)
+  tiny.save_tiny_tokenizer(folder)
+  config = _config(**{"model.init_from": str(folder), "num_steps": 2, "optim.lora.dropout": 0.0})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  trainer = train_lib.Trainer(config, str(tmp_path / "run"))
+  try:
+    state = trainer.restore_or_init()
+  finally:
+    trainer.close()
+  adapters, frozen = lora.split(_copy(state["params"]), enabled=True)
+  _assert_equal(frozen, _params(hf.from_pretrained(folder)[0]))
+  assert all(np.abs(x).max() > 0 for p, x in _flat(adapters).items() if p.endswith("['b']"))
+
+
 def test_train_norms_and_full_fine_tuning_splits():
   params = _params(tiny.tiny_model(lora_rank=2, lora_targets=("q", "v")))
   trainable, _ = lora.split(params, enabled=True, train_norms=True)
@@ -210,6 +227,7 @@ def test_memory_report_lora_optimizer_state_is_far_below_full():
     ({"optim.lora.targets": ("q", "qkv")}, "'qkv', which is unknown: allowed are 'q', 'k'"),
     ({"optim.lora.targets": ()}, "optim.lora.targets=() is empty"),
     ({"optim.lora.dropout": 1.0}, "optim.lora.dropout=1.0"),
+    ({"model.mlp": "plain", "optim.lora.targets": ("gate",)}, "its MLP is plain (no gate)"),
 ])
 def test_bad_lora_settings_are_one_line_before_any_work(tmp_path, overrides, named):
   with pytest.raises(config_check.ConfigError) as e:

@@ -221,6 +221,7 @@ def validate_run(config, workdir: str) -> None:
     _check_fields(config)
     num_layers, max_position, hf_model = _model_shape(config)
     _check_relations(config, max_position)
+    _check_lora_targets(config, hf_model)
     _check_plans(config, num_layers)
     _check_mesh(config)
     _check_workdir(config, workdir, hf_model)
@@ -302,6 +303,14 @@ def _check_relations(config, max_position: int) -> None:
   if unknown:
     raise ValueError(f"mesh.rules map to {unknown}, which are not in mesh.axes="
                      f"{tuple(config.mesh.axes)}")
+
+
+def _check_lora_targets(config, hf_model) -> None:
+  """LoRA on, the targets name a projection the model has (a plain MLP has no gate)."""
+  targets, mlp = config.optim.lora.targets, (hf_model or config.model).mlp
+  if config.optim.lora.rank and mlp == "plain" and set(targets) <= {"gate"}:
+    raise ValueError(f"optim.lora.targets={tuple(targets)!r} names no projection of this model: "
+                     "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
 
 
 def _check_plans(config, num_layers: int) -> None:

@@ -83,6 +83,7 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
                        f"{self.num_kv_heads}")
     lora.check(self.lora_rank, self.lora_targets, self.lora_dropout, self.lora_alpha)
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # hashable, for jit
 
   @property
   def kv_groups(self) -> int:

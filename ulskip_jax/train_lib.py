@@ -376,7 +376,7 @@ class Trainer:
     cfg = self.config
     pairs = self.pairs["validation"][:cfg.eval_bleu_examples]
     prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, cfg.data.seq_len)
-    model = nnx.merge(self.graphdef, jax.device_get(params))
+    model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
       skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
