@@ -107,7 +107,7 @@ def split(params: dict, *, enabled: bool, train_norms: bool = False) -> tuple[di
   without LoRA keeps its structure.
   """
   if not enabled:
-    return params, {}
+    return split_none(params)
   flat = traversals.flatten_mapping(params)
   train = {p: x for p, x in flat.items() if is_adapter(p) or (train_norms and is_norm(p))}
   frozen = {p: x for p, x in flat.items() if p not in train}
@@ -156,7 +156,8 @@ def merge(model: nnx.Module) -> nnx.Module:
   cfg = model.cfg
   if not cfg.lora_rank:
     return model
-  params = merge_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.lora_alpha / cfg.lora_rank)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params = merge_params(params, cfg.lora_alpha / cfg.lora_rank)
   merged = nnx.eval_shape(lambda: type(model)(base_config(cfg), rngs=nnx.Rngs(0)))
   state = nnx.state(merged, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
