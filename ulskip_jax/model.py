@@ -5,7 +5,8 @@ K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V 
 
 One config covers the Hugging Face families we import (see `hf.py`): Llama 2/3 (llama3 rope
 scaling), Mistral, Qwen2 (qkv bias), GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi,
-embedding LayerNorm).
+embedding LayerNorm). With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`),
+created after every base weight so that a seed draws the same base model with or without them.
 
 Layer weights are one module per layer (`Decoder.layers[i]`), not one stacked array, because:
   * decoding indexes layers with Python ints from the static skip tuple, so each kept layer's
