@@ -72,6 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0
   c.optim.accum_steps = 1       # micro-batches per update
   c.optim.freeze_embeddings = False
+  c.optim.lora = ml_collections.ConfigDict()  # LoRA (ulskip_jax/lora.py): train adapters only
+  c.optim.lora.rank = 0         # adapter rank; 0 = off (full fine-tuning, no adapters)
+  c.optim.lora.alpha = 16.0     # adapter output scale alpha / rank
+  c.optim.lora.dropout = 0.0    # dropout on each adapter's input while training, in [0, 1)
+  c.optim.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # gate: gated MLPs only
+  c.optim.lora.train_norms = False  # also train the norm scales (and LayerNorm biases)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500      # steps

@@ -281,6 +281,11 @@ CONFIG_CASES = [
     ({"mesh.shape": (1, 1)}, "mesh.shape=(1, 1)"),
     ({"distributed.process_id": 3}, "distributed.process_id=3"),
     ({"model.init_from": "/missing"}, "model.init_from='/missing'"),
+    ({"optim.lora.rank": -1}, "optim.lora.rank=-1"),
+    ({"optim.lora.rank": 2.5}, "optim.lora.rank=2.5"),
+    ({"optim.lora.targets": ("qkv",)}, "optim.lora.targets=('qkv',) has 'qkv', which is unknown: "
+                                       "allowed are 'q', 'k', 'v', 'o', 'gate', 'up', 'down'"),
+    ({"optim.lora.alpha": 0.0}, "optim.lora.alpha=0.0"),
 ]
 
 

@@ -312,10 +312,7 @@ def _block_step(layer, x_B1D, positions_B1, k_BKSD, v_BKSD, cache_pos_BS, slot):
   probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), -1).astype(q.dtype)
   out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_BKSD.astype(q.dtype))
          + jnp.einsum("bkgts,bksd->btkgd", probs[..., S:], v)).reshape(B, 1, H, Hd)
-  y = jnp.einsum("bthk,hkd->btd", out, layer.attn.o[...].astype(q.dtype))
-  if cfg.out_bias:
-    y = y + layer.attn.o_bias[...].astype(y.dtype)
-  x = x_B1D + y
+  x = x_B1D + layer.attn.project_out(out)
   return x + layer.mlp(layer.mlp_norm(x)), k, v
 
 

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+from ulskip_jax import lora
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import DTYPES, ModelConfig
 from ulskip_jax.skipping import STRATEGIES, plan_layers
@@ -190,6 +191,11 @@ FIELDS: dict[str, Callable] = {
     "optim.clip_norm": _float(0, min_open=True),
     "optim.accum_steps": _int(1),
     "optim.freeze_embeddings": _bool,
+    "optim.lora.rank": _int(0),
+    "optim.lora.alpha": _float(0, min_open=True),
+    "optim.lora.dropout": _float(0, 1, max_open=True),
+    "optim.lora.targets": lora.check_targets,
+    "optim.lora.train_norms": _bool,
     "checkpoint.every": _int(1),
     "checkpoint.keep": _optional(_int(1)),
     "checkpoint.async_save": _bool,
@@ -203,7 +209,7 @@ FIELDS: dict[str, Callable] = {
     "distributed.process_id": _int(0),
     "distributed.auto": _bool,
 }
-_GROUPS = {key.split(".")[0] for key in FIELDS if "." in key}
+_GROUPS = {key.rsplit(".", n)[0] for key in FIELDS for n in range(1, key.count(".") + 1)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +221,7 @@ def validate_run(config, workdir: str) -> None:
     _check_fields(config)
     num_layers, max_position, hf_model = _model_shape(config)
     _check_relations(config, max_position)
+    _check_lora_targets(config, hf_model)
     _check_plans(config, num_layers)
     _check_mesh(config)
     _check_workdir(config, workdir, hf_model)
@@ -280,6 +287,8 @@ def _check_relations(config, max_position: int) -> None:
   if dist.process_id >= dist.num_processes:
     raise ValueError(f"distributed.process_id={dist.process_id} is out of range: it must be "
                      f"below distributed.num_processes={dist.num_processes}")
+  lora.check(optim.lora.rank, optim.lora.targets, optim.lora.dropout, optim.lora.alpha,
+             prefix="optim.lora.")
   if config.batch_size % optim.accum_steps:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by optim.accum_steps="
                      f"{optim.accum_steps}: each micro-batch needs the same rows")
@@ -294,6 +303,14 @@ def _check_relations(config, max_position: int) -> None:
   if unknown:
     raise ValueError(f"mesh.rules map to {unknown}, which are not in mesh.axes="
                      f"{tuple(config.mesh.axes)}")
+
+
+def _check_lora_targets(config, hf_model) -> None:
+  """LoRA on, the targets name a projection the model has (a plain MLP has no gate)."""
+  targets, mlp = config.optim.lora.targets, (hf_model or config.model).mlp
+  if config.optim.lora.rank and mlp == "plain" and set(targets) <= {"gate"}:
+    raise ValueError(f"optim.lora.targets={tuple(targets)!r} names no projection of this model: "
+                     "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
 
 
 def _check_plans(config, num_layers: int) -> None:
@@ -387,7 +404,9 @@ def _check_same_model(config, workdir: str, step: int, hf_model) -> None:
       saved = json.load(f)["model_config"]
   except (OSError, ValueError, KeyError, TypeError):
     return  # unreadable meta: the restore reports it, with the earlier steps to pick from
-  names = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _RUNTIME_FIELDS]
+  _check_same_adapters(config, workdir, step, saved)
+  names = [f.name for f in dataclasses.fields(ModelConfig)
+           if f.name not in _RUNTIME_FIELDS and not f.name.startswith("lora_")]
   if hf_model is not None:
     source = f"model.init_from={config.model.init_from!r}"
     wanted = {n: getattr(hf_model, n) for n in names}
@@ -405,6 +424,20 @@ def _check_same_model(config, workdir: str, step: int, hf_model) -> None:
   detail = ", ".join(f"model.{n}={_plain(wanted[n])!r} (saved: {saved[n]!r})" for n in differ)
   raise ValueError(f"{detail} differs from {where}: a resumed run keeps its model; set the saved "
                    "value or use a new --workdir")
+
+
+def _check_same_adapters(config, workdir: str, step: int, saved: dict) -> None:
+  """optim.lora sets the adapters the checkpoint holds (dropout may change: it saves no array)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.name.startswith("lora_") and f.name != "lora_dropout"}
+  wanted = {**defaults, **lora.model_fields(config.optim.lora)}
+  differ = [n for n in defaults if _plain(wanted[n]) != _plain(saved.get(n, defaults[n]))]
+  if differ:
+    detail = ", ".join(f"optim.lora.{n[len('lora_'):]}={_plain(wanted[n])!r} (saved: "
+                       f"{saved.get(n, defaults[n])!r})" for n in differ)
+    raise ValueError(f"{detail} differs from the checkpoint "
+                     f"{os.path.join(workdir, 'checkpoints', str(step))}: a resumed run keeps its "
+                     "adapters; set the saved value or use a new --workdir")
 
 
 def _plain(value):

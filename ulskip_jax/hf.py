@@ -47,7 +47,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ulskip_jax import gguf_io
+from ulskip_jax import gguf_io, lora
 from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bloom")
@@ -559,7 +559,9 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
     describe `model`. None derives one from `model.cfg` (`config_to_hf`), with the special token
     ids of `tokenizer`.
   Weights are written in the model's parameter dtype; a tied lm_head is not written (HF ties it).
+  A model with LoRA adapters is written merged (`lora.merge`), then pruned by `skip`.
   """
+  model = lora.merge(model)
   cfg = model.cfg
   kept = kept_layers(cfg.num_layers, tuple(skip or ()))
   if hf_config is None:

@@ -5,7 +5,8 @@ K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V 
 
 One config covers the Hugging Face families we import (see `hf.py`): Llama 2/3 (llama3 rope
 scaling), Mistral, Qwen2 (qkv bias), GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi,
-embedding LayerNorm).
+embedding LayerNorm). With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`),
+created after every base weight so that a seed draws the same base model with or without them.
 
 Layer weights are one module per layer (`Decoder.layers[i]`), not one stacked array, because:
   * decoding indexes layers with Python ints from the static skip tuple, so each kept layer's
@@ -34,6 +35,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ulskip_jax import lora
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
@@ -66,6 +69,10 @@ class ModelConfig:
   dtype: str = "float32"         # compute dtype
   param_dtype: str = "float32"
   remat: bool = False            # rematerialise each layer in the backward pass
+  lora_rank: int = 0             # LoRA adapters (lora.py) of this rank; 0 = none
+  lora_alpha: float = 16.0       # adapter scale alpha / rank
+  lora_dropout: float = 0.0      # on each adapter's input, when the call passes a dropout key
+  lora_targets: tuple = ()       # projections with adapters, among lora.TARGETS
 
   def __post_init__(self):
     allowed = dict(norm=("rms", "layer"), mlp=("gated", "plain"), act=("silu", "gelu", "gelu_tanh"),
@@ -76,6 +83,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
                        f"{self.num_kv_heads}")
+    lora.check(self.lora_rank, self.lora_targets, self.lora_dropout, self.lora_alpha)
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # hashable, for jit
 
   @property
   def kv_groups(self) -> int:
@@ -153,6 +162,23 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None) -> nnx.Param:
 
 def _zeros(shape, axes, dtype) -> nnx.Param:
   return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def _add_adapters(module: nnx.Module, cfg: ModelConfig, specs: dict, rngs: nnx.Rngs) -> None:
+  """An adapter `<name>_lora` for each targeted projection of `module` (specs: name ->
+  (in shape, in axes, out shape, out axes)), in lora.TARGETS order whatever the config's order."""
+  for name in lora.TARGETS:
+    if name in specs and name in cfg.lora_targets:
+      in_shape, in_axes, out_shape, out_axes = specs[name]
+      setattr(module, name + lora.SUFFIX, lora.Adapter(
+          name, in_shape, out_shape, in_axes, out_axes, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+          dropout=cfg.lora_dropout, dtype=jnp.dtype(cfg.param_dtype), rngs=rngs))
+
+
+def _plus_lora(module: nnx.Module, name: str, x: Array, y: Array, dropout_key) -> Array:
+  """y, plus the adapter update of `module`'s projection `name` on input x if it has one."""
+  adapter = getattr(module, name + lora.SUFFIX, None)
+  return y if adapter is None else y + adapter(x, dropout_key)
 
 
 class Norm(nnx.Module):
@@ -247,11 +273,19 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _zeros((D,), ("embed",), pdt)
 
-  def project_qkv(self, x_BTD: Array, positions_BT: Array):
+  def add_adapters(self, rngs: nnx.Rngs) -> None:
+    cfg = self.cfg
+    D, H, K, Hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kv = ((D,), ("embed",), (K, Hd), ("kv_heads", "head_dim"))
+    _add_adapters(self, cfg, dict(q=((D,), ("embed",), (H, Hd), ("heads", "head_dim")), k=kv, v=kv,
+                                  o=((H, Hd), ("heads", "head_dim"), (D,), ("embed",))), rngs)
+
+  def project_qkv(self, x_BTD: Array, positions_BT: Array, dropout_key=None):
     cfg, dt = self.cfg, x_BTD.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+    q, k, v = (_plus_lora(self, name, x_BTD, y, dropout_key) for name, y in zip("qkv", (q, k, v)))
     if cfg.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
@@ -260,7 +294,15 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
     return q, k, v
 
-  def __call__(self, q_BTHD, q_pos_BT, k_BKSD, v_BKSD, k_pos_BS, mask_BTS) -> Array:
+  def project_out(self, out_BTHD: Array, dropout_key=None) -> Array:
+    y = jnp.einsum("bthk,hkd->btd", out_BTHD, self.o[...].astype(out_BTHD.dtype))
+    y = _plus_lora(self, "o", out_BTHD, y, dropout_key)
+    if self.cfg.out_bias:
+      y = y + self.o_bias[...].astype(y.dtype)
+    return y
+
+  def __call__(self, q_BTHD, q_pos_BT, k_BKSD, v_BKSD, k_pos_BS, mask_BTS,
+               dropout_key=None) -> Array:
     """Attention of projected queries over keys/values at positions k_pos, then out-projection."""
     bias = None
     if self.cfg.pos == "alibi":
@@ -268,11 +310,7 @@ class Attention(nnx.Module):
       # which softmax ignores, and stays small for long sequences.
       rel = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)
       bias = alibi_slopes(self.cfg.num_heads)[None, :, None, None] * rel[:, None]
-    out = attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias)
-    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(q_BTHD.dtype))
-    if self.cfg.out_bias:
-      y = y + self.o_bias[...].astype(y.dtype)
-    return y
+    return self.project_out(attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias), dropout_key)
 
 
 def _act(name: str, x: Array) -> Array:
@@ -296,19 +334,28 @@ class MLP(nnx.Module):
       self.up_bias = _zeros((F,), ("mlp",), pdt)
       self.down_bias = _zeros((D,), ("embed",), pdt)
 
-  def __call__(self, x_BTD: Array) -> Array:
+  def add_adapters(self, rngs: nnx.Rngs) -> None:
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.d_ff
+    up = ((D,), ("embed",), (F,), ("mlp",))
+    specs = dict(up=up, down=((F,), ("mlp",), (D,), ("embed",)))
+    if cfg.mlp == "gated":  # a plain MLP has no gate: a "gate" target does not apply to it
+      specs["gate"] = up
+    _add_adapters(self, cfg, specs, rngs)
+
+  def __call__(self, x_BTD: Array, dropout_key=None) -> Array:
     cfg, dt = self.cfg, x_BTD.dtype
-    h = x_BTD @ self.up[...].astype(dt)
+    h = _plus_lora(self, "up", x_BTD, x_BTD @ self.up[...].astype(dt), dropout_key)
     if cfg.mlp_bias:
       h = h + self.up_bias[...].astype(dt)
     if cfg.mlp == "gated":
-      g = x_BTD @ self.gate[...].astype(dt)
+      g = _plus_lora(self, "gate", x_BTD, x_BTD @ self.gate[...].astype(dt), dropout_key)
       if cfg.mlp_bias:
         g = g + self.gate_bias[...].astype(dt)
       h = _act(cfg.act, g) * h
     else:
       h = _act(cfg.act, h)
-    y = h @ self.down[...].astype(dt)
+    y = _plus_lora(self, "down", h, h @ self.down[...].astype(dt), dropout_key)
     if cfg.mlp_bias:
       y = y + self.down_bias[...].astype(dt)
     return y
@@ -323,13 +370,14 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, dropout_key=None):
     """Self-attention over the chunk (kv=None) or over a cache (kv=(k, v, pos, index)).
 
-    Returns the block output and, with a cache, the layer's updated (k, v).
+    Returns the block output and, with a cache, the layer's updated (k, v). dropout_key: the
+    layer's LoRA dropout key (training), None = no dropout.
     """
     h = self.attn_norm(x_BTD)
-    q, k, v = self.attn.project_qkv(h, positions_BT)
+    q, k, v = self.attn.project_qkv(h, positions_BT, dropout_key)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Hd], the cache layout
     if kv is None:
       T = x_BTD.shape[1]
@@ -344,8 +392,8 @@ class Block(nnx.Module):
       k_pos = cache_pos  # already holds this chunk's positions (written once in Decoder)
       mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= positions_BT[:, :, None])
       k_all, v_all, new_kv = k_all.astype(q.dtype), v_all.astype(q.dtype), (k_all, v_all)
-    x = x_BTD + self.attn(q, positions_BT, k_all, v_all, k_pos, mask)
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x_BTD + self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key)
+    x = x + self.mlp(self.mlp_norm(x), dropout_key)
     return x, new_kv
 
 
@@ -368,6 +416,10 @@ class Decoder(nnx.Module):
     self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+    if cfg.lora_rank:  # last, so the base weights are the ones the same seed gives without LoRA
+      for layer in self.layers:
+        layer.attn.add_adapters(rngs)
+        layer.mlp.add_adapters(rngs)
 
   def embed_tokens(self, tokens_BT: Array, positions_BT: Array) -> Array:
     cfg = self.cfg
@@ -384,7 +436,7 @@ class Decoder(nnx.Module):
     return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype)).astype(jnp.float32)
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
-             full_depth_BT=None, cache: KVCache | None = None, cache_index=0):
+             full_depth_BT=None, cache: KVCache | None = None, cache_index=0, dropout_key=None):
     """Final hidden states [B, T, D] (before the final norm) and the updated cache (or None)."""
     cfg = self.cfg
     kept = kept_layers(cfg.num_layers, tuple(skip))
@@ -409,7 +461,8 @@ class Decoder(nnx.Module):
       if cache is not None and is_kept:
         j = len(new_k)
         kv = (cache.k[j], cache.v[j], cache_pos, cache_index)
-      y, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat)
+      layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      y, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key)
       if is_kept:
         x = y
         if layer_kv is not None:
@@ -423,7 +476,7 @@ class Decoder(nnx.Module):
     return x, new_cache
 
   def __call__(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
-               full_depth_BT=None, cache: KVCache | None = None, cache_index=0):
+               full_depth_BT=None, cache: KVCache | None = None, cache_index=0, dropout_key=None):
     """Logits [B, T, V] (f32); with `cache`, (logits, updated cache).
 
     skip: static tuple of skipped layer indices (one compiled graph per distinct tuple).
@@ -433,18 +486,19 @@ class Decoder(nnx.Module):
       docstring). With a cache, paper mode is for a prefill from an empty cache: skipped layers
       keep no KV, so they only see the current chunk.
     cache, cache_index: write this chunk's K/V at slots [cache_index, cache_index + T).
+    dropout_key: a PRNG key for LoRA dropout (training); None = no dropout.
     """
     x, new_cache = self.hidden(tokens_BT, skip=skip, positions_BT=positions_BT,
                                segment_ids_BT=segment_ids_BT, full_depth_BT=full_depth_BT,
-                               cache=cache, cache_index=cache_index)
+                               cache=cache, cache_index=cache_index, dropout_key=dropout_key)
     logits = self.unembed(x)
     return logits if cache is None else (logits, new_cache)
 
 
-def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool):
+def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool, dropout_key=None):
   if remat:
-    return nnx.remat(Block.__call__)(layer, x, positions, segment_ids, kv)
-  return layer(x, positions, segment_ids, kv)
+    return nnx.remat(Block.__call__)(layer, x, positions, segment_ids, kv, dropout_key)
+  return layer(x, positions, segment_ids, kv, dropout_key)
 
 
 def param_count(model: Decoder) -> int:

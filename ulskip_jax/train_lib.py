@@ -7,6 +7,10 @@ executable per ratio and reuses it (`Trainer.num_compiles`).
 
 Paper mode (the default): the prompt runs every layer and response tokens only the kept layers;
 the loss is on response tokens only. "everywhere" mode skips on every token.
+
+With LoRA (`optim.lora.rank` > 0) the step differentiates and updates only the trainable subset
+(`lora.split`: adapters, and norms with `optim.lora.train_norms`); the optimizer state is built
+for that subset alone, and the frozen weights pass through the step untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from flax import nnx
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check
 from ulskip_jax import data as data_lib
+from ulskip_jax import lora
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
@@ -48,7 +53,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   kw["vocab_size"] = vocab_size
   if kw.get("rope_scaling") is not None:
     kw["rope_scaling"] = tuple(sorted(dict(kw["rope_scaling"]).items()))
-  return ModelConfig(**kw)
+  return ModelConfig(**kw, **lora.model_fields(config.optim.lora))
+
+
+def param_split(optim: ml_collections.ConfigDict):
+  """params -> (trainable, frozen) for the run: everything trainable unless LoRA is on."""
+  return functools.partial(lora.split, enabled=bool(optim.lora.rank),
+                           train_norms=optim.lora.train_norms)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -69,33 +80,50 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
   return tx
 
 
-def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool):
-  """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype)."""
-  model = nnx.merge(graphdef, params)
+def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, frozen=None,
+              dropout_key=None):
+  """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype).
+
+  params: the whole model's, or with `frozen` the trainable part (`lora.split`).
+  """
+  model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
   logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
                  segment_ids_BT=batch["segment_ids"],
-                 full_depth_BT=batch["full_depth"] if paper else None)
+                 full_depth_BT=batch["full_depth"] if paper else None, dropout_key=dropout_key)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return (xent * mask).sum(), mask.sum()
 
 
 def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
-               paper: bool, accum_steps: int):
-  """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens."""
-  def micro(carry, mb):
+               paper: bool, accum_steps: int, split_params=lora.split_none,
+               dropout_seed: int | None = None):
+  """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens.
+
+  split_params: params -> (trainable, frozen); only the trainable part gets gradients and
+  updates, and `state["opt_state"]` is the optimizer's state for it. dropout_seed: LoRA dropout
+  on, with keys from (seed, step, micro-batch), so a resumed run draws the same masks.
+  """
+  trainable, frozen = split_params(state["params"])
+
+  def micro(carry, xs):
     grad_sum, loss_sum, count = carry
-    (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], graphdef, mb, skip,
-                                                            paper)
+    mb, i = xs
+    key = None
+    if dropout_seed is not None:
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
+    (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(
+        trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
   micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-  zeros = jax.tree.map(jnp.zeros_like, state["params"])
-  (grad_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), micro_batches)
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  (grad_sum, loss_sum, count), _ = jax.lax.scan(
+      micro, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(accum_steps)))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+  params = lora.combine(optax.apply_updates(trainable, updates), frozen)
   metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.tree.norm(grads))
   return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
@@ -115,6 +143,44 @@ def skip_for_step(config, num_layers: int, step: int) -> tuple[int, ...]:
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
   ratio = ratios[np.random.default_rng([config.seed, step]).integers(len(ratios))]
   return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed).skipped
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_bytes(abstract_params, optimizer: optax.GradientTransformation, split_params) -> dict:
+  """Bytes of the parameters, one gradient and the optimizer state of a run, from shapes only.
+
+  Gradients and optimizer state cover the trainable part (`split_params(params)[0]`). Global
+  sizes: a sharded run holds its share on each device. Gradient accumulation adds one more
+  gradient-sized buffer; activations are not counted.
+  """
+  trainable, _ = split_params(abstract_params)
+  return dict(params=tree_bytes(abstract_params), grads=tree_bytes(trainable),
+              opt_state=tree_bytes(jax.eval_shape(optimizer.init, trainable)))
+
+
+def peak_bytes(device=None) -> int | None:
+  """The backend's peak bytes in use on `device` (default the first local one); None where the
+  backend does not say (CPU)."""
+  stats = (device or jax.local_devices()[0]).memory_stats()
+  return (stats or {}).get("peak_bytes_in_use")
+
+
+def _size(n: int | None) -> str:
+  if n is None:
+    return "n/a"
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def memory_line(memory: dict, peak: int | None) -> str:
+  return (f"memory (from shapes): params {_size(memory['params'])}, grads "
+          f"{_size(memory['grads'])}, optimizer state {_size(memory['opt_state'])}; peak in use "
+          f"{_size(peak)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,11 +218,17 @@ def load_tokenizer(config, workdir: str, train_pairs, base_tokenizer=None) -> da
 
 
 def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None):
-  """Parameters as a pure dict, created directly with their shardings (or the base model's)."""
-  if base_params is not None:
-    return jax.device_put(base_params, shardings)
+  """Parameters as a pure dict, created directly with their shardings (or the base model's,
+  plus fresh adapters when `model_cfg` has LoRA and `base_params` none)."""
   make = lambda: nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-  return jax.jit(make, out_shardings=shardings)()
+  if base_params is None:
+    return jax.jit(make, out_shardings=shardings)()
+  if not model_cfg.lora_rank:
+    return jax.device_put(base_params, shardings)
+  # Only the adapters are outputs, so XLA drops the random base weights `make` would draw.
+  adapter_sh, base_sh = lora.split(shardings, enabled=True)
+  adapters = jax.jit(lambda: lora.split(make(), enabled=True)[0], out_shardings=adapter_sh)()
+  return lora.combine(adapters, jax.device_put(base_params, base_sh))
 
 
 def with_shardings(abstract_tree, shardings):
@@ -179,7 +251,7 @@ class Trainer:
       from ulskip_jax import hf
       base, base_tokenizer = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
                                                 param_dtype=config.model.param_dtype)
-      self.model_cfg = base.cfg
+      self.model_cfg = dataclasses.replace(base.cfg, **lora.model_fields(config.optim.lora))
       self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
     if not config.model.init_from:
@@ -193,6 +265,7 @@ class Trainer:
                                           self.param_sh)
     self.batch_sh = shd.batch_sharding(self.mesh)
     self.optimizer = make_optimizer(config.optim, config.num_steps)
+    self.split_params = param_split(config.optim)
     self.paper = config.skip.mode == "paper"  # config_check.validate_run checked the values
     n_proc = jax.process_count()
     if config.batch_size % (n_proc * config.optim.accum_steps):
@@ -214,11 +287,18 @@ class Trainer:
 
   def init_state(self) -> dict:
     params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
-    opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings(params))(params)
+    trainable, _ = self.split_params(params)
+    opt_state = jax.jit(self.optimizer.init,
+                        out_shardings=self._opt_shardings(trainable))(trainable)
     step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))
     return self._jit_step_for(dict(params=params, opt_state=opt_state, step=step))
 
+  def memory(self) -> dict:
+    """Bytes of params, gradients and optimizer state of this run, from shapes."""
+    return memory_bytes(self.abstract_params, self.optimizer, self.split_params)
+
   def _opt_shardings(self, params):
+    """Shardings of the optimizer state for (trainable) `params`."""
     # Explicit shardings: left to jit, scalars such as Adam's count land on device 0 alone and
     # the step then rejects a state spread over two device sets (any mesh of more than 1 device).
     return shd.shardings_like_params(jax.eval_shape(self.optimizer.init, params), params,
@@ -227,8 +307,10 @@ class Trainer:
   def _jit_step_for(self, state: dict) -> dict:
     """Jits the train step for `state`'s shardings (traced once per skip tuple); returns state."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer,
-                                paper=self.paper, accum_steps=self.config.optim.accum_steps)
+    step_fn = functools.partial(
+        train_step, graphdef=self.graphdef, optimizer=self.optimizer, paper=self.paper,
+        accum_steps=self.config.optim.accum_steps, split_params=self.split_params,
+        dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None)
 
     def counted(*args):  # runs only when jit traces, i.e. once per compiled executable
       self.num_compiles += 1
@@ -247,8 +329,9 @@ class Trainer:
     # Restore into abstract targets: a random init first would hold two states in memory at once
     # (and compile an init that is thrown away).
     params = self.abstract_params
-    opt_state = with_shardings(jax.eval_shape(self.optimizer.init, params),
-                               self._opt_shardings(params))
+    trainable, _ = self.split_params(params)
+    opt_state = with_shardings(jax.eval_shape(self.optimizer.init, trainable),
+                               self._opt_shardings(trainable))
     params, opt_state, meta = self.ckpt.restore(
         cfg.checkpoint.resume_step or None, params_target=params, opt_state_target=opt_state)
     self.batcher.restore(meta["data"])
@@ -293,7 +376,7 @@ class Trainer:
     cfg = self.config
     pairs = self.pairs["validation"][:cfg.eval_bleu_examples]
     prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, cfg.data.seq_len)
-    model = nnx.merge(self.graphdef, jax.device_get(params))
+    model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
       skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
@@ -358,6 +441,7 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
     log.text(f"model {trainer.model_cfg.num_layers} layers, "
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
+    log.text(memory_line(trainer.memory(), peak_bytes()))
     if start == config.num_steps:
       log.text(f"nothing to train: {workdir} is at step {start} = num_steps")
   from tqdm import tqdm
@@ -515,6 +599,8 @@ def model_config_from_meta(meta: dict, dtype: str | None = None) -> ModelConfig:
     fields["dtype"] = dtype
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
+  if "lora_targets" in fields:
+    fields["lora_targets"] = tuple(fields["lora_targets"])
   return ModelConfig(**fields)
 
 
@@ -522,6 +608,8 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
                        with_config: bool = False):
   """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
 
+  A LoRA run's adapters come back folded into the base weights (`lora.merge`): the model has no
+  adapters and runs at the base model's cost.
   `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
   against the model's own abstract state (built from the config the checkpoint records), so
   the tree keeps its structure and key types: layer i comes back as layer i.
@@ -543,6 +631,7 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   model = abstract["model"]
   nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
   nnx.update(model, state)
+  model = lora.merge(model)
   chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
   tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
   if with_config:
