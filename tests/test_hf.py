@@ -263,7 +263,8 @@ def test_errors(tmp_path):
           r"model\.save_pretrained\(path, safe_serialization=True\)", hf.from_pretrained, folder)
 
   _with_config(folder, model_type="falcon")
-  _raises(r"model_type='falcon' is unsupported: supported are llama, mistral, qwen2, gpt2, bloom",
+  _raises(r"model_type='falcon' is unsupported: supported are llama, mistral, qwen2, qwen3, "
+          r"smollm3, phi3, gpt2, bloom$",
           hf.from_pretrained, folder)
 
   llama = tiny.hf_config("llama").to_dict()

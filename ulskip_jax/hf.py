@@ -15,12 +15,13 @@ layers, renumbered 0..n-1 with num_hidden_layers = n, so a skip-everywhere ULS m
 unchanged by any HF-compatible engine.
 
 Layouts. Our matrices are [in, ..., out] (q: [D, H, Hd], o: [H, Hd, D], up: [D, F]). torch
-`nn.Linear` stores [out, in] (Llama, Mistral, Qwen2, BLOOM, every lm_head); GPT-2's `Conv1D`
-stores [in, out]. The fused QKV output of GPT-2's c_attn is [3, H, Hd] (all q, then all k, then
-all v); BLOOM's query_key_value output is [H, 3, Hd] (q, k, v interleaved per head).
+`nn.Linear` stores [out, in] (every family but GPT-2, and every lm_head); GPT-2's `Conv1D`
+stores [in, out]. The fused QKV output of GPT-2's c_attn and Phi-3's qkv_proj is q | k | v (all q,
+then all k, then all v); BLOOM's query_key_value output is [H, 3, Hd] (q, k, v interleaved per
+head); Phi-3's gate_up_proj is gate | up.
 
-The family is not a ModelConfig field: `config_to_hf` infers it from the architecture (learned
-positions: gpt2, ALiBi: bloom, qkv bias without out bias: qwen2, any other RoPE model: llama; a
+Each family's names, config mapping and layouts are one entry of `families.FAMILIES`. The family
+is not a ModelConfig field: `config_to_hf` infers it from the architecture (`families.infer`; a
 Mistral without sliding window, the only kind loaded here, computes exactly what a Llama does).
 Pass the original config.json dict as `hf_config` to keep its model_type and its other fields
 (token ids and the like); it is checked against the model's config either way.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -47,17 +47,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ulskip_jax import gguf_io, lora
+from ulskip_jax import families, gguf_io, lora
 from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bloom")
-_ARCHITECTURES = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM",
-                      qwen2="Qwen2ForCausalLM", gpt2="GPT2LMHeadModel", bloom="BloomForCausalLM")
-_ACTIVATIONS = dict(silu="silu", swish="silu", gelu="gelu", gelu_new="gelu_tanh",
-                    gelu_pytorch_tanh="gelu_tanh")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                     "original_max_position_embeddings")
 # Fields that change no computation: never compared between a model and a config.json.
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
 
@@ -65,123 +58,9 @@ _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
 # ----------------------------------------------------------------------------------------------
 # Configs.
 
-def _get(hf: dict, *keys: str, default: Any = None, required: bool = False) -> Any:
-  """The first of `keys` set (not null) in config.json; old and new HF names differ per family."""
-  for key in keys:
-    if hf.get(key) is not None:
-      return hf[key]
-  if required:
-    raise ValueError(f"config.json has no {' / '.join(keys)}: it is required for model_type="
-                     f"{hf.get('model_type')!r}")
-  return default
-
-
-def _activation(name: str) -> str:
-  if name not in _ACTIVATIONS:
-    raise ValueError(f"activation {name!r} is unsupported: allowed are "
-                     f"{', '.join(_ACTIVATIONS)}")
-  return _ACTIVATIONS[name]
-
-
-def _rope(hf: dict) -> tuple[float, tuple | None]:
-  """(rope_theta, rope_scaling) from transformers 5's `rope_parameters` or the older keys."""
-  params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-  kind = params.get("rope_type", params.get("type", "default"))
-  if kind == "default":
-    return theta, None
-  if kind != "llama3":
-    raise ValueError(f"rope type {kind!r} is unsupported: allowed are 'default' and 'llama3'")
-  scaling = {k: float(params[k]) for k in _LLAMA3_ROPE_KEYS}
-  scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-  return theta, tuple(sorted({**scaling, "rope_type": "llama3"}.items()))
-
-
-def _rope_family_config(hf: dict, family: str) -> ModelConfig:
-  if family == "mistral" and hf.get("sliding_window") is not None:
-    window = hf["sliding_window"]
-    raise ValueError(f"mistral sliding_window={window} is unsupported for now: set "
-                     f"\"sliding_window\": null in config.json to load it (exact for sequences "
-                     f"of at most {window} tokens)")
-  if family == "qwen2" and (hf.get("use_sliding_window")
-                            or "sliding_attention" in (hf.get("layer_types") or ())):
-    raise ValueError("qwen2 use_sliding_window=true is unsupported for now: set "
-                     "\"use_sliding_window\": false in config.json to load it (exact for "
-                     "sequences of at most sliding_window tokens)")
-  d_model = _get(hf, "hidden_size", required=True)
-  num_heads = _get(hf, "num_attention_heads", required=True)
-  attention_bias = bool(hf.get("attention_bias", False)) if family == "llama" else False
-  theta, scaling = _rope(hf)
-  return ModelConfig(
-      vocab_size=_get(hf, "vocab_size", required=True),
-      num_layers=_get(hf, "num_hidden_layers", required=True),
-      d_model=d_model, num_heads=num_heads,
-      num_kv_heads=_get(hf, "num_key_value_heads", default=num_heads),
-      head_dim=_get(hf, "head_dim", default=d_model // num_heads),
-      d_ff=_get(hf, "intermediate_size", required=True),
-      norm="rms", norm_eps=float(_get(hf, "rms_norm_eps", default=1e-6)),
-      mlp="gated", act=_activation(_get(hf, "hidden_act", default="silu")),
-      pos="rope", max_position=_get(hf, "max_position_embeddings", default=2048),
-      rope_theta=theta, rope_scaling=scaling,
-      qkv_bias=attention_bias or family == "qwen2", out_bias=attention_bias,
-      mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-
-
-def _gpt2_config(hf: dict) -> ModelConfig:
-  if (not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx")
-      or hf.get("add_cross_attention")):
-    raise ValueError("gpt2 with scale_attn_weights=false, scale_attn_by_inverse_layer_idx=true or "
-                     "add_cross_attention=true is unsupported: only standard GPT-2 attention is")
-  d_model = _get(hf, "n_embd", "hidden_size", required=True)
-  num_heads = _get(hf, "n_head", "num_attention_heads", required=True)
-  return ModelConfig(
-      vocab_size=_get(hf, "vocab_size", required=True),
-      num_layers=_get(hf, "n_layer", "num_hidden_layers", required=True),
-      d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
-      head_dim=d_model // num_heads, d_ff=_get(hf, "n_inner", default=4 * d_model),
-      norm="layer", norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
-      mlp="plain", act=_activation(_get(hf, "activation_function", default="gelu_new")),
-      pos="learned", max_position=_get(hf, "n_positions", "max_position_embeddings",
-                                       default=1024),
-      qkv_bias=True, out_bias=True, mlp_bias=True,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-
-
-def _bloom_config(hf: dict) -> ModelConfig:
-  if hf.get("apply_residual_connection_post_layernorm"):
-    raise ValueError("bloom apply_residual_connection_post_layernorm=true is unsupported: only "
-                     "pre-norm residuals are")
-  d_model = _get(hf, "hidden_size", "n_embed", required=True)
-  num_heads = _get(hf, "n_head", "num_attention_heads", required=True)
-  return ModelConfig(
-      vocab_size=_get(hf, "vocab_size", required=True),
-      num_layers=_get(hf, "n_layer", "num_hidden_layers", required=True),
-      d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
-      head_dim=d_model // num_heads, d_ff=4 * d_model,
-      norm="layer", norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
-      mlp="plain", act="gelu_tanh", pos="alibi", qkv_bias=True, out_bias=True, mlp_bias=True,
-      embed_norm=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-
-
 def config_from_hf(hf_config: dict) -> ModelConfig:
   """ModelConfig for a Hugging Face config.json dict (f32 compute and parameters)."""
-  family = hf_config.get("model_type")
-  if family not in FAMILIES:
-    raise ValueError(f"model_type={family!r} is unsupported: supported are {', '.join(FAMILIES)}")
-  if family == "gpt2":
-    return _gpt2_config(hf_config)
-  if family == "bloom":
-    return _bloom_config(hf_config)
-  return _rope_family_config(hf_config, family)
-
-
-def _infer_family(cfg: ModelConfig) -> str:
-  if cfg.pos == "learned":
-    return "gpt2"
-  if cfg.pos == "alibi":
-    return "bloom"
-  return "qwen2" if cfg.qkv_bias and not cfg.out_bias else "llama"
+  return families.family(hf_config.get("model_type"), hf_config).config_from_hf(hf_config)
 
 
 def _architecture(cfg: ModelConfig) -> dict:
@@ -205,139 +84,74 @@ def _check_describes(cfg: ModelConfig, hf: dict, what: str) -> None:
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
-  """A config.json dict for `cfg`; model_type None infers the family (see the module docstring).
+  """A config.json dict for `cfg`; model_type None infers the family (`families.infer`).
 
   Raises a one-line ValueError if the family cannot express `cfg` exactly (e.g. GQA for gpt2).
-  Rope settings use the `rope_theta` / `rope_scaling` keys, which transformers 4 and 5 and the
-  serving engines all read.
   """
-  family = model_type or _infer_family(cfg)
-  if family not in FAMILIES:
-    raise ValueError(f"model_type={family!r} is unsupported: supported are {', '.join(FAMILIES)}")
-  hf: dict[str, Any] = dict(model_type=family, architectures=[_ARCHITECTURES[family]],
+  family = families.family(model_type) if model_type else families.infer(cfg)
+  hf: dict[str, Any] = dict(model_type=family.model_type, architectures=[family.architecture],
                             vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-                            torch_dtype=cfg.param_dtype)
-  if family == "gpt2":
-    hf.update(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
-              n_positions=cfg.max_position, layer_norm_epsilon=cfg.norm_eps,
-              activation_function=dict(gelu_tanh="gelu_new").get(cfg.act, cfg.act))
-  elif family == "bloom":
-    hf.update(hidden_size=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-              layer_norm_epsilon=cfg.norm_eps)
-  else:
-    hf.update(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-              hidden_act=dict(gelu_tanh="gelu_pytorch_tanh").get(cfg.act, cfg.act),
-              max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
-              rope_theta=cfg.rope_theta,
-              rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None)
-    if family == "llama":
-      hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    elif family == "mistral":
-      hf.update(sliding_window=None)
-    else:
-      hf.update(use_sliding_window=False)
-  _check_describes(cfg, hf, f"a {family!r} Hugging Face config")
+                            torch_dtype=cfg.param_dtype, **family.config_to_hf(cfg))
+  _check_describes(cfg, hf, f"a {family.model_type!r} Hugging Face config")
   return hf
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensor names and layouts. Our keys are dotted paths inside a layer ("attn.q") or the model.
 
-_ROPE_LAYER = {
-    "input_layernorm.weight": "attn_norm.scale",
-    "post_attention_layernorm.weight": "mlp_norm.scale",
-    "self_attn.q_proj.weight": "attn.q", "self_attn.q_proj.bias": "attn.q_bias",
-    "self_attn.k_proj.weight": "attn.k", "self_attn.k_proj.bias": "attn.k_bias",
-    "self_attn.v_proj.weight": "attn.v", "self_attn.v_proj.bias": "attn.v_bias",
-    "self_attn.o_proj.weight": "attn.o", "self_attn.o_proj.bias": "attn.o_bias",
-    "mlp.gate_proj.weight": "mlp.gate", "mlp.gate_proj.bias": "mlp.gate_bias",
-    "mlp.up_proj.weight": "mlp.up", "mlp.up_proj.bias": "mlp.up_bias",
-    "mlp.down_proj.weight": "mlp.down", "mlp.down_proj.bias": "mlp.down_bias",
-}
-_GPT2_LAYER = {
-    "ln_1.weight": "attn_norm.scale", "ln_1.bias": "attn_norm.bias",
-    "ln_2.weight": "mlp_norm.scale", "ln_2.bias": "mlp_norm.bias",
-    "attn.c_attn.weight": "attn.qkv", "attn.c_attn.bias": "attn.qkv_bias",
-    "attn.c_proj.weight": "attn.o", "attn.c_proj.bias": "attn.o_bias",
-    "mlp.c_fc.weight": "mlp.up", "mlp.c_fc.bias": "mlp.up_bias",
-    "mlp.c_proj.weight": "mlp.down", "mlp.c_proj.bias": "mlp.down_bias",
-}
-_BLOOM_LAYER = {
-    "input_layernorm.weight": "attn_norm.scale", "input_layernorm.bias": "attn_norm.bias",
-    "post_attention_layernorm.weight": "mlp_norm.scale",
-    "post_attention_layernorm.bias": "mlp_norm.bias",
-    "self_attention.query_key_value.weight": "attn.qkv",
-    "self_attention.query_key_value.bias": "attn.qkv_bias",
-    "self_attention.dense.weight": "attn.o", "self_attention.dense.bias": "attn.o_bias",
-    "mlp.dense_h_to_4h.weight": "mlp.up", "mlp.dense_h_to_4h.bias": "mlp.up_bias",
-    "mlp.dense_4h_to_h.weight": "mlp.down", "mlp.dense_4h_to_h.bias": "mlp.down_bias",
-}
-_ROPE_TOP = {"embed_tokens.weight": "embed", "norm.weight": "final_norm.scale"}
-_GPT2_TOP = {"wte.weight": "embed", "wpe.weight": "pos_embed", "ln_f.weight": "final_norm.scale",
-             "ln_f.bias": "final_norm.bias"}
-_BLOOM_TOP = {"word_embeddings.weight": "embed", "word_embeddings_layernorm.weight":
-              "embed_norm.scale", "word_embeddings_layernorm.bias": "embed_norm.bias",
-              "ln_f.weight": "final_norm.scale", "ln_f.bias": "final_norm.bias"}
-_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down")
-_FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"),
-          "attn.qkv_bias": ("attn.q_bias", "attn.k_bias", "attn.v_bias")}
+# Our keys are dotted paths inside a layer ("attn.q") or the model; `families` names HF's.
+_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down",
+             "mlp.gate_up")
+_FUSED = families.FUSED
 
 
-def _names(family: str) -> tuple[str, str, dict, dict]:
-  """(base prefix, layer list name, per-layer names, top-level names) of a family's CausalLM."""
-  if family == "gpt2":
-    return "transformer.", "h", _GPT2_LAYER, _GPT2_TOP
-  if family == "bloom":
-    return "transformer.", "h", _BLOOM_LAYER, _BLOOM_TOP
-  return "model.", "layers", _ROPE_LAYER, _ROPE_TOP
+def _parts(key: str) -> tuple[str, ...]:
+  return _FUSED.get(key, (key,))
 
 
-def _tensor_map(family: str, our_keys: set, layers) -> list[tuple[str, str, tuple]]:
+def _tensor_map(family: families.Family, our_keys: set, layers) -> list[tuple[str, str, tuple]]:
   """(HF name, our key, our flat-path prefix) for each HF tensor this model has.
 
   `layers` pairs (HF layer index, our layer index): equal when loading, renumbered when saving a
   pruned model. A key (or each part of a fused one) must be present in `our_keys`, the model's
-  flat parameter paths, so optional biases and the untied lm_head come and go with the config.
+  flat parameter paths, so optional biases, norms and the untied lm_head come and go with the
+  config.
   """
-  base, layer_list, per_layer, top = _names(family)
-
   def present(key, prefix):
-    return all(prefix + tuple(k.split(".")) in our_keys for k in _FUSED.get(key, (key,)))
+    return all(prefix + tuple(k.split(".")) in our_keys for k in _parts(key))
 
-  out = [(base + name, key, ()) for name, key in top.items() if present(key, ())]
+  out = [(family.base + name, key, ()) for name, key in family.top_names.items()
+         if present(key, ())]
   if present("lm_head", ()):
     out.append(("lm_head.weight", "lm_head", ()))
   for hf_index, index in layers:
     prefix = ("layers", index)
-    out += [(f"{base}{layer_list}.{hf_index}.{name}", key, prefix)
-            for name, key in per_layer.items() if present(key, prefix)]
+    out += [(f"{family.base}{family.layer_list}.{hf_index}.{name}", key, prefix)
+            for name, key in family.layer_names.items() if present(key, prefix)]
   return out
 
 
-def _transposed(family: str, key: str) -> bool:
+def _transposed(family: families.Family, key: str) -> bool:
   """Whether HF stores this tensor [out, in] (nn.Linear) rather than our [in, out]."""
-  return key == "lm_head" or (key in _MATRICES and family != "gpt2")
+  return key == "lm_head" or (key in _MATRICES and not family.conv1d)
 
 
-def _split_qkv(family: str, cfg: ModelConfig, w):
-  """A fused [..., 3 * H * Hd] projection (or bias) into q, k, v, each [..., H * Hd]."""
-  lead = w.shape[:-1]
-  if family == "gpt2":  # out = [3, H, Hd]
-    parts = w.reshape(*lead, 3, -1)
-  else:                 # BLOOM: out = [H, 3, Hd]
+def _split(family: families.Family, cfg: ModelConfig, w, widths: list[int]) -> list:
+  """A fused [..., sum(widths)] tensor (in our [in, out] orientation) into its parts."""
+  if family.interleaved_qkv:  # BLOOM: out = [H, 3, Hd]
+    lead = w.shape[:-1]
     parts = np.swapaxes(w.reshape(*lead, cfg.num_heads, 3, cfg.head_dim), -3, -2)
     parts = parts.reshape(*lead, 3, -1)
-  return [parts[..., j, :] for j in range(3)]
+    return [parts[..., j, :] for j in range(3)]
+  return np.split(w, np.cumsum(widths)[:-1], axis=-1)  # GPT-2, Phi-3: q | k | v, gate | up
 
 
-def _fuse_qkv(family: str, cfg: ModelConfig, q, k, v):
-  lead = q.shape[:-1]
-  if family == "gpt2":
-    return np.stack([q, k, v], -2).reshape(*lead, -1)
-  heads = [x.reshape(*lead, cfg.num_heads, cfg.head_dim) for x in (q, k, v)]
-  return np.stack(heads, -2).reshape(*lead, -1)
+def _fuse(family: families.Family, cfg: ModelConfig, parts: list):
+  if family.interleaved_qkv:
+    lead = parts[0].shape[:-1]
+    heads = [x.reshape(*lead, cfg.num_heads, cfg.head_dim) for x in parts]
+    return np.stack(heads, -2).reshape(*lead, -1)
+  return np.concatenate(parts, -1)
 
 
 def _hf_shape(key: str, shape: tuple) -> tuple:
@@ -368,24 +182,25 @@ def _weight_files(path: Path) -> dict[str, Path]:
   raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def _stored_shape(family: str, key: str, prefix: tuple, shapes: dict) -> tuple:
+def _stored_shape(family: families.Family, key: str, prefix: tuple, shapes: dict) -> tuple:
   """The shape HF stores for our key (fused parts concatenated along the output axis)."""
-  parts = [_hf_shape(k, shapes[prefix + tuple(k.split("."))]) for k in _FUSED.get(key, (key,))]
+  parts = [_hf_shape(k, shapes[prefix + tuple(k.split("."))]) for k in _parts(key)]
   shape = (*parts[0][:-1], sum(part[-1] for part in parts))
   return shape[::-1] if _transposed(family, key) else shape
 
 
-def _read_safetensors(path: Path, family: str, hf_names: list) -> dict[str, tuple[str, Any]]:
+def _read_safetensors(path: Path, family: families.Family,
+                      hf_names: list) -> dict[str, tuple[str, Any]]:
   """{HF name: (name in the file, numpy array)} from the safetensors weights in `path`."""
   files = _weight_files(path)
-  base = _names(family)[0]
+  base = family.base
 
   def stored_name(name):  # checkpoints of the bare HF model (e.g. GPT-2's) lack the base prefix
     return name if name in files or not name.startswith(base) else name[len(base):]
 
   missing = [name for name in hf_names if stored_name(name) not in files]
   if missing:
-    raise ValueError(f"{path} lacks {len(missing)} tensor(s) a {family!r} model with this "
+    raise ValueError(f"{path} lacks {len(missing)} tensor(s) a {family.model_type!r} model with this "
                      f"config.json needs: {', '.join(missing[:4])}"
                      f"{', ...' if len(missing) > 4 else ''}")
   by_file: dict[Path, list] = {}
@@ -398,7 +213,7 @@ def _read_safetensors(path: Path, family: str, hf_names: list) -> dict[str, tupl
   return out
 
 
-def _to_params(path, family: str, cfg: ModelConfig, shapes: dict, wanted: list, arrays: dict,
+def _to_params(path, family: families.Family, cfg: ModelConfig, shapes: dict, wanted: list, arrays: dict,
                described_by: str) -> dict:
   """Our flat path -> numpy array of our shape, from HF-named arrays ({name: (stored name, w)}).
 
@@ -413,9 +228,10 @@ def _to_params(path, family: str, cfg: ModelConfig, shapes: dict, wanted: list, 
                        f"implies {expected}")
     if _transposed(family, key):
       w = w.T
-    parts = _split_qkv(family, cfg, w) if key in _FUSED else [w]
-    for part_key, part in zip(_FUSED.get(key, (key,)), parts):
-      our_key = prefix + tuple(part_key.split("."))
+    part_keys = [prefix + tuple(k.split(".")) for k in _parts(key)]
+    widths = [_hf_shape(k, shapes[our_key])[-1] for k, our_key in zip(_parts(key), part_keys)]
+    parts = _split(family, cfg, w, widths) if key in _FUSED else [w]
+    for our_key, part in zip(part_keys, parts):
       out[our_key] = part.reshape(shapes[our_key])
   return out
 
@@ -518,24 +334,23 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
   gguf_file = _gguf_file(local)
   if gguf_file is None:
     hf, _ = read_config(local)
-    family = hf.get("model_type")
-    read = functools.partial(_read_safetensors, local, family)
-    described_by = "config.json"
+    header, described_by = None, "config.json"
   else:
     header = gguf_io.read_header(gguf_file)
     hf = gguf_io.hf_config(header)
-    family, local = hf["model_type"], gguf_file
-    read = functools.partial(gguf_io.read_tensors, header, hf)
-    described_by = "the GGUF metadata"
+    local, described_by = gguf_file, "the GGUF metadata"
   cfg = dataclasses.replace(config_from_hf(hf), dtype=dtype, param_dtype=param_dtype or "float32")
+  family = families.family(hf["model_type"])
   # The abstract model gives the parameter tree (names, shapes, axis metadata) without running
   # any initialiser; merging the checkpoint's arrays into it makes the real model.
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
   flat = nnx.to_flat_state(abstract)
   shapes = {key: var.get_value().shape for key, var in flat}
   wanted = _tensor_map(family, set(shapes), [(i, i) for i in range(cfg.num_layers)])
-  tensors = _to_params(local, family, cfg, shapes, wanted, read([name for name, _, _ in wanted]),
-                       described_by)
+  names = [name for name, _, _ in wanted]
+  arrays = (_read_safetensors(local, family, names) if header is None
+            else gguf_io.read_tensors(header, hf, names))
+  tensors = _to_params(local, family, cfg, shapes, wanted, arrays, described_by)
   model = nnx.merge(graphdef, nnx.from_flat_state(
       [(key, var.replace(jnp.asarray(tensors.pop(key), cfg.param_dtype))) for key, var in flat]))
   if gguf_file is not None:
@@ -573,22 +388,22 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
   else:
     hf = copy.deepcopy(dict(hf_config))
     _check_describes(cfg, hf, "hf_config")
-  family = hf["model_type"]
+  family = families.family(hf["model_type"])
   layer_keys = [k for k in ("num_hidden_layers", "n_layer") if k in hf]
-  for key in layer_keys or ["n_layer" if family in ("gpt2", "bloom") else "num_hidden_layers"]:
+  for key in layer_keys or [family.num_layers_key]:
     hf[key] = len(kept)
-  if isinstance(hf.get("layer_types"), list):
-    hf["layer_types"] = [hf["layer_types"][i] for i in kept]
-  hf["architectures"] = [_ARCHITECTURES[family]]
+  for key in families.PER_LAYER_KEYS:
+    if isinstance(hf.get(key), list):
+      hf[key] = [hf[key][i] for i in kept]
+  hf["architectures"] = [family.architecture]
   hf["dtype" if "dtype" in hf else "torch_dtype"] = cfg.param_dtype
 
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
   for name, key, prefix in _tensor_map(family, set(params), list(enumerate(kept))):
-    parts = [np.asarray(params[prefix + tuple(k.split("."))].get_value())
-             for k in _FUSED.get(key, (key,))]
-    parts = [a.reshape(_hf_shape(k, a.shape)) for k, a in zip(_FUSED.get(key, (key,)), parts)]
-    w = _fuse_qkv(family, cfg, *parts) if key in _FUSED else parts[0]
+    parts = [np.asarray(params[prefix + tuple(k.split("."))].get_value()) for k in _parts(key)]
+    parts = [a.reshape(_hf_shape(k, a.shape)) for k, a in zip(_parts(key), parts)]
+    w = _fuse(family, cfg, parts) if key in _FUSED else parts[0]
     tensors[name] = np.ascontiguousarray(w.T if _transposed(family, key) else w)
 
   path = Path(path)

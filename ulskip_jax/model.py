@@ -3,9 +3,9 @@
 Shapes: B batch, T query length, S key length (cache slots), D model width, H query heads,
 K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V vocabulary.
 
-One config covers the Hugging Face families we import (see `hf.py`): Llama 2/3 (llama3 rope
-scaling), Mistral, Qwen2 (qkv bias), GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi,
-embedding LayerNorm). With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`),
+One config covers the Hugging Face families we import (see `families.py`): Llama 2/3 (llama3
+rope scaling), Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), SmolLM3 (layers without
+RoPE), Phi-3, GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi, embedding LayerNorm). With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`),
 created after every base weight so that a seed draws the same base model with or without them.
 
 Layer weights are one module per layer (`Decoder.layers[i]`), not one stacked array, because:
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.struct
 import jax
@@ -41,6 +41,10 @@ from ulskip_jax import lora
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
 DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
+NormKind = Literal["rms", "layer"]          # RMSNorm (Llama) | LayerNorm (GPT-2, BLOOM)
+MLPKind = Literal["gated", "plain"]         # gated: down(act(gate x) * up x)
+Activation = Literal["silu", "gelu", "gelu_tanh"]  # gelu: erf
+Positions = Literal["rope", "learned", "alibi"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +57,17 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   d_ff: int
-  norm: str = "rms"              # "rms" (Llama) | "layer" (GPT-2, BLOOM)
+  norm: NormKind = "rms"
   norm_eps: float = 1e-6
-  mlp: str = "gated"             # "gated" (SwiGLU: down(act(gate x) * up x)) | "plain"
-  act: str = "silu"              # "silu" | "gelu" (erf) | "gelu_tanh"
-  pos: str = "rope"              # "rope" | "learned" | "alibi"
+  mlp: MLPKind = "gated"
+  act: Activation = "silu"
+  pos: Positions = "rope"
   max_position: int = 2048       # learned position table size (GPT-2)
   rope_theta: float = 10000.0
   rope_scaling: tuple | None = None  # llama3: (("factor", 8.0), ("low_freq_factor", 1.0), ...)
+  # Per layer, whether it applies RoPE (SmolLM3's no_rope_layers); None = every layer does.
+  rope_layers: tuple[bool, ...] | None = None
+  qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
@@ -75,8 +82,8 @@ class ModelConfig:
   lora_targets: tuple = ()       # projections with adapters, among lora.TARGETS
 
   def __post_init__(self):
-    allowed = dict(norm=("rms", "layer"), mlp=("gated", "plain"), act=("silu", "gelu", "gelu_tanh"),
-                   pos=("rope", "learned", "alibi"), dtype=DTYPES, param_dtype=DTYPES)
+    allowed = dict(norm=get_args(NormKind), mlp=get_args(MLPKind), act=get_args(Activation),
+                   pos=get_args(Positions), dtype=DTYPES, param_dtype=DTYPES)
     for field, values in allowed.items():
       if getattr(self, field) not in values:
         raise ValueError(f"{field}={getattr(self, field)!r} is unknown: allowed are {values}")
@@ -85,10 +92,20 @@ class ModelConfig:
                        f"{self.num_kv_heads}")
     lora.check(self.lora_rank, self.lora_targets, self.lora_dropout, self.lora_alpha)
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # hashable, for jit
+    if self.rope_layers is not None:
+      if self.pos != "rope" or len(self.rope_layers) != self.num_layers:
+        raise ValueError(f"rope_layers has {len(self.rope_layers)} entries with pos={self.pos!r}: "
+                         f"it needs pos='rope' and one entry per layer ({self.num_layers})")
+      # One spelling per computation, so configs compare equal whatever list or tuple made them.
+      rope_layers = tuple(bool(x) for x in self.rope_layers)
+      object.__setattr__(self, "rope_layers", None if all(rope_layers) else rope_layers)
 
   @property
   def kv_groups(self) -> int:
     return self.num_heads // self.num_kv_heads
+
+  def uses_rope(self, layer: int) -> bool:
+    return self.pos == "rope" and (self.rope_layers is None or self.rope_layers[layer])
 
 
 def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
@@ -182,12 +199,14 @@ def _plus_lora(module: nnx.Module, name: str, x: Array, y: Array, dropout_key) -
 
 
 class Norm(nnx.Module):
-  def __init__(self, cfg: ModelConfig):
+  """RMSNorm or LayerNorm over the last axis, of `width` features (d_model, or head_dim for QK-norm)."""
+
+  def __init__(self, cfg: ModelConfig, width: int):
     pdt = jnp.dtype(cfg.param_dtype)
     self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), axes=("norm",))
+    self.scale = nnx.Param(jnp.ones((width,), pdt), axes=("norm",))
     if cfg.norm == "layer":
-      self.bias = _zeros((cfg.d_model,), ("norm",), pdt)
+      self.bias = _zeros((width,), ("norm",), pdt)
 
   def __call__(self, x_BTD: Array) -> Array:
     x = x_BTD.astype(jnp.float32)  # statistics in f32 whatever the compute dtype
@@ -257,10 +276,10 @@ def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, use_rope: bool):
     D, H, K, Hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt = jnp.dtype(cfg.param_dtype)
-    self.cfg = cfg
+    self.cfg, self.use_rope = cfg, use_rope
     self.q = _param(rngs, (D, H, Hd), ("embed", "heads", "head_dim"), pdt)
     self.k = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
@@ -272,6 +291,8 @@ class Attention(nnx.Module):
       self.v_bias = _zeros((K, Hd), ("kv_heads", "head_dim"), pdt)
     if cfg.out_bias:
       self.o_bias = _zeros((D,), ("embed",), pdt)
+    if cfg.qk_norm:
+      self.q_norm, self.k_norm = Norm(cfg, Hd), Norm(cfg, Hd)
 
   def add_adapters(self, rngs: nnx.Rngs) -> None:
     cfg = self.cfg
@@ -289,7 +310,9 @@ class Attention(nnx.Module):
     if cfg.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
-    if cfg.pos == "rope":
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
       inv_freq = rope_inv_freq(cfg)
       q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
     return q, k, v
@@ -364,10 +387,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.attn_norm = Norm(cfg)
-    self.attn = Attention(cfg, rngs)
-    self.mlp_norm = Norm(cfg)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int):
+    self.attn_norm = Norm(cfg, cfg.d_model)
+    self.attn = Attention(cfg, rngs, use_rope=cfg.uses_rope(index))
+    self.mlp_norm = Norm(cfg, cfg.d_model)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, dropout_key=None):
@@ -411,9 +434,9 @@ class Decoder(nnx.Module):
       self.pos_embed = _param(rngs, (cfg.max_position, cfg.d_model), ("position", "embed"), pdt,
                               scale=0.02)
     if cfg.embed_norm:
-      self.embed_norm = Norm(cfg)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = Norm(cfg)
+      self.embed_norm = Norm(cfg, cfg.d_model)
+    self.layers = nnx.List([Block(cfg, rngs, i) for i in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, cfg.d_model)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
     if cfg.lora_rank:  # last, so the base weights are the ones the same seed gives without LoRA

@@ -1,0 +1,364 @@
+"""The Hugging Face model families we load and write: one `Family` entry each, in `FAMILIES`.
+
+An entry holds everything that differs between families: the HF model_type and architecture, the
+config.json <-> `ModelConfig` mapping both ways, the tensor names, and how fused tensors are laid
+out. `hf.py` holds the machinery that reads and writes folders with them, so adding a dense
+family is one entry here, the `ModelConfig` switches it needs (model.py), and its tests.
+
+Tensor names map a HF name inside the CausalLM (after `base` and, per layer,
+`{layer_list}.{i}.`) to our key, a dotted path inside a layer ("attn.q") or the model. A fused HF
+tensor maps to a key of `FUSED`, which names its parts.
+
+Several families compute the same thing for some configs (a Mistral without sliding window is a
+Llama; a SmolLM3 whose layers all use RoPE is a Llama with optional biases). `infer` picks the
+family for a `ModelConfig` with no model_type given: the one whose `default_for` claims it; the
+predicates are exclusive, so the choice never depends on the order of the entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ulskip_jax.model import ModelConfig
+
+_ACTIVATIONS = dict(silu="silu", swish="silu", gelu="gelu", gelu_new="gelu_tanh",
+                    gelu_pytorch_tanh="gelu_tanh")
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+# Fused HF tensors: our key -> the keys of its parts, in the order they are concatenated.
+FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"),
+         "attn.qkv_bias": ("attn.q_bias", "attn.k_bias", "attn.v_bias"),
+         "mlp.gate_up": ("mlp.gate", "mlp.up")}
+# Lists in config.json with one entry per layer: a pruned export keeps the kept layers' entries.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+# Attention kinds whose layers are softmax attention over a KV cache (the blocks ULS skips).
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  model_type: str
+  architecture: str
+  config_from_hf: Callable[[dict], ModelConfig]
+  # The family's own config.json fields for a ModelConfig (the common ones are added by hf.py).
+  config_to_hf: Callable[[ModelConfig], dict]
+  layer_names: Mapping[str, str]
+  top_names: Mapping[str, str]
+  default_for: Callable[[ModelConfig], bool] = lambda cfg: False
+  base: str = "model."
+  layer_list: str = "layers"
+  num_layers_key: str = "num_hidden_layers"
+  conv1d: bool = False           # GPT-2's Conv1D stores [in, out], not nn.Linear's [out, in]
+  interleaved_qkv: bool = False  # BLOOM's fused qkv is [H, 3, Hd]; otherwise q | k | v
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json reading helpers.
+
+def get(hf: dict, *keys: str, default: Any = None, required: bool = False) -> Any:
+  """The first of `keys` set (not null) in config.json; old and new HF names differ per family."""
+  for key in keys:
+    if hf.get(key) is not None:
+      return hf[key]
+  if required:
+    raise ValueError(f"config.json has no {' / '.join(keys)}: it is required for model_type="
+                     f"{hf.get('model_type')!r}")
+  return default
+
+
+def _activation(name: str) -> str:
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"activation {name!r} is unsupported: allowed are "
+                     f"{', '.join(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def _rope(hf: dict) -> tuple[float, tuple | None]:
+  """(rope_theta, rope_scaling) from transformers 5's `rope_parameters` or the older keys."""
+  params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+    raise ValueError("partial_rotary_factor != 1 is unsupported: RoPE rotates whole heads here")
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind != "llama3":
+    raise ValueError(f"rope type {kind!r} is unsupported: allowed are 'default' and 'llama3'")
+  scaling = {k: float(params[k]) for k in _LLAMA3_ROPE_KEYS}
+  scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+  return theta, tuple(sorted({**scaling, "rope_type": "llama3"}.items()))
+
+
+def _refuse_sliding(hf: dict, setting: str | None, fix: str) -> None:
+  """A one-line error if the config enables sliding windows (`setting` says how, None = not)."""
+  if setting is None and "sliding_attention" in (hf.get("layer_types") or ()):
+    setting = "layer_types with sliding_attention"
+  if setting is not None:
+    raise ValueError(f"{hf['model_type']} {setting} is unsupported for now: set {fix} in "
+                     "config.json to load it (exact for sequences of at most sliding_window "
+                     "tokens)")
+
+
+def _window_setting(hf: dict) -> str | None:
+  return f"sliding_window={hf['sliding_window']}" if hf.get("sliding_window") is not None else None
+
+
+def _use_window_setting(hf: dict) -> str | None:
+  return "use_sliding_window=true" if hf.get("use_sliding_window") else None
+
+
+def _rope_config(hf: dict, **switches) -> ModelConfig:
+  """The fields every RoPE family (Llama's layout) reads the same way, plus its switches."""
+  d_model = get(hf, "hidden_size", required=True)
+  num_heads = get(hf, "num_attention_heads", required=True)
+  theta, scaling = _rope(hf)
+  return ModelConfig(
+      vocab_size=get(hf, "vocab_size", required=True),
+      num_layers=get(hf, "num_hidden_layers", required=True),
+      d_model=d_model, num_heads=num_heads,
+      num_kv_heads=get(hf, "num_key_value_heads", default=num_heads),
+      head_dim=get(hf, "head_dim", default=d_model // num_heads),
+      d_ff=get(hf, "intermediate_size", required=True),
+      norm="rms", norm_eps=float(get(hf, "rms_norm_eps", default=1e-6)),
+      mlp="gated", act=_activation(get(hf, "hidden_act", default="silu")),
+      pos="rope", max_position=get(hf, "max_position_embeddings", default=2048),
+      rope_theta=theta, rope_scaling=scaling,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **switches)
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+  """Rope settings use the `rope_theta` / `rope_scaling` keys, which transformers 4 and 5 and the
+  serving engines all read."""
+  return dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+              hidden_act=dict(gelu_tanh="gelu_pytorch_tanh").get(cfg.act, cfg.act),
+              max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
+              rope_theta=cfg.rope_theta,
+              rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+
+
+def _attention_bias(hf: dict) -> dict:
+  """Llama-style `attention_bias`: biases on q, k, v and o together."""
+  bias = bool(hf.get("attention_bias", False))
+  return dict(qkv_bias=bias, out_bias=bias)
+
+
+def _is_rope(cfg: ModelConfig) -> bool:
+  return cfg.pos == "rope" and cfg.norm == "rms" and cfg.mlp == "gated" and not cfg.embed_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-family config mappings.
+
+def _llama(hf: dict) -> ModelConfig:
+  return _rope_config(hf, **_attention_bias(hf), mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+def _mistral(hf: dict) -> ModelConfig:
+  _refuse_sliding(hf, _window_setting(hf), '"sliding_window": null')
+  return _rope_config(hf)
+
+
+def _qwen2(hf: dict) -> ModelConfig:
+  _refuse_sliding(hf, _use_window_setting(hf), '"use_sliding_window": false')
+  return _rope_config(hf, qkv_bias=True)
+
+
+def _qwen3(hf: dict) -> ModelConfig:
+  _refuse_sliding(hf, _use_window_setting(hf), '"use_sliding_window": false')
+  return _rope_config(hf, **_attention_bias(hf), qk_norm=True)
+
+
+def _smollm3(hf: dict) -> ModelConfig:
+  # transformers slides only when both are set (and then on the NoPE layers only).
+  _refuse_sliding(hf, _use_window_setting(hf) if hf.get("sliding_window") is not None else None,
+                  '"use_sliding_window": false')
+  num_layers = get(hf, "num_hidden_layers", required=True)
+  # transformers' default when the list is absent: every no_rope_layer_interval-th layer is NoPE.
+  interval = hf.get("no_rope_layer_interval", 4)
+  flags = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+  if len(flags) != num_layers:
+    raise ValueError(f"smollm3 no_rope_layers has {len(flags)} entries but num_hidden_layers="
+                     f"{num_layers}: it needs one per layer")
+  return _rope_config(hf, **_attention_bias(hf), mlp_bias=bool(hf.get("mlp_bias", False)),
+                      rope_layers=tuple(bool(x) for x in flags))
+
+
+def _phi3(hf: dict) -> ModelConfig:
+  _refuse_sliding(hf, _window_setting(hf), '"sliding_window": null')
+  return _rope_config(hf)
+
+
+def _gpt2(hf: dict) -> ModelConfig:
+  if (not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx")
+      or hf.get("add_cross_attention")):
+    raise ValueError("gpt2 with scale_attn_weights=false, scale_attn_by_inverse_layer_idx=true or "
+                     "add_cross_attention=true is unsupported: only standard GPT-2 attention is")
+  d_model = get(hf, "n_embd", "hidden_size", required=True)
+  num_heads = get(hf, "n_head", "num_attention_heads", required=True)
+  return ModelConfig(
+      vocab_size=get(hf, "vocab_size", required=True),
+      num_layers=get(hf, "n_layer", "num_hidden_layers", required=True),
+      d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
+      head_dim=d_model // num_heads, d_ff=get(hf, "n_inner", default=4 * d_model),
+      norm="layer", norm_eps=float(get(hf, "layer_norm_epsilon", default=1e-5)),
+      mlp="plain", act=_activation(get(hf, "activation_function", default="gelu_new")),
+      pos="learned", max_position=get(hf, "n_positions", "max_position_embeddings",
+                                      default=1024),
+      qkv_bias=True, out_bias=True, mlp_bias=True,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
+def _gpt2_to_hf(cfg: ModelConfig) -> dict:
+  return dict(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
+              n_positions=cfg.max_position, layer_norm_epsilon=cfg.norm_eps,
+              activation_function=dict(gelu_tanh="gelu_new").get(cfg.act, cfg.act))
+
+
+def _bloom(hf: dict) -> ModelConfig:
+  if hf.get("apply_residual_connection_post_layernorm"):
+    raise ValueError("bloom apply_residual_connection_post_layernorm=true is unsupported: only "
+                     "pre-norm residuals are")
+  d_model = get(hf, "hidden_size", "n_embed", required=True)
+  num_heads = get(hf, "n_head", "num_attention_heads", required=True)
+  return ModelConfig(
+      vocab_size=get(hf, "vocab_size", required=True),
+      num_layers=get(hf, "n_layer", "num_hidden_layers", required=True),
+      d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
+      head_dim=d_model // num_heads, d_ff=4 * d_model,
+      norm="layer", norm_eps=float(get(hf, "layer_norm_epsilon", default=1e-5)),
+      mlp="plain", act="gelu_tanh", pos="alibi", qkv_bias=True, out_bias=True, mlp_bias=True,
+      embed_norm=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
+def _bloom_to_hf(cfg: ModelConfig) -> dict:
+  return dict(hidden_size=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+              layer_norm_epsilon=cfg.norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor names.
+
+_LLAMA_LAYER = {
+    "input_layernorm.weight": "attn_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+    "self_attn.q_proj.weight": "attn.q", "self_attn.q_proj.bias": "attn.q_bias",
+    "self_attn.k_proj.weight": "attn.k", "self_attn.k_proj.bias": "attn.k_bias",
+    "self_attn.v_proj.weight": "attn.v", "self_attn.v_proj.bias": "attn.v_bias",
+    "self_attn.o_proj.weight": "attn.o", "self_attn.o_proj.bias": "attn.o_bias",
+    "self_attn.q_norm.weight": "attn.q_norm.scale", "self_attn.k_norm.weight": "attn.k_norm.scale",
+    "mlp.gate_proj.weight": "mlp.gate", "mlp.gate_proj.bias": "mlp.gate_bias",
+    "mlp.up_proj.weight": "mlp.up", "mlp.up_proj.bias": "mlp.up_bias",
+    "mlp.down_proj.weight": "mlp.down", "mlp.down_proj.bias": "mlp.down_bias",
+}
+_PHI3_LAYER = {
+    "input_layernorm.weight": "attn_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+    "self_attn.qkv_proj.weight": "attn.qkv", "self_attn.o_proj.weight": "attn.o",
+    "mlp.gate_up_proj.weight": "mlp.gate_up", "mlp.down_proj.weight": "mlp.down",
+}
+_GPT2_LAYER = {
+    "ln_1.weight": "attn_norm.scale", "ln_1.bias": "attn_norm.bias",
+    "ln_2.weight": "mlp_norm.scale", "ln_2.bias": "mlp_norm.bias",
+    "attn.c_attn.weight": "attn.qkv", "attn.c_attn.bias": "attn.qkv_bias",
+    "attn.c_proj.weight": "attn.o", "attn.c_proj.bias": "attn.o_bias",
+    "mlp.c_fc.weight": "mlp.up", "mlp.c_fc.bias": "mlp.up_bias",
+    "mlp.c_proj.weight": "mlp.down", "mlp.c_proj.bias": "mlp.down_bias",
+}
+_BLOOM_LAYER = {
+    "input_layernorm.weight": "attn_norm.scale", "input_layernorm.bias": "attn_norm.bias",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+    "post_attention_layernorm.bias": "mlp_norm.bias",
+    "self_attention.query_key_value.weight": "attn.qkv",
+    "self_attention.query_key_value.bias": "attn.qkv_bias",
+    "self_attention.dense.weight": "attn.o", "self_attention.dense.bias": "attn.o_bias",
+    "mlp.dense_h_to_4h.weight": "mlp.up", "mlp.dense_h_to_4h.bias": "mlp.up_bias",
+    "mlp.dense_4h_to_h.weight": "mlp.down", "mlp.dense_4h_to_h.bias": "mlp.down_bias",
+}
+_LLAMA_TOP = {"embed_tokens.weight": "embed", "norm.weight": "final_norm.scale"}
+_GPT2_TOP = {"wte.weight": "embed", "wpe.weight": "pos_embed", "ln_f.weight": "final_norm.scale",
+             "ln_f.bias": "final_norm.bias"}
+_BLOOM_TOP = {"word_embeddings.weight": "embed", "word_embeddings_layernorm.weight":
+              "embed_norm.scale", "word_embeddings_layernorm.bias": "embed_norm.bias",
+              "ln_f.weight": "final_norm.scale", "ln_f.bias": "final_norm.bias"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry.
+
+def _entries() -> dict[str, Family]:
+  plain_rope = lambda cfg: _is_rope(cfg) and not cfg.qk_norm and cfg.rope_layers is None
+  families = [
+      Family("llama", "LlamaForCausalLM", _llama,
+             lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
+                              mlp_bias=cfg.mlp_bias),
+             _LLAMA_LAYER, _LLAMA_TOP,
+             default_for=lambda cfg: plain_rope(cfg) and not (cfg.qkv_bias and not cfg.out_bias)),
+      Family("mistral", "MistralForCausalLM", _mistral,
+             lambda cfg: dict(**_rope_to_hf(cfg), sliding_window=None), _LLAMA_LAYER, _LLAMA_TOP),
+      Family("qwen2", "Qwen2ForCausalLM", _qwen2,
+             lambda cfg: dict(**_rope_to_hf(cfg), use_sliding_window=False),
+             _LLAMA_LAYER, _LLAMA_TOP,
+             default_for=lambda cfg: plain_rope(cfg) and cfg.qkv_bias and not cfg.out_bias),
+      Family("qwen3", "Qwen3ForCausalLM", _qwen3,
+             lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
+                              use_sliding_window=False),
+             _LLAMA_LAYER, _LLAMA_TOP, default_for=lambda cfg: _is_rope(cfg) and cfg.qk_norm),
+      Family("smollm3", "SmolLM3ForCausalLM", _smollm3,
+             lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
+                              mlp_bias=cfg.mlp_bias, use_sliding_window=False,
+                              no_rope_layers=[int(cfg.uses_rope(i))
+                                              for i in range(cfg.num_layers)]),
+             _LLAMA_LAYER, _LLAMA_TOP,
+             default_for=lambda cfg: (_is_rope(cfg) and not cfg.qk_norm
+                                      and cfg.rope_layers is not None)),
+      Family("phi3", "Phi3ForCausalLM", _phi3,
+             lambda cfg: dict(**_rope_to_hf(cfg), sliding_window=None),
+             _PHI3_LAYER, _LLAMA_TOP),
+      Family("gpt2", "GPT2LMHeadModel", _gpt2, _gpt2_to_hf, _GPT2_LAYER, _GPT2_TOP,
+             default_for=lambda cfg: cfg.pos == "learned", base="transformer.", layer_list="h",
+             num_layers_key="n_layer", conv1d=True),
+      Family("bloom", "BloomForCausalLM", _bloom, _bloom_to_hf, _BLOOM_LAYER, _BLOOM_TOP,
+             default_for=lambda cfg: cfg.pos == "alibi", base="transformer.", layer_list="h",
+             num_layers_key="n_layer", interleaved_qkv=True),
+  ]
+  return {family.model_type: family for family in families}
+
+
+FAMILIES: dict[str, Family] = _entries()
+
+
+def _check_skippable(hf: dict) -> None:
+  """One line naming why ULS cannot apply as is to an architecture whose layers are not all
+  attention blocks with their own KV cache."""
+  kinds = sorted(set(hf.get("layer_types") or ()) - set(_ATTENTION_LAYER_TYPES))
+  if kinds:
+    raise ValueError(f"model_type={hf.get('model_type')!r} has {', '.join(kinds)} layers: they "
+                     "carry a recurrent state instead of a KV cache, which this model does not "
+                     "implement, so layer skipping cannot apply as is")
+  if hf.get("num_kv_shared_layers"):
+    raise ValueError(f"model_type={hf.get('model_type')!r} shares KV caches across layers "
+                     f"(num_kv_shared_layers={hf['num_kv_shared_layers']}): skipping a layer "
+                     "that owns a shared cache would remove it from the layers that read it, so "
+                     "layer skipping cannot apply as is")
+
+
+def family(model_type: str | None, hf: dict | None = None) -> Family:
+  """The entry for `model_type`; with `hf` (its config.json) also checks the layers are skippable."""
+  if hf is not None:
+    _check_skippable(hf)
+  if model_type not in FAMILIES:
+    raise ValueError(f"model_type={model_type!r} is unsupported: supported are "
+                     f"{', '.join(FAMILIES)}")
+  return FAMILIES[model_type]
+
+
+def infer(cfg: ModelConfig) -> Family:
+  """The family `config_to_hf` writes for a ModelConfig when no model_type is given: the one that
+  claims it, else llama, so that the check of the written config names what Llama cannot express."""
+  claims = [f for f in FAMILIES.values() if f.default_for(cfg)]
+  assert len(claims) <= 1, f"families {[f.model_type for f in claims]} all claim {cfg}"
+  return claims[0] if claims else FAMILIES["llama"]
