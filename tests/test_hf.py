@@ -43,32 +43,6 @@ def _tokens(seed=0):
   return np.random.default_rng(seed).integers(3, tiny.VOCAB, (B, T))
 
 
-def _torch_logits(model, tokens, mask=None, positions=None):
-  kwargs = dict(use_cache=False)
-  if mask is not None:
-    kwargs["attention_mask"] = torch.tensor(mask)
-  if positions is not None and model.config.model_type != "bloom":  # BLOOM: ALiBi from the mask
-    kwargs["position_ids"] = torch.tensor(positions)
-  with torch.no_grad():
-    return model(torch.tensor(tokens), **kwargs).logits.numpy()
-
-
-def _pruned_torch(model, kept):
-  """A copy of `model` whose layer list holds only `kept`, renumbered for the cache."""
-  pruned = copy.deepcopy(model)
-  holder, name = (pruned.model, "layers") if hasattr(pruned, "model") else (pruned.transformer, "h")
-  layers = [getattr(holder, name)[i] for i in kept]
-  for j, layer in enumerate(layers):
-    for module in layer.modules():
-      if hasattr(module, "layer_idx"):
-        module.layer_idx = j
-  setattr(holder, name, torch.nn.ModuleList(layers))
-  pruned.config.num_hidden_layers = len(kept)
-  if getattr(pruned.config, "layer_types", None):
-    pruned.config.layer_types = [pruned.config.layer_types[i] for i in kept]
-  return pruned
-
-
 def _max_err(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
@@ -78,14 +52,14 @@ def test_full_depth_logits_match_torch(family_dir):
   model, tokenizer = hf.from_pretrained(path)
   assert tokenizer is None
   tokens = _tokens()
-  assert _max_err(model(jnp.asarray(tokens)), _torch_logits(torch_model, tokens)) < ATOL
+  assert _max_err(model(jnp.asarray(tokens)), tiny.torch_logits(torch_model, tokens)) < ATOL
 
   mask = np.ones((B, T), np.int32)
   mask[0, :PAD] = 0
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   ours = model(jnp.asarray(tokens), positions_BT=jnp.asarray(positions),
                segment_ids_BT=jnp.asarray(mask))
-  ref = _torch_logits(torch_model, tokens, mask, positions)
+  ref = tiny.torch_logits(torch_model, tokens, mask, positions)
   keep = mask.astype(bool)
   assert _max_err(np.asarray(ours)[keep], ref[keep]) < ATOL
 
@@ -96,24 +70,24 @@ def test_skip_everywhere_matches_deleted_layers(family_dir, plan):
   model, _ = hf.from_pretrained(path)
   tokens = _tokens(1)
   ours = model(jnp.asarray(tokens), skip=plan.skipped)
-  assert _max_err(ours, _torch_logits(_pruned_torch(torch_model, plan.kept), tokens)) < ATOL
+  assert _max_err(ours, tiny.torch_logits(tiny.pruned_torch(torch_model, plan.kept), tokens)) < ATOL
 
 
 def test_save_pretrained_loads_in_transformers(family_dir, tmp_path):
   path, torch_model = family_dir
   model, _ = hf.from_pretrained(path)
   tokens = _tokens(2)
-  ref = _torch_logits(torch_model, tokens)
+  ref = tiny.torch_logits(torch_model, tokens)
 
   hf.save_pretrained(model, tmp_path / "derived")  # config.json derived from ModelConfig
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "derived").eval()
-  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
+  assert _max_err(tiny.torch_logits(reloaded, tokens), ref) < 1e-5
 
   original = json.loads((path / "config.json").read_text())
   hf.save_pretrained(model, tmp_path / "kept", hf_config=original)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "kept").eval()
   assert reloaded.config.model_type == original["model_type"]
-  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
+  assert _max_err(tiny.torch_logits(reloaded, tokens), ref) < 1e-5
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: "keep" + "".join(map(str, p.kept)))
@@ -128,7 +102,7 @@ def test_save_pretrained_pruned(family_dir, tmp_path, plan):
              else pruned.base_model.h) == len(plan.kept)
   tokens = _tokens(3)
   skipped = model(jnp.asarray(tokens), skip=plan.skipped)
-  assert _max_err(_torch_logits(pruned, tokens), skipped) < ATOL
+  assert _max_err(tiny.torch_logits(pruned, tokens), skipped) < ATOL
   reloaded, _ = hf.from_pretrained(tmp_path)  # and back: the pruned folder is a plain n-layer model
   assert reloaded.cfg.num_layers == len(plan.kept)
   assert _max_err(reloaded(jnp.asarray(tokens)), skipped) < 1e-6
@@ -141,7 +115,7 @@ def test_sharded_checkpoint(family_dir, tmp_path):
   assert not (tmp_path / "model.safetensors").exists()
   model, _ = hf.from_pretrained(tmp_path)
   tokens = _tokens(4)
-  assert _max_err(model(jnp.asarray(tokens)), _torch_logits(torch_model, tokens)) < ATOL
+  assert _max_err(model(jnp.asarray(tokens)), tiny.torch_logits(torch_model, tokens)) < ATOL
 
 
 def test_bfloat16(family_dir, tmp_path):
@@ -194,11 +168,11 @@ def test_config_variants(variant, tmp_path):
   torch_model.save_pretrained(tmp_path / "in")
   model, _ = hf.from_pretrained(tmp_path / "in")
   tokens = _tokens(6)
-  ref = _torch_logits(torch_model, tokens)
+  ref = tiny.torch_logits(torch_model, tokens)
   assert _max_err(model(jnp.asarray(tokens)), ref) < ATOL
   hf.save_pretrained(model, tmp_path / "out")
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-  assert _max_err(_torch_logits(reloaded, tokens), ref) < 1e-5
+  assert _max_err(tiny.torch_logits(reloaded, tokens), ref) < 1e-5
 
 
 def test_tokenizer_is_returned(tmp_path):

@@ -7,6 +7,8 @@ so a parity test fails if any of them is dropped or transposed.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 from flax import nnx
@@ -14,6 +16,10 @@ from flax import nnx
 from ulskip_jax.model import Decoder, ModelConfig
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "bloom")
+# Families with their own tests (test_families.py), so the files above stay fast: Qwen3 with an
+# explicit head_dim unrelated to the width, tied; Qwen3 untied with biases; SmolLM3 with NoPE
+# layers 1 and 3; Phi-3 with fused projections.
+MORE_FAMILIES = ("qwen3", "qwen3_untied_bias", "smollm3", "phi3")
 VOCAB = 97
 
 
@@ -33,6 +39,17 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
     return transformers.MistralConfig(**common, sliding_window=None)
   if family == "qwen2":
     return transformers.Qwen2Config(**common, use_sliding_window=False)
+  if family == "qwen3":
+    return transformers.Qwen3Config(**{**common, "head_dim": 16}, tie_word_embeddings=True,
+                                    use_sliding_window=False)
+  if family == "qwen3_untied_bias":
+    return transformers.Qwen3Config(**common, tie_word_embeddings=False, attention_bias=True,
+                                    use_sliding_window=False)
+  if family == "smollm3":
+    return transformers.SmolLM3Config(**common, no_rope_layers=[1, 0, 1, 0][:num_layers],
+                                      use_sliding_window=False)
+  if family == "phi3":
+    return transformers.Phi3Config(**common, sliding_window=None)
   if family == "gpt2":
     return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=num_layers, n_head=4,
                                    n_positions=128, bos_token_id=1, eos_token_id=2,
@@ -40,7 +57,7 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
   if family == "bloom":
     return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=num_layers,
                                     n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-  raise ValueError(f"unknown family {family!r}: allowed are {FAMILIES}")
+  raise ValueError(f"unknown family {family!r}: allowed are {FAMILIES + MORE_FAMILIES}")
 
 
 def hf_model(family: str, num_layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
@@ -62,6 +79,46 @@ def save_hf_model(family: str, path, num_layers: int = 4, seed: int = 0) -> tran
   model = hf_model(family, num_layers, seed)
   model.save_pretrained(path)
   return model
+
+
+def torch_logits(model, tokens, mask=None, positions=None):
+  """transformers' logits (numpy) without a cache, optionally left-padded by `mask`."""
+  kwargs = dict(use_cache=False)
+  if mask is not None:
+    kwargs["attention_mask"] = torch.tensor(mask)
+  if positions is not None and model.config.model_type != "bloom":  # BLOOM: ALiBi from the mask
+    kwargs["position_ids"] = torch.tensor(positions)
+  with torch.no_grad():
+    return model(torch.tensor(tokens), **kwargs).logits.numpy()
+
+
+def pruned_torch(model, kept):
+  """A copy of `model` whose layer list holds only `kept`, renumbered for the cache."""
+  pruned = copy.deepcopy(model)
+  holder, name = (pruned.model, "layers") if hasattr(pruned, "model") else (pruned.transformer, "h")
+  layers = [getattr(holder, name)[i] for i in kept]
+  for j, layer in enumerate(layers):
+    for module in layer.modules():
+      if hasattr(module, "layer_idx"):
+        module.layer_idx = j
+  setattr(holder, name, torch.nn.ModuleList(layers))
+  pruned.config.num_hidden_layers = len(kept)
+  for key in ("layer_types", "no_rope_layers"):  # per-layer lists (each layer read its own)
+    if getattr(pruned.config, key, None):
+      setattr(pruned.config, key, [getattr(pruned.config, key)[i] for i in kept])
+  return pruned
+
+
+def torch_generate(torch_model, prompts, max_new_tokens: int, eos_id: int):
+  """transformers' greedy generate on a left-padded batch; new tokens per row, cut before EOS."""
+  P = max(len(p) for p in prompts)
+  ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=eos_id, pad_token_id=0)
+  rows = out[:, P:].tolist()
+  return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
 def tiny_config(**overrides) -> ModelConfig:
