@@ -3,6 +3,7 @@ transformers on tiny random models: full-depth logits, ULS plans against the tor
 those layers deleted, cached greedy decoding against `generate`, save -> reload, pruned export;
 and unsupported architectures refused in one line."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import tiny
-from ulskip_jax import decode, hf
+from ulskip_jax import decode, hf, lora
+from ulskip_jax.model import Decoder
 from ulskip_jax.skipping import plan_layers
 
 B, T, PAD = 2, 12, 4  # row 0 of the padded batch has PAD left-padding tokens
@@ -152,3 +155,25 @@ def test_unsupported_architectures():
           {**tiny.hf_config("phi3").to_dict(), "partial_rotary_factor": 0.5,
            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                "partial_rotary_factor": 0.5}})
+
+
+def test_lora_adapters_export_merged(family, tmp_path):
+  """Adapters on every projection (q/k before Qwen3's norms, Phi-3's fused parts) export merged."""
+  _, _, model = family
+  cfg = dataclasses.replace(model.cfg, lora_rank=2, lora_targets=lora.TARGETS)
+  adapted = Decoder(cfg, rngs=nnx.Rngs(1))
+  flat = dict(nnx.to_flat_state(nnx.state(adapted, nnx.Param)))
+  base = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  rng = np.random.default_rng(0)
+  for path, var in flat.items():
+    value = base[path].get_value() if path in base else var.get_value()
+    if path[-1] == "b":  # a fresh adapter's B is zero: random, so each one changes the output
+      value = 0.1 * rng.standard_normal(value.shape).astype(np.float32)
+    var.set_value(jnp.asarray(value))
+  nnx.update(adapted, nnx.from_flat_state(list(flat.items())))
+  tokens = _tokens(4)
+  ours = adapted(jnp.asarray(tokens))
+  assert _max_err(ours, model(jnp.asarray(tokens))) > 1e-2
+  hf.save_pretrained(adapted, tmp_path)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert _max_err(tiny.torch_logits(reloaded, tokens), ours) < ATOL
