@@ -254,6 +254,8 @@ CONFIG_CASES = [
     ({"model.num_heads": 3}, "model.num_heads=3"),
     ({"model.norm": "batch"}, "model.norm='batch'"),
     ({"model.rope_theta": 0.0}, "model.rope_theta=0.0"),
+    ({"model.rope_layers": "1010"}, "model.rope_layers='1010'"),
+    ({"model.qk_norm": "yes"}, "model.qk_norm='yes'"),
     ({"model.foo": 1}, "model.foo"),
     ({"num_steps": 0}, "num_steps=0"),
     ({"num_steps": "10"}, "num_steps='10'"),

@@ -22,11 +22,11 @@ import os
 import string
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 from ulskip_jax import lora
 from ulskip_jax.checks import as_choice, as_float, as_int
-from ulskip_jax.model import DTYPES, ModelConfig
+from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
 from ulskip_jax.skipping import STRATEGIES, plan_layers
 
 # ModelConfig fields that change no saved array: a resumed run may change them.
@@ -100,6 +100,12 @@ def _rope_scaling(key: str, v) -> None:
                      "dict(rope_type='llama3', factor=8.0, ...)")
 
 
+def _rope_layers(key: str, v) -> None:
+  if v is not None and (isinstance(v, (str, bytes)) or not isinstance(v, Sequence)
+                        or not all(isinstance(x, (bool, int)) and x in (0, 1) for x in v)):
+    raise ValueError(f"{key}={v!r} is invalid: give None or one bool per layer (True = RoPE)")
+
+
 def _mesh_shape(key: str, v) -> None:
   if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
     raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of ints, e.g. (-1, 1, 1)")
@@ -145,11 +151,11 @@ FIELDS: dict[str, Callable] = {
     "model.num_kv_heads": _int(1),
     "model.head_dim": _int(1),
     "model.d_ff": _int(1),
-    "model.norm": _choice("rms", "layer"),
+    "model.norm": _choice(*get_args(NormKind)),
     "model.norm_eps": _float(0, min_open=True),
-    "model.mlp": _choice("gated", "plain"),
-    "model.act": _choice("silu", "gelu", "gelu_tanh"),
-    "model.pos": _choice("rope", "learned", "alibi"),
+    "model.mlp": _choice(*get_args(MLPKind)),
+    "model.act": _choice(*get_args(Activation)),
+    "model.pos": _choice(*get_args(Positions)),
     "model.max_position": _int(1),
     "model.rope_theta": _float(0, min_open=True),
     "model.tie_embeddings": _bool,
@@ -162,6 +168,8 @@ FIELDS: dict[str, Callable] = {
     "model.mlp_bias": _bool,
     "model.embed_norm": _bool,
     "model.rope_scaling": _rope_scaling,
+    "model.rope_layers": _rope_layers,
+    "model.qk_norm": _bool,
     "data.source": _choice("bible", "hf", "tfds"),
     "data.cache_dir": _str,
     "data.hf_name": _str,

@@ -57,7 +57,7 @@ class Family:
 # ----------------------------------------------------------------------------------------------
 # config.json reading helpers.
 
-def get(hf: dict, *keys: str, default: Any = None, required: bool = False) -> Any:
+def _get(hf: dict, *keys: str, default: Any = None, required: bool = False) -> Any:
   """The first of `keys` set (not null) in config.json; old and new HF names differ per family."""
   for key in keys:
     if hf.get(key) is not None:
@@ -111,19 +111,19 @@ def _use_window_setting(hf: dict) -> str | None:
 
 def _rope_config(hf: dict, **switches) -> ModelConfig:
   """The fields every RoPE family (Llama's layout) reads the same way, plus its switches."""
-  d_model = get(hf, "hidden_size", required=True)
-  num_heads = get(hf, "num_attention_heads", required=True)
+  d_model = _get(hf, "hidden_size", required=True)
+  num_heads = _get(hf, "num_attention_heads", required=True)
   theta, scaling = _rope(hf)
   return ModelConfig(
-      vocab_size=get(hf, "vocab_size", required=True),
-      num_layers=get(hf, "num_hidden_layers", required=True),
+      vocab_size=_get(hf, "vocab_size", required=True),
+      num_layers=_get(hf, "num_hidden_layers", required=True),
       d_model=d_model, num_heads=num_heads,
-      num_kv_heads=get(hf, "num_key_value_heads", default=num_heads),
-      head_dim=get(hf, "head_dim", default=d_model // num_heads),
-      d_ff=get(hf, "intermediate_size", required=True),
-      norm="rms", norm_eps=float(get(hf, "rms_norm_eps", default=1e-6)),
-      mlp="gated", act=_activation(get(hf, "hidden_act", default="silu")),
-      pos="rope", max_position=get(hf, "max_position_embeddings", default=2048),
+      num_kv_heads=_get(hf, "num_key_value_heads", default=num_heads),
+      head_dim=_get(hf, "head_dim", default=d_model // num_heads),
+      d_ff=_get(hf, "intermediate_size", required=True),
+      norm="rms", norm_eps=float(_get(hf, "rms_norm_eps", default=1e-6)),
+      mlp="gated", act=_activation(_get(hf, "hidden_act", default="silu")),
+      pos="rope", max_position=_get(hf, "max_position_embeddings", default=2048),
       rope_theta=theta, rope_scaling=scaling,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **switches)
 
@@ -176,7 +176,7 @@ def _smollm3(hf: dict) -> ModelConfig:
   # transformers slides only when both are set (and then on the NoPE layers only).
   _refuse_sliding(hf, _use_window_setting(hf) if hf.get("sliding_window") is not None else None,
                   '"use_sliding_window": false')
-  num_layers = get(hf, "num_hidden_layers", required=True)
+  num_layers = _get(hf, "num_hidden_layers", required=True)
   # transformers' default when the list is absent: every no_rope_layer_interval-th layer is NoPE.
   interval = hf.get("no_rope_layer_interval", 4)
   flags = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
@@ -197,16 +197,16 @@ def _gpt2(hf: dict) -> ModelConfig:
       or hf.get("add_cross_attention")):
     raise ValueError("gpt2 with scale_attn_weights=false, scale_attn_by_inverse_layer_idx=true or "
                      "add_cross_attention=true is unsupported: only standard GPT-2 attention is")
-  d_model = get(hf, "n_embd", "hidden_size", required=True)
-  num_heads = get(hf, "n_head", "num_attention_heads", required=True)
+  d_model = _get(hf, "n_embd", "hidden_size", required=True)
+  num_heads = _get(hf, "n_head", "num_attention_heads", required=True)
   return ModelConfig(
-      vocab_size=get(hf, "vocab_size", required=True),
-      num_layers=get(hf, "n_layer", "num_hidden_layers", required=True),
+      vocab_size=_get(hf, "vocab_size", required=True),
+      num_layers=_get(hf, "n_layer", "num_hidden_layers", required=True),
       d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
-      head_dim=d_model // num_heads, d_ff=get(hf, "n_inner", default=4 * d_model),
-      norm="layer", norm_eps=float(get(hf, "layer_norm_epsilon", default=1e-5)),
-      mlp="plain", act=_activation(get(hf, "activation_function", default="gelu_new")),
-      pos="learned", max_position=get(hf, "n_positions", "max_position_embeddings",
+      head_dim=d_model // num_heads, d_ff=_get(hf, "n_inner", default=4 * d_model),
+      norm="layer", norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
+      mlp="plain", act=_activation(_get(hf, "activation_function", default="gelu_new")),
+      pos="learned", max_position=_get(hf, "n_positions", "max_position_embeddings",
                                       default=1024),
       qkv_bias=True, out_bias=True, mlp_bias=True,
       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
@@ -222,14 +222,14 @@ def _bloom(hf: dict) -> ModelConfig:
   if hf.get("apply_residual_connection_post_layernorm"):
     raise ValueError("bloom apply_residual_connection_post_layernorm=true is unsupported: only "
                      "pre-norm residuals are")
-  d_model = get(hf, "hidden_size", "n_embed", required=True)
-  num_heads = get(hf, "n_head", "num_attention_heads", required=True)
+  d_model = _get(hf, "hidden_size", "n_embed", required=True)
+  num_heads = _get(hf, "n_head", "num_attention_heads", required=True)
   return ModelConfig(
-      vocab_size=get(hf, "vocab_size", required=True),
-      num_layers=get(hf, "n_layer", "num_hidden_layers", required=True),
+      vocab_size=_get(hf, "vocab_size", required=True),
+      num_layers=_get(hf, "n_layer", "num_hidden_layers", required=True),
       d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
       head_dim=d_model // num_heads, d_ff=4 * d_model,
-      norm="layer", norm_eps=float(get(hf, "layer_norm_epsilon", default=1e-5)),
+      norm="layer", norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
       mlp="plain", act="gelu_tanh", pos="alibi", qkv_bias=True, out_bias=True, mlp_bias=True,
       embed_norm=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
@@ -347,7 +347,7 @@ def _check_skippable(hf: dict) -> None:
 
 
 def family(model_type: str | None, hf: dict | None = None) -> Family:
-  """The entry for `model_type`; with `hf` (its config.json) also checks the layers are skippable."""
+  """The entry for `model_type`; with `hf` (its config.json), also checks its layers skippable."""
   if hf is not None:
     _check_skippable(hf)
   if model_type not in FAMILIES:

@@ -200,8 +200,8 @@ def _read_safetensors(path: Path, family: families.Family,
 
   missing = [name for name in hf_names if stored_name(name) not in files]
   if missing:
-    raise ValueError(f"{path} lacks {len(missing)} tensor(s) a {family.model_type!r} model with this "
-                     f"config.json needs: {', '.join(missing[:4])}"
+    raise ValueError(f"{path} lacks {len(missing)} tensor(s) a {family.model_type!r} model with "
+                     f"this config.json needs: {', '.join(missing[:4])}"
                      f"{', ...' if len(missing) > 4 else ''}")
   by_file: dict[Path, list] = {}
   for name in hf_names:
@@ -213,8 +213,8 @@ def _read_safetensors(path: Path, family: families.Family,
   return out
 
 
-def _to_params(path, family: families.Family, cfg: ModelConfig, shapes: dict, wanted: list, arrays: dict,
-               described_by: str) -> dict:
+def _to_params(path, family: families.Family, cfg: ModelConfig, shapes: dict, wanted: list,
+               arrays: dict, described_by: str) -> dict:
   """Our flat path -> numpy array of our shape, from HF-named arrays ({name: (stored name, w)}).
 
   shapes: our flat path -> shape, for every parameter the model has.

@@ -5,8 +5,9 @@ K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V 
 
 One config covers the Hugging Face families we import (see `families.py`): Llama 2/3 (llama3
 rope scaling), Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), SmolLM3 (layers without
-RoPE), Phi-3, GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi, embedding LayerNorm). With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`),
-created after every base weight so that a seed draws the same base model with or without them.
+RoPE), Phi-3, GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi, embedding LayerNorm).
+With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`), created after every
+base weight so that a seed draws the same base model with or without them.
 
 Layer weights are one module per layer (`Decoder.layers[i]`), not one stacked array, because:
   * decoding indexes layers with Python ints from the static skip tuple, so each kept layer's
@@ -199,7 +200,7 @@ def _plus_lora(module: nnx.Module, name: str, x: Array, y: Array, dropout_key) -
 
 
 class Norm(nnx.Module):
-  """RMSNorm or LayerNorm over the last axis, of `width` features (d_model, or head_dim for QK-norm)."""
+  """RMSNorm or LayerNorm over the last axis of `width` features (d_model; head_dim for QK-norm)."""
 
   def __init__(self, cfg: ModelConfig, width: int):
     pdt = jnp.dtype(cfg.param_dtype)
