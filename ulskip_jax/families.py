@@ -96,9 +96,9 @@ def _refuse_sliding(hf: dict, setting: str | None, fix: str) -> None:
   if setting is None and "sliding_attention" in (hf.get("layer_types") or ()):
     setting = "layer_types with sliding_attention"
   if setting is not None:
+    window = hf.get("sliding_window") or "sliding_window"
     raise ValueError(f"{hf['model_type']} {setting} is unsupported for now: set {fix} in "
-                     "config.json to load it (exact for sequences of at most sliding_window "
-                     "tokens)")
+                     f"config.json to load it (exact for sequences of at most {window} tokens)")
 
 
 def _window_setting(hf: dict) -> str | None:
