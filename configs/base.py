@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.skip.strategy = "uls"
   c.skip.mode = "paper"         # paper: prompt at full depth | everywhere
   c.skip.full_depth_steps = 0   # first steps at full depth (base-model training from scratch)
+  # Paper mode: skipped layers run on a buffer of this fraction of seq_len prompt tokens per row
+  # (rounded up to 8); a micro-batch with a longer prompt share runs them on whole rows (same
+  # result, full-depth cost). 1.0 = always whole rows.
+  c.skip.prompt_capacity = 0.75
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4

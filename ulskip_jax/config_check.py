@@ -190,6 +190,7 @@ FIELDS: dict[str, Callable] = {
     "skip.strategy": _choice(*STRATEGIES),
     "skip.mode": _choice("paper", "everywhere"),
     "skip.full_depth_steps": _int(0),
+    "skip.prompt_capacity": _float(0, 1, min_open=True),
     "optim.lr": _float(0),
     "optim.final_lr_fraction": _float(0, 1),
     "optim.warmup_steps": _int(0),

@@ -20,9 +20,12 @@ Skipping has two modes, chosen per call by `full_depth`:
   * skip everywhere (`full_depth=None`): skipped layers are not computed at all;
   * paper mode (`full_depth` a [B, T] bool mask, or `True` for all positions): positions marked
     full depth (the prompt) run every layer, the others (the response) only the kept layers. A
-    skipped layer is computed on the whole chunk and its output kept only at full-depth positions.
-    Attention is causal and the prompt precedes the response, so no prompt position ever sees a
-    response position's skipped-layer output.
+    skipped layer's output is kept only at full-depth positions. Attention is causal and the
+    prompt precedes the response, so no prompt position ever sees a response position's
+    skipped-layer output. With `full_depth_capacity` a skipped layer runs on a compact buffer of
+    each row's full-depth tokens (`prompt_buffer.py`), so it costs prompt tokens, not the row;
+    a batch that does not fit the buffer takes the whole-row computation, which gives the same
+    result.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ulskip_jax import lora
+from ulskip_jax import prompt_buffer
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
@@ -460,7 +464,8 @@ class Decoder(nnx.Module):
     return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype)).astype(jnp.float32)
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
-             full_depth_BT=None, cache: KVCache | None = None, cache_index=0, dropout_key=None):
+             full_depth_BT=None, full_depth_capacity: int | None = None,
+             cache: KVCache | None = None, cache_index=0, dropout_key=None):
     """Final hidden states [B, T, D] (before the final norm) and the updated cache (or None)."""
     cfg = self.cfg
     kept = kept_layers(cfg.num_layers, tuple(skip))
@@ -476,31 +481,35 @@ class Decoder(nnx.Module):
       new_pos = jnp.where(segment_ids_BT > 0, positions_BT, -1).astype(jnp.int32)
       cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, new_pos, cache_index, 1)
     x = self.embed_tokens(tokens_BT, positions_BT)
+    buffer = None
+    if full_depth_capacity is not None and full_depth_BT is not None and full_depth_BT is not True:
+      if full_depth_capacity < T and len(kept) < cfg.num_layers:
+        buffer = prompt_buffer.plan(full_depth_BT, segment_ids_BT, full_depth_capacity)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
       if not is_kept and full_depth_BT is None:
         continue  # skipped everywhere: this layer's weights are never read
+      layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      if not is_kept and full_depth_BT is not True:  # paper mode's skipped layer
+        x = _skipped_layer(layer, x, positions_BT, segment_ids_BT, full_depth_BT, buffer,
+                           cfg.remat, layer_key)
+        continue
       kv = None
       if cache is not None and is_kept:
         j = len(new_k)
         kv = (cache.k[j], cache.v[j], cache_pos, cache_index)
-      layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
       y, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key)
-      if is_kept:
-        x = y
-        if layer_kv is not None:
-          new_k.append(layer_kv[0])
-          new_v.append(layer_kv[1])
-      elif full_depth_BT is True:
-        x = y
-      else:  # paper mode: only full-depth (prompt) positions take this skipped layer's output
-        x = jnp.where(full_depth_BT[..., None], y, x)
+      x = y
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), cache_pos)
     return x, new_cache
 
   def __call__(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
-               full_depth_BT=None, cache: KVCache | None = None, cache_index=0, dropout_key=None):
+               full_depth_BT=None, full_depth_capacity: int | None = None,
+               cache: KVCache | None = None, cache_index=0, dropout_key=None):
     """Logits [B, T, V] (f32); with `cache`, (logits, updated cache).
 
     skip: static tuple of skipped layer indices (one compiled graph per distinct tuple).
@@ -509,12 +518,14 @@ class Decoder(nnx.Module):
     full_depth_BT: None = skip everywhere; True or a [B, T] bool mask = paper mode (see module
       docstring). With a cache, paper mode is for a prefill from an empty cache: skipped layers
       keep no KV, so they only see the current chunk.
+    full_depth_capacity: static; in paper mode with a mask, skipped layers run on a buffer of this
+      many full-depth tokens per row (`prompt_buffer.py`); None = on the whole row.
     cache, cache_index: write this chunk's K/V at slots [cache_index, cache_index + T).
     dropout_key: a PRNG key for LoRA dropout (training); None = no dropout.
     """
     x, new_cache = self.hidden(tokens_BT, skip=skip, positions_BT=positions_BT,
                                segment_ids_BT=segment_ids_BT, full_depth_BT=full_depth_BT,
-                               cache=cache, cache_index=cache_index, dropout_key=dropout_key)
+                               full_depth_capacity=full_depth_capacity, cache=cache, cache_index=cache_index, dropout_key=dropout_key)
     logits = self.unembed(x)
     return logits if cache is None else (logits, new_cache)
 
@@ -523,6 +534,29 @@ def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool, dropout
   if remat:
     return nnx.remat(Block.__call__)(layer, x, positions, segment_ids, kv, dropout_key)
   return layer(x, positions, segment_ids, kv, dropout_key)
+
+
+def _skipped_layer(layer: Block, x, positions, segment_ids, full_depth, buffer, remat: bool,
+                   dropout_key):
+  """Paper mode's skipped layer: x with its full-depth positions taken through `layer`."""
+  graphdef, state = nnx.split(layer)  # pure state, so the layer can enter lax.cond
+
+  def masked(state, x):
+    y, _ = _run_block(nnx.merge(graphdef, state), x, positions, segment_ids, None, remat,
+                      dropout_key)
+    return jnp.where(full_depth[..., None], y, x)
+
+  def compact(state, x):
+    y, _ = _run_block(nnx.merge(graphdef, state), prompt_buffer.gather(x, buffer),
+                      prompt_buffer.gather(positions, buffer),
+                      prompt_buffer.gather(segment_ids, buffer), None, remat, dropout_key)
+    return prompt_buffer.scatter(x, y, buffer)
+
+  if buffer is None:
+    return masked(state, x)
+  # The fallback is rematerialised: jax's cond keeps the residuals of both branches for the
+  # backward pass, and whole-row activations would cost the buffer's saving in memory.
+  return jax.lax.cond(buffer.fits, compact, jax.checkpoint(masked), state, x)
 
 
 def param_count(model: Decoder) -> int:

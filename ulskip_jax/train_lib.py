@@ -6,7 +6,10 @@ donated. The skip tuple is a static argument, so a run that samples ratios from 
 executable per ratio and reuses it (`Trainer.num_compiles`).
 
 Paper mode (the default): the prompt runs every layer and response tokens only the kept layers;
-the loss is on response tokens only. "everywhere" mode skips on every token.
+the loss is on response tokens only. "everywhere" mode skips on every token. Skipped layers run
+on a buffer of `skip.prompt_capacity` x seq_len prompt tokens per row (`prompt_buffer.py`); a
+micro-batch with a row over it runs them on whole rows instead (same result, full cost), and the
+step counts such rows (`prompt_overflow_rows`).
 
 With LoRA (`optim.lora.rank` > 0) the step differentiates and updates only the trainable subset
 (`lora.split`: adapters, and norms with `optim.lora.train_norms`); the optimizer state is built
@@ -37,6 +40,7 @@ from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check
 from ulskip_jax import data as data_lib
 from ulskip_jax import lora
+from ulskip_jax import prompt_buffer
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
@@ -81,15 +85,17 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
 
 
 def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, frozen=None,
-              dropout_key=None):
+              dropout_key=None, prompt_capacity: int | None = None):
   """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype).
 
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
+  prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
   """
   model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
   logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
                  segment_ids_BT=batch["segment_ids"],
-                 full_depth_BT=batch["full_depth"] if paper else None, dropout_key=dropout_key)
+                 full_depth_BT=batch["full_depth"] if paper else None,
+                 full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return (xent * mask).sum(), mask.sum()
@@ -97,12 +103,13 @@ def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, fr
 
 def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
                paper: bool, accum_steps: int, split_params=lora.split_none,
-               dropout_seed: int | None = None):
+               dropout_seed: int | None = None, prompt_capacity: int | None = None):
   """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens.
 
   split_params: params -> (trainable, frozen); only the trainable part gets gradients and
   updates, and `state["opt_state"]` is the optimizer's state for it. dropout_seed: LoRA dropout
   on, with keys from (seed, step, micro-batch), so a resumed run draws the same masks.
+  prompt_capacity: see `loss_sums`.
   """
   trainable, frozen = split_params(state["params"])
 
@@ -113,7 +120,8 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
     if dropout_seed is not None:
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
     (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(
-        trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key)
+        trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
+        prompt_capacity=prompt_capacity)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
   micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
@@ -125,11 +133,15 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
   updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
   params = lora.combine(optax.apply_updates(trainable, updates), frozen)
   metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.tree.norm(grads))
+  if paper and prompt_capacity is not None and skip:
+    metrics["prompt_overflow_rows"] = prompt_buffer.overflow_rows(batch["full_depth"],
+                                                                  prompt_capacity)
   return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
-def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool):
-  loss, count = loss_sums(params, graphdef, batch, skip, paper)
+def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool,
+              prompt_capacity: int | None = None):
+  loss, count = loss_sums(params, graphdef, batch, skip, paper, prompt_capacity=prompt_capacity)
   return dict(loss_sum=loss, tokens=count)
 
 
@@ -267,6 +279,8 @@ class Trainer:
     self.optimizer = make_optimizer(config.optim, config.num_steps)
     self.split_params = param_split(config.optim)
     self.paper = config.skip.mode == "paper"  # config_check.validate_run checked the values
+    self.prompt_capacity = prompt_buffer.capacity_for(config.skip.prompt_capacity,
+                                                      config.data.seq_len)
     n_proc = jax.process_count()
     if config.batch_size % (n_proc * config.optim.accum_steps):
       raise ValueError(f"batch_size={config.batch_size} must be divisible by process count "
@@ -283,7 +297,9 @@ class Trainer:
     self._train_step = None  # jitted once the state's shardings are known (init_state)
     self.num_compiles = 0     # train-step executables built (one per skip tuple)
     self._eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef,
-                                                paper=self.paper), static_argnames=("skip",))
+                                                paper=self.paper,
+                                                prompt_capacity=self.prompt_capacity),
+                              static_argnames=("skip",))
 
   def init_state(self) -> dict:
     params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
@@ -310,7 +326,8 @@ class Trainer:
     step_fn = functools.partial(
         train_step, graphdef=self.graphdef, optimizer=self.optimizer, paper=self.paper,
         accum_steps=self.config.optim.accum_steps, split_params=self.split_params,
-        dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None)
+        dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None,
+        prompt_capacity=self.prompt_capacity)
 
     def counted(*args):  # runs only when jit traces, i.e. once per compiled executable
       self.num_compiles += 1

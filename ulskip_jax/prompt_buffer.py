@@ -1,0 +1,75 @@
+"""The compact buffer of full-depth (prompt) tokens that paper mode runs its skipped layers on.
+
+In paper mode a skipped layer changes only the full-depth positions of a row, so computing it on
+the whole row wastes the response tokens' share of its work. Instead the full-depth tokens of each
+row are gathered, in row order, into a buffer of C slots (a static shape, so one executable per
+skip tuple), the layer runs on the buffer and its outputs are scattered back.
+
+This equals the masked whole-row computation when, in every row, each full-depth token's keys at
+the skipped layer are all in the buffer: the token is in a segment (id > 0) and no token of its
+segment before it is a response token. Packed data has that shape (each segment's prompt comes
+first, `data.pack_row`). Buffer order is row order and the buffer keeps positions and segment ids,
+so causal, per-segment attention over the buffer reads exactly the keys the masked row would.
+`plan` also says whether a batch has that shape and fits; the model falls back to the masked
+computation when it does not, so the result never depends on the capacity.
+
+Shapes: B batch, T row length, C buffer capacity (slots), D model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+BUCKET = 8  # capacities are rounded up to a multiple of this
+
+
+@flax.struct.dataclass
+class Buffer:
+  index_BC: Array  # int32: row position of each row's c-th full-depth token; T = empty slot
+  fits: Array      # bool []: the buffer computation equals the masked one for the whole batch
+
+
+def capacity_for(fraction: float, seq_len: int) -> int:
+  """Slots per row for a capacity given as a fraction of the row length, bucketed."""
+  return min(seq_len, BUCKET * math.ceil(fraction * seq_len / BUCKET))
+
+
+def overflow_rows(full_depth_BT: Array, capacity: int) -> Array:
+  """Rows [] int32 with more full-depth tokens than `capacity` slots."""
+  return (full_depth_BT.sum(-1) > capacity).sum().astype(jnp.int32)
+
+
+def plan(full_depth_BT: Array, segment_ids_BT: Array, capacity: int) -> Buffer:
+  """Where each row's full-depth tokens go in a buffer of `capacity` slots, and whether it fits."""
+  B, T = full_depth_BT.shape
+  t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  slot_BT = jnp.cumsum(full_depth_BT, axis=-1, dtype=jnp.int32) - 1
+  slot_BT = jnp.where(full_depth_BT, slot_BT, capacity)  # a slot past the end: dropped
+  index_BC = jax.vmap(lambda s, t: jnp.full((capacity,), T, jnp.int32).at[s].set(
+      t, mode="drop"))(slot_BT, t_BT)
+  # Each segment's first response token: a full-depth token after it would read a key that the
+  # buffer lacks. Segment ids outside [0, T] cannot index this table, so they take the fallback.
+  in_range = (segment_ids_BT >= 0) & (segment_ids_BT <= T)
+  seg_BT = jnp.clip(segment_ids_BT, 0, T)
+  first_response = jax.vmap(lambda s, t: jnp.full((T + 1,), T, jnp.int32).at[s].min(t))(
+      seg_BT, jnp.where(full_depth_BT, T, t_BT))
+  opened = t_BT > jnp.take_along_axis(first_response, seg_BT, axis=-1)
+  bad = full_depth_BT & ((segment_ids_BT <= 0) | opened)
+  fits = (full_depth_BT.sum(-1) <= capacity).all() & ~bad.any() & in_range.all()
+  return Buffer(index_BC=index_BC, fits=fits)
+
+
+def gather(a_BT: Array, buffer: Buffer) -> Array:
+  """a's values at the buffer's tokens, [B, C, ...]; empty slots hold zeros."""
+  index = buffer.index_BC.reshape(*buffer.index_BC.shape, *(1,) * (a_BT.ndim - 2))
+  return jnp.take_along_axis(a_BT, index, axis=1, mode="fill", fill_value=0)
+
+
+def scatter(x_BTD: Array, y_BCD: Array, buffer: Buffer) -> Array:
+  """x with the buffer's tokens replaced by y; empty slots are dropped."""
+  return jax.vmap(lambda x, i, y: x.at[i].set(y, mode="drop"))(x_BTD, buffer.index_BC, y_BCD)
