@@ -117,7 +117,8 @@ def child_timing(args) -> dict:
   for mode in ("paper", "everywhere"):
     step_fn = jax.jit(functools.partial(
         train_lib.train_step, graphdef=trainer.graphdef, optimizer=trainer.optimizer,
-        paper=mode == "paper", accum_steps=1), static_argnums=2, donate_argnums=0)
+        paper=mode == "paper", accum_steps=1, prompt_capacity=trainer.prompt_capacity),
+        static_argnums=2, donate_argnums=0)
     for ratio in [1.0] + [float(r) for r in args.ratios.split(",")]:
       skip = plan_layers(num_layers, ratio, cfg.skip.strategy).skipped
       case = dict(mode=mode, ratio=ratio, kept=num_layers - len(skip), skip=skip, fn=step_fn,

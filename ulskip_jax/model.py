@@ -481,17 +481,17 @@ class Decoder(nnx.Module):
       new_pos = jnp.where(segment_ids_BT > 0, positions_BT, -1).astype(jnp.int32)
       cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, new_pos, cache_index, 1)
     x = self.embed_tokens(tokens_BT, positions_BT)
-    buffer = None
-    if full_depth_capacity is not None and full_depth_BT is not None and full_depth_BT is not True:
-      if full_depth_capacity < T and len(kept) < cfg.num_layers:
-        buffer = prompt_buffer.plan(full_depth_BT, segment_ids_BT, full_depth_capacity)
+    buffer = None  # a buffer no smaller than the row would save nothing
+    masked_paper = full_depth_BT is not None and full_depth_BT is not True
+    if masked_paper and full_depth_capacity is not None and full_depth_capacity < T:
+      buffer = prompt_buffer.plan(full_depth_BT, segment_ids_BT, full_depth_capacity)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
       if not is_kept and full_depth_BT is None:
         continue  # skipped everywhere: this layer's weights are never read
       layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      if not is_kept and full_depth_BT is not True:  # paper mode's skipped layer
+      if not is_kept and masked_paper:
         x = _skipped_layer(layer, x, positions_BT, segment_ids_BT, full_depth_BT, buffer,
                            cfg.remat, layer_key)
         continue
@@ -525,7 +525,8 @@ class Decoder(nnx.Module):
     """
     x, new_cache = self.hidden(tokens_BT, skip=skip, positions_BT=positions_BT,
                                segment_ids_BT=segment_ids_BT, full_depth_BT=full_depth_BT,
-                               full_depth_capacity=full_depth_capacity, cache=cache, cache_index=cache_index, dropout_key=dropout_key)
+                               full_depth_capacity=full_depth_capacity, cache=cache,
+                               cache_index=cache_index, dropout_key=dropout_key)
     logits = self.unembed(x)
     return logits if cache is None else (logits, new_cache)
 

@@ -1,0 +1,139 @@
+"""Paper mode on a buffer of prompt tokens equals paper mode on whole rows (`prompt_buffer.py`).
+
+Every batch is packed rows of several segments. "fits" has every row's prompt tokens within the
+buffer's 16 slots, "overflows" has one row of 22, so the two sides of the capacity edge take the
+two branches of the model's lax.cond; both must give the whole-row losses and gradients.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tiny import tiny_model
+from ulskip_jax import data as data_lib
+from ulskip_jax import prompt_buffer, train_lib
+
+SKIP = (1, 2)
+CAPACITY = 16
+ROW = 32
+# (prompt, response) lengths of each row's segments; the prompt totals are 15, 15, 3 and 15, 22, 3.
+FITS = [[(5, 4), (6, 3), (4, 5)], [(8, 6), (7, 5)], [(3, 2)]]
+OVERFLOWS = [[(5, 4), (6, 3), (4, 5)], [(12, 2), (10, 3)], [(3, 2)]]
+TOL = 1e-5
+
+
+def _batch(rows, seed=0):
+  rng = np.random.default_rng(seed)
+  packed = [data_lib.pack_row([(list(rng.integers(3, 97, p)), list(rng.integers(3, 97, r)))
+                               for p, r in segments], ROW) for segments in rows]
+  return {k: jnp.asarray(np.stack([row[k] for row in packed])) for k in packed[0]}
+
+
+def _params_and_graphdef(**overrides):
+  graphdef, params = nnx.split(tiny_model(**overrides), nnx.Param)
+  return nnx.to_pure_dict(params), graphdef
+
+
+def test_plan_places_prompt_tokens_in_row_order_and_says_when_it_is_exact():
+  # Row 0: segment 1 = prompt 0-1, response 2; segment 2 = prompt 3-4, response 5; padding.
+  full_depth = jnp.array([[1, 1, 0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]], bool)
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  buffer = prompt_buffer.plan(full_depth, segments, 4)
+  np.testing.assert_array_equal(buffer.index_BC, [[0, 1, 3, 4], [0, 8, 8, 8]])
+  assert bool(buffer.fits)
+  x = jnp.arange(16.0).reshape(2, 8, 1)
+  gathered = prompt_buffer.gather(x, buffer)
+  np.testing.assert_array_equal(gathered[..., 0], [[0, 1, 3, 4], [8, 0, 0, 0]])
+  back = prompt_buffer.scatter(x, -gathered, buffer)[..., 0]
+  np.testing.assert_array_equal(back, [[0, -1, 2, -3, -4, 5, 6, 7],
+                                       [-8, 9, 10, 11, 12, 13, 14, 15]])
+
+  assert not bool(prompt_buffer.plan(full_depth, segments, 3).fits)  # row 0 has 4 prompt tokens
+  assert int(prompt_buffer.overflow_rows(full_depth, 3)) == 1
+  # A prompt token after a response token of its segment reads that token's key: not exact.
+  after_response = full_depth.at[0, 1].set(False).at[0, 2].set(True)
+  assert not bool(prompt_buffer.plan(after_response, segments, 8).fits)
+  # ... but after a response token of another segment it is.
+  short_second_prompt = full_depth.at[0, 4].set(False)
+  assert bool(prompt_buffer.plan(short_second_prompt, segments, 8).fits)
+  # A full-depth padding token attends to nothing in the masked row: not exact either.
+  assert not bool(prompt_buffer.plan(full_depth.at[0, 7].set(True), segments, 8).fits)
+
+
+def test_capacity_is_a_bucketed_fraction_of_the_row():
+  assert prompt_buffer.capacity_for(0.75, 128) == 96
+  assert prompt_buffer.capacity_for(0.6, 100) == 64
+  assert prompt_buffer.capacity_for(1.0, 100) == 100
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    # Qwen3's QK-norm, SmolLM3's NoPE layers (one of them skipped), LoRA adapters, remat.
+    dict(qk_norm=True, rope_layers=(True, False, True, False), lora_rank=2,
+         lora_targets=("q", "v", "o", "down"), remat=True),
+], ids=["plain", "qknorm_nope_lora_remat"])
+def test_losses_and_gradients_equal_the_whole_row_computation(overrides):
+  params, graphdef = _params_and_graphdef(**overrides)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def mean_loss_and_grads(params, batch, capacity):
+    def mean_loss(p):
+      total, count = train_lib.loss_sums(p, graphdef, batch, SKIP, True, prompt_capacity=capacity)
+      return total / count
+    return jax.value_and_grad(mean_loss)(params)
+
+  for rows, fits in ((FITS, True), (OVERFLOWS, False)):
+    batch = _batch(rows)
+    buffer = prompt_buffer.plan(batch["full_depth"], batch["segment_ids"], CAPACITY)
+    assert bool(buffer.fits) == fits
+    want_loss, want_grads = mean_loss_and_grads(params, batch, None)
+    loss, grads = mean_loss_and_grads(params, batch, CAPACITY)
+    np.testing.assert_allclose(float(loss), float(want_loss), atol=TOL, rtol=0)
+    for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
+      got = functools.reduce(lambda t, k: t[k.key], path, grads)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0,
+                                 err_msg=f"fits={fits} {jax.tree_util.keystr(path)}")
+
+
+def test_alibi_and_a_prompt_after_a_response_give_the_whole_row_logits():
+  """ALiBi reads positions in the buffer; a mask the buffer cannot serve takes the fallback."""
+  params, graphdef = _params_and_graphdef(pos="alibi", norm="layer", mlp="plain", act="gelu")
+  batch = _batch(FITS)
+  late_prompt = batch["full_depth"].at[1, 23].set(True)  # segment 2, after its response began
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def logits(params, full_depth, capacity):
+    return nnx.merge(graphdef, params)(
+        batch["tokens"], skip=SKIP, positions_BT=batch["positions"],
+        segment_ids_BT=batch["segment_ids"], full_depth_BT=full_depth,
+        full_depth_capacity=capacity)
+
+  for full_depth in (batch["full_depth"], late_prompt):
+    np.testing.assert_allclose(logits(params, full_depth, CAPACITY),
+                               logits(params, full_depth, None), atol=TOL, rtol=0)
+  assert not bool(prompt_buffer.plan(late_prompt, batch["segment_ids"], CAPACITY).fits)
+
+
+def test_accumulated_step_equals_the_whole_row_step_and_counts_overflowing_rows():
+  """Two micro-batches, one fitting and one overflowing; one SGD step, whose update is the
+  gradient itself (through Adam, rounding-level gradients would be amplified)."""
+  params, graphdef = _params_and_graphdef()
+  batch = _batch(FITS[:2] + OVERFLOWS[1:], seed=1)  # rows 0-1 fit, row 2 does not, row 3 does
+  optimizer = optax.sgd(0.5)
+  state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+  step = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, optimizer=optimizer,
+                                   paper=True, accum_steps=2), static_argnums=2,
+                 static_argnames="prompt_capacity")
+  want, want_metrics = step(state, batch, SKIP, prompt_capacity=None)
+  got, metrics = step(state, batch, SKIP, prompt_capacity=CAPACITY)
+  assert int(metrics["prompt_overflow_rows"]) == 1 and "prompt_overflow_rows" not in want_metrics
+  np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), atol=TOL, rtol=0)
+  for path, a in jax.tree_util.tree_leaves_with_path(want["params"]):
+    b = functools.reduce(lambda t, k: t[k.key], path, got["params"])
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
