@@ -133,7 +133,7 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
   updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
   params = lora.combine(optax.apply_updates(trainable, updates), frozen)
   metrics = dict(loss=loss_sum / denom, tokens=count, grad_norm=optax.tree.norm(grads))
-  if paper and prompt_capacity is not None and skip:
+  if paper and prompt_capacity is not None:
     metrics["prompt_overflow_rows"] = prompt_buffer.overflow_rows(batch["full_depth"],
                                                                   prompt_capacity)
   return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
