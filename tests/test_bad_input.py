@@ -245,6 +245,8 @@ CONFIG_CASES = [
     ({"eval_ratios": (1.0, 9.0)}, "eval_ratios[1]=9.0"),
     ({"skip.mode": "sometimes"}, "skip.mode='sometimes'"),
     ({"skip.full_depth_steps": -5}, "skip.full_depth_steps=-5"),
+    ({"skip.prompt_capacity": 0.0}, "skip.prompt_capacity=0.0"),
+    ({"skip.prompt_capacity": 1.5}, "skip.prompt_capacity=1.5"),
     # Types and ranges of the other fields.
     ({"model.dtype": "bogus"}, "model.dtype='bogus'"),
     ({"model.param_dtype": "int8"}, "model.param_dtype='int8'"),
