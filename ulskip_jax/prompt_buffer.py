@@ -41,11 +41,12 @@ def capacity_for(fraction: float, seq_len: int) -> int:
 
 def overflow_rows(full_depth_BT: Array, capacity: int) -> Array:
   """Rows [] int32 with more full-depth tokens than `capacity` slots."""
-  return (full_depth_BT.sum(-1) > capacity).sum().astype(jnp.int32)
+  return (jnp.asarray(full_depth_BT, bool).sum(-1) > capacity).sum().astype(jnp.int32)
 
 
 def plan(full_depth_BT: Array, segment_ids_BT: Array, capacity: int) -> Buffer:
   """Where each row's full-depth tokens go in a buffer of `capacity` slots, and whether it fits."""
+  full_depth_BT = jnp.asarray(full_depth_BT, bool)
   B, T = full_depth_BT.shape
   t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   slot_BT = jnp.cumsum(full_depth_BT, axis=-1, dtype=jnp.int32) - 1
