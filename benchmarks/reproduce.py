@@ -411,9 +411,11 @@ def _time_cases(cases, repeats, num_layers):
 
 
 def run_speed_trained(c, base_hf, quality) -> dict:
-  """Every method with real test prompts (EOS on) at each batch size, in the same decode loop:
-  full depth and ULS on the multi-ratio checkpoint, early exit with the thresholds tuned for
-  quality (at the quality batch size), SkipDecode on its checkpoints."""
+  """Every method with real test prompts at each batch size, in the same decode loop: full depth
+  and ULS on the multi-ratio checkpoint, early exit with the thresholds tuned for quality (at the
+  quality batch size), SkipDecode on its checkpoints. EOS is off, so every method writes
+  max_new_tokens per row: with it on, a model that ends its rows early (a damaged sub-model often
+  does) would be timed mostly on its prefill."""
   ev = Evaluator(c, base_hf)
   L = c.train.model.num_layers
   multi = load_workdir_model(c.multi_workdir)
@@ -426,7 +428,7 @@ def run_speed_trained(c, base_hf, quality) -> dict:
 
     def gen(fn, model, **kw):
       return lambda: baselines.generate_batched(fn, model, prompts, batch_size=batch,
-                                                **ev.gen_kw, **kw)
+                                                **{**ev.gen_kw, "eos_id": None}, **kw)
     cases = {"full": gen(decode.generate, multi)}
     for r in c.ratios:
       cases[f"uls_r{r:g}"] = gen(decode.generate, multi, ratio=r)
@@ -864,7 +866,8 @@ def report(c) -> None:
   load = lambda name: (_json_load(os.path.join(c.workdir, name))
                        if os.path.exists(os.path.join(c.workdir, name)) else None)
   st, sp = load("speed_trained.json"), load("speed.json")
-  results = dict(stage_seconds=load("stage_seconds.json"), quality=q, speed_trained=st, speed=sp)
+  results = dict(stage_seconds=load("stage_seconds.json"), provenance=load("provenance.json"),
+                 quality=q, speed_trained=st, speed=sp)
   for name, text in (("quality", q and quality_table(c, q, st)),
                      ("paper_table", q and paper_table(c, q, st)),
                      ("claims", q and claims(c, q, st)),
@@ -878,6 +881,15 @@ def report(c) -> None:
   if sp:
     speed_plot(c, sp)
   _json_dump(results, os.path.join(c.results_dir, "results.json"))
+
+
+def _commit() -> str:
+  """The checkout's commit, with "+changes" when tracked files differ from it."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout
+  head = run("rev-parse", "--short", "HEAD").strip() or "unknown"
+  return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
 
 
 def main(argv=None):
@@ -906,6 +918,11 @@ def main(argv=None):
     if time.perf_counter() - start > 1:  # not merely read from the cache
       timings[name] = time.perf_counter() - start
       _json_dump(timings, path)
+      where = os.path.join(c.workdir, "provenance.json")
+      prov = _json_load(where) if os.path.exists(where) else {}
+      prov[name] = dict(commit=_commit(), command=" ".join(["python"] + sys.argv),
+                        finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+      _json_dump(prov, where)
     log(f"stage {name} done ({time.perf_counter() - start:.0f} s)")
     return result
 
