@@ -25,13 +25,7 @@ PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 3]]
 MAX_NEW, EOS = 8, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny matmuls gain nothing from threads (see test_hf.py)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=tiny.MORE_FAMILIES)

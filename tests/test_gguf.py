@@ -39,13 +39,7 @@ ARCHS = dict(llama=dict(heads=2, kv_heads=1, tied=True),  # GQA, tied embeddings
              qwen2=dict(heads=2, kv_heads=2, tied=False))  # q/k/v biases, an output.weight
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny matmuls gain nothing from torch's threads (see test_hf.py)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ ATOL = 1e-4
 PLANS = [plan_layers(4, 2), plan_layers(4, 4 / 3)]  # keep (0, 3) and (0, 2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny matmuls gain nothing from threads, and on a busy machine torch's spinning worker
-  threads made each 32-wide linear take ~20 ms (the file took 80 s instead of 30 s)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)

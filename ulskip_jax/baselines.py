@@ -443,7 +443,7 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
 def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, eos_id, pad_id,
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
-  decode._check_prompts(model.cfg, prompts, max_new_tokens)
+  decode.check_prompts(model.cfg, prompts, max_new_tokens)
   B, P = decode.bucket(len(prompts)), decode.bucket(max(len(p) for p in prompts), decode.MIN_BUCKET)
   prompt_BP = np.full((B, P), pad_id, np.int32)
   pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id

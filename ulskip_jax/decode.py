@@ -179,9 +179,10 @@ def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Arra
 # ----------------------------------------------------------------------------------------------
 # The executables.
 
-def _prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array, rows: int,
+def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array, rows: int,
              num_slots: int) -> tuple[Array, KVCache]:
-  """Run the prompt, fill a fresh kept-layer cache; returns last-position logits [B, V]."""
+  """Run the prompt, fill a fresh kept-layer cache; returns last-position logits [B, V]. Shared
+  with speculative decoding, whose draft and verify loops start from the same prefill."""
   B, P = prompt_BP.shape
   positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
   segment_ids = (positions >= 0).astype(jnp.int32)
@@ -221,7 +222,7 @@ def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad
     buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], P + t, 1)
     return tok, buf, done | (tok == eos_id)
 
-  logits, cache = _prefill(model, opts, prompt_BP, pad_B, B, P + N)
+  logits, cache = prefill(model, opts, prompt_BP, pad_B, B, P + N)
   tok, buf, done = choose(logits, 0, buf, ~active_B)
 
   def cond(carry):
@@ -302,7 +303,7 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
     rows = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
     return rows, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable, go_on
 
-  logits, cache = _prefill(model, opts, prompt_BP, pad_B, R, P + N)
+  logits, cache = prefill(model, opts, prompt_BP, pad_B, R, P + N)
   rows, *beams, go_on = select(logits, 0, run_seq, run_score, fin_seq, fin_score, fin_flag,
                                improvable)
 
@@ -325,7 +326,7 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
-def _executable(fn, graphdef, state, args, opts: DecodeOptions):
+def executable(fn, graphdef, state, args, opts: DecodeOptions):
   """The compiled executable for these shapes and options, built once (returns it and the seconds
   spent compiling, 0 when it was cached)."""
   leaves, treedef = jax.tree.flatten(state)
@@ -343,7 +344,7 @@ def _executable(fn, graphdef, state, args, opts: DecodeOptions):
 _TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
 
 
-def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[np.ndarray]:
+def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[np.ndarray]:
   """The prompts as int32 arrays, each checked: token ids (not text), not empty, every id in
   [0, vocab_size) (a larger id reads past the embedding, a negative one wraps), and room for
   max_new_tokens after it. Lists, tuples and integer arrays (numpy or JAX) are accepted."""
@@ -431,17 +432,17 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
     check_options(model.cfg, **kw)
   max_new_tokens = as_int("max_new_tokens", kw.get("max_new_tokens"), min=1)
   if prompts is not None:
-    _check_prompts(model.cfg, prompts, max_new_tokens)
+    check_prompts(model.cfg, prompts, max_new_tokens)
   elif max_new_tokens >= model.cfg.max_position:
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model "
                      f"allows {model.cfg.max_position} positions in all")
 
 
-def _plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
+def plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
   """Validate the options; return (function, static options, array arguments, cache rows, P)."""
   cfg = model.cfg
   o = check_options(cfg, **kw)
-  prompts = _check_prompts(cfg, prompts, o["max_new_tokens"])
+  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
   skip, max_new_tokens, num_beams = o["skip"], o["max_new_tokens"], o["num_beams"]
   pad_id = o["pad_id"]
   opts = DecodeOptions(skip=skip, paper_mode=(o["mode"] == "paper" and bool(skip)),
@@ -468,10 +469,10 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, *, beam_s
   """The executable `generate` runs for this batch size, prompt length and keyword arguments
   (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
   beam_search = kw.get("num_beams", 1) > 1 if beam_search is None else beam_search
-  fn, opts, args, _, _ = _plan_call(model, [[0] * prompt_len] * batch_size,
+  fn, opts, args, _, _ = plan_call(model, [[0] * prompt_len] * batch_size,
                                     beam_search=beam_search, **kw)
   graphdef, state = nnx.split(model)
-  return _executable(fn, graphdef, state, args, opts)[0]
+  return executable(fn, graphdef, state, args, opts)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence[int] | None = None,
@@ -517,9 +518,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
 
 def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   """`generate`, with the search chosen explicitly (beam search with one beam is greedy: a test)."""
-  fn, opts, args, rows, P = _plan_call(model, prompts, beam_search=beam_search, **kw)
+  fn, opts, args, rows, P = plan_call(model, prompts, beam_search=beam_search, **kw)
   graphdef, state = nnx.split(model)
-  compiled, compile_s = _executable(fn, graphdef, state, args, opts)
+  compiled, compile_s = executable(fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out = np.asarray(compiled(state, *args))
   eos_id, max_new_tokens = kw.get("eos_id"), kw["max_new_tokens"]

@@ -137,7 +137,7 @@ class SpeculativeStats(decode.DecodeStats):
 
 def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array,
                      top_p: Array) -> Array:
-  """Logits [..., V] after temperature, top-k then top-p: the distribution `decode._select`
+  """Logits [..., V] after temperature, top-k then top-p: the distribution `decode.generate`
   samples from (the same steps, on any leading shape)."""
   logits = logits / temperature
   if opts.top_k is not None:
@@ -262,7 +262,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
                                     sample=opts.sample, top_k=opts.top_k,
                                     use_top_p=opts.use_top_p, num_beams=1,
                                     no_repeat_ngram_size=0, early_stopping=True)
-    return decode._prefill(model, dec_opts, prompt_BP, pad_B, B, S)
+    return decode.prefill(model, dec_opts, prompt_BP, pad_B, B, S)
 
   def run(tokens_BT, positions_BT, cache, index, skip, segment_ids_BT=None):
     x, cache = model.hidden(tokens_BT, skip=skip, positions_BT=jnp.minimum(positions_BT, limit),
@@ -467,7 +467,7 @@ def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_dra
   skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
                                         num_draft_tokens=num_draft_tokens,
                                         draft_cache=draft_cache, mode=mode)
-  _, dec_opts, args, B, P = decode._plan_call(model, prompts, beam_search=False, mode=mode, **kw)
+  _, dec_opts, args, B, P = decode.plan_call(model, prompts, beam_search=False, mode=mode, **kw)
   opts = SpeculativeOptions(draft_skip=skip, num_draft_tokens=num_draft_tokens,
                             shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
                             max_new_slots=dec_opts.max_new_slots, sample=dec_opts.sample,
@@ -480,7 +480,7 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   (built if needed), for inspecting its HLO or memory."""
   opts, args, _, _ = _plan(model, [[0] * prompt_len] * batch_size, **kw)
   graphdef, state = nnx.split(model)
-  return decode._executable(_speculative_fn, graphdef, state, args, opts)[0]
+  return decode.executable(_speculative_fn, graphdef, state, args, opts)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
@@ -505,7 +505,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   graphdef, state = nnx.split(model)
-  compiled, compile_s = decode._executable(_speculative_fn, graphdef, state, args, opts)
+  compiled, compile_s = decode.executable(_speculative_fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out, accepted, drafted, rounds = jax.device_get(compiled(state, *args))
   outputs, generated = [], 0
