@@ -1,4 +1,5 @@
-"""The families beyond tests/test_hf.py's (tiny.MORE_FAMILIES): Qwen3, SmolLM3 and Phi-3 against
+"""The families beyond tests/test_hf.py's (tiny.MORE_FAMILIES): Qwen3, SmolLM3, Phi-3 and
+sliding-window Mistral and Qwen2 (prompts and generations longer than the window) against
 transformers on tiny random models: full-depth logits, ULS plans against the torch model with
 those layers deleted, cached greedy decoding against `generate`, save -> reload, pruned export;
 and unsupported architectures refused in one line."""
@@ -95,11 +96,16 @@ def test_save_pretrained_loads_in_transformers(family, tmp_path):
 def test_save_pretrained_pruned(family, tmp_path, plan):
   path, torch_model, model = family
   original = json.loads((path / "config.json").read_text())
+  layer_types = original.get("layer_types")
+  if original.get("max_window_layers") is not None:
+    del original["layer_types"]  # the pattern from max_window_layers alone, as older files give it
   hf.save_pretrained(model, tmp_path, skip=plan.skipped, hf_config=original)
   pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert pruned.config.num_hidden_layers == len(pruned.model.layers) == len(plan.kept)
   if "no_rope_layers" in original:  # each kept layer keeps its own RoPE / NoPE flag
     assert pruned.config.no_rope_layers == [original["no_rope_layers"][i] for i in plan.kept]
+  if model.cfg.attention_windows is not None and layer_types:  # and its window or none
+    assert pruned.config.layer_types == [layer_types[i] for i in plan.kept]
   tokens = _tokens(3)
   skipped = model(jnp.asarray(tokens), skip=plan.skipped)
   assert _max_err(tiny.torch_logits(pruned, tokens), skipped) < ATOL
@@ -124,6 +130,25 @@ def test_config_round_trip():
   all_rope = {**tiny.hf_config("smollm3").to_dict(), "no_rope_layers": [1, 1, 1, 1]}
   assert hf.config_from_hf(all_rope).rope_layers is None
   assert hf.config_to_hf(hf.config_from_hf(all_rope))["model_type"] == "llama"
+  W = tiny.WINDOW
+  assert hf.config_from_hf(tiny.hf_config("mistral_sliding").to_dict()).attention_windows == (W,) * 4
+  qwen2 = {**tiny.hf_config("qwen2_sliding").to_dict(), "layer_types": None}
+  assert hf.config_from_hf(qwen2).attention_windows == (None, None, W, W)  # max_window_layers=2
+  assert hf.config_from_hf({**qwen2, "use_sliding_window": False}).attention_windows is None
+  phi3 = hf.config_from_hf({**tiny.hf_config("phi3").to_dict(), "sliding_window": 2047})
+  assert phi3.attention_windows == (2047,) * 4
+  assert hf.config_to_hf(phi3)["model_type"] == "mistral"  # what an unfused Phi-3 computes
+  # SmolLM3 slides its NoPE layers when both settings are given and layer_types is not.
+  smollm3 = {**tiny.hf_config("smollm3").to_dict(), "layer_types": None,
+             "use_sliding_window": True, "sliding_window": W}
+  cfg = hf.config_from_hf(smollm3)
+  assert cfg.attention_windows == (None, W, None, W)
+  assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  qwen3 = {**tiny.hf_config("qwen3").to_dict(), "layer_types": None, "use_sliding_window": True,
+           "sliding_window": W, "max_window_layers": 1}
+  cfg = hf.config_from_hf(qwen3)
+  assert cfg.attention_windows == (None, W, W, W)
+  assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
 
 
 def _raises(match, fn, *args):
@@ -140,11 +165,6 @@ def test_unsupported_architectures():
   gemma4_like = {**tiny.hf_config("llama").to_dict(), "num_kv_shared_layers": 2}
   _raises(r"shares KV caches across layers \(num_kv_shared_layers=2\).*layer skipping cannot "
           r"apply as is", hf.config_from_hf, gemma4_like)
-  qwen3 = tiny.hf_config("qwen3").to_dict()
-  _raises(r"qwen3 use_sliding_window=true is unsupported for now", hf.config_from_hf,
-          {**qwen3, "use_sliding_window": True, "sliding_window": 8})
-  _raises(r"phi3 sliding_window=2047 is unsupported for now", hf.config_from_hf,
-          {**tiny.hf_config("phi3").to_dict(), "sliding_window": 2047})
   _raises(r"partial_rotary_factor != 1 is unsupported", hf.config_from_hf,
           {**tiny.hf_config("phi3").to_dict(), "partial_rotary_factor": 0.5,
            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,

@@ -235,10 +235,9 @@ def test_errors(tmp_path):
           hf.from_pretrained, folder)
 
   llama = tiny.hf_config("llama").to_dict()
-  _raises(r"mistral sliding_window=4096 is unsupported for now: set \"sliding_window\": null",
-          hf.config_from_hf, {**tiny.hf_config("mistral").to_dict(), "sliding_window": 4096})
-  _raises(r"qwen2 use_sliding_window=true is unsupported for now",
-          hf.config_from_hf, {**tiny.hf_config("qwen2").to_dict(), "use_sliding_window": True})
+  _raises(r"qwen2 layer_types has 3 entries but num_hidden_layers=4: it needs one per layer",
+          hf.config_from_hf, {**tiny.hf_config("qwen2").to_dict(), "use_sliding_window": True,
+                              "sliding_window": 8, "layer_types": ["sliding_attention"] * 3})
   _raises(r"activation 'relu' is unsupported", hf.config_from_hf, {**llama, "hidden_act": "relu"})
   _raises(r"rope type 'yarn' is unsupported", hf.config_from_hf,
           {**llama, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -18,8 +18,11 @@ from ulskip_jax.model import Decoder, ModelConfig
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "bloom")
 # Families with their own tests (test_families.py), so the files above stay fast: Qwen3 with an
 # explicit head_dim unrelated to the width, tied; Qwen3 untied with biases; SmolLM3 with NoPE
-# layers 1 and 3; Phi-3 with fused projections.
-MORE_FAMILIES = ("qwen3", "qwen3_untied_bias", "smollm3", "phi3")
+# layer 1 and 3; Phi-3 with fused projections; Mistral sliding every layer by WINDOW; Qwen2
+# sliding layers 2 and 3 (max_window_layers=2).
+MORE_FAMILIES = ("qwen3", "qwen3_untied_bias", "smollm3", "phi3", "mistral_sliding",
+                 "qwen2_sliding")
+WINDOW = 5  # shorter than the test prompts and generations
 VOCAB = 97
 
 
@@ -37,6 +40,11 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
                           high_freq_factor=4.0, original_max_position_embeddings=16))
   if family == "mistral":
     return transformers.MistralConfig(**common, sliding_window=None)
+  if family == "mistral_sliding":
+    return transformers.MistralConfig(**common, sliding_window=WINDOW)
+  if family == "qwen2_sliding":
+    return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW,
+                                    max_window_layers=2)
   if family == "qwen2":
     return transformers.Qwen2Config(**common, use_sliding_window=False)
   if family == "qwen3":

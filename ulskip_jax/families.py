@@ -51,6 +51,9 @@ class Family:
   layer_list: str = "layers"
   num_layers_key: str = "num_hidden_layers"
   conv1d: bool = False           # GPT-2's Conv1D stores [in, out], not nn.Linear's [out, in]
+  # Whether config.json's layer_types says which layers slide (a pruned export rewrites it from
+  # the model, so that each kept layer keeps its kind whatever rule wrote the original).
+  layer_types: bool = False
   interleaved_qkv: bool = False  # BLOOM's fused qkv is [H, 3, Hd]; otherwise q | k | v
 
 
@@ -91,22 +94,54 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
   return theta, tuple(sorted({**scaling, "rope_type": "llama3"}.items()))
 
 
-def _refuse_sliding(hf: dict, setting: str | None, fix: str) -> None:
-  """A one-line error if the config enables sliding windows (`setting` says how, None = not)."""
-  if setting is None and "sliding_attention" in (hf.get("layer_types") or ()):
-    setting = "layer_types with sliding_attention"
-  if setting is not None:
-    window = hf.get("sliding_window") or "sliding_window"
-    raise ValueError(f"{hf['model_type']} {setting} is unsupported for now: set {fix} in "
-                     f"config.json to load it (exact for sequences of at most {window} tokens)")
+def _layer_windows(hf: dict, window: int | None, default_types: list[str]) -> tuple | None:
+  """Per-layer windows: `window` on the layers config.json's layer_types (else `default_types`,
+  transformers' rule when it is absent) marks sliding_attention, None (global) elsewhere."""
+  types = hf.get("layer_types") or default_types
+  num_layers = _get(hf, "num_hidden_layers", required=True)
+  if len(types) != num_layers:
+    raise ValueError(f"{hf['model_type']} layer_types has {len(types)} entries but "
+                     f"num_hidden_layers={num_layers}: it needs one per layer")
+  return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
-def _window_setting(hf: dict) -> str | None:
-  return f"sliding_window={hf['sliding_window']}" if hf.get("sliding_window") is not None else None
+def _every_layer_window(hf: dict) -> tuple | None:
+  """Mistral and Phi-3 slide every layer by sliding_window (they ignore layer_types)."""
+  return (hf.get("sliding_window"),) * _get(hf, "num_hidden_layers", required=True)
 
 
-def _use_window_setting(hf: dict) -> str | None:
-  return "use_sliding_window=true" if hf.get("use_sliding_window") else None
+def _max_window_layers_windows(hf: dict) -> tuple | None:
+  """Qwen2 / Qwen3: with use_sliding_window, layers from max_window_layers on slide, unless
+  layer_types says otherwise (transformers nulls sliding_window without use_sliding_window)."""
+  window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+  first = hf.get("max_window_layers", 28)
+  return _layer_windows(hf, window, [
+      "sliding_attention" if window is not None and i >= first else "full_attention"
+      for i in range(_get(hf, "num_hidden_layers", required=True))])
+
+
+def layer_types(cfg: ModelConfig) -> list[str]:
+  """config.json's layer_types for a model: which layers slide."""
+  return ["full_attention" if cfg.window(i) is None else "sliding_attention"
+          for i in range(cfg.num_layers)]
+
+
+def _one_window(cfg: ModelConfig) -> int | None:
+  """The window the windowed layers share (a config.json holds one), None if none slides."""
+  windows = sorted({w for w in cfg.attention_windows or () if w is not None})
+  return windows[0] if windows else None
+
+
+def _every_layer_window_to_hf(cfg: ModelConfig) -> dict:
+  return dict(sliding_window=_one_window(cfg))
+
+
+def _max_window_layers_to_hf(cfg: ModelConfig) -> dict:
+  if cfg.attention_windows is None:
+    return dict(use_sliding_window=False)
+  types = layer_types(cfg)
+  return dict(use_sliding_window=True, sliding_window=_one_window(cfg), layer_types=types,
+              max_window_layers=types.index("sliding_attention"))
 
 
 def _rope_config(hf: dict, **switches) -> ModelConfig:
@@ -158,24 +193,19 @@ def _llama(hf: dict) -> ModelConfig:
 
 
 def _mistral(hf: dict) -> ModelConfig:
-  _refuse_sliding(hf, _window_setting(hf), '"sliding_window": null')
-  return _rope_config(hf)
+  return _rope_config(hf, attention_windows=_every_layer_window(hf))
 
 
 def _qwen2(hf: dict) -> ModelConfig:
-  _refuse_sliding(hf, _use_window_setting(hf), '"use_sliding_window": false')
-  return _rope_config(hf, qkv_bias=True)
+  return _rope_config(hf, qkv_bias=True, attention_windows=_max_window_layers_windows(hf))
 
 
 def _qwen3(hf: dict) -> ModelConfig:
-  _refuse_sliding(hf, _use_window_setting(hf), '"use_sliding_window": false')
-  return _rope_config(hf, **_attention_bias(hf), qk_norm=True)
+  return _rope_config(hf, **_attention_bias(hf), qk_norm=True,
+                      attention_windows=_max_window_layers_windows(hf))
 
 
 def _smollm3(hf: dict) -> ModelConfig:
-  # transformers slides only when both are set (and then on the NoPE layers only).
-  _refuse_sliding(hf, _use_window_setting(hf) if hf.get("sliding_window") is not None else None,
-                  '"use_sliding_window": false')
   num_layers = _get(hf, "num_hidden_layers", required=True)
   # transformers' default when the list is absent: every no_rope_layer_interval-th layer is NoPE.
   interval = hf.get("no_rope_layer_interval", 4)
@@ -183,13 +213,18 @@ def _smollm3(hf: dict) -> ModelConfig:
   if len(flags) != num_layers:
     raise ValueError(f"smollm3 no_rope_layers has {len(flags)} entries but num_hidden_layers="
                      f"{num_layers}: it needs one per layer")
+  # Without layer_types, transformers slides the NoPE layers when both settings are there; with
+  # it, its mask follows layer_types and sliding_window (not nulled by use_sliding_window).
+  window = hf.get("sliding_window")
+  slides = hf.get("use_sliding_window") and window is not None
+  windows = _layer_windows(hf, window, ["sliding_attention" if slides and not flag
+                                        else "full_attention" for flag in flags])
   return _rope_config(hf, **_attention_bias(hf), mlp_bias=bool(hf.get("mlp_bias", False)),
-                      rope_layers=tuple(bool(x) for x in flags))
+                      rope_layers=tuple(bool(x) for x in flags), attention_windows=windows)
 
 
 def _phi3(hf: dict) -> ModelConfig:
-  _refuse_sliding(hf, _window_setting(hf), '"sliding_window": null')
-  return _rope_config(hf)
+  return _rope_config(hf, attention_windows=_every_layer_window(hf))
 
 
 def _gpt2(hf: dict) -> ModelConfig:
@@ -291,32 +326,40 @@ _BLOOM_TOP = {"word_embeddings.weight": "embed", "word_embeddings_layernorm.weig
 
 def _entries() -> dict[str, Family]:
   plain_rope = lambda cfg: _is_rope(cfg) and not cfg.qk_norm and cfg.rope_layers is None
+  one_window = lambda cfg: cfg.attention_windows == (_one_window(cfg),) * cfg.num_layers
   families = [
       Family("llama", "LlamaForCausalLM", _llama,
              lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
                               mlp_bias=cfg.mlp_bias),
              _LLAMA_LAYER, _LLAMA_TOP,
-             default_for=lambda cfg: plain_rope(cfg) and not (cfg.qkv_bias and not cfg.out_bias)),
+             default_for=lambda cfg: (plain_rope(cfg) and cfg.attention_windows is None
+                                      and not (cfg.qkv_bias and not cfg.out_bias))),
       Family("mistral", "MistralForCausalLM", _mistral,
-             lambda cfg: dict(**_rope_to_hf(cfg), sliding_window=None), _LLAMA_LAYER, _LLAMA_TOP),
-      Family("qwen2", "Qwen2ForCausalLM", _qwen2,
-             lambda cfg: dict(**_rope_to_hf(cfg), use_sliding_window=False),
+             lambda cfg: dict(**_rope_to_hf(cfg), **_every_layer_window_to_hf(cfg)),
              _LLAMA_LAYER, _LLAMA_TOP,
-             default_for=lambda cfg: plain_rope(cfg) and cfg.qkv_bias and not cfg.out_bias),
+             default_for=lambda cfg: (plain_rope(cfg) and one_window(cfg) and not cfg.qkv_bias
+                                      and not cfg.out_bias and not cfg.mlp_bias)),
+      Family("qwen2", "Qwen2ForCausalLM", _qwen2,
+             lambda cfg: dict(**_rope_to_hf(cfg), **_max_window_layers_to_hf(cfg)),
+             _LLAMA_LAYER, _LLAMA_TOP,
+             default_for=lambda cfg: plain_rope(cfg) and cfg.qkv_bias and not cfg.out_bias,
+             layer_types=True),
       Family("qwen3", "Qwen3ForCausalLM", _qwen3,
              lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
-                              use_sliding_window=False),
-             _LLAMA_LAYER, _LLAMA_TOP, default_for=lambda cfg: _is_rope(cfg) and cfg.qk_norm),
+                              **_max_window_layers_to_hf(cfg)),
+             _LLAMA_LAYER, _LLAMA_TOP, default_for=lambda cfg: _is_rope(cfg) and cfg.qk_norm,
+             layer_types=True),
       Family("smollm3", "SmolLM3ForCausalLM", _smollm3,
              lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
-                              mlp_bias=cfg.mlp_bias, use_sliding_window=False,
+                              mlp_bias=cfg.mlp_bias, use_sliding_window=_one_window(cfg) is not None,
+                              sliding_window=_one_window(cfg), layer_types=layer_types(cfg),
                               no_rope_layers=[int(cfg.uses_rope(i))
                                               for i in range(cfg.num_layers)]),
              _LLAMA_LAYER, _LLAMA_TOP,
              default_for=lambda cfg: (_is_rope(cfg) and not cfg.qk_norm
-                                      and cfg.rope_layers is not None)),
+                                      and cfg.rope_layers is not None), layer_types=True),
       Family("phi3", "Phi3ForCausalLM", _phi3,
-             lambda cfg: dict(**_rope_to_hf(cfg), sliding_window=None),
+             lambda cfg: dict(**_rope_to_hf(cfg), **_every_layer_window_to_hf(cfg)),
              _PHI3_LAYER, _LLAMA_TOP),
       Family("gpt2", "GPT2LMHeadModel", _gpt2, _gpt2_to_hf, _GPT2_LAYER, _GPT2_TOP,
              default_for=lambda cfg: cfg.pos == "learned", base="transformer.", layer_list="h",

@@ -22,7 +22,7 @@ head); Phi-3's gate_up_proj is gate | up.
 
 Each family's names, config mapping and layouts are one entry of `families.FAMILIES`. The family
 is not a ModelConfig field: `config_to_hf` infers it from the architecture (`families.infer`; a
-Mistral without sliding window, the only kind loaded here, computes exactly what a Llama does).
+Mistral without sliding window computes exactly what a Llama does, and is written as one).
 Pass the original config.json dict as `hf_config` to keep its model_type and its other fields
 (token ids and the like); it is checked against the model's config either way.
 """
@@ -365,6 +365,13 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
 # ----------------------------------------------------------------------------------------------
 # Saving.
 
+def _kept_config(cfg: ModelConfig, kept: tuple[int, ...]) -> ModelConfig:
+  """The config of the model made of the `kept` layers of a `cfg` model, renumbered."""
+  per_layer = {name: tuple(getattr(cfg, name)[i] for i in kept)
+               for name in ("rope_layers", "attention_windows") if getattr(cfg, name) is not None}
+  return dataclasses.replace(cfg, num_layers=len(kept), **per_layer)
+
+
 def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None = None,
                     tokenizer=None) -> None:
   """Write config.json + model.safetensors (and the tokenizer, if given) to `path`.
@@ -392,11 +399,16 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
   layer_keys = [k for k in ("num_hidden_layers", "n_layer") if k in hf]
   for key in layer_keys or [family.num_layers_key]:
     hf[key] = len(kept)
+  if family.layer_types and cfg.attention_windows is not None:
+    # The original may give the pattern by a rule over layer indices (Qwen2's max_window_layers,
+    # Gemma's sliding_window_pattern) that the renumbered layers would not follow.
+    hf["layer_types"] = families.layer_types(cfg)
   for key in families.PER_LAYER_KEYS:
     if isinstance(hf.get(key), list):
       hf[key] = [hf[key][i] for i in kept]
   hf["architectures"] = [family.architecture]
   hf["dtype" if "dtype" in hf else "torch_dtype"] = cfg.param_dtype
+  _check_describes(_kept_config(cfg, kept), hf, f"the pruned config.json (kept layers {kept})")
 
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}

@@ -4,8 +4,10 @@ Shapes: B batch, T query length, S key length (cache slots), D model width, H qu
 K key/value heads, G = H // K heads per KV group, Hd head width, F MLP width, V vocabulary.
 
 One config covers the Hugging Face families we import (see `families.py`): Llama 2/3 (llama3
-rope scaling), Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), SmolLM3 (layers without
-RoPE), Phi-3, GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi, embedding LayerNorm).
+rope scaling), Mistral and Qwen2 (sliding-window layers; Qwen2's qkv bias), Qwen3 (per-head q/k
+RMSNorm), SmolLM3 (layers without RoPE), Phi-3, Gemma 2/3 (local/global layers, each with its RoPE
+base, (1 + w) RMSNorm, norms after attention and MLP, scaled embeddings, logit soft-capping),
+GPT-2 (learned positions, LayerNorm, GELU) and BLOOM (ALiBi, embedding LayerNorm).
 With `lora_rank > 0` the projections also carry LoRA adapters (`lora.py`), created after every
 base weight so that a seed draws the same base model with or without them.
 
@@ -46,7 +48,8 @@ from ulskip_jax import prompt_buffer
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
 DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
-NormKind = Literal["rms", "layer"]          # RMSNorm (Llama) | LayerNorm (GPT-2, BLOOM)
+# RMSNorm (Llama) | RMSNorm scaled by (1 + w), w stored zero-centred (Gemma) | LayerNorm (GPT-2)
+NormKind = Literal["rms", "rms_plus_one", "layer"]
 MLPKind = Literal["gated", "plain"]         # gated: down(act(gate x) * up x)
 Activation = Literal["silu", "gelu", "gelu_tanh"]  # gelu: erf
 Positions = Literal["rope", "learned", "alibi"]
@@ -73,6 +76,17 @@ class ModelConfig:
   # Per layer, whether it applies RoPE (SmolLM3's no_rope_layers); None = every layer does.
   rope_layers: tuple[bool, ...] | None = None
   qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
+  # Per layer, its sliding window W (a query at position p sees keys at positions p-W < pos <= p,
+  # as transformers masks) or None for global attention; None = every layer is global.
+  attention_windows: tuple[int | None, ...] | None = None
+  # Gemma 3: the RoPE base of the windowed layers, which take no rope_scaling (rope_theta and
+  # rope_scaling are the global layers'); None = every layer uses rope_theta and rope_scaling.
+  local_rope_theta: float | None = None
+  post_norms: bool = False       # Gemma 2/3: norm the attention and MLP outputs before each add
+  embed_scale: bool = False      # Gemma: embeddings times sqrt(d_model), in the compute dtype
+  query_pre_attn_scalar: float | None = None  # Gemma: logits scaled by this ** -0.5; None = Hd
+  attn_softcap: float | None = None   # Gemma 2: attention logits -> c * tanh(logits / c)
+  final_softcap: float | None = None  # Gemma 2: output logits -> c * tanh(logits / c)
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
@@ -104,6 +118,19 @@ class ModelConfig:
       # One spelling per computation, so configs compare equal whatever list or tuple made them.
       rope_layers = tuple(bool(x) for x in self.rope_layers)
       object.__setattr__(self, "rope_layers", None if all(rope_layers) else rope_layers)
+    if self.attention_windows is not None:
+      windows = tuple(None if w is None else int(w) for w in self.attention_windows)
+      if len(windows) != self.num_layers or any(w is not None and w < 1 for w in windows):
+        raise ValueError(f"attention_windows={self.attention_windows} is invalid: it needs one "
+                         f"entry per layer ({self.num_layers}), each a window >= 1 or None")
+      object.__setattr__(self, "attention_windows",
+                         None if all(w is None for w in windows) else windows)
+    if self.local_rope_theta is not None and (
+        self.attention_windows is None or float(self.local_rope_theta) == self.rope_theta
+        and self.rope_scaling is None):
+      object.__setattr__(self, "local_rope_theta", None)  # the same RoPE on every layer
+    if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar == self.head_dim:
+      object.__setattr__(self, "query_pre_attn_scalar", None)
 
   @property
   def kv_groups(self) -> int:
@@ -111,6 +138,24 @@ class ModelConfig:
 
   def uses_rope(self, layer: int) -> bool:
     return self.pos == "rope" and (self.rope_layers is None or self.rope_layers[layer])
+
+  def window(self, layer: int) -> int | None:
+    """The layer's sliding window, None for global attention."""
+    return None if self.attention_windows is None else self.attention_windows[layer]
+
+  def rope(self, layer: int) -> tuple[float, tuple | None]:
+    """(RoPE base, rope_scaling) of a layer: Gemma 3's local layers have their own base."""
+    if self.local_rope_theta is not None and self.window(layer) is not None:
+      return float(self.local_rope_theta), None
+    return self.rope_theta, self.rope_scaling
+
+  @property
+  def block_extras(self) -> tuple[str, ...]:
+    """The fields set here that change a block beyond pre-norm softmax attention at scale
+    Hd ** -0.5 over every earlier position: code that re-implements `Block` (baselines.py) must
+    handle or refuse them."""
+    return tuple(name for name in ("attention_windows", "post_norms", "query_pre_attn_scalar",
+                                   "attn_softcap") if getattr(self, name))
 
 
 def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
@@ -209,15 +254,16 @@ class Norm(nnx.Module):
   def __init__(self, cfg: ModelConfig, width: int):
     pdt = jnp.dtype(cfg.param_dtype)
     self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((width,), pdt), axes=("norm",))
+    init = jnp.zeros if cfg.norm == "rms_plus_one" else jnp.ones  # both start as the identity
+    self.scale = nnx.Param(init((width,), pdt), axes=("norm",))
     if cfg.norm == "layer":
       self.bias = _zeros((width,), ("norm",), pdt)
 
   def __call__(self, x_BTD: Array) -> Array:
     x = x_BTD.astype(jnp.float32)  # statistics in f32 whatever the compute dtype
-    if self.kind == "rms":
+    if self.kind != "layer":
       y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-      y = y * self.scale[...].astype(jnp.float32)
+      y = y * (self.scale[...].astype(jnp.float32) + (self.kind == "rms_plus_one"))
     else:
       mean = x.mean(-1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
@@ -226,15 +272,19 @@ class Norm(nnx.Module):
     return y.astype(x_BTD.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Array:
-  """Inverse frequencies [Hd/2], with Llama 3's frequency-dependent scaling when configured."""
-  inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
-  if cfg.rope_scaling is None:
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> Array:
+  """Inverse frequencies [Hd/2], with linear (positions / factor) or Llama 3's
+  frequency-dependent scaling when configured."""
+  inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is None:
     return inv
-  s = dict(cfg.rope_scaling)
-  if s.get("rope_type", s.get("type")) != "llama3":
-    raise ValueError(f"rope_scaling type {s.get('rope_type', s.get('type'))!r} is unsupported: "
-                     "allowed is 'llama3' or none")
+  s = dict(scaling)
+  kind = s.get("rope_type", s.get("type"))
+  if kind == "linear":
+    return inv / s["factor"]
+  if kind != "llama3":
+    raise ValueError(f"rope_scaling type {kind!r} is unsupported: allowed are 'linear', "
+                     "'llama3' or none")
   factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
   old_len = s["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv
@@ -266,13 +316,21 @@ def alibi_slopes(num_heads: int) -> Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
+def softcap(x: Array, cap: float | None) -> Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
-           bias_HTS: Array | None = None) -> Array:
-  """Grouped-query attention: query head h reads KV head h // G. Softmax in f32."""
+           bias_HTS: Array | None = None, scale_dim: float | None = None,
+           cap: float | None = None) -> Array:
+  """Grouped-query attention: query head h reads KV head h // G. Softmax in f32.
+
+  Logits are scaled by scale_dim ** -0.5 (None = Hd), then soft-capped at `cap` (None = not)."""
   B, T, H, Hd = q_BTHD.shape
   K = k_BKSD.shape[1]
   q = q_BTHD.reshape(B, T, K, H // K, Hd)
-  logits = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD).astype(jnp.float32) / math.sqrt(Hd)
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD).astype(jnp.float32)
+  logits = softcap(logits / math.sqrt(scale_dim or Hd), cap)
   if bias_HTS is not None:  # ALiBi, [B, H, T, S] -> [B, K, G, T, S]
     logits = logits + bias_HTS.reshape(B, K, H // K, T, -1)
   logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
@@ -281,10 +339,10 @@ def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, use_rope: bool):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int):
     D, H, K, Hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt = jnp.dtype(cfg.param_dtype)
-    self.cfg, self.use_rope = cfg, use_rope
+    self.cfg, self.use_rope, self.rope = cfg, cfg.uses_rope(index), cfg.rope(index)
     self.q = _param(rngs, (D, H, Hd), ("embed", "heads", "head_dim"), pdt)
     self.k = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = _param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), pdt)
@@ -318,7 +376,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
-      inv_freq = rope_inv_freq(cfg)
+      inv_freq = rope_inv_freq(cfg.head_dim, *self.rope)
       q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
     return q, k, v
 
@@ -338,7 +396,9 @@ class Attention(nnx.Module):
       # which softmax ignores, and stays small for long sequences.
       rel = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)
       bias = alibi_slopes(self.cfg.num_heads)[None, :, None, None] * rel[:, None]
-    return self.project_out(attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias), dropout_key)
+    out = attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias, self.cfg.query_pre_attn_scalar,
+                 self.cfg.attn_softcap)
+    return self.project_out(out, dropout_key)
 
 
 def _act(name: str, x: Array) -> Array:
@@ -390,13 +450,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with post_norms (Gemma)
+  x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int):
+    self.window = cfg.window(index)
     self.attn_norm = Norm(cfg, cfg.d_model)
-    self.attn = Attention(cfg, rngs, use_rope=cfg.uses_rope(index))
+    self.attn = Attention(cfg, rngs, index)
     self.mlp_norm = Norm(cfg, cfg.d_model)
     self.mlp = MLP(cfg, rngs)
+    if cfg.post_norms:
+      self.attn_post_norm = Norm(cfg, cfg.d_model)
+      self.mlp_post_norm = Norm(cfg, cfg.d_model)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, dropout_key=None):
     """Self-attention over the chunk (kv=None) or over a cache (kv=(k, v, pos, index)).
@@ -420,9 +485,16 @@ class Block(nnx.Module):
       k_pos = cache_pos  # already holds this chunk's positions (written once in Decoder)
       mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= positions_BT[:, :, None])
       k_all, v_all, new_kv = k_all.astype(q.dtype), v_all.astype(q.dtype), (k_all, v_all)
-    x = x_BTD + self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key)
-    x = x + self.mlp(self.mlp_norm(x), dropout_key)
-    return x, new_kv
+    if self.window is not None:  # positions, not slots: packed segments restart at 0
+      mask = mask & (k_pos[:, None, :] > positions_BT[:, :, None] - self.window)
+    attn_out = self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key)
+    if hasattr(self, "attn_post_norm"):
+      attn_out = self.attn_post_norm(attn_out)
+    x = x_BTD + attn_out
+    mlp_out = self.mlp(self.mlp_norm(x), dropout_key)
+    if hasattr(self, "mlp_post_norm"):
+      mlp_out = self.mlp_post_norm(mlp_out)
+    return x + mlp_out, new_kv
 
 
 class Decoder(nnx.Module):
@@ -454,6 +526,8 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(cfg.dtype)
     if cfg.pos == "learned":
       x = x + jnp.take(self.pos_embed[...], jnp.maximum(positions_BT, 0), axis=0).astype(cfg.dtype)
+    if cfg.embed_scale:  # rounded to the compute dtype first, as transformers does
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.dtype)
     if cfg.embed_norm:
       x = self.embed_norm(x)
     return x
@@ -461,7 +535,8 @@ class Decoder(nnx.Module):
   def unembed(self, x_BTD: Array) -> Array:
     x = self.final_norm(x_BTD)
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+    return softcap(logits, self.cfg.final_softcap)
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
              full_depth_BT=None, full_depth_capacity: int | None = None,
