@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.skip.ratio = 2.0            # target speedup r: keep int(L / r) layers
   c.skip.ratios = ()            # if set, one ratio drawn per step from these (multi-ratio)
   c.skip.strategy = "uls"
+  c.skip.keep = ()              # layers every plan keeps (strategy uls), e.g. Gemma's global ones
   c.skip.mode = "paper"         # paper: prompt at full depth | everywhere
   c.skip.full_depth_steps = 0   # first steps at full depth (base-model training from scratch)
   # Paper mode: skipped layers run on a buffer of this fraction of seq_len prompt tokens per row

@@ -239,6 +239,10 @@ CONFIG_CASES = [
     ({"skip.ratio": float("nan")}, "skip.ratio=nan"),
     ({"skip.ratio": 3.0}, "skip.ratio=3.0"),  # keeps 1 of 4 layers: ULS keeps first and last
     ({"skip.strategy": "foo"}, "skip.strategy='foo'"),
+    ({"skip.keep": (1, "x")}, "skip.keep[1]='x'"),
+    ({"skip.keep": (1,), "skip.strategy": "top"}, "keep works with strategy='uls' only"),
+    ({"skip.keep": (1, 2)}, "skip.keep=(1, 2)): keep=(1, 2) with the first and last layers is "
+     "4 layers but the ratio keeps n=2"),
     ({"skip.ratios": (1.0, "x")}, "skip.ratios[1]='x'"),
     ({"skip.ratios": (2.0, 9.0)}, "skip.ratios[1]=9.0"),
     ({"skip.ratios": "1,2"}, "skip.ratios='1,2'"),

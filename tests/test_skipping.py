@@ -84,6 +84,52 @@ def test_bad_input_errors(args, match):
     plan_layers(*args)
 
 
+@settings(max_examples=300, deadline=None)
+@given(layers_and_ratio(min_kept=2), st.data())
+def test_uls_keep_plan_properties(lr, data):
+  L, r = lr
+  if L < 2:
+    return
+  n = int(L / r)
+  keep = data.draw(st.lists(st.integers(0, L - 1), unique=True, max_size=n - 2))
+  plan = plan_layers(L, r, keep=keep)
+  assert len(plan.kept) == n and {0, L - 1, *keep} <= set(plan.kept)
+  assert sorted(plan.kept + plan.skipped) == list(range(L))
+  if not keep:
+    assert plan == plan_layers(L, r)
+  # Nothing beats the plan's longest gap by moving one free layer.
+  fixed = {0, L - 1, *keep}
+  longest = max(b - a for a, b in zip(plan.kept, plan.kept[1:]))
+  for i in set(plan.kept) - fixed:
+    for j in set(plan.skipped):
+      moved = sorted(set(plan.kept) - {i} | {j})
+      assert max(b - a for a, b in zip(moved, moved[1:])) >= longest
+
+
+def test_uls_keep_by_hand():
+  gemma3_1b_globals = (5, 11, 17, 23)  # every 6th of 26 layers
+  assert plan_layers(26, 2).kept == (0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23, 25)
+  assert plan_layers(26, 2, keep=gemma3_1b_globals).kept == (0, 3, 5, 7, 9, 11, 13, 15, 17, 19,
+                                                             21, 23, 25)
+  assert plan_layers(26, 26 / 6, keep=gemma3_1b_globals).kept == (0, 5, 11, 17, 23, 25)
+  assert plan_layers(12, 3, keep=[0, 11]) == plan_layers(12, 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(keep=(5, 11, 17, 23)), r"keep=\(5, 11, 17, 23\) with the first and last layers is 6 "
+     r"layers but the ratio keeps n=5: allowed is ratio <= 4.33333$"),
+    (dict(keep=(26,)), r"keep index 26 is out of range: allowed are ints 0 <= index < 26$"),
+    (dict(keep=(1.5,)), r"keep index 1.5 is out of range"),
+    (dict(keep=(3, 3)), r"keep=\(3, 3\) has duplicate indices"),
+    (dict(keep="5"), r"keep='5' is invalid"),
+    (dict(keep=(5,), strategy="top"), r"keep works with strategy='uls' only"),
+])
+def test_keep_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match) as error:
+    plan_layers(26, 5, **kwargs)
+  assert "\n" not in str(error.value)
+
+
 def test_num_kept_and_parse_ratios():
   assert num_kept(30, 3) == 10 and num_kept(30, 2.5) == 12
   assert parse_ratios("1,2, 5") == [1.0, 2.0, 5.0]

@@ -68,6 +68,13 @@ def _name(key: str, v) -> None:
     raise ValueError(f"{key}={v!r} is empty: give a field name")
 
 
+def _layer_indices(key: str, v) -> None:
+  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of layer indices, e.g. (5, 11)")
+  for i, index in enumerate(v):
+    as_int(f"{key}[{i}]", index, min=0)
+
+
 def _optional(check: Callable) -> Callable:
   return lambda key, v: None if v is None else check(key, v)
 
@@ -188,6 +195,7 @@ FIELDS: dict[str, Callable] = {
     "skip.ratio": _float(1),
     "skip.ratios": _ratios,
     "skip.strategy": _choice(*STRATEGIES),
+    "skip.keep": _layer_indices,
     "skip.mode": _choice("paper", "everywhere"),
     "skip.full_depth_steps": _int(0),
     "skip.prompt_capacity": _float(0, 1, min_open=True),
@@ -330,10 +338,11 @@ def _check_plans(config, num_layers: int) -> None:
   used += [(f"eval_ratios[{i}]", r) for i, r in enumerate(config.eval_ratios)]
   for key, ratio in used:
     try:
-      plan_layers(num_layers, ratio, s.strategy, seed=config.seed)
+      plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep))
     except ValueError as e:
+      keep = f", skip.keep={tuple(s.keep)}" if len(s.keep) else ""
       raise ValueError(f"{key}={ratio!r} cannot be planned on the model's {num_layers} layers "
-                       f"(skip.strategy={s.strategy!r}): {e}") from None
+                       f"(skip.strategy={s.strategy!r}{keep}): {e}") from None
 
 
 def _check_mesh(config) -> None:

@@ -24,6 +24,11 @@ layer: [0, 2, ..., 26, 29] at 2x and [0, 6, 12, 18, 24, 29] at 5x. That rule is 
 it is inferred from those two published plans (it reproduces both). Its gaps are equal except the
 last one (3 at 2x, 5 at 5x), and for some (L, r) with n close to L it would run past the last
 layer, in which case it raises.
+
+`keep` fixes layers every plan keeps (Gemma's global layers, say): with the first and the last
+they split the stack into gaps, each free slot goes to the gap whose sub-gaps would be the longest
+(the D'Hondt rule: largest length / (slots + 1), the earlier gap on ties), and a gap's slots are
+spread evenly inside it by the formula above, so keep=() gives the plain ULS plan.
 """
 
 from __future__ import annotations
@@ -106,8 +111,40 @@ def _from_skipped(L: int, skipped: Sequence[int]) -> list[int]:
   return [i for i in range(L) if i not in set(skipped)]
 
 
+def _check_keep(L: int, keep) -> list[int]:
+  if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+    raise ValueError(f"keep={keep!r} is invalid: give a list of layer indices in [0, {L - 1}]")
+  for i in keep:
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < L:
+      raise ValueError(f"keep index {i!r} is out of range: allowed are ints 0 <= index < {L}")
+  if len(set(keep)) != len(keep):
+    raise ValueError(f"keep={tuple(keep)} has duplicate indices: give each layer once")
+  return sorted(int(i) for i in keep)
+
+
+def _uls_with(L: int, n: int, keep: list[int]) -> list[int]:
+  """n layers: `keep`, the first and the last, and the rest spread over the gaps they leave."""
+  fixed = sorted({0, L - 1, *keep})
+  if len(fixed) > n:
+    raise ValueError(f"keep={tuple(keep)} with the first and last layers is {len(fixed)} layers "
+                     f"but the ratio keeps n={n}: allowed is ratio <= {L / len(fixed):g}")
+  gaps = list(zip(fixed, fixed[1:]))
+  slots = [0] * len(gaps)
+  for _ in range(n - len(fixed)):
+    # Free layers inside a gap (b - a - 1) cap its slots; the longest sub-gap gets the next one.
+    open_gaps = [j for j, (a, b) in enumerate(gaps) if slots[j] < b - a - 1]
+    j = max(open_gaps, key=lambda j: ((gaps[j][1] - gaps[j][0]) / (slots[j] + 1), -j))
+    slots[j] += 1
+  kept = set(fixed)
+  for (a, b), k in zip(gaps, slots):
+    g, parts = b - a, k + 1
+    kept.update(a + (2 * i * g + parts) // (2 * parts) for i in range(1, parts))
+  return sorted(kept)
+
+
 def plan_layers(num_layers: int, ratio: float | None = None,
-                strategy: str | Sequence[int] = "uls", seed: int | None = None) -> SkipPlan:
+                strategy: str | Sequence[int] = "uls", seed: int | None = None,
+                keep: Sequence[int] = ()) -> SkipPlan:
   """Which layers to keep for speedup `ratio` on a `num_layers` decoder.
 
   strategy:
@@ -120,8 +157,13 @@ def plan_layers(num_layers: int, ratio: float | None = None,
                      last layer is not forced).
     "random":        n layers drawn with `seed`.
     a sequence of ints: the skipped layer indices themselves (`ratio` must then be None).
+  keep: layers the plan keeps whatever the ratio (strategy "uls" only; see the module docstring).
   """
   L = _check_num_layers(num_layers)
+  keep = _check_keep(L, keep)
+  if keep and strategy != "uls":
+    raise ValueError(f"keep={tuple(keep)} given with strategy={strategy!r}: keep works with "
+                     "strategy='uls' only")
   if isinstance(strategy, (bytes, numbers.Number)) or not isinstance(strategy, (str, Sequence)):
     raise ValueError(f"strategy={strategy!r} is invalid: give a strategy name ("
                      f"{', '.join(STRATEGIES)}) or a list of skipped indices")
@@ -140,7 +182,7 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     raise ValueError(f"ratio={ratio!r} keeps n=int({L}/{ratio})={n} layer(s), but {strategy!r} "
                      f"keeps the first and the last: allowed is ratio <= {L / 2:g}")
   if strategy == "uls":
-    kept = _uls(L, n)
+    kept = _uls_with(L, n, keep)
   elif strategy == "uls_reference":
     kept = _uls(L, n) if n < 2 else _uls_reference(L, n)
   elif strategy == "top":

@@ -154,7 +154,8 @@ def skip_for_step(config, num_layers: int, step: int) -> tuple[int, ...]:
     return ()
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
   ratio = ratios[np.random.default_rng([config.seed, step]).integers(len(ratios))]
-  return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed).skipped
+  return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed,
+                     keep=tuple(config.skip.keep)).skipped
 
 
 def tree_bytes(tree) -> int:
@@ -368,7 +369,8 @@ class Trainer:
     cfg = self.config
     out = {}
     for ratio in ratios:
-      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
+      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
+                         keep=tuple(cfg.skip.keep)).skipped
       batches = data_lib.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
@@ -396,7 +398,8 @@ class Trainer:
     model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
-      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed).skipped
+      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
+                         keep=tuple(cfg.skip.keep)).skipped
       ids, _ = decode.generate(model, prompts, skip=skip, max_new_tokens=cfg.eval_max_new_tokens,
                                eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                                mode=cfg.skip.mode)
