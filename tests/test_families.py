@@ -1,6 +1,6 @@
-"""The families beyond tests/test_hf.py's (tiny.MORE_FAMILIES): Qwen3, SmolLM3, Phi-3 and
-sliding-window Mistral and Qwen2 (prompts and generations longer than the window) against
-transformers on tiny random models: full-depth logits, ULS plans against the torch model with
+"""The families beyond tests/test_hf.py's (tiny.MORE_FAMILIES): Qwen3, SmolLM3, Phi-3 and Qwen2
+with sliding windows, Gemma 3 and Gemma 2 (prompts and generations longer than the window)
+against transformers on tiny random models: full-depth logits, ULS plans against the torch model with
 those layers deleted, cached greedy decoding against `generate`, save -> reload, pruned export;
 and unsupported architectures refused in one line."""
 
@@ -82,8 +82,9 @@ def test_save_pretrained_loads_in_transformers(family, tmp_path):
   tokens = _tokens(2)
   ref = tiny.torch_logits(torch_model, tokens)
   original = json.loads((path / "config.json").read_text())
-  # Derived from the ModelConfig alone, a Phi-3 is written as the Llama it computes (unfused).
-  derived_type = {"phi3": "llama"}.get(original["model_type"], original["model_type"])
+  # Derived from the ModelConfig alone, a Phi-3 (sliding every layer) is written as the Mistral it
+  # computes (unfused).
+  derived_type = {"phi3": "mistral"}.get(original["model_type"], original["model_type"])
   for name, hf_config, model_type in (("derived", None, derived_type),
                                       ("kept", original, original["model_type"])):
     hf.save_pretrained(model, tmp_path / name, hf_config=hf_config)
@@ -131,13 +132,15 @@ def test_config_round_trip():
   assert hf.config_from_hf(all_rope).rope_layers is None
   assert hf.config_to_hf(hf.config_from_hf(all_rope))["model_type"] == "llama"
   W = tiny.WINDOW
-  assert hf.config_from_hf(tiny.hf_config("mistral_sliding").to_dict()).attention_windows == (W,) * 4
+  mistral = {**tiny.hf_config("llama").to_dict(), "model_type": "mistral", "sliding_window": W}
+  assert hf.config_from_hf(mistral).attention_windows == (W,) * 4
+  assert hf.config_to_hf(hf.config_from_hf(mistral))["model_type"] == "mistral"
   qwen2 = {**tiny.hf_config("qwen2_sliding").to_dict(), "layer_types": None}
   assert hf.config_from_hf(qwen2).attention_windows == (None, None, W, W)  # max_window_layers=2
   assert hf.config_from_hf({**qwen2, "use_sliding_window": False}).attention_windows is None
-  phi3 = hf.config_from_hf({**tiny.hf_config("phi3").to_dict(), "sliding_window": 2047})
-  assert phi3.attention_windows == (2047,) * 4
-  assert hf.config_to_hf(phi3)["model_type"] == "mistral"  # what an unfused Phi-3 computes
+  phi3 = hf.config_from_hf({**tiny.hf_config("phi3").to_dict(), "sliding_window": None})
+  assert phi3.attention_windows is None
+  assert hf.config_to_hf(phi3)["model_type"] == "llama"  # what an unfused Phi-3 computes
   # SmolLM3 slides its NoPE layers when both settings are given and layer_types is not.
   smollm3 = {**tiny.hf_config("smollm3").to_dict(), "layer_types": None,
              "use_sliding_window": True, "sliding_window": W}
@@ -149,6 +152,19 @@ def test_config_round_trip():
   cfg = hf.config_from_hf(qwen3)
   assert cfg.attention_windows == (None, W, W, W)
   assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  gemma3 = tiny.hf_config("gemma3").to_dict()
+  cfg = hf.config_from_hf(gemma3)
+  assert cfg.attention_windows == (W, None, W, None) and cfg.local_rope_theta == 1e3
+  assert cfg.rope(0) == (1e3, None) and cfg.rope(1) == (1e5, (("factor", 4.0), ("rope_type", "linear")))
+  # The older keys (transformers 4, and hub files): rope_local_base_freq, rope_scaling on the
+  # global layers, sliding_window_pattern instead of layer_types.
+  old_keys = {**gemma3, "rope_parameters": None, "layer_types": None, "rope_theta": 1e5,
+              "rope_local_base_freq": 1e3, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+              "sliding_window_pattern": 2}
+  assert hf.config_from_hf(old_keys) == cfg
+  gemma2 = hf.config_from_hf(tiny.hf_config("gemma2").to_dict())
+  assert gemma2.attn_softcap == 2.0 and gemma2.final_softcap == 3.0 and not gemma2.qk_norm
+  assert hf.config_to_hf(gemma2)["model_type"] == "gemma2"
 
 
 def _raises(match, fn, *args):
@@ -165,6 +181,8 @@ def test_unsupported_architectures():
   gemma4_like = {**tiny.hf_config("llama").to_dict(), "num_kv_shared_layers": 2}
   _raises(r"shares KV caches across layers \(num_kv_shared_layers=2\).*layer skipping cannot "
           r"apply as is", hf.config_from_hf, gemma4_like)
+  _raises(r"gemma3_text use_bidirectional_attention=true is unsupported", hf.config_from_hf,
+          {**tiny.hf_config("gemma3").to_dict(), "use_bidirectional_attention": True})
   _raises(r"partial_rotary_factor != 1 is unsupported", hf.config_from_hf,
           {**tiny.hf_config("phi3").to_dict(), "partial_rotary_factor": 0.5,
            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,

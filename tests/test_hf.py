@@ -231,7 +231,7 @@ def test_errors(tmp_path):
 
   _with_config(folder, model_type="falcon")
   _raises(r"model_type='falcon' is unsupported: supported are llama, mistral, qwen2, qwen3, "
-          r"smollm3, phi3, gpt2, bloom$",
+          r"smollm3, phi3, gemma2, gemma3_text, gpt2, bloom$",
           hf.from_pretrained, folder)
 
   llama = tiny.hf_config("llama").to_dict()

@@ -18,10 +18,10 @@ from ulskip_jax.model import Decoder, ModelConfig
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "bloom")
 # Families with their own tests (test_families.py), so the files above stay fast: Qwen3 with an
 # explicit head_dim unrelated to the width, tied; Qwen3 untied with biases; SmolLM3 with NoPE
-# layer 1 and 3; Phi-3 with fused projections; Mistral sliding every layer by WINDOW; Qwen2
-# sliding layers 2 and 3 (max_window_layers=2).
-MORE_FAMILIES = ("qwen3", "qwen3_untied_bias", "smollm3", "phi3", "mistral_sliding",
-                 "qwen2_sliding")
+# layer 1 and 3; Phi-3 with fused projections, sliding every layer by WINDOW (as Mistral does);
+# Qwen2 sliding layers 2 and 3 (max_window_layers=2); Gemma 3 and Gemma 2 (local/global layers).
+MORE_FAMILIES = ("qwen3", "qwen3_untied_bias", "smollm3", "phi3", "qwen2_sliding", "gemma3",
+                 "gemma2")
 WINDOW = 5  # shorter than the test prompts and generations
 VOCAB = 97
 
@@ -40,11 +40,20 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
                           high_freq_factor=4.0, original_max_position_embeddings=16))
   if family == "mistral":
     return transformers.MistralConfig(**common, sliding_window=None)
-  if family == "mistral_sliding":
-    return transformers.MistralConfig(**common, sliding_window=WINDOW)
   if family == "qwen2_sliding":
     return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW,
                                     max_window_layers=2)
+  if family == "gemma3":  # global layers 1 and 3, each kind with its RoPE; head_dim != D / H
+    return transformers.Gemma3TextConfig(
+        **{**common, "head_dim": 16}, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=12, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e5),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e3)})
+  if family == "gemma2":  # caps small enough to bite on random weights
+    return transformers.Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=12,
+                                     sliding_window=WINDOW, attn_logit_softcapping=2.0,
+                                     final_logit_softcapping=3.0)
   if family == "qwen2":
     return transformers.Qwen2Config(**common, use_sliding_window=False)
   if family == "qwen3":
@@ -57,7 +66,7 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
     return transformers.SmolLM3Config(**common, no_rope_layers=[1, 0, 1, 0][:num_layers],
                                       use_sliding_window=False)
   if family == "phi3":
-    return transformers.Phi3Config(**common, sliding_window=None)
+    return transformers.Phi3Config(**common, sliding_window=WINDOW)
   if family == "gpt2":
     return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=num_layers, n_head=4,
                                    n_positions=128, bos_token_id=1, eos_token_id=2,

@@ -87,8 +87,11 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
   kind = params.get("rope_type", params.get("type", "default"))
   if kind == "default":
     return theta, None
+  if kind == "linear":
+    return theta, (("factor", float(params["factor"])), ("rope_type", "linear"))
   if kind != "llama3":
-    raise ValueError(f"rope type {kind!r} is unsupported: allowed are 'default' and 'llama3'")
+    raise ValueError(f"rope type {kind!r} is unsupported: allowed are 'default', 'linear' and "
+                     "'llama3'")
   scaling = {k: float(params[k]) for k in _LLAMA3_ROPE_KEYS}
   scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
   return theta, tuple(sorted({**scaling, "rope_type": "llama3"}.items()))
@@ -149,7 +152,7 @@ def _rope_config(hf: dict, **switches) -> ModelConfig:
   d_model = _get(hf, "hidden_size", required=True)
   num_heads = _get(hf, "num_attention_heads", required=True)
   theta, scaling = _rope(hf)
-  return ModelConfig(
+  fields = dict(
       vocab_size=_get(hf, "vocab_size", required=True),
       num_layers=_get(hf, "num_hidden_layers", required=True),
       d_model=d_model, num_heads=num_heads,
@@ -160,7 +163,8 @@ def _rope_config(hf: dict, **switches) -> ModelConfig:
       mlp="gated", act=_activation(_get(hf, "hidden_act", default="silu")),
       pos="rope", max_position=_get(hf, "max_position_embeddings", default=2048),
       rope_theta=theta, rope_scaling=scaling,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **switches)
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+  return ModelConfig(**{**fields, **switches})
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict:
@@ -173,6 +177,51 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
               max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
               rope_theta=cfg.rope_theta,
               rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+
+
+def _gemma(hf: dict, qk_norm: bool, pattern: int) -> ModelConfig:
+  """Gemma 2 (`qk_norm` False) and Gemma 3 text: every `pattern`-th layer global, the others
+  sliding, unless layer_types says otherwise."""
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError(f"{hf['model_type']} use_bidirectional_attention=true is unsupported: "
+                     "layer skipping here decodes causally")
+  num_layers = _get(hf, "num_hidden_layers", required=True)
+  pattern = hf.get("sliding_window_pattern", pattern)
+  windows = _layer_windows(hf, hf.get("sliding_window"), [
+      "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)])
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  plain = {**hf, "hidden_act": act, "tie_word_embeddings": hf.get("tie_word_embeddings", True)}
+  local_theta = None
+  if qk_norm:  # Gemma 3: the global layers' RoPE (maybe scaled) and the local layers' base
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: RoPE settings per layer type
+      global_rope, local_rope = params["full_attention"], params.get("sliding_attention") or {}
+    else:  # the older keys, with transformers' defaults
+      global_rope = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)}
+      local_rope = {"rope_theta": hf.get("rope_local_base_freq", 1e4)}
+    local_theta, local_scaling = _rope({"rope_parameters": local_rope})
+    if local_scaling is not None:
+      raise ValueError(f"{hf['model_type']} rope scaling on sliding_attention layers is "
+                       "unsupported: only the global layers' RoPE can be scaled")
+    plain.update(rope_parameters=global_rope, rope_scaling=None)
+  return _rope_config(plain, **_attention_bias(hf), qk_norm=qk_norm, attention_windows=windows,
+                      local_rope_theta=local_theta, norm="rms_plus_one", post_norms=True,
+                      embed_scale=True,
+                      query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                      attn_softcap=hf.get("attn_logit_softcapping"),
+                      final_softcap=hf.get("final_logit_softcapping"))
+
+
+def _gemma_to_hf(cfg: ModelConfig) -> dict:
+  """Gemma's config.json fields; RoPE in the keys transformers 4 and 5 both read."""
+  out = _rope_to_hf(cfg)
+  out.update(hidden_activation=out.pop("hidden_act"), attention_bias=cfg.qkv_bias,
+             query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+             sliding_window=_one_window(cfg), layer_types=layer_types(cfg),
+             attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
+  if cfg.qk_norm:
+    out["rope_local_base_freq"] = cfg.local_rope_theta or cfg.rope_theta
+  return out
 
 
 def _attention_bias(hf: dict) -> dict:
@@ -313,6 +362,13 @@ _BLOOM_LAYER = {
     "mlp.dense_h_to_4h.weight": "mlp.up", "mlp.dense_h_to_4h.bias": "mlp.up_bias",
     "mlp.dense_4h_to_h.weight": "mlp.down", "mlp.dense_4h_to_h.bias": "mlp.down_bias",
 }
+_GEMMA_LAYER = {
+    **{k: v for k, v in _LLAMA_LAYER.items() if "layernorm" not in k},
+    "input_layernorm.weight": "attn_norm.scale",
+    "post_attention_layernorm.weight": "attn_post_norm.scale",
+    "pre_feedforward_layernorm.weight": "mlp_norm.scale",
+    "post_feedforward_layernorm.weight": "mlp_post_norm.scale",
+}
 _LLAMA_TOP = {"embed_tokens.weight": "embed", "norm.weight": "final_norm.scale"}
 _GPT2_TOP = {"wte.weight": "embed", "wpe.weight": "pos_embed", "ln_f.weight": "final_norm.scale",
              "ln_f.bias": "final_norm.bias"}
@@ -327,6 +383,7 @@ _BLOOM_TOP = {"word_embeddings.weight": "embed", "word_embeddings_layernorm.weig
 def _entries() -> dict[str, Family]:
   plain_rope = lambda cfg: _is_rope(cfg) and not cfg.qk_norm and cfg.rope_layers is None
   one_window = lambda cfg: cfg.attention_windows == (_one_window(cfg),) * cfg.num_layers
+  gemma = lambda cfg: cfg.pos == "rope" and cfg.norm == "rms_plus_one" and cfg.post_norms
   families = [
       Family("llama", "LlamaForCausalLM", _llama,
              lambda cfg: dict(**_rope_to_hf(cfg), attention_bias=cfg.qkv_bias,
@@ -361,6 +418,12 @@ def _entries() -> dict[str, Family]:
       Family("phi3", "Phi3ForCausalLM", _phi3,
              lambda cfg: dict(**_rope_to_hf(cfg), **_every_layer_window_to_hf(cfg)),
              _PHI3_LAYER, _LLAMA_TOP),
+      Family("gemma2", "Gemma2ForCausalLM", lambda hf: _gemma(hf, qk_norm=False, pattern=2),
+             _gemma_to_hf, _GEMMA_LAYER, _LLAMA_TOP, layer_types=True,
+             default_for=lambda cfg: gemma(cfg) and not cfg.qk_norm),
+      Family("gemma3_text", "Gemma3ForCausalLM", lambda hf: _gemma(hf, qk_norm=True, pattern=6),
+             _gemma_to_hf, _GEMMA_LAYER, _LLAMA_TOP, layer_types=True,
+             default_for=lambda cfg: gemma(cfg) and cfg.qk_norm),
       Family("gpt2", "GPT2LMHeadModel", _gpt2, _gpt2_to_hf, _GPT2_LAYER, _GPT2_TOP,
              default_for=lambda cfg: cfg.pos == "learned", base="transformer.", layer_list="h",
              num_layers_key="n_layer", conv1d=True),

@@ -84,7 +84,7 @@ class ModelConfig:
   local_rope_theta: float | None = None
   post_norms: bool = False       # Gemma 2/3: norm the attention and MLP outputs before each add
   embed_scale: bool = False      # Gemma: embeddings times sqrt(d_model), in the compute dtype
-  query_pre_attn_scalar: float | None = None  # Gemma: logits scaled by this ** -0.5; None = Hd
+  query_pre_attn_scalar: int | None = None  # Gemma: logits scaled by this ** -0.5; None = Hd
   attn_softcap: float | None = None   # Gemma 2: attention logits -> c * tanh(logits / c)
   final_softcap: float | None = None  # Gemma 2: output logits -> c * tanh(logits / c)
   qkv_bias: bool = False
