@@ -115,6 +115,19 @@ def test_uls_keep_by_hand():
   assert plan_layers(12, 3, keep=[0, 11]) == plan_layers(12, 3)
 
 
+def test_local_global_models_keep_their_global_layers():
+  gemma3_1b = [None if (i + 1) % 6 == 0 else 512 for i in range(26)]
+  assert plan_layers(26, 2, windows=gemma3_1b) == plan_layers(26, 2, keep=(5, 11, 17, 23))
+  assert plan_layers(26, 26 / 6, windows=gemma3_1b).kept == (0, 5, 11, 17, 23, 25)
+  assert plan_layers(26, 5, windows=gemma3_1b).kept == (0, 5, 17, 23, 25)  # 3 of 4 fit
+  assert plan_layers(26, 2, windows=gemma3_1b, keep=(7,)) == plan_layers(26, 2, keep=(7,))
+  for windows in (None, [None] * 26, [512] * 26):  # nothing to keep: plain ULS
+    assert plan_layers(26, 3, windows=windows) == plan_layers(26, 3)
+  assert plan_layers(26, 3, "top", windows=gemma3_1b) == plan_layers(26, 3, "top")
+  with pytest.raises(ValueError, match=r"windows has 4 entries but num_layers=26: give one per layer$"):
+    plan_layers(26, 2, windows=[None, 1, None, 1])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(keep=(5, 11, 17, 23)), r"keep=\(5, 11, 17, 23\) with the first and last layers is 6 "
      r"layers but the ratio keeps n=5: allowed is ratio <= 4.33333$"),

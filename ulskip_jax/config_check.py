@@ -239,7 +239,7 @@ def validate_run(config, workdir: str) -> None:
     num_layers, max_position, hf_model = _model_shape(config)
     _check_relations(config, max_position)
     _check_lora_targets(config, hf_model)
-    _check_plans(config, num_layers)
+    _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None))
     _check_mesh(config)
     _check_workdir(config, workdir, hf_model)
   except ConfigError:
@@ -330,7 +330,7 @@ def _check_lora_targets(config, hf_model) -> None:
                      "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
 
 
-def _check_plans(config, num_layers: int) -> None:
+def _check_plans(config, num_layers: int, windows=None) -> None:
   """The skip plan of every ratio the run trains or evaluates, at the model's depth."""
   s = config.skip
   used = ([(f"skip.ratios[{i}]", r) for i, r in enumerate(s.ratios)] if len(s.ratios)
@@ -338,7 +338,8 @@ def _check_plans(config, num_layers: int) -> None:
   used += [(f"eval_ratios[{i}]", r) for i, r in enumerate(config.eval_ratios)]
   for key, ratio in used:
     try:
-      plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep))
+      plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
+                  windows=windows)
     except ValueError as e:
       keep = f", skip.keep={tuple(s.keep)}" if len(s.keep) else ""
       raise ValueError(f"{key}={ratio!r} cannot be planned on the model's {num_layers} layers "

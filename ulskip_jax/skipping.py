@@ -29,6 +29,12 @@ layer, in which case it raises.
 they split the stack into gaps, each free slot goes to the gap whose sub-gaps would be the longest
 (the D'Hondt rule: largest length / (slots + 1), the earlier gap on ties), and a gap's slots are
 spread evenly inside it by the formula above, so keep=() gives the plain ULS plan.
+
+Models that mix sliding-window and global layers (Gemma 2 and 3; `windows` =
+ModelConfig.attention_windows) keep their global layers by default: they are the only layers that
+read beyond the window, and plain ULS drops them wholesale (Gemma 3 1B, globals 5 11 17 23 of 26:
+two kept at 2x, one at 3x, none at 5x), so every response token past the window would lose the
+prompt's start. When they do not all fit beside the first and last, an even spread of them does.
 """
 
 from __future__ import annotations
@@ -142,9 +148,23 @@ def _uls_with(L: int, n: int, keep: list[int]) -> list[int]:
   return sorted(kept)
 
 
+def default_keep(windows: Sequence[int | None] | None, n: int) -> tuple[int, ...]:
+  """The global layers of a model mixing windowed and global layers (as many as fit in n beside
+  the first and last, evenly spread among them); () for any other model."""
+  if windows is None or all(w is None for w in windows) or all(w is not None for w in windows):
+    return ()
+  L = len(windows)
+  extra = [i for i, w in enumerate(windows) if w is None and i not in (0, L - 1)]
+  room = max(n - len({0, L - 1}), 0)
+  if len(extra) > room:
+    extra = [extra[(2 * j + 1) * len(extra) // (2 * room)] for j in range(room)]
+  return tuple(extra)
+
+
 def plan_layers(num_layers: int, ratio: float | None = None,
                 strategy: str | Sequence[int] = "uls", seed: int | None = None,
-                keep: Sequence[int] = ()) -> SkipPlan:
+                keep: Sequence[int] = (),
+                windows: Sequence[int | None] | None = None) -> SkipPlan:
   """Which layers to keep for speedup `ratio` on a `num_layers` decoder.
 
   strategy:
@@ -158,6 +178,9 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     "random":        n layers drawn with `seed`.
     a sequence of ints: the skipped layer indices themselves (`ratio` must then be None).
   keep: layers the plan keeps whatever the ratio (strategy "uls" only; see the module docstring).
+  windows: the model's per-layer sliding windows (ModelConfig.attention_windows); with strategy
+    "uls" and no keep, a model mixing windowed and global layers keeps its global layers
+    (`default_keep`). None (or a model that does not mix them) changes nothing.
   """
   L = _check_num_layers(num_layers)
   keep = _check_keep(L, keep)
@@ -182,7 +205,9 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     raise ValueError(f"ratio={ratio!r} keeps n=int({L}/{ratio})={n} layer(s), but {strategy!r} "
                      f"keeps the first and the last: allowed is ratio <= {L / 2:g}")
   if strategy == "uls":
-    kept = _uls_with(L, n, keep)
+    if windows is not None and len(windows) != L:
+      raise ValueError(f"windows has {len(windows)} entries but num_layers={L}: give one per layer")
+    kept = _uls_with(L, n, keep or default_keep(windows, n))
   elif strategy == "uls_reference":
     kept = _uls(L, n) if n < 2 else _uls_reference(L, n)
   elif strategy == "top":

@@ -145,8 +145,9 @@ def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool,
   return dict(loss_sum=loss, tokens=count)
 
 
-def skip_for_step(config, num_layers: int, step: int) -> tuple[int, ...]:
+def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple[int, ...]:
   """The static skip tuple of a step: full depth first, then the ratio (or one drawn per step).
+  windows: the model's attention_windows (a local/global model keeps its global layers).
 
   The draw depends only on (seed, step), so a resumed run repeats the same sequence.
   """
@@ -155,7 +156,7 @@ def skip_for_step(config, num_layers: int, step: int) -> tuple[int, ...]:
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
   ratio = ratios[np.random.default_rng([config.seed, step]).integers(len(ratios))]
   return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed,
-                     keep=tuple(config.skip.keep)).skipped
+                     keep=tuple(config.skip.keep), windows=windows).skipped
 
 
 def tree_bytes(tree) -> int:
@@ -361,7 +362,8 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sh, v) for k, v in local.items()}
 
   def step(self, state, local_batch, step: int):
-    skip = skip_for_step(self.config, self.model_cfg.num_layers, step)
+    skip = skip_for_step(self.config, self.model_cfg.num_layers, step,
+                         self.model_cfg.attention_windows)
     return self._train_step(state, self.global_batch(local_batch), skip)
 
   def evaluate(self, params, ratios) -> dict:
@@ -370,7 +372,8 @@ class Trainer:
     out = {}
     for ratio in ratios:
       skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
-                         keep=tuple(cfg.skip.keep)).skipped
+                         keep=tuple(cfg.skip.keep),
+                         windows=self.model_cfg.attention_windows).skipped
       batches = data_lib.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
@@ -399,7 +402,8 @@ class Trainer:
     out = {}
     for ratio in ratios:
       skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
-                         keep=tuple(cfg.skip.keep)).skipped
+                         keep=tuple(cfg.skip.keep),
+                         windows=self.model_cfg.attention_windows).skipped
       ids, _ = decode.generate(model, prompts, skip=skip, max_new_tokens=cfg.eval_max_new_tokens,
                                eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                                mode=cfg.skip.mode)
