@@ -98,6 +98,40 @@ def test_packed_segments_equal_separate_sequences():
   np.testing.assert_allclose(got[:, 6:11], fwd(b, skip=(2,)), atol=TOL)
 
 
+# Gemma 3's switches, with a window (3) shorter than the sequences and the packed segments.
+LOCAL_GLOBAL = dict(attention_windows=(3, None, 3, None), local_rope_theta=100.0,
+                    norm="rms_plus_one", post_norms=True, embed_scale=True,
+                    query_pre_attn_scalar=4, attn_softcap=5.0, final_softcap=3.0, qk_norm=True,
+                    act="gelu_tanh", tie_embeddings=True)
+
+
+def test_local_global_layers_cached_packed_and_paper_mode():
+  model = tiny_model(**LOCAL_GLOBAL)
+  fwd, tokens, skip, P = jit_call(model), _tokens(T=12), (1,), 5
+  # Windows change the result (so the checks below see them), then cached == full forward.
+  no_window = jit_call(tiny_model(**{**LOCAL_GLOBAL, "attention_windows": None}))
+  assert not np.allclose(fwd(tokens), no_window(tokens), atol=1e-3)
+  for full_depth in (None, True):
+    want = fwd(tokens, skip=skip, full_depth_BT=None if full_depth is None else
+               jnp.broadcast_to(jnp.arange(12) < P, (2, 12)))
+    got, cache = fwd(tokens[:, :P], skip=skip, full_depth_BT=full_depth,
+                     cache=init_cache(model.cfg, 2, 16, skip), cache_index=0)
+    steps = [got]
+    for t in range(P, 12):
+      logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
+                          cache=cache, cache_index=t)
+      steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=TOL)
+  # The window counts positions, which restart in each packed segment.
+  a, b = _tokens(1, 6, seed=2), _tokens(1, 5, seed=3)
+  packed = jnp.concatenate([a, b], 1)
+  pos = jnp.asarray([list(range(6)) + list(range(5))])
+  seg = jnp.asarray([[1] * 6 + [2] * 5])
+  got = fwd(packed, positions_BT=pos, segment_ids_BT=seg, skip=skip)
+  np.testing.assert_allclose(got[:, :6], fwd(a, skip=skip), atol=TOL)
+  np.testing.assert_allclose(got[:, 6:], fwd(b, skip=skip), atol=TOL)
+
+
 def test_one_compile_per_skip_tuple():
   model = tiny_model()
   graphdef, state = nnx.split(model)
