@@ -181,6 +181,8 @@ def test_unsupported_architectures():
   gemma4_like = {**tiny.hf_config("llama").to_dict(), "num_kv_shared_layers": 2}
   _raises(r"shares KV caches across layers \(num_kv_shared_layers=2\).*layer skipping cannot "
           r"apply as is", hf.config_from_hf, gemma4_like)
+  _raises(r"model_type='gemma3' is Gemma 3's image-text model", hf.config_from_hf,
+          {**tiny.hf_config("gemma3").to_dict(), "model_type": "gemma3"})
   _raises(r"gemma3_text use_bidirectional_attention=true is unsupported", hf.config_from_hf,
           {**tiny.hf_config("gemma3").to_dict(), "use_bidirectional_attention": True})
   _raises(r"partial_rotary_factor != 1 is unsupported", hf.config_from_hf,

@@ -456,6 +456,10 @@ def family(model_type: str | None, hf: dict | None = None) -> Family:
   """The entry for `model_type`; with `hf` (its config.json), also checks its layers skippable."""
   if hf is not None:
     _check_skippable(hf)
+  if model_type == "gemma3":
+    raise ValueError("model_type='gemma3' is Gemma 3's image-text model "
+                     "(Gemma3ForConditionalGeneration), unsupported: its text-only form, "
+                     "model_type 'gemma3_text' (Gemma3ForCausalLM, as Gemma 3 1B ships), loads")
   if model_type not in FAMILIES:
     raise ValueError(f"model_type={model_type!r} is unsupported: supported are "
                      f"{', '.join(FAMILIES)}")
