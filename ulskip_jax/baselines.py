@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ulskip_jax import decode
+from ulskip_jax import decode, sampling
 from ulskip_jax.model import NEG_INF, Decoder, KVCache, alibi_slopes, init_cache
 
 Array = jax.Array
@@ -412,7 +412,7 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
   x, cache = model.hidden(prompt_BP, skip=cached_skip, positions_BT=positions,
                           segment_ids_BT=(positions >= 0).astype(jnp.int32),
                           full_depth_BT=True if cached_skip else None, cache=cache, cache_index=0)
-  tok = decode.argmax(model.unembed(x[:, -1:])[:, 0]).astype(jnp.int32)
+  tok = sampling.argmax(model.unembed(x[:, -1:])[:, 0]).astype(jnp.int32)
   done = ~active_B
   tok = jnp.where(done, pad_id, tok)
   done = done | (tok == eos_id)
@@ -430,7 +430,7 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
                                             threshold)
     else:
       logits, cache, run = _skipdecode_step(model, method, tok, slot - pad_B, cache, slot, t - 1)
-    tok = jnp.where(done, pad_id, decode.argmax(logits).astype(jnp.int32))
+    tok = jnp.where(done, pad_id, sampling.argmax(logits).astype(jnp.int32))
     buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], t, 1)
     step_layers = step_layers.at[t].set(run)
     return t + 1, tok, buf, done | (tok == eos_id), cache, step_layers

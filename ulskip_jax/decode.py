@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ulskip_jax import sampling
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache
 from ulskip_jax.skipping import plan_layers
@@ -149,31 +150,10 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
   return jnp.where(banned, -jnp.inf, logits_RV)
 
 
-def argmax(x: Array) -> Array:
-  """jnp.argmax(x, -1) (the first maximal index) as two plain reductions. XLA's CPU argmax, one
-  variadic (value, index) reduce, took 8-12x longer (178 vs 14 us at [8, 4096], 1.15 vs 0.14 ms
-  at [8, 5, 4096]): a third of a round's overhead at batch 8."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), iota, x.shape[-1]), -1)
-
-
 def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Array,
             top_p: Array) -> Array:
-  """Greedy argmax, or a sample after temperature, top-k then top-p (Hugging Face's order)."""
-  if not opts.sample:
-    return argmax(logits_BV).astype(jnp.int32)
-  logits = logits_BV / temperature
-  if opts.top_k is not None:
-    kth = jax.lax.top_k(logits, opts.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if opts.use_top_p:
-    sorted_desc = -jnp.sort(-logits, -1)
-    probs = jax.nn.softmax(sorted_desc, -1)
-    before = jnp.cumsum(probs, -1) - probs  # mass of the strictly more likely tokens
-    keep = (before < top_p).at[:, 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
+  return sampling.select(logits_BV, rng, sample=opts.sample, temperature=temperature,
+                         top_k=opts.top_k, top_p=top_p if opts.use_top_p else None)
 
 
 # ----------------------------------------------------------------------------------------------

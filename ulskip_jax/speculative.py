@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ulskip_jax import decode
+from ulskip_jax import decode, sampling
 from ulskip_jax.checks import as_int
 from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, kept_layers
 
@@ -137,26 +137,14 @@ class SpeculativeStats(decode.DecodeStats):
 
 def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array,
                      top_p: Array) -> Array:
-  """Logits [..., V] after temperature, top-k then top-p: the distribution `decode.generate`
-  samples from (the same steps, on any leading shape)."""
-  logits = logits / temperature
-  if opts.top_k is not None:
-    kth = jax.lax.top_k(logits, opts.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if opts.use_top_p:
-    sorted_desc = -jnp.sort(-logits, -1)
-    probs = jax.nn.softmax(sorted_desc, -1)
-    before = jnp.cumsum(probs, -1) - probs
-    keep = (before < top_p).at[..., 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+  return sampling.filtered_logits(logits, temperature, opts.top_k,
+                                  top_p if opts.use_top_p else None)
 
 
 def _choose(logits_BV: Array, rng: Array, opts: SpeculativeOptions, temperature, top_p):
   """(token [B], its distribution [B, V] or None when greedy)."""
   if not opts.sample:
-    return decode.argmax(logits_BV), None
+    return sampling.argmax(logits_BV), None
   filtered = _filtered_logits(logits_BV, opts, temperature, top_p)
   tok = jax.random.categorical(rng, filtered, -1).astype(jnp.int32)
   return tok, jax.nn.softmax(filtered, -1)
@@ -178,7 +166,7 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
   B, k = drafts_BK.shape
   rows = jnp.arange(B)
   if not opts.sample:
-    target = decode.argmax(logits_BKV)  # [B, k + 1]
+    target = sampling.argmax(logits_BKV)  # [B, k + 1]
     a = _leading_true(drafts_BK == target[:, :k])
     return a, target[rows, a]
   accept_rng, bonus_rng = jax.random.split(rng)
