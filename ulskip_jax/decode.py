@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.struct
 import numpy as np
 from flax import nnx
 
@@ -44,6 +45,7 @@ from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
 MIN_BUCKET = 16
+QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call (see generate_continuous)
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
@@ -304,6 +306,109 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
 
 
 # ----------------------------------------------------------------------------------------------
+# Continuous batching (greedy and sampling).
+#
+# B rows decode a queue of Q prompts: when a row finishes, the next waiting prompt is prefilled
+# into it while the other rows keep going, until the queue is empty and every row is done. The
+# cache is a ring of S = P + N slots: step g writes every row's token at slot g % S (one shared
+# dynamic_update_slice, as in the static loop), and a prompt started at step g occupies slots
+# [g - P, g) % S, so the P + N - 1 slots of its whole life never wrap onto each other. Slot order
+# does not matter to attention, which masks by the positions in `cache.pos` alone.
+
+@flax.struct.dataclass
+class ContinuousState:
+  """The loop state of continuous batching."""
+  step: Array         # [] the global step g: the next decode step writes slot g % S
+  tok_B: Array        # [B] the token each row feeds next
+  pos_B: Array        # [B] that token's position in its prompt's sequence
+  count_B: Array      # [B] tokens the row's prompt has generated so far
+  done_B: Array       # [B] bool: nothing to feed (finished, unused, or no prompt yet)
+  owner_B: Array      # [B] the prompt index each row decodes (-1 = none)
+  next_prompt: Array  # [] prompts [0, next_prompt) have been started
+  out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
+  cache: KVCache      # [B] rows of S ring slots, kept layers only
+
+
+def _ring_insert(cache: KVCache, row: Array, prompt_cache: KVCache, first_slot: Array) -> KVCache:
+  """`cache` with row `row` replaced by a one-row prefill cache of P slots, placed at ring slots
+  [first_slot, first_slot + P) % S; the row's other slots become empty."""
+  S = cache.pos.shape[1]
+
+  def place(big, small, axis, fill):
+    gap = list(small.shape)
+    gap[axis] = S - small.shape[axis]
+    ring = jnp.roll(jnp.concatenate([small, jnp.full(gap, fill, small.dtype)], axis), first_slot,
+                    axis)
+    return jax.lax.dynamic_update_index_in_dim(big, ring[0].astype(big.dtype), row, 0)
+
+  return KVCache(k=tuple(place(a, b, 2, 0) for a, b in zip(cache.k, prompt_cache.k)),
+                 v=tuple(place(a, b, 2, 0) for a, b in zip(cache.v, prompt_cache.v)),
+                 pos=place(cache.pos, prompt_cache.pos, 1, -1))
+
+
+def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_new, eos_id,
+                   pad_id, rng, temperature, top_p, *, opts: DecodeOptions):
+  """Greedy / sampling over a prompt queue: returns the new tokens [Q, N] of every prompt."""
+  model = nnx.merge(graphdef, state)
+  Q, P = queue_QP.shape
+  B, N = usable_B.shape[0], opts.max_new_slots
+  rows_B = jnp.arange(B, dtype=jnp.int32)
+
+  def choose(logits_RV, prompt_R, count_R):
+    if not opts.sample:
+      return _select(logits_RV, rng, opts, temperature, top_p)
+    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
+    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(rng, i), c))(
+        jnp.maximum(prompt_R, 0), count_R)
+    return jax.vmap(lambda x, key: _select(x, key, opts, temperature, top_p))(logits_RV, keys)
+
+  filled = usable_B & (rows_B < num_prompts)
+  logits, cache = prefill(model, opts, queue_QP[:B], pad_Q[:B], B, P + N)
+  owner = jnp.where(filled, rows_B, -1)
+  tok = jnp.where(filled, choose(logits, owner, jnp.zeros_like(rows_B)), pad_id)
+  out = jnp.full((Q, N), pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
+      tok, mode="drop")
+  start = ContinuousState(
+      step=jnp.int32(P), tok_B=tok, pos_B=P - pad_Q[:B], count_B=jnp.ones_like(rows_B),
+      done_B=~filled | (tok == eos_id) | (max_new <= 1), owner_B=owner,
+      next_prompt=jnp.minimum(num_prompts, jnp.sum(usable_B, dtype=jnp.int32)), out_QN=out,
+      cache=cache)
+
+  def needs_refill(s: ContinuousState):
+    return (s.next_prompt < num_prompts) & jnp.any(s.done_B & usable_B)
+
+  def refill(s: ContinuousState) -> ContinuousState:
+    b = jnp.min(jnp.where(s.done_B & usable_B, rows_B, B))
+    i = s.next_prompt
+    pad = jax.lax.dynamic_slice_in_dim(pad_Q, i, 1)
+    logits, prompt_cache = prefill(model, opts, jax.lax.dynamic_slice_in_dim(queue_QP, i, 1), pad,
+                                   1, P)
+    tok = choose(logits, i[None], jnp.zeros((1,), jnp.int32))[0]
+    return s.replace(
+        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
+        count_B=s.count_B.at[b].set(1),
+        done_B=s.done_B.at[b].set((tok == eos_id) | (max_new <= 1)),
+        owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+        cache=_ring_insert(s.cache, b, prompt_cache, (s.step - P) % (P + N)))
+
+  def cond(s: ContinuousState):
+    return jnp.any(~s.done_B) | needs_refill(s)
+
+  def body(s: ContinuousState) -> ContinuousState:
+    s = jax.lax.while_loop(needs_refill, refill, s)
+    logits, cache = _step(model, opts, s.tok_B, s.pos_B, s.cache, s.step % (P + N))
+    live = ~s.done_B
+    tok = jnp.where(live, choose(logits, s.owner_B, s.count_B), pad_id)
+    out = s.out_QN.at[jnp.where(live, s.owner_B, Q), s.count_B].set(tok, mode="drop")
+    count = s.count_B + live
+    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
+                     done_B=s.done_B | (tok == eos_id) | (count >= max_new), out_QN=out,
+                     cache=cache)
+
+  return jax.lax.while_loop(cond, body, start).out_QN
+
+
+# ----------------------------------------------------------------------------------------------
 # The public API.
 
 def executable(fn, graphdef, state, args, opts: DecodeOptions):
@@ -516,6 +621,67 @@ def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   return outputs, stats
 
 
+def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, speculative=None,
+                         **_) -> bool:
+  """Whether `generate_continuous` runs these options (greedy and sampling, without n-gram bans,
+  whose per-row history the ring does not keep); the others decode in static batches."""
+  return num_beams == 1 and not no_repeat_ngram_size and speculative is None
+
+
+def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
+                        **kw) -> tuple[list[list[int]], DecodeStats]:
+  """`generate` with continuous batching: `batch_size` rows decode the prompts in input order,
+  and a row that finishes (EOS or max_new_tokens) takes the next waiting prompt while the others
+  keep going, so no row waits for the slowest of its batch. Greedy output per prompt is the one
+  `generate` gives that prompt alone. One executable per bucket of (rows, prompt slots,
+  new-token slots, queue length); the queue runs in chunks of at most QUEUE_ROUNDS * rows
+  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s, without beams,
+  no_repeat_ngram_size or speculative (`continuous_supported`)."""
+  batch_size = as_int("batch_size", batch_size, min=1)
+  if not continuous_supported(**kw):
+    raise ValueError("continuous batching runs greedy and sampling only: for num_beams > 1, "
+                     "no_repeat_ngram_size or speculative use generate (static batches)")
+  cfg = model.cfg
+  o = check_options(cfg, **kw)
+  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
+  rows = min(batch_size, len(prompts))
+  B = bucket(rows)
+  opts = DecodeOptions(skip=o["skip"], paper_mode=(o["mode"] == "paper" and bool(o["skip"])),
+                       max_new_slots=bucket(o["max_new_tokens"], MIN_BUCKET), sample=o["sample"],
+                       top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=1,
+                       no_repeat_ngram_size=0, early_stopping=True)
+  P = bucket(max(len(p) for p in prompts), MIN_BUCKET)
+  graphdef, state = nnx.split(model)
+  eos_id, max_new_tokens, pad_id = o["eos_id"], o["max_new_tokens"], o["pad_id"]
+  stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts),
+                      cache_bytes=cache_bytes(cfg, B, P + opts.max_new_slots, opts.skip))
+  outputs = []
+  chunk = QUEUE_ROUNDS * rows
+  for first in range(0, len(prompts), chunk):
+    queue = prompts[first:first + chunk]
+    Q = max(B, bucket(len(queue)))
+    queue_QP = np.full((Q, P), pad_id, np.int32)
+    pad_Q = np.full((Q,), P - 1, np.int32)  # unused queue entries: a one-token prompt of pad_id
+    for i, p in enumerate(queue):
+      queue_QP[i, P - len(p):] = p
+      pad_Q[i] = P - len(p)
+    args = (queue_QP, pad_Q, np.arange(B) < rows, np.int32(len(queue)), np.int32(max_new_tokens),
+            np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
+            jax.random.key_data(jax.random.key(o["seed"])),
+            np.float32(max(o["temperature"], 1e-6)), np.float32(o["top_p"] or 1.0))
+    compiled, compile_s = executable(_continuous_fn, graphdef, state, args, opts)
+    start = time.perf_counter()
+    out = np.asarray(compiled(state, *args))
+    generated = 0
+    for row in out[:len(queue), :max_new_tokens].tolist():
+      n = row.index(eos_id) if eos_id in row else len(row)
+      outputs.append(row[:n])
+      generated += min(n + 1, len(row))
+    stats = stats + DecodeStats(generated_tokens=generated, wall_s=time.perf_counter() - start,
+                                compile_s=compile_s, executables_built=int(compile_s > 0), calls=1)
+  return outputs, stats
+
+
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
   """Prompt ids of `text`. A `ulskip_jax.data.Tokenizer` encodes as in training (its own chat
   setting; `chat` is ignored). A Hugging Face tokenizer adds its own special tokens (BOS for Llama,
@@ -546,14 +712,17 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 
 
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
-                  progress: bool = False, sort_by_length: bool = True, chat: bool = False, **kw
-                  ) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts` (`encode_prompt`, with `chat`), `generate` in chunks of `batch_size`, decode.
+                  progress: bool = False, sort_by_length: bool = True, chat: bool = False,
+                  static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
+  """Tokenize `texts` (`encode_prompt`, with `chat`), decode `batch_size` rows at a time, decode.
 
-  Returns one string per text, in input order. Every prompt is checked before anything runs, so a
-  too-long prompt fails fast. Sorting by length (the order is restored after) keeps padding and
-  prompt buckets small. eos_id / pad_id default to the tokenizer's; other keyword arguments go to
-  `generate`. progress: a tqdm bar over batches (on stderr).
+  Greedy and sampling use continuous batching (`generate_continuous`: a finished row takes the
+  next prompt); beams, n-gram bans, speculation and `static_batches=True` run `generate` on
+  chunks of `batch_size`, sorted by length when `sort_by_length` (the order is restored after) to
+  keep padding and prompt buckets small. Returns one string per text, in input order. Every prompt
+  is checked before anything runs, so a too-long prompt fails fast. eos_id / pad_id default to
+  the tokenizer's; other keyword arguments go to `generate`. progress: a tqdm bar over chunks (on
+  stderr).
   """
   if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
     raise ValueError(f"texts={texts!r:.60} is not a list of strings: give one string per prompt")
@@ -567,16 +736,20 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   check_generate(model, prompts, **kw)
   order = list(range(len(prompts)))
-  if sort_by_length:
+  continuous = not static_batches and continuous_supported(**kw)
+  if sort_by_length and not continuous:
     order.sort(key=lambda i: len(prompts[i]))
-  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  step = QUEUE_ROUNDS * batch_size if continuous else batch_size
+  chunks = [order[i:i + step] for i in range(0, len(order), step)]
   if progress:
     from tqdm import tqdm
     chunks = tqdm(chunks, desc="batches", unit="batch")
   results: list[str] = [""] * len(texts)
   stats = DecodeStats()
   for chunk in chunks:
-    ids, chunk_stats = generate(model, [prompts[i] for i in chunk], **kw)
+    chunk_prompts = [prompts[i] for i in chunk]
+    ids, chunk_stats = (generate_continuous(model, chunk_prompts, batch_size=batch_size, **kw)
+                        if continuous else generate(model, chunk_prompts, **kw))
     stats = stats + chunk_stats
     for i, row in zip(chunk, ids):
       results[i] = decode_ids(tokenizer, row)
