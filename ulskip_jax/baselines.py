@@ -46,7 +46,8 @@ import optax
 from flax import nnx
 
 from ulskip_jax import decode, sampling
-from ulskip_jax.model import NEG_INF, Decoder, KVCache, alibi_slopes, init_cache
+from ulskip_jax.kv_cache import KVCache, init_cache
+from ulskip_jax.model import Decoder
 
 Array = jax.Array
 
@@ -276,77 +277,44 @@ def num_compiles() -> int:
   return len(_EXECUTABLES)
 
 
-def _cache_write(cache_BKSD, new_BK1D, slot):
-  return jax.lax.dynamic_update_slice_in_dim(cache_BKSD, new_BK1D.astype(cache_BKSD.dtype), slot, 2)
-
-
 def _project_kv(layer, x_B1D, positions_B1):
   """The layer's K/V [B, K, 1, Hd] for hidden states x (norm, projection, RoPE)."""
   _, k, v = layer.attn.project_qkv(layer.attn_norm(x_B1D), positions_B1)
   return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _block_step(layer, x_B1D, positions_B1, k_BKSD, v_BKSD, cache_pos_BS, slot):
-  """`Block` on one token per row that only READS the cache: attention over the cached slots
-  before this one plus the token's own K/V, which are returned (k, v [B, K, 1, Hd]) for the caller
-  to write. Inside `lax.cond` / `lax.switch` a branch that wrote the cache would make XLA copy
-  every cache layer it touches on every step (measured in the HLO); writing outside keeps the
-  update in place, as in `decode.generate`."""
-  cfg = layer.attn.cfg
-  h = layer.attn_norm(x_B1D)
-  q, k, v = layer.attn.project_qkv(h, positions_B1)
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  B, _, H, Hd = q.shape
-  K, S = k_BKSD.shape[1], k_BKSD.shape[2]
-  qg = q.reshape(B, 1, K, H // K, Hd)
-  scale = 1.0 / math.sqrt(Hd)
-  s_cache = jnp.einsum("btkgd,bksd->bkgts", qg, k_BKSD.astype(q.dtype)).astype(jnp.float32) * scale
-  s_self = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
-  if cfg.pos == "alibi":
-    slopes = alibi_slopes(cfg.num_heads).reshape(K, H // K)[None, :, :, None, None]
-    rel = (cache_pos_BS - positions_B1).astype(jnp.float32)[:, None, None, None, :]
-    s_cache = s_cache + slopes * rel
-  visible = ((cache_pos_BS >= 0) & (cache_pos_BS <= positions_B1)
-             & (jnp.arange(S) != slot)[None])  # this token's own slot is not written yet
-  s_cache = jnp.where(visible[:, None, None, None, :], s_cache, NEG_INF)
-  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), -1).astype(q.dtype)
-  out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_BKSD.astype(q.dtype))
-         + jnp.einsum("bkgts,bksd->btkgd", probs[..., S:], v)).reshape(B, 1, H, Hd)
-  x = x_B1D + layer.attn.project_out(out)
-  return x + layer.mlp(layer.mlp_norm(x)), k, v
-
-
 def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, threshold):
+  """Layers in segments of exit_every; after each exit point, stop once every live row's
+  confidence reaches the threshold. Layers after the exit get K/V from the exit state (CALM's
+  propagation). Segments run in `lax.cond`s that only read the cache (deferred layer caches);
+  the writes follow outside, so XLA keeps them in place."""
   L, k = model.cfg.num_layers, method.exit_every
   positions = pos_B[:, None]
-  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  ones = jnp.ones(positions.shape, jnp.int32)
+  cache = cache.write_positions(positions, ones, slot)
   x = model.embed_tokens(tok_B[:, None], positions)
-  ks, vs = list(cache.k), list(cache.v)
   exited, layers_run = jnp.array(False), jnp.int32(0)
   logits = jnp.zeros((tok_B.shape[0], model.cfg.vocab_size), jnp.float32)
   points = exit_layers(L, k)
   for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
-    def run(x, seg_k, seg_v, seg=seg):
-      new_k, new_v = [], []
-      for l, kc, vc in zip(seg, seg_k, seg_v):
-        x, kn, vn = _block_step(model.layers[l], x, positions, kc, vc, cache_pos, slot)
-        new_k.append(kn)
-        new_v.append(vn)
-      return x, tuple(new_k), tuple(new_v)
+    def run(x, view, seg=seg):
+      new = []
+      for j, l in enumerate(seg):
+        x, kv = model.layers[l](x, positions, ones, view.layer(j, slot, deferred=True))
+        new.append(kv)
+      return x, tuple(new)
 
-    def fill(x, seg_k, seg_v, seg=seg):  # CALM's propagation: K/V from the exit state
-      kv = [_project_kv(model.layers[l], x, positions) for l in seg]
-      return x, tuple(a for a, _ in kv), tuple(b for _, b in kv)
+    def fill(x, view, seg=seg):
+      return x, tuple(_project_kv(model.layers[l], x, positions) for l in seg)
 
     if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
-      ones = jnp.ones(positions.shape, jnp.int32)
       for l in seg:
-        x, (ks[l], vs[l]) = model.layers[l](x, positions, ones, (ks[l], vs[l], cache_pos, slot))
+        x, written = model.layers[l](x, positions, ones, cache.layer(l, slot))
+        cache = cache.with_layer(l, written)
     else:
-      x, new_k, new_v = jax.lax.cond(exited, fill, run, x, tuple(ks[l] for l in seg),
-                                     tuple(vs[l] for l in seg))
-      for l, kn, vn in zip(seg, new_k, new_v):
-        ks[l], vs[l] = _cache_write(ks[l], kn, slot), _cache_write(vs[l], vn, slot)
+      x, new = jax.lax.cond(exited, fill, run, x, cache.kept_view(seg))
+      for l, (kn, vn) in zip(seg, new):
+        cache = cache.write(l, kn, vn, slot)
     layers_run = layers_run + jnp.where(exited, 0, len(seg))
     if seg[-1] in points:
       def confidence(x, logits):
@@ -359,7 +327,7 @@ def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, 
       logits = jnp.where(exited, logits, exit_logits)
       exited = now
   logits = jax.lax.cond(exited, lambda x, lg: lg, lambda x, lg: model.unembed(x)[:, 0], x, logits)
-  return logits, KVCache(tuple(ks), tuple(vs), cache_pos), layers_run
+  return logits, cache, layers_run
 
 
 def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
@@ -369,29 +337,28 @@ def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
   with depth from the schedule's few levels that is the same set of static paths as a
   `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
   operands made XLA copy the cache layers some branches leave unread on every step (seen in the
-  HLO), while per-layer conds read only their own layer. A skipped layer writes zeros into this
-  token's slot: no later token runs that layer (monotone schedule), so nothing reads them.
+  HLO), while per-layer conds read only their own layer (deferred: the write follows the cond).
+  A skipped layer writes zeros into this token's slot: no later token runs that layer (monotone
+  schedule), so nothing reads them.
   """
   sched, L = method.schedule, model.cfg.num_layers
   positions = pos_B[:, None]
-  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  ones = jnp.ones(positions.shape, jnp.int32)
+  cache = cache.write_positions(positions, ones, slot)
   x = model.embed_tokens(tok_B[:, None], positions)
   first_cached = L - sched.depths[0]
   depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(step)]
   kv_shape = (tok_B.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
-  ks, vs = list(cache.k), list(cache.v)
-  for j in range(len(ks)):
-    layer = model.layers[first_cached + j]
+  for j in range(cache.num_layers):
+    def run(x, view, layer=model.layers[first_cached + j]):
+      return layer(x, positions, ones, view.layer(0, slot, deferred=True))
 
-    def run(x, kc, vc, layer=layer):
-      return _block_step(layer, x, positions, kc, vc, cache_pos, slot)
+    def skip(x, view):
+      return x, (jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype))
 
-    def skip(x, kc, vc):
-      return x, jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype)
-
-    x, kn, vn = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, ks[j], vs[j])
-    ks[j], vs[j] = _cache_write(ks[j], kn, slot), _cache_write(vs[j], vn, slot)
-  return model.unembed(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache_pos), depth
+    x, (kn, vn) = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, cache.kept_view((j,)))
+    cache = cache.write(j, kn, vn, slot)
+  return model.unembed(x)[:, 0], cache, depth
 
 
 def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,

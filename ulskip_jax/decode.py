@@ -40,7 +40,8 @@ from flax import nnx
 
 from ulskip_jax import sampling
 from ulskip_jax.checks import as_choice, as_float, as_int
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
@@ -174,7 +175,7 @@ def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array,
                           cache=cache, cache_index=0)
   logits = model.unembed(x[:, -1:])[:, 0]
   if rows != B:  # beams: the prompt ran once per row; copy its cache to each of the row's beams
-    cache = jax.tree.map(lambda a: jnp.repeat(a, rows // B, axis=0), cache)
+    cache = cache.repeat(rows // B)
     logits = jnp.repeat(logits, rows // B, axis=0)
   return logits, cache
 
@@ -294,7 +295,7 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
 
   def body(carry):
     t, rows, cache, run_seq, *rest, _ = carry
-    cache = jax.tree.map(lambda a: a[rows], cache)  # reorder beams: parents' K/V
+    cache = cache.reorder(rows)  # each beam takes its parent's K/V
     slot = P + t - 1
     logits, cache = _step(model, opts, run_seq[:, :, slot].reshape(R), slot - pad_R, cache, slot)
     rows, *beams, go_on = select(logits, t, run_seq, *rest)
@@ -327,23 +328,6 @@ class ContinuousState:
   next_prompt: Array  # [] prompts [0, next_prompt) have been started
   out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
   cache: KVCache      # [B] rows of S ring slots, kept layers only
-
-
-def _ring_insert(cache: KVCache, row: Array, prompt_cache: KVCache, first_slot: Array) -> KVCache:
-  """`cache` with row `row` replaced by a one-row prefill cache of P slots, placed at ring slots
-  [first_slot, first_slot + P) % S; the row's other slots become empty."""
-  S = cache.pos.shape[1]
-
-  def place(big, small, axis, fill):
-    gap = list(small.shape)
-    gap[axis] = S - small.shape[axis]
-    ring = jnp.roll(jnp.concatenate([small, jnp.full(gap, fill, small.dtype)], axis), first_slot,
-                    axis)
-    return jax.lax.dynamic_update_index_in_dim(big, ring[0].astype(big.dtype), row, 0)
-
-  return KVCache(k=tuple(place(a, b, 2, 0) for a, b in zip(cache.k, prompt_cache.k)),
-                 v=tuple(place(a, b, 2, 0) for a, b in zip(cache.v, prompt_cache.v)),
-                 pos=place(cache.pos, prompt_cache.pos, 1, -1))
 
 
 def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_new, eos_id,
@@ -389,7 +373,7 @@ def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_
         count_B=s.count_B.at[b].set(1),
         done_B=s.done_B.at[b].set((tok == eos_id) | (max_new <= 1)),
         owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
-        cache=_ring_insert(s.cache, b, prompt_cache, (s.step - P) % (P + N)))
+        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + N)))
 
   def cond(s: ContinuousState):
     return jnp.any(~s.done_B) | needs_refill(s)

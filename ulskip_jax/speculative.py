@@ -64,9 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ulskip_jax import decode, sampling
+from ulskip_jax import decode, kv_cache, sampling
 from ulskip_jax.checks import as_int
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, kept_layers
+from ulskip_jax.kv_cache import cache_bytes
+from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
@@ -186,45 +187,6 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-row cache commits.
-
-def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
-  """buf[b, ..., offset_B[b] : offset_B[b] + len, ...] = block[b] along `axis` (in place)."""
-  return jax.vmap(lambda x, u, o: jax.lax.dynamic_update_slice_in_dim(x, u, o, axis - 1))(
-      buf, block.astype(buf.dtype), offset_B)
-
-
-def _commit(cache: KVCache, scratch: int, width: int, shift_B: Array, count_B: Array,
-            dest_B: Array, first_pos_B: Array) -> KVCache:
-  """Move scratch entries [shift_b, shift_b + count_b) of each row to slots dest_b... and empty
-  the scratch. Slots dest_b + count_b ... dest_b + width - 1 get pos -1 (garbage, overwritten by
-  the row's next commit)."""
-  j = jnp.arange(width)
-  src = jnp.minimum(j[None] + shift_B[:, None], width - 1)  # [B, width]
-
-  def move(x_BKSD):
-    block = x_BKSD[:, :, scratch:scratch + width]
-    block = jnp.take_along_axis(block, src[:, None, :, None], 2)
-    return _write_rows(x_BKSD, block, dest_B, 2)
-
-  pos_block = jnp.where(j[None] < count_B[:, None], first_pos_B[:, None] + j[None], -1)
-  pos = _write_rows(cache.pos, pos_block, dest_B, 1)
-  pos = pos.at[:, scratch:].set(-1)
-  return KVCache(tuple(map(move, cache.k)), tuple(map(move, cache.v)), pos)
-
-
-def _kept_view(cache: KVCache, kept: tuple[int, ...]) -> KVCache:
-  return KVCache(tuple(cache.k[i] for i in kept), tuple(cache.v[i] for i in kept), cache.pos)
-
-
-def _merge_view(cache: KVCache, view: KVCache, kept: tuple[int, ...]) -> KVCache:
-  k, v = list(cache.k), list(cache.v)
-  for j, i in enumerate(kept):
-    k[i], v[i] = view.k[j], view.v[j]
-  return KVCache(tuple(k), tuple(v), view.pos)
-
-
-# ----------------------------------------------------------------------------------------------
 # The executable.
 
 def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
@@ -260,7 +222,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
   logits, cache = prefill((), False)
   draft_cache = None
   if separate:
-    draft_cache = (_kept_view(cache, kept) if opts.paper_mode or not opts.draft_skip
+    draft_cache = (cache.kept_view(kept) if opts.paper_mode or not opts.draft_skip
                    else prefill(opts.draft_skip, False)[1])
   tok, _ = _choose(logits, jax.random.fold_in(rng, 0), opts, temperature, top_p)
   tok = jnp.where(active_B, tok, pad_id)
@@ -271,7 +233,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
 
   def draft(cache, draft_cache, pending, carry_tok, carry_valid, pos0, rng):
     """k draft tokens [B, k] (and their distributions [B, k, V] when sampling)."""
-    dcache = draft_cache if separate else _kept_view(cache, kept)
+    dcache = draft_cache if separate else cache.kept_view(kept)
     if separate:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
       logits, dcache = run(jnp.stack([carry_tok, pending], 1),
                            pos0[:, None] + jnp.array([-1, 0], jnp.int32), dcache, Z,
@@ -297,7 +259,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     drafts, qs, dcache = jax.lax.fori_loop(1, k, step, (drafts, qs, dcache))
     if separate:
       return drafts, qs, cache, dcache
-    return drafts, qs, _merge_view(cache, dcache, kept), None
+    return drafts, qs, cache.merge_view(dcache, kept), None
 
   def cond(carry):
     return ~jnp.all(carry[3])
@@ -308,7 +270,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     # The previous round's verify commit, done here rather than right after its verify pass:
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
     # XLA copied every verify layer twice a round (measured in the HLO; test_speculative checks).
-    cache = _commit(cache, Z, k + 1, zeros, *last_commit)
+    cache = cache.commit(Z, k + 1, zeros, *last_commit)
     round_rng = jax.random.fold_in(rng, rnd)
     pos0 = prompt_len_B + generated - 1  # the pending token's position
     committed = generated - 1            # generated tokens whose K/V is in the verify cache
@@ -326,7 +288,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
     count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
     block = jnp.where(steps[None] < count[:, None], block, pad_id)
-    out = _write_rows(out, block, generated, 1)
+    out = kv_cache.write_rows(out, block, generated, 1)
     accepted = accepted + jnp.minimum(a, count)
     drafted = drafted + jnp.where(done, 0, k)
     # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
@@ -336,7 +298,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     if separate:
       carry_int = carry_valid.astype(jnp.int32)
       draft_count = jnp.where(done, 0, carry_int + jnp.minimum(count, k))
-      draft_cache = _commit(draft_cache, Z, k + 1, 1 - carry_int, draft_count,
+      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry_int, draft_count,
                             P + committed - carry_int, pos0 - carry_int)
       carry_valid = (count == k + 1) & ~done
       carry_tok = drafts[:, k - 1]
