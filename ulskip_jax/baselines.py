@@ -45,8 +45,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ulskip_jax import decode, sampling
-from ulskip_jax.kv_cache import KVCache, init_cache
+from ulskip_jax import decode, engine, sampling
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
 from ulskip_jax.model import Decoder
 
 Array = jax.Array
@@ -270,11 +270,8 @@ class DynamicStats(decode.DecodeStats):
     return num_layers * self.loop_steps / self.layer_steps if self.layer_steps else 1.0
 
 
-_EXECUTABLES: dict[tuple, object] = {}
-
-
 def num_compiles() -> int:
-  return len(_EXECUTABLES)
+  return engine.num_compiles(__name__)
 
 
 def _project_kv(layer, x_B1D, positions_B1):
@@ -362,9 +359,10 @@ def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
 
 
 def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,
-                 *, method: _Method):
+                 *, opts: _Method):
   """Greedy decoding; returns (tokens [B, N], layers run at each loop step [N] (index t: the step
   that produced token t; 0 at t = 0, the prompt pass), loop steps)."""
+  method = opts
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
   B, P = prompt_BP.shape
@@ -411,38 +409,22 @@ def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, 
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
   decode.check_prompts(model.cfg, prompts, max_new_tokens)
-  B, P = decode.bucket(len(prompts)), decode.bucket(max(len(p) for p in prompts), decode.MIN_BUCKET)
-  prompt_BP = np.full((B, P), pad_id, np.int32)
-  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
-  for i, p in enumerate(prompts):
-    prompt_BP[i, P - len(p):] = p
-    pad_B[i] = P - len(p)
+  B, P = engine.bucket(len(prompts)), engine.bucket(max(len(p) for p in prompts),
+                                                    engine.MIN_BUCKET)
+  prompt_BP, pad_B = engine.left_pad(prompts, B, P, pad_id)
   args = (prompt_BP, pad_B, np.arange(B) < len(prompts), np.int32(max_new_tokens),
           np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.float32(threshold))
   graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  key = (graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), method, B, P,
-         tuple(sorted(decode.COMPILER_OPTIONS.items())))
-  compile_s = 0.0
-  if key not in _EXECUTABLES:
-    start = time.perf_counter()
-    jitted = jax.jit(_generate_fn, static_argnames=("graphdef", "method"))
-    _EXECUTABLES[key] = jitted.lower(graphdef, state, *args, method=method).compile(
-        dict(decode.COMPILER_OPTIONS))
-    compile_s = time.perf_counter() - start
+  compiled, compile_s = engine.executable(_generate_fn, graphdef, state, args, method)
   start = time.perf_counter()
-  buf, step_layers, loop_steps = jax.device_get(_EXECUTABLES[key](state, *args))
-  outputs, generated = [], 0
-  for row in np.asarray(buf)[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  buf, step_layers, loop_steps = jax.device_get(compiled(state, *args))
+  outputs, generated = engine.trim(buf, len(prompts), max_new_tokens, eos_id)
   cached = (model.cfg.num_layers if method.kind == "early_exit" else method.schedule.depths[0])
   skip = tuple(range(model.cfg.num_layers - cached))
   stats = DynamicStats(
       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
       wall_s=time.perf_counter() - start, compile_s=compile_s,
-      cache_bytes=decode.cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
+      cache_bytes=cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
       executables_built=int(compile_s > 0), calls=1, layer_steps=int(np.sum(step_layers)),
       loop_steps=int(loop_steps))
   return outputs, stats, np.asarray(step_layers)
@@ -454,7 +436,7 @@ def early_exit_generate(model: Decoder, prompts: Sequence[Sequence[int]], *, thr
   """Greedy CALM-style early exit (see the module docstring); threshold is traced (0 = exit at
   the first exit point, > 1 = never exit). Returns (ids per prompt, EOS excluded; stats)."""
   exit_layers(model.cfg.num_layers, exit_every)
-  method = _Method("early_exit", decode.bucket(max_new_tokens, decode.MIN_BUCKET), exit_every)
+  method = _Method("early_exit", engine.bucket(max_new_tokens, engine.MIN_BUCKET), exit_every)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id, threshold=threshold)[:2]
 
@@ -466,7 +448,7 @@ def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
   if schedule.num_layers != model.cfg.num_layers:
     raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has "
                      f"{model.cfg.num_layers}")
-  method = _Method("skipdecode", decode.bucket(max_new_tokens, decode.MIN_BUCKET),
+  method = _Method("skipdecode", engine.bucket(max_new_tokens, engine.MIN_BUCKET),
                    schedule=schedule)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id)[:2]

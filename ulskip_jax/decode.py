@@ -38,14 +38,16 @@ import flax.struct
 import numpy as np
 from flax import nnx
 
-from ulskip_jax import sampling
+from ulskip_jax import engine, sampling
+# Shared with the other strategies; public here too, where they were first defined.
+from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, DecodeStats,  # noqa: F401
+                               bucket, executable, left_pad, trim)
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
-MIN_BUCKET = 16
 QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call (see generate_continuous)
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
@@ -64,61 +66,9 @@ class DecodeOptions:
   early_stopping: bool | str
 
 
-@dataclasses.dataclass
-class DecodeStats:
-  """Counts and timings of one or more `generate` calls (add them with `+`).
-
-  generated_tokens counts the tokens the model produced, each row's EOS included, dummy rows and
-  the pads after EOS excluded. wall_s is the execution time (host to device, run, back to lists)
-  without compile_s, the time spent building executables. cache_bytes is the largest KV cache
-  allocated (kept layers only: n / L of full depth; beams multiply the rows).
-  """
-  prompt_tokens: int = 0
-  generated_tokens: int = 0
-  wall_s: float = 0.0
-  compile_s: float = 0.0
-  cache_bytes: int = 0
-  executables_built: int = 0
-  calls: int = 0
-
-  def __add__(self, other: DecodeStats) -> DecodeStats:
-    return DecodeStats(self.prompt_tokens + other.prompt_tokens,
-                       self.generated_tokens + other.generated_tokens,
-                       self.wall_s + other.wall_s, self.compile_s + other.compile_s,
-                       max(self.cache_bytes, other.cache_bytes),
-                       self.executables_built + other.executables_built, self.calls + other.calls)
-
-  @property
-  def generated_tokens_per_s(self) -> float:
-    return self.generated_tokens / self.wall_s if self.wall_s else 0.0
-
-  @property
-  def total_tokens_per_s(self) -> float:
-    """(prompt + generated) tokens per second, the throughput the ULS paper reports."""
-    return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
-
-  def as_dict(self) -> dict[str, Any]:
-    return dict(dataclasses.asdict(self), generated_tokens_per_s=self.generated_tokens_per_s,
-                total_tokens_per_s=self.total_tokens_per_s)
-
-
-# Compiled executables, keyed by (graphdef, state avals, options, B, P). Module level so that every
-# call with the same model structure and bucket reuses one executable.
-_EXECUTABLES: dict[tuple, Any] = {}
-
-# XLA options for every executable built here. Tests of tiny models set fast-compile options
-# (xla_backend_optimization_level=0 builds about 3x faster on CPU; the run time is negligible).
-COMPILER_OPTIONS: dict[str, Any] = {}
-
-
 def num_compiles() -> int:
-  """Executables built by this module so far (one per distinct key; see the module docstring)."""
-  return len(_EXECUTABLES)
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-  """The next power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+  """Executables built for greedy, sampling, beam, continuous and speculative decoding."""
+  return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
 
 
 def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None) -> tuple[int, ...]:
@@ -395,21 +345,6 @@ def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
-def executable(fn, graphdef, state, args, opts: DecodeOptions):
-  """The compiled executable for these shapes and options, built once (returns it and the seconds
-  spent compiling, 0 when it was cached)."""
-  leaves, treedef = jax.tree.flatten(state)
-  key = (fn.__name__, graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), opts,
-         tuple((a.shape, a.dtype) for a in args), tuple(sorted(COMPILER_OPTIONS.items())))
-  if key in _EXECUTABLES:
-    return _EXECUTABLES[key], 0.0
-  start = time.perf_counter()
-  jitted = jax.jit(fn, static_argnames=("graphdef", "opts"))
-  compiled = jitted.lower(graphdef, state, *args, opts=opts).compile(dict(COMPILER_OPTIONS))
-  _EXECUTABLES[key] = compiled
-  return compiled, time.perf_counter() - start
-
-
 _TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
 
 
@@ -520,11 +455,7 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
                        no_repeat_ngram_size=o["no_repeat_ngram_size"],
                        early_stopping=o["early_stopping"] if beam_search else True)
   B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
-  prompt_BP = np.full((B, P), pad_id, np.int32)
-  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
-  for i, p in enumerate(prompts):
-    prompt_BP[i, P - len(p):] = p
-    pad_B[i] = P - len(p)
+  prompt_BP, pad_B = left_pad(prompts, B, P, pad_id)
   active_B = np.arange(B) < len(prompts)
   args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens),
           np.int32(-1 if o["eos_id"] is None else o["eos_id"]), np.int32(pad_id),
@@ -592,12 +523,7 @@ def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   compiled, compile_s = executable(fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out = np.asarray(compiled(state, *args))
-  eos_id, max_new_tokens = kw.get("eos_id"), kw["max_new_tokens"]
-  outputs, generated = [], 0
-  for row in out[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  outputs, generated = trim(out, len(prompts), kw["max_new_tokens"], kw.get("eos_id"))
   stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
                       wall_s=time.perf_counter() - start, compile_s=compile_s,
                       cache_bytes=cache_bytes(model.cfg, rows, P + opts.max_new_slots, opts.skip),
@@ -644,11 +570,7 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
   for first in range(0, len(prompts), chunk):
     queue = prompts[first:first + chunk]
     Q = max(B, bucket(len(queue)))
-    queue_QP = np.full((Q, P), pad_id, np.int32)
-    pad_Q = np.full((Q,), P - 1, np.int32)  # unused queue entries: a one-token prompt of pad_id
-    for i, p in enumerate(queue):
-      queue_QP[i, P - len(p):] = p
-      pad_Q[i] = P - len(p)
+    queue_QP, pad_Q = left_pad(queue, Q, P, pad_id)
     args = (queue_QP, pad_Q, np.arange(B) < rows, np.int32(len(queue)), np.int32(max_new_tokens),
             np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
             jax.random.key_data(jax.random.key(o["seed"])),
@@ -656,11 +578,8 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
     compiled, compile_s = executable(_continuous_fn, graphdef, state, args, opts)
     start = time.perf_counter()
     out = np.asarray(compiled(state, *args))
-    generated = 0
-    for row in out[:len(queue), :max_new_tokens].tolist():
-      n = row.index(eos_id) if eos_id in row else len(row)
-      outputs.append(row[:n])
-      generated += min(n + 1, len(row))
+    ids, generated = trim(out, len(queue), max_new_tokens, eos_id)
+    outputs += ids
     stats = stats + DecodeStats(generated_tokens=generated, wall_s=time.perf_counter() - start,
                                 compile_s=compile_s, executables_built=int(compile_s > 0), calls=1)
   return outputs, stats

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ulskip_jax import decode, kv_cache, sampling
+from ulskip_jax import decode, engine, kv_cache, sampling
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import cache_bytes
 from ulskip_jax.model import Decoder, ModelConfig, kept_layers
@@ -430,7 +430,7 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   (built if needed), for inspecting its HLO or memory."""
   opts, args, _, _ = _plan(model, [[0] * prompt_len] * batch_size, **kw)
   graphdef, state = nnx.split(model)
-  return decode.executable(_speculative_fn, graphdef, state, args, opts)[0]
+  return engine.executable(_speculative_fn, graphdef, state, args, opts)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
@@ -455,14 +455,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   graphdef, state = nnx.split(model)
-  compiled, compile_s = decode.executable(_speculative_fn, graphdef, state, args, opts)
+  compiled, compile_s = engine.executable(_speculative_fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out, accepted, drafted, rounds = jax.device_get(compiled(state, *args))
-  outputs, generated = [], 0
-  for row in np.asarray(out)[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  outputs, generated = engine.trim(out, len(prompts), max_new_tokens, eos_id)
   wall_s = time.perf_counter() - start
   verify_bytes = cache_bytes(model.cfg, B, S)
   draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)
