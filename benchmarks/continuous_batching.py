@@ -68,8 +68,8 @@ def main(argv=None):
   lines = [f"`python benchmarks/continuous_batching.py {' '.join(argv or sys.argv[1:])}`".strip(),
            "", f"{len(texts)} prompts, batch {args.batch_size}, max_new_tokens "
            f"{args.max_new_tokens}, greedy, EOS, chat={chat}, mode {args.mode}.", "",
-           "| ratio | batching | generated tokens | wall s | CPU s | load (1 min) | generated tok/s "
-           "| continuous / static | outputs identical |", "|---|---|---|---|---|---|---|---|---|"]
+           "| ratio | batching | generated tokens | wall s | CPU s | load (1 min) "
+           "| generated tok/s | continuous / static | outputs identical |", "|---|---|---|---|---|---|---|---|---|"]
   print("\n".join(lines), flush=True)
   for ratio in (float(r) for r in args.ratios.split(",")):
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=chat,

@@ -39,6 +39,7 @@ import math
 import time
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -358,6 +359,17 @@ def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
   return model.unembed(x)[:, 0], cache, depth
 
 
+@flax.struct.dataclass
+class DynamicState:
+  """The loop state of early exit and SkipDecode (B rows, N new-token slots)."""
+  t: Array            # [] tokens generated so far
+  tok: Array          # [B] the last one, fed next
+  buf: Array          # [B, N] generated tokens, pad_id after EOS
+  done: Array         # [B] bool
+  cache: KVCache
+  step_layers: Array  # [N] layers run by the step that produced token t
+
+
 def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,
                  *, opts: _Method):
   """Greedy decoding; returns (tokens [B, N], layers run at each loop step [N] (index t: the step
@@ -383,26 +395,24 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
   done = done | (tok == eos_id)
   buf = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
 
-  def cond(carry):
-    t, _, _, done, _, _ = carry
-    return (t < max_new) & ~jnp.all(done)
+  def cond(s: DynamicState):
+    return (s.t < max_new) & ~jnp.all(s.done)
 
-  def body(carry):
-    t, tok, buf, done, cache, step_layers = carry
-    slot = P + t - 1
+  def body(s: DynamicState) -> DynamicState:
+    t, slot = s.t, P + s.t - 1
     if method.kind == "early_exit":
-      logits, cache, run = _early_exit_step(model, method, tok, slot - pad_B, cache, slot, ~done,
-                                            threshold)
+      logits, cache, run = _early_exit_step(model, method, s.tok, slot - pad_B, s.cache, slot,
+                                            ~s.done, threshold)
     else:
-      logits, cache, run = _skipdecode_step(model, method, tok, slot - pad_B, cache, slot, t - 1)
-    tok = jnp.where(done, pad_id, sampling.argmax(logits).astype(jnp.int32))
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], t, 1)
-    step_layers = step_layers.at[t].set(run)
-    return t + 1, tok, buf, done | (tok == eos_id), cache, step_layers
+      logits, cache, run = _skipdecode_step(model, method, s.tok, slot - pad_B, s.cache, slot,
+                                            t - 1)
+    tok = jnp.where(s.done, pad_id, sampling.argmax(logits).astype(jnp.int32))
+    return DynamicState(t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None], t, 1),
+                        s.done | (tok == eos_id), cache, s.step_layers.at[t].set(run))
 
-  t, _, buf, _, _, step_layers = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tok, buf, done, cache, jnp.zeros((N,), jnp.int32)))
-  return buf, step_layers, t - 1
+  end = jax.lax.while_loop(cond, body, DynamicState(jnp.int32(1), tok, buf, done, cache,
+                                                    jnp.zeros((N,), jnp.int32)))
+  return end.buf, end.step_layers, end.t - 1
 
 
 def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, eos_id, pad_id,

@@ -138,6 +138,16 @@ def _step(model: Decoder, opts: DecodeOptions, tokens_R: Array, positions_R: Arr
   return model.unembed(x)[:, 0], cache
 
 
+@flax.struct.dataclass
+class SampleState:
+  """Greedy / sampling loop state (B rows, L = P + N token slots)."""
+  t: Array        # [] tokens generated so far
+  tok: Array      # [B] the last one, fed next
+  buf: Array      # [B, L] prompt and generated tokens, pad_id after EOS
+  done: Array     # [B] bool
+  cache: KVCache
+
+
 def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
                temperature, top_p, length_penalty, *, opts: DecodeOptions):
   """Greedy / sampling: returns the new tokens [B, N] (pad after EOS and past the budget)."""
@@ -158,19 +168,32 @@ def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad
   logits, cache = prefill(model, opts, prompt_BP, pad_B, B, P + N)
   tok, buf, done = choose(logits, 0, buf, ~active_B)
 
-  def cond(carry):
-    t, _, _, done, _ = carry
-    return (t < max_new) & ~jnp.all(done)
+  def cond(s: SampleState):
+    return (s.t < max_new) & ~jnp.all(s.done)
 
-  def body(carry):
-    t, tok, buf, done, cache = carry
-    slot = P + t - 1  # the previous token's slot
-    logits, cache = _step(model, opts, tok, slot - pad_B, cache, slot)
-    tok, buf, done = choose(logits, t, buf, done)
-    return t + 1, tok, buf, done, cache
+  def body(s: SampleState) -> SampleState:
+    slot = P + s.t - 1  # the previous token's slot
+    logits, cache = _step(model, opts, s.tok, slot - pad_B, s.cache, slot)
+    tok, buf, done = choose(logits, s.t, s.buf, s.done)
+    return SampleState(s.t + 1, tok, buf, done, cache)
 
-  _, _, buf, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, buf, done, cache))
-  return buf[:, P:]
+  end = jax.lax.while_loop(cond, body, SampleState(jnp.int32(1), tok, buf, done, cache))
+  return end.buf[:, P:]
+
+
+@flax.struct.dataclass
+class BeamState:
+  """Beam search's loop state (B rows, nb beams, L = P + N token slots)."""
+  t: Array           # [] tokens generated so far
+  parents: Array     # [B * nb] the flat cache row each running beam continues
+  cache: KVCache     # [B * nb] rows, one per running beam
+  run_seq: Array     # [B, nb, L] running beams' tokens (prompt included)
+  run_score: Array   # [B, nb] their summed log-probabilities
+  fin_seq: Array     # [B, nb, L] finished hypotheses, best first
+  fin_score: Array   # [B, nb] their length-penalised scores
+  fin_flag: Array    # [B, nb] bool: the slot holds a finished hypothesis
+  improvable: Array  # [B] bool: Hugging Face's is_early_stop_heuristic_unsatisfied
+  go_on: Array       # [] bool
 
 
 def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
@@ -201,7 +224,9 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
   def take(x, idx):  # x [B, k, ...], idx [B, j] -> [B, j, ...]
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
 
-  def select(logits_RV, t, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable):
+  def select(logits_RV, s: BeamState) -> BeamState:
+    t, run_seq, run_score, improvable = s.t, s.run_seq, s.run_score, s.improvable
+    fin_seq, fin_score, fin_flag = s.fin_seq, s.fin_score, s.fin_flag
     cur = P + t
     logp = jax.nn.log_softmax(logits_RV, -1)
     if opts.no_repeat_ngram_size:
@@ -233,27 +258,26 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
     improvable = improvable & jnp.any(best_running > worst_fin, -1)
     all_full = jnp.all(fin_flag | ~active_B[:, None]) & (opts.early_stopping is True)
     go_on = jnp.any(improvable) & ~all_full & ~jnp.all(hits | ~active_B[:, None])
-    rows = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
-    return rows, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable, go_on
+    parents = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
+    return s.replace(t=t + 1, parents=parents, run_seq=run_seq, run_score=run_score,
+                     fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag,
+                     improvable=improvable, go_on=go_on)
 
   logits, cache = prefill(model, opts, prompt_BP, pad_B, R, P + N)
-  rows, *beams, go_on = select(logits, 0, run_seq, run_score, fin_seq, fin_score, fin_flag,
-                               improvable)
+  start = select(logits, BeamState(
+      t=jnp.int32(0), parents=jnp.arange(R), cache=cache, run_seq=run_seq, run_score=run_score,
+      fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag, improvable=improvable,
+      go_on=jnp.array(True)))
 
-  def cond(carry):
-    return carry[-1]
+  def body(s: BeamState) -> BeamState:
+    cache = s.cache.reorder(s.parents)  # each beam takes its parent's K/V
+    slot = P + s.t - 1
+    logits, cache = _step(model, opts, s.run_seq[:, :, slot].reshape(R), slot - pad_R, cache,
+                          slot)
+    return select(logits, s.replace(cache=cache))
 
-  def body(carry):
-    t, rows, cache, run_seq, *rest, _ = carry
-    cache = cache.reorder(rows)  # each beam takes its parent's K/V
-    slot = P + t - 1
-    logits, cache = _step(model, opts, run_seq[:, :, slot].reshape(R), slot - pad_R, cache, slot)
-    rows, *beams, go_on = select(logits, t, run_seq, *rest)
-    return (t + 1, rows, cache, *beams, go_on)
-
-  _, _, _, _, _, fin_seq, *_ = jax.lax.while_loop(cond, body,
-                                                 (jnp.int32(1), rows, cache, *beams, go_on))
-  return fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
+  end = jax.lax.while_loop(lambda s: s.go_on, body, start)
+  return end.fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,7 @@ from flax import nnx
 
 from ulskip_jax import decode, engine, kv_cache, sampling
 from ulskip_jax.checks import as_int
-from ulskip_jax.kv_cache import cache_bytes
+from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
 Array = jax.Array
@@ -189,6 +190,23 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
 # ----------------------------------------------------------------------------------------------
 # The executable.
 
+@flax.struct.dataclass
+class SpeculativeState:
+  """The loop state between rounds (B rows, N new-token slots, k drafts a round)."""
+  rnd: Array                   # [] this round's number, from 1
+  out: Array                   # [B, N + k + 1] emitted tokens, pad_id after EOS and the budget
+  generated: Array             # [B] tokens emitted so far
+  done: Array                  # [B] bool
+  pending: Array               # [B] the last emitted token: its K/V is not in the caches yet
+  cache: KVCache               # the full model's (verify) cache; with a shared cache, the draft's
+  draft_cache: KVCache | None  # the draft's own cache (draft_cache="separate"), else None
+  carry_tok: Array             # [B] separate cache: the last draft, which the draft never ran
+  carry_valid: Array           # [B] bool: carry_tok was accepted, so the draft runs it first
+  accepted: Array              # [B] accepted drafts so far
+  drafted: Array               # [B] drafted tokens so far
+  last_commit: tuple           # (count, dest, first_pos) [B] each: last round's verify commit
+
+
 def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
                     temperature, top_p, length_penalty, *, opts: SpeculativeOptions):
   """Returns (new tokens [B, N + k + 1] (pad after EOS and the budget), accepted drafts [B],
@@ -261,17 +279,17 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
       return drafts, qs, cache, dcache
     return drafts, qs, cache.merge_view(dcache, kept), None
 
-  def cond(carry):
-    return ~jnp.all(carry[3])
+  def cond(s: SpeculativeState):
+    return ~jnp.all(s.done)
 
-  def body(carry):
-    (rnd, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid, accepted,
-     drafted, last_commit) = carry
+  def body(s: SpeculativeState) -> SpeculativeState:
+    generated, done, pending, draft_cache = s.generated, s.done, s.pending, s.draft_cache
+    carry_tok, carry_valid = s.carry_tok, s.carry_valid
     # The previous round's verify commit, done here rather than right after its verify pass:
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
     # XLA copied every verify layer twice a round (measured in the HLO; test_speculative checks).
-    cache = cache.commit(Z, k + 1, zeros, *last_commit)
-    round_rng = jax.random.fold_in(rng, rnd)
+    cache = s.cache.commit(Z, k + 1, zeros, *s.last_commit)
+    round_rng = jax.random.fold_in(rng, s.rnd)
     pos0 = prompt_len_B + generated - 1  # the pending token's position
     committed = generated - 1            # generated tokens whose K/V is in the verify cache
     drafts, qs, cache, draft_cache = draft(cache, draft_cache, pending, carry_tok, carry_valid,
@@ -288,9 +306,9 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
     count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
     block = jnp.where(steps[None] < count[:, None], block, pad_id)
-    out = kv_cache.write_rows(out, block, generated, 1)
-    accepted = accepted + jnp.minimum(a, count)
-    drafted = drafted + jnp.where(done, 0, k)
+    out = kv_cache.write_rows(s.out, block, generated, 1)
+    accepted = s.accepted + jnp.minimum(a, count)
+    drafted = s.drafted + jnp.where(done, 0, k)
     # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
     # token becomes the next pending one; done at the start of the next round); the draft cache
     # keeps the same tokens, those it has run.
@@ -299,20 +317,19 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
       carry_int = carry_valid.astype(jnp.int32)
       draft_count = jnp.where(done, 0, carry_int + jnp.minimum(count, k))
       draft_cache = draft_cache.commit(Z, k + 1, 1 - carry_int, draft_count,
-                            P + committed - carry_int, pos0 - carry_int)
+                                       P + committed - carry_int, pos0 - carry_int)
       carry_valid = (count == k + 1) & ~done
       carry_tok = drafts[:, k - 1]
     pending = jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], pending)
     generated = generated + count
     done = done | hit_eos | (generated >= max_new)
-    return (rnd + 1, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid,
-            accepted, drafted, last_commit)
+    return SpeculativeState(s.rnd + 1, out, generated, done, pending, cache, draft_cache,
+                            carry_tok, carry_valid, accepted, drafted, last_commit)
 
-  init = (jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros, zeros > 0, zeros,
-          zeros, (zeros, zeros + P, zeros))
-  carry = jax.lax.while_loop(cond, body, init)
-  rnd, out, *_, accepted, drafted, _ = carry
-  return out, accepted, drafted, rnd - 1
+  start = SpeculativeState(jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros,
+                           zeros > 0, zeros, zeros, (zeros, zeros + P, zeros))
+  end = jax.lax.while_loop(cond, body, start)
+  return end.out, end.accepted, end.drafted, end.rnd - 1
 
 
 # ----------------------------------------------------------------------------------------------
