@@ -15,7 +15,9 @@ ratios (or skip lists) each gets its own file: out.txt -> out.r2.txt, out.r5.txt
 
 Per ratio it prints generated tokens/s, (prompt + generated) tokens/s (what the ULS paper
 reports), wall and compile time, KV cache bytes, and BLEU + chrF (sacrebleu; `--metric rouge`
-for ROUGE-1/2/L F1) when references are given. Bad input is reported in one line on stderr with
+for ROUGE-1/2/L F1) when references are given. Greedy and sampled decoding batch continuously
+(a row that finishes takes the next prompt; `--static-batches` decodes fixed, length-sorted
+batches instead). Bad input is reported in one line on stderr with
 exit code 2. A prompt longer than the model's positions minus --max-new-tokens is an error (it
 is never truncated silently). Every option, file and folder is checked before any decoding (the
 output folders too), and every error is one line (exit code 2 for bad input, 1 for an internal
@@ -230,6 +232,11 @@ def parse_args(argv):
   p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
                  help="paper: prompt at full depth; everywhere: prompt skips too")
   p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--static-batches", action="store_true",
+                 help="decode fixed batches of --batch-size prompts sorted by length, each until "
+                      "its slowest row is done (default: continuous batching, where a finished "
+                      "row takes the next prompt; beams and --no-repeat-ngram-size always run "
+                      "static batches)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--no-repeat-ngram-size", type=int, default=0)
@@ -277,7 +284,8 @@ def run(args) -> dict:
   for label, plan in runs:
     try:
       hyps, stats = decode.generate_text(model, tokenizer, texts, batch_size=args.batch_size,
-                                         progress=not args.no_progress, chat=chat, **plan, **kw)
+                                         progress=not args.no_progress, chat=chat,
+                                         static_batches=args.static_batches, **plan, **kw)
     except ValueError as e:  # a prompt (numbered from 0): too long, or ids the model lacks
       raise UsageError(f"{args.input}: {e}") from None
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]

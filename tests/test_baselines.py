@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from tests import tiny
-from ulskip_jax import baselines, decode
+from ulskip_jax import baselines, decode, engine
 from ulskip_jax.data import pack_row
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]]  # equal lengths: no padding in the reference
@@ -206,8 +206,9 @@ def test_dynamic_decode_loops_do_not_copy_the_cache(model, kind):
   layer_shape = f"f32[2,{cfg.num_kv_heads},32,{cfg.head_dim}]"  # [B, K, S, Hd], S = 16 + 16
   # Every executable of this kind with this call's cache shape (other tests build more): none
   # may copy a cache layer.
-  texts = [t for k, v in baselines._EXECUTABLES.items()
-           if k[3].kind == kind and k[0] == nnx.graphdef(model)
+  texts = [t for k, v in engine.EXECUTABLES.items()
+           if k[0] == "ulskip_jax.baselines._generate_fn" and k[4].kind == kind
+           and k[1] == nnx.graphdef(model)
            for t in [v.as_text()] if layer_shape in t]
   assert texts  # the pattern below is not vacuous
   for text in texts:

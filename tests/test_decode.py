@@ -264,3 +264,52 @@ def test_bad_arguments_raise_one_line_errors(models):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
       decode.generate(model, **kw)
     assert "\n" not in str(info.value)
+
+
+# Continuous batching: 7 prompts through 2 rows, so most rows are refilled mid-loop.
+QUEUE = PROMPTS + [[1, 4], [1, 7, 7, 7, 7, 7], [1, 20, 21, 22, 23], [1, 30]]
+
+
+def _eos_with_spread(model, **kw):
+  """A token greedy decoding emits at different steps in different rows, so that as eos_id it
+  makes outputs of different lengths (and rows finish at different times)."""
+  free, _ = decode.generate(model, QUEUE, max_new_tokens=MAX_NEW, eos_id=None, **kw)
+  def lengths(tok):
+    return {row.index(tok) if tok in row else len(row) for row in free}
+  return max({tok for row in free for tok in row}, key=lambda tok: len(lengths(tok)))
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("bloom", {}), ("gpt2", dict(ratio=RATIO)),
+                                       ("qwen2", dict(ratio=RATIO, mode="everywhere"))])
+def test_continuous_batching_equals_each_prompt_alone(models, family, kw):
+  model = models[family][1]
+  eos = _eos_with_spread(model, **kw)
+  alone = [decode.generate(model, [p], max_new_tokens=MAX_NEW, eos_id=eos, **kw)[0][0]
+           for p in QUEUE]
+  assert len(set(map(len, alone))) > 2  # rows finish at different steps
+  got, stats = decode.generate_continuous(model, QUEUE, batch_size=2, max_new_tokens=MAX_NEW,
+                                          eos_id=eos, **kw)
+  assert got == alone
+  assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in alone)
+  assert stats.prompt_tokens == sum(map(len, QUEUE))
+
+
+def test_continuous_batching_compiles_once_per_bucket_and_samples_per_prompt(models):
+  model = models["qwen2"][1]
+  kw = dict(max_new_tokens=MAX_NEW, eos_id=EOS)
+  before = decode.num_compiles()
+  decode.generate_continuous(model, QUEUE, batch_size=2, **kw)
+  # Other queue lengths, prompt lengths, budgets and eos in the same buckets: no new executable.
+  for queue, max_new, eos in ((QUEUE[:5], 3, None), (QUEUE[2:] + QUEUE[:1], 7, 9)):
+    _, stats = decode.generate_continuous(model, queue, batch_size=2, max_new_tokens=max_new,
+                                          eos_id=eos)
+    assert stats.executables_built == 0
+  assert decode.num_compiles() == before + 1
+  # Each prompt samples with its own keys, so the schedule (rows) does not change its tokens.
+  sample = dict(kw, temperature=1.0, top_p=0.9, seed=3)
+  two, _ = decode.generate_continuous(model, QUEUE, batch_size=2, **sample)
+  four, _ = decode.generate_continuous(model, QUEUE, batch_size=4, **sample)
+  assert two == four
+  assert decode.generate_continuous(model, QUEUE, batch_size=2, **dict(sample, seed=4))[0] != two
+  with pytest.raises(ValueError, match="num_beams > 1"):
+    decode.generate_continuous(model, QUEUE, num_beams=2, **kw)

@@ -39,14 +39,16 @@ import math
 import time
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from ulskip_jax import decode
-from ulskip_jax.model import NEG_INF, Decoder, KVCache, alibi_slopes, init_cache
+from ulskip_jax import decode, engine, sampling
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.model import Decoder
 
 Array = jax.Array
 
@@ -269,15 +271,8 @@ class DynamicStats(decode.DecodeStats):
     return num_layers * self.loop_steps / self.layer_steps if self.layer_steps else 1.0
 
 
-_EXECUTABLES: dict[tuple, object] = {}
-
-
 def num_compiles() -> int:
-  return len(_EXECUTABLES)
-
-
-def _cache_write(cache_BKSD, new_BK1D, slot):
-  return jax.lax.dynamic_update_slice_in_dim(cache_BKSD, new_BK1D.astype(cache_BKSD.dtype), slot, 2)
+  return engine.num_compiles(__name__)
 
 
 def _project_kv(layer, x_B1D, positions_B1):
@@ -286,67 +281,38 @@ def _project_kv(layer, x_B1D, positions_B1):
   return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _block_step(layer, x_B1D, positions_B1, k_BKSD, v_BKSD, cache_pos_BS, slot):
-  """`Block` on one token per row that only READS the cache: attention over the cached slots
-  before this one plus the token's own K/V, which are returned (k, v [B, K, 1, Hd]) for the caller
-  to write. Inside `lax.cond` / `lax.switch` a branch that wrote the cache would make XLA copy
-  every cache layer it touches on every step (measured in the HLO); writing outside keeps the
-  update in place, as in `decode.generate`."""
-  cfg = layer.attn.cfg
-  h = layer.attn_norm(x_B1D)
-  q, k, v = layer.attn.project_qkv(h, positions_B1)
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  B, _, H, Hd = q.shape
-  K, S = k_BKSD.shape[1], k_BKSD.shape[2]
-  qg = q.reshape(B, 1, K, H // K, Hd)
-  scale = 1.0 / math.sqrt(Hd)
-  s_cache = jnp.einsum("btkgd,bksd->bkgts", qg, k_BKSD.astype(q.dtype)).astype(jnp.float32) * scale
-  s_self = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
-  if cfg.pos == "alibi":
-    slopes = alibi_slopes(cfg.num_heads).reshape(K, H // K)[None, :, :, None, None]
-    rel = (cache_pos_BS - positions_B1).astype(jnp.float32)[:, None, None, None, :]
-    s_cache = s_cache + slopes * rel
-  visible = ((cache_pos_BS >= 0) & (cache_pos_BS <= positions_B1)
-             & (jnp.arange(S) != slot)[None])  # this token's own slot is not written yet
-  s_cache = jnp.where(visible[:, None, None, None, :], s_cache, NEG_INF)
-  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), -1).astype(q.dtype)
-  out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_BKSD.astype(q.dtype))
-         + jnp.einsum("bkgts,bksd->btkgd", probs[..., S:], v)).reshape(B, 1, H, Hd)
-  x = x_B1D + layer.attn.project_out(out)
-  return x + layer.mlp(layer.mlp_norm(x)), k, v
-
-
 def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, threshold):
+  """Layers in segments of exit_every; after each exit point, stop once every live row's
+  confidence reaches the threshold. Layers after the exit get K/V from the exit state (CALM's
+  propagation). Segments run in `lax.cond`s that only read the cache (deferred layer caches);
+  the writes follow outside, so XLA keeps them in place."""
   L, k = model.cfg.num_layers, method.exit_every
   positions = pos_B[:, None]
-  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  ones = jnp.ones(positions.shape, jnp.int32)
+  cache = cache.write_positions(positions, ones, slot)
   x = model.embed_tokens(tok_B[:, None], positions)
-  ks, vs = list(cache.k), list(cache.v)
   exited, layers_run = jnp.array(False), jnp.int32(0)
   logits = jnp.zeros((tok_B.shape[0], model.cfg.vocab_size), jnp.float32)
   points = exit_layers(L, k)
   for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
-    def run(x, seg_k, seg_v, seg=seg):
-      new_k, new_v = [], []
-      for l, kc, vc in zip(seg, seg_k, seg_v):
-        x, kn, vn = _block_step(model.layers[l], x, positions, kc, vc, cache_pos, slot)
-        new_k.append(kn)
-        new_v.append(vn)
-      return x, tuple(new_k), tuple(new_v)
+    def run(x, view, seg=seg):
+      new = []
+      for j, l in enumerate(seg):
+        x, kv = model.layers[l](x, positions, ones, view.layer(j, slot, deferred=True))
+        new.append(kv)
+      return x, tuple(new)
 
-    def fill(x, seg_k, seg_v, seg=seg):  # CALM's propagation: K/V from the exit state
-      kv = [_project_kv(model.layers[l], x, positions) for l in seg]
-      return x, tuple(a for a, _ in kv), tuple(b for _, b in kv)
+    def fill(x, view, seg=seg):
+      return x, tuple(_project_kv(model.layers[l], x, positions) for l in seg)
 
     if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
-      ones = jnp.ones(positions.shape, jnp.int32)
       for l in seg:
-        x, (ks[l], vs[l]) = model.layers[l](x, positions, ones, (ks[l], vs[l], cache_pos, slot))
+        x, written = model.layers[l](x, positions, ones, cache.layer(l, slot))
+        cache = cache.with_layer(l, written)
     else:
-      x, new_k, new_v = jax.lax.cond(exited, fill, run, x, tuple(ks[l] for l in seg),
-                                     tuple(vs[l] for l in seg))
-      for l, kn, vn in zip(seg, new_k, new_v):
-        ks[l], vs[l] = _cache_write(ks[l], kn, slot), _cache_write(vs[l], vn, slot)
+      x, new = jax.lax.cond(exited, fill, run, x, cache.kept_view(seg))
+      for l, (kn, vn) in zip(seg, new):
+        cache = cache.write(l, kn, vn, slot)
     layers_run = layers_run + jnp.where(exited, 0, len(seg))
     if seg[-1] in points:
       def confidence(x, logits):
@@ -359,7 +325,7 @@ def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, 
       logits = jnp.where(exited, logits, exit_logits)
       exited = now
   logits = jax.lax.cond(exited, lambda x, lg: lg, lambda x, lg: model.unembed(x)[:, 0], x, logits)
-  return logits, KVCache(tuple(ks), tuple(vs), cache_pos), layers_run
+  return logits, cache, layers_run
 
 
 def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
@@ -369,35 +335,46 @@ def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
   with depth from the schedule's few levels that is the same set of static paths as a
   `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
   operands made XLA copy the cache layers some branches leave unread on every step (seen in the
-  HLO), while per-layer conds read only their own layer. A skipped layer writes zeros into this
-  token's slot: no later token runs that layer (monotone schedule), so nothing reads them.
+  HLO), while per-layer conds read only their own layer (deferred: the write follows the cond).
+  A skipped layer writes zeros into this token's slot: no later token runs that layer (monotone
+  schedule), so nothing reads them.
   """
   sched, L = method.schedule, model.cfg.num_layers
   positions = pos_B[:, None]
-  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, slot, 1)
+  ones = jnp.ones(positions.shape, jnp.int32)
+  cache = cache.write_positions(positions, ones, slot)
   x = model.embed_tokens(tok_B[:, None], positions)
   first_cached = L - sched.depths[0]
   depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(step)]
   kv_shape = (tok_B.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
-  ks, vs = list(cache.k), list(cache.v)
-  for j in range(len(ks)):
-    layer = model.layers[first_cached + j]
+  for j in range(cache.num_layers):
+    def run(x, view, layer=model.layers[first_cached + j]):
+      return layer(x, positions, ones, view.layer(0, slot, deferred=True))
 
-    def run(x, kc, vc, layer=layer):
-      return _block_step(layer, x, positions, kc, vc, cache_pos, slot)
+    def skip(x, view):
+      return x, (jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype))
 
-    def skip(x, kc, vc):
-      return x, jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype)
+    x, (kn, vn) = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, cache.kept_view((j,)))
+    cache = cache.write(j, kn, vn, slot)
+  return model.unembed(x)[:, 0], cache, depth
 
-    x, kn, vn = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, ks[j], vs[j])
-    ks[j], vs[j] = _cache_write(ks[j], kn, slot), _cache_write(vs[j], vn, slot)
-  return model.unembed(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache_pos), depth
+
+@flax.struct.dataclass
+class DynamicState:
+  """The loop state of early exit and SkipDecode (B rows, N new-token slots)."""
+  t: Array            # [] tokens generated so far
+  tok: Array          # [B] the last one, fed next
+  buf: Array          # [B, N] generated tokens, pad_id after EOS
+  done: Array         # [B] bool
+  cache: KVCache
+  step_layers: Array  # [N] layers run by the step that produced token t
 
 
 def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,
-                 *, method: _Method):
+                 *, opts: _Method):
   """Greedy decoding; returns (tokens [B, N], layers run at each loop step [N] (index t: the step
   that produced token t; 0 at t = 0, the prompt pass), loop steps)."""
+  method = opts
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
   B, P = prompt_BP.shape
@@ -412,70 +389,52 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
   x, cache = model.hidden(prompt_BP, skip=cached_skip, positions_BT=positions,
                           segment_ids_BT=(positions >= 0).astype(jnp.int32),
                           full_depth_BT=True if cached_skip else None, cache=cache, cache_index=0)
-  tok = decode.argmax(model.unembed(x[:, -1:])[:, 0]).astype(jnp.int32)
+  tok = sampling.argmax(model.unembed(x[:, -1:])[:, 0]).astype(jnp.int32)
   done = ~active_B
   tok = jnp.where(done, pad_id, tok)
   done = done | (tok == eos_id)
   buf = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
 
-  def cond(carry):
-    t, _, _, done, _, _ = carry
-    return (t < max_new) & ~jnp.all(done)
+  def cond(s: DynamicState):
+    return (s.t < max_new) & ~jnp.all(s.done)
 
-  def body(carry):
-    t, tok, buf, done, cache, step_layers = carry
-    slot = P + t - 1
+  def body(s: DynamicState) -> DynamicState:
+    t, slot = s.t, P + s.t - 1
     if method.kind == "early_exit":
-      logits, cache, run = _early_exit_step(model, method, tok, slot - pad_B, cache, slot, ~done,
-                                            threshold)
+      logits, cache, run = _early_exit_step(model, method, s.tok, slot - pad_B, s.cache, slot,
+                                            ~s.done, threshold)
     else:
-      logits, cache, run = _skipdecode_step(model, method, tok, slot - pad_B, cache, slot, t - 1)
-    tok = jnp.where(done, pad_id, decode.argmax(logits).astype(jnp.int32))
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], t, 1)
-    step_layers = step_layers.at[t].set(run)
-    return t + 1, tok, buf, done | (tok == eos_id), cache, step_layers
+      logits, cache, run = _skipdecode_step(model, method, s.tok, slot - pad_B, s.cache, slot,
+                                            t - 1)
+    tok = jnp.where(s.done, pad_id, sampling.argmax(logits).astype(jnp.int32))
+    return DynamicState(t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None], t, 1),
+                        s.done | (tok == eos_id), cache, s.step_layers.at[t].set(run))
 
-  t, _, buf, _, _, step_layers = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tok, buf, done, cache, jnp.zeros((N,), jnp.int32)))
-  return buf, step_layers, t - 1
+  end = jax.lax.while_loop(cond, body, DynamicState(jnp.int32(1), tok, buf, done, cache,
+                                                    jnp.zeros((N,), jnp.int32)))
+  return end.buf, end.step_layers, end.t - 1
 
 
 def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, eos_id, pad_id,
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
   decode.check_prompts(model.cfg, prompts, max_new_tokens)
-  B, P = decode.bucket(len(prompts)), decode.bucket(max(len(p) for p in prompts), decode.MIN_BUCKET)
-  prompt_BP = np.full((B, P), pad_id, np.int32)
-  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
-  for i, p in enumerate(prompts):
-    prompt_BP[i, P - len(p):] = p
-    pad_B[i] = P - len(p)
+  B, P = engine.bucket(len(prompts)), engine.bucket(max(len(p) for p in prompts),
+                                                    engine.MIN_BUCKET)
+  prompt_BP, pad_B = engine.left_pad(prompts, B, P, pad_id)
   args = (prompt_BP, pad_B, np.arange(B) < len(prompts), np.int32(max_new_tokens),
           np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.float32(threshold))
   graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  key = (graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), method, B, P,
-         tuple(sorted(decode.COMPILER_OPTIONS.items())))
-  compile_s = 0.0
-  if key not in _EXECUTABLES:
-    start = time.perf_counter()
-    jitted = jax.jit(_generate_fn, static_argnames=("graphdef", "method"))
-    _EXECUTABLES[key] = jitted.lower(graphdef, state, *args, method=method).compile(
-        dict(decode.COMPILER_OPTIONS))
-    compile_s = time.perf_counter() - start
+  compiled, compile_s = engine.executable(_generate_fn, graphdef, state, args, method)
   start = time.perf_counter()
-  buf, step_layers, loop_steps = jax.device_get(_EXECUTABLES[key](state, *args))
-  outputs, generated = [], 0
-  for row in np.asarray(buf)[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  buf, step_layers, loop_steps = jax.device_get(compiled(state, *args))
+  outputs, generated = engine.trim(buf, len(prompts), max_new_tokens, eos_id)
   cached = (model.cfg.num_layers if method.kind == "early_exit" else method.schedule.depths[0])
   skip = tuple(range(model.cfg.num_layers - cached))
   stats = DynamicStats(
       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
       wall_s=time.perf_counter() - start, compile_s=compile_s,
-      cache_bytes=decode.cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
+      cache_bytes=cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
       executables_built=int(compile_s > 0), calls=1, layer_steps=int(np.sum(step_layers)),
       loop_steps=int(loop_steps))
   return outputs, stats, np.asarray(step_layers)
@@ -487,7 +446,7 @@ def early_exit_generate(model: Decoder, prompts: Sequence[Sequence[int]], *, thr
   """Greedy CALM-style early exit (see the module docstring); threshold is traced (0 = exit at
   the first exit point, > 1 = never exit). Returns (ids per prompt, EOS excluded; stats)."""
   exit_layers(model.cfg.num_layers, exit_every)
-  method = _Method("early_exit", decode.bucket(max_new_tokens, decode.MIN_BUCKET), exit_every)
+  method = _Method("early_exit", engine.bucket(max_new_tokens, engine.MIN_BUCKET), exit_every)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id, threshold=threshold)[:2]
 
@@ -499,7 +458,7 @@ def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
   if schedule.num_layers != model.cfg.num_layers:
     raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has "
                      f"{model.cfg.num_layers}")
-  method = _Method("skipdecode", decode.bucket(max_new_tokens, decode.MIN_BUCKET),
+  method = _Method("skipdecode", engine.bucket(max_new_tokens, engine.MIN_BUCKET),
                    schedule=schedule)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id)[:2]

@@ -34,15 +34,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.struct
 import numpy as np
 from flax import nnx
 
+from ulskip_jax import engine, sampling
+# Shared with the other strategies; public here too, where they were first defined.
+from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, DecodeStats,  # noqa: F401
+                               bucket, executable, left_pad, trim)
 from ulskip_jax.checks import as_choice, as_float, as_int
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
-MIN_BUCKET = 16
+QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call (see generate_continuous)
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
@@ -60,61 +66,9 @@ class DecodeOptions:
   early_stopping: bool | str
 
 
-@dataclasses.dataclass
-class DecodeStats:
-  """Counts and timings of one or more `generate` calls (add them with `+`).
-
-  generated_tokens counts the tokens the model produced, each row's EOS included, dummy rows and
-  the pads after EOS excluded. wall_s is the execution time (host to device, run, back to lists)
-  without compile_s, the time spent building executables. cache_bytes is the largest KV cache
-  allocated (kept layers only: n / L of full depth; beams multiply the rows).
-  """
-  prompt_tokens: int = 0
-  generated_tokens: int = 0
-  wall_s: float = 0.0
-  compile_s: float = 0.0
-  cache_bytes: int = 0
-  executables_built: int = 0
-  calls: int = 0
-
-  def __add__(self, other: DecodeStats) -> DecodeStats:
-    return DecodeStats(self.prompt_tokens + other.prompt_tokens,
-                       self.generated_tokens + other.generated_tokens,
-                       self.wall_s + other.wall_s, self.compile_s + other.compile_s,
-                       max(self.cache_bytes, other.cache_bytes),
-                       self.executables_built + other.executables_built, self.calls + other.calls)
-
-  @property
-  def generated_tokens_per_s(self) -> float:
-    return self.generated_tokens / self.wall_s if self.wall_s else 0.0
-
-  @property
-  def total_tokens_per_s(self) -> float:
-    """(prompt + generated) tokens per second, the throughput the ULS paper reports."""
-    return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
-
-  def as_dict(self) -> dict[str, Any]:
-    return dict(dataclasses.asdict(self), generated_tokens_per_s=self.generated_tokens_per_s,
-                total_tokens_per_s=self.total_tokens_per_s)
-
-
-# Compiled executables, keyed by (graphdef, state avals, options, B, P). Module level so that every
-# call with the same model structure and bucket reuses one executable.
-_EXECUTABLES: dict[tuple, Any] = {}
-
-# XLA options for every executable built here. Tests of tiny models set fast-compile options
-# (xla_backend_optimization_level=0 builds about 3x faster on CPU; the run time is negligible).
-COMPILER_OPTIONS: dict[str, Any] = {}
-
-
 def num_compiles() -> int:
-  """Executables built by this module so far (one per distinct key; see the module docstring)."""
-  return len(_EXECUTABLES)
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-  """The next power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+  """Executables built for greedy, sampling, beam, continuous and speculative decoding."""
+  return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
 
 
 def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None) -> tuple[int, ...]:
@@ -149,31 +103,10 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
   return jnp.where(banned, -jnp.inf, logits_RV)
 
 
-def argmax(x: Array) -> Array:
-  """jnp.argmax(x, -1) (the first maximal index) as two plain reductions. XLA's CPU argmax, one
-  variadic (value, index) reduce, took 8-12x longer (178 vs 14 us at [8, 4096], 1.15 vs 0.14 ms
-  at [8, 5, 4096]): a third of a round's overhead at batch 8."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), iota, x.shape[-1]), -1)
-
-
 def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Array,
             top_p: Array) -> Array:
-  """Greedy argmax, or a sample after temperature, top-k then top-p (Hugging Face's order)."""
-  if not opts.sample:
-    return argmax(logits_BV).astype(jnp.int32)
-  logits = logits_BV / temperature
-  if opts.top_k is not None:
-    kth = jax.lax.top_k(logits, opts.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if opts.use_top_p:
-    sorted_desc = -jnp.sort(-logits, -1)
-    probs = jax.nn.softmax(sorted_desc, -1)
-    before = jnp.cumsum(probs, -1) - probs  # mass of the strictly more likely tokens
-    keep = (before < top_p).at[:, 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
+  return sampling.select(logits_BV, rng, sample=opts.sample, temperature=temperature,
+                         top_k=opts.top_k, top_p=top_p if opts.use_top_p else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +125,7 @@ def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array,
                           cache=cache, cache_index=0)
   logits = model.unembed(x[:, -1:])[:, 0]
   if rows != B:  # beams: the prompt ran once per row; copy its cache to each of the row's beams
-    cache = jax.tree.map(lambda a: jnp.repeat(a, rows // B, axis=0), cache)
+    cache = cache.repeat(rows // B)
     logits = jnp.repeat(logits, rows // B, axis=0)
   return logits, cache
 
@@ -203,6 +136,16 @@ def _step(model: Decoder, opts: DecodeOptions, tokens_R: Array, positions_R: Arr
   x, cache = model.hidden(tokens_R[:, None], skip=opts.skip, positions_BT=positions_R[:, None],
                           cache=cache, cache_index=slot)
   return model.unembed(x)[:, 0], cache
+
+
+@flax.struct.dataclass
+class SampleState:
+  """Greedy / sampling loop state (B rows, L = P + N token slots)."""
+  t: Array        # [] tokens generated so far
+  tok: Array      # [B] the last one, fed next
+  buf: Array      # [B, L] prompt and generated tokens, pad_id after EOS
+  done: Array     # [B] bool
+  cache: KVCache
 
 
 def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
@@ -225,19 +168,32 @@ def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad
   logits, cache = prefill(model, opts, prompt_BP, pad_B, B, P + N)
   tok, buf, done = choose(logits, 0, buf, ~active_B)
 
-  def cond(carry):
-    t, _, _, done, _ = carry
-    return (t < max_new) & ~jnp.all(done)
+  def cond(s: SampleState):
+    return (s.t < max_new) & ~jnp.all(s.done)
 
-  def body(carry):
-    t, tok, buf, done, cache = carry
-    slot = P + t - 1  # the previous token's slot
-    logits, cache = _step(model, opts, tok, slot - pad_B, cache, slot)
-    tok, buf, done = choose(logits, t, buf, done)
-    return t + 1, tok, buf, done, cache
+  def body(s: SampleState) -> SampleState:
+    slot = P + s.t - 1  # the previous token's slot
+    logits, cache = _step(model, opts, s.tok, slot - pad_B, s.cache, slot)
+    tok, buf, done = choose(logits, s.t, s.buf, s.done)
+    return SampleState(s.t + 1, tok, buf, done, cache)
 
-  _, _, buf, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, buf, done, cache))
-  return buf[:, P:]
+  end = jax.lax.while_loop(cond, body, SampleState(jnp.int32(1), tok, buf, done, cache))
+  return end.buf[:, P:]
+
+
+@flax.struct.dataclass
+class BeamState:
+  """Beam search's loop state (B rows, nb beams, L = P + N token slots)."""
+  t: Array           # [] tokens generated so far
+  parents: Array     # [B * nb] the flat cache row each running beam continues
+  cache: KVCache     # [B * nb] rows, one per running beam
+  run_seq: Array     # [B, nb, L] running beams' tokens (prompt included)
+  run_score: Array   # [B, nb] their summed log-probabilities
+  fin_seq: Array     # [B, nb, L] finished hypotheses, best first
+  fin_score: Array   # [B, nb] their length-penalised scores
+  fin_flag: Array    # [B, nb] bool: the slot holds a finished hypothesis
+  improvable: Array  # [B] bool: Hugging Face's is_early_stop_heuristic_unsatisfied
+  go_on: Array       # [] bool
 
 
 def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
@@ -268,7 +224,9 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
   def take(x, idx):  # x [B, k, ...], idx [B, j] -> [B, j, ...]
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
 
-  def select(logits_RV, t, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable):
+  def select(logits_RV, s: BeamState) -> BeamState:
+    t, run_seq, run_score, improvable = s.t, s.run_seq, s.run_score, s.improvable
+    fin_seq, fin_score, fin_flag = s.fin_seq, s.fin_score, s.fin_flag
     cur = P + t
     logp = jax.nn.log_softmax(logits_RV, -1)
     if opts.no_repeat_ngram_size:
@@ -300,46 +258,116 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
     improvable = improvable & jnp.any(best_running > worst_fin, -1)
     all_full = jnp.all(fin_flag | ~active_B[:, None]) & (opts.early_stopping is True)
     go_on = jnp.any(improvable) & ~all_full & ~jnp.all(hits | ~active_B[:, None])
-    rows = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
-    return rows, run_seq, run_score, fin_seq, fin_score, fin_flag, improvable, go_on
+    parents = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
+    return s.replace(t=t + 1, parents=parents, run_seq=run_seq, run_score=run_score,
+                     fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag,
+                     improvable=improvable, go_on=go_on)
 
   logits, cache = prefill(model, opts, prompt_BP, pad_B, R, P + N)
-  rows, *beams, go_on = select(logits, 0, run_seq, run_score, fin_seq, fin_score, fin_flag,
-                               improvable)
+  start = select(logits, BeamState(
+      t=jnp.int32(0), parents=jnp.arange(R), cache=cache, run_seq=run_seq, run_score=run_score,
+      fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag, improvable=improvable,
+      go_on=jnp.array(True)))
 
-  def cond(carry):
-    return carry[-1]
+  def body(s: BeamState) -> BeamState:
+    cache = s.cache.reorder(s.parents)  # each beam takes its parent's K/V
+    slot = P + s.t - 1
+    logits, cache = _step(model, opts, s.run_seq[:, :, slot].reshape(R), slot - pad_R, cache,
+                          slot)
+    return select(logits, s.replace(cache=cache))
 
-  def body(carry):
-    t, rows, cache, run_seq, *rest, _ = carry
-    cache = jax.tree.map(lambda a: a[rows], cache)  # reorder beams: parents' K/V
-    slot = P + t - 1
-    logits, cache = _step(model, opts, run_seq[:, :, slot].reshape(R), slot - pad_R, cache, slot)
-    rows, *beams, go_on = select(logits, t, run_seq, *rest)
-    return (t + 1, rows, cache, *beams, go_on)
+  end = jax.lax.while_loop(lambda s: s.go_on, body, start)
+  return end.fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
 
-  _, _, _, _, _, fin_seq, *_ = jax.lax.while_loop(cond, body,
-                                                 (jnp.int32(1), rows, cache, *beams, go_on))
-  return fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
+
+# ----------------------------------------------------------------------------------------------
+# Continuous batching (greedy and sampling).
+#
+# B rows decode a queue of Q prompts: when a row finishes, the next waiting prompt is prefilled
+# into it while the other rows keep going, until the queue is empty and every row is done. The
+# cache is a ring of S = P + N slots: step g writes every row's token at slot g % S (one shared
+# dynamic_update_slice, as in the static loop), and a prompt started at step g occupies slots
+# [g - P, g) % S, so the P + N - 1 slots of its whole life never wrap onto each other. Slot order
+# does not matter to attention, which masks by the positions in `cache.pos` alone.
+
+@flax.struct.dataclass
+class ContinuousState:
+  """The loop state of continuous batching."""
+  step: Array         # [] the global step g: the next decode step writes slot g % S
+  tok_B: Array        # [B] the token each row feeds next
+  pos_B: Array        # [B] that token's position in its prompt's sequence
+  count_B: Array      # [B] tokens the row's prompt has generated so far
+  done_B: Array       # [B] bool: nothing to feed (finished, unused, or no prompt yet)
+  owner_B: Array      # [B] the prompt index each row decodes (-1 = none)
+  next_prompt: Array  # [] prompts [0, next_prompt) have been started
+  out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
+  cache: KVCache      # [B] rows of S ring slots, kept layers only
+
+
+def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_new, eos_id,
+                   pad_id, rng, temperature, top_p, *, opts: DecodeOptions):
+  """Greedy / sampling over a prompt queue: returns the new tokens [Q, N] of every prompt."""
+  model = nnx.merge(graphdef, state)
+  Q, P = queue_QP.shape
+  B, N = usable_B.shape[0], opts.max_new_slots
+  rows_B = jnp.arange(B, dtype=jnp.int32)
+
+  def choose(logits_RV, prompt_R, count_R):
+    if not opts.sample:
+      return _select(logits_RV, rng, opts, temperature, top_p)
+    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
+    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(rng, i), c))(
+        jnp.maximum(prompt_R, 0), count_R)
+    return jax.vmap(lambda x, key: _select(x, key, opts, temperature, top_p))(logits_RV, keys)
+
+  filled = usable_B & (rows_B < num_prompts)
+  logits, cache = prefill(model, opts, queue_QP[:B], pad_Q[:B], B, P + N)
+  owner = jnp.where(filled, rows_B, -1)
+  tok = jnp.where(filled, choose(logits, owner, jnp.zeros_like(rows_B)), pad_id)
+  out = jnp.full((Q, N), pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
+      tok, mode="drop")
+  start = ContinuousState(
+      step=jnp.int32(P), tok_B=tok, pos_B=P - pad_Q[:B], count_B=jnp.ones_like(rows_B),
+      done_B=~filled | (tok == eos_id) | (max_new <= 1), owner_B=owner,
+      next_prompt=jnp.minimum(num_prompts, jnp.sum(usable_B, dtype=jnp.int32)), out_QN=out,
+      cache=cache)
+
+  def needs_refill(s: ContinuousState):
+    return (s.next_prompt < num_prompts) & jnp.any(s.done_B & usable_B)
+
+  def refill(s: ContinuousState) -> ContinuousState:
+    b = jnp.min(jnp.where(s.done_B & usable_B, rows_B, B))
+    i = s.next_prompt
+    pad = jax.lax.dynamic_slice_in_dim(pad_Q, i, 1)
+    logits, prompt_cache = prefill(model, opts, jax.lax.dynamic_slice_in_dim(queue_QP, i, 1), pad,
+                                   1, P)
+    tok = choose(logits, i[None], jnp.zeros((1,), jnp.int32))[0]
+    return s.replace(
+        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
+        count_B=s.count_B.at[b].set(1),
+        done_B=s.done_B.at[b].set((tok == eos_id) | (max_new <= 1)),
+        owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + N)))
+
+  def cond(s: ContinuousState):
+    return jnp.any(~s.done_B) | needs_refill(s)
+
+  def body(s: ContinuousState) -> ContinuousState:
+    s = jax.lax.while_loop(needs_refill, refill, s)
+    logits, cache = _step(model, opts, s.tok_B, s.pos_B, s.cache, s.step % (P + N))
+    live = ~s.done_B
+    tok = jnp.where(live, choose(logits, s.owner_B, s.count_B), pad_id)
+    out = s.out_QN.at[jnp.where(live, s.owner_B, Q), s.count_B].set(tok, mode="drop")
+    count = s.count_B + live
+    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
+                     done_B=s.done_B | (tok == eos_id) | (count >= max_new), out_QN=out,
+                     cache=cache)
+
+  return jax.lax.while_loop(cond, body, start).out_QN
 
 
 # ----------------------------------------------------------------------------------------------
 # The public API.
-
-def executable(fn, graphdef, state, args, opts: DecodeOptions):
-  """The compiled executable for these shapes and options, built once (returns it and the seconds
-  spent compiling, 0 when it was cached)."""
-  leaves, treedef = jax.tree.flatten(state)
-  key = (fn.__name__, graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves), opts,
-         tuple((a.shape, a.dtype) for a in args), tuple(sorted(COMPILER_OPTIONS.items())))
-  if key in _EXECUTABLES:
-    return _EXECUTABLES[key], 0.0
-  start = time.perf_counter()
-  jitted = jax.jit(fn, static_argnames=("graphdef", "opts"))
-  compiled = jitted.lower(graphdef, state, *args, opts=opts).compile(dict(COMPILER_OPTIONS))
-  _EXECUTABLES[key] = compiled
-  return compiled, time.perf_counter() - start
-
 
 _TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
 
@@ -451,11 +479,7 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
                        no_repeat_ngram_size=o["no_repeat_ngram_size"],
                        early_stopping=o["early_stopping"] if beam_search else True)
   B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
-  prompt_BP = np.full((B, P), pad_id, np.int32)
-  pad_B = np.full((B,), P - 1, np.int32)  # dummy rows: a one-token prompt of pad_id
-  for i, p in enumerate(prompts):
-    prompt_BP[i, P - len(p):] = p
-    pad_B[i] = P - len(p)
+  prompt_BP, pad_B = left_pad(prompts, B, P, pad_id)
   active_B = np.arange(B) < len(prompts)
   args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens),
           np.int32(-1 if o["eos_id"] is None else o["eos_id"]), np.int32(pad_id),
@@ -523,16 +547,65 @@ def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   compiled, compile_s = executable(fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out = np.asarray(compiled(state, *args))
-  eos_id, max_new_tokens = kw.get("eos_id"), kw["max_new_tokens"]
-  outputs, generated = [], 0
-  for row in out[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  outputs, generated = trim(out, len(prompts), kw["max_new_tokens"], kw.get("eos_id"))
   stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
                       wall_s=time.perf_counter() - start, compile_s=compile_s,
                       cache_bytes=cache_bytes(model.cfg, rows, P + opts.max_new_slots, opts.skip),
                       executables_built=int(compile_s > 0), calls=1)
+  return outputs, stats
+
+
+def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, speculative=None,
+                         **_) -> bool:
+  """Whether `generate_continuous` runs these options (greedy and sampling, without n-gram bans,
+  whose per-row history the ring does not keep); the others decode in static batches."""
+  return num_beams == 1 and not no_repeat_ngram_size and speculative is None
+
+
+def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
+                        **kw) -> tuple[list[list[int]], DecodeStats]:
+  """`generate` with continuous batching: `batch_size` rows decode the prompts in input order,
+  and a row that finishes (EOS or max_new_tokens) takes the next waiting prompt while the others
+  keep going, so no row waits for the slowest of its batch. Greedy output per prompt is the one
+  `generate` gives that prompt alone. One executable per bucket of (rows, prompt slots,
+  new-token slots, queue length); the queue runs in chunks of at most QUEUE_ROUNDS * rows
+  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s, without beams,
+  no_repeat_ngram_size or speculative (`continuous_supported`)."""
+  batch_size = as_int("batch_size", batch_size, min=1)
+  if not continuous_supported(**kw):
+    raise ValueError("continuous batching runs greedy and sampling only: for num_beams > 1, "
+                     "no_repeat_ngram_size or speculative use generate (static batches)")
+  cfg = model.cfg
+  o = check_options(cfg, **kw)
+  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
+  rows = min(batch_size, len(prompts))
+  B = bucket(rows)
+  opts = DecodeOptions(skip=o["skip"], paper_mode=(o["mode"] == "paper" and bool(o["skip"])),
+                       max_new_slots=bucket(o["max_new_tokens"], MIN_BUCKET), sample=o["sample"],
+                       top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=1,
+                       no_repeat_ngram_size=0, early_stopping=True)
+  P = bucket(max(len(p) for p in prompts), MIN_BUCKET)
+  graphdef, state = nnx.split(model)
+  eos_id, max_new_tokens, pad_id = o["eos_id"], o["max_new_tokens"], o["pad_id"]
+  stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts),
+                      cache_bytes=cache_bytes(cfg, B, P + opts.max_new_slots, opts.skip))
+  outputs = []
+  chunk = QUEUE_ROUNDS * rows
+  for first in range(0, len(prompts), chunk):
+    queue = prompts[first:first + chunk]
+    Q = max(B, bucket(len(queue)))
+    queue_QP, pad_Q = left_pad(queue, Q, P, pad_id)
+    args = (queue_QP, pad_Q, np.arange(B) < rows, np.int32(len(queue)), np.int32(max_new_tokens),
+            np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
+            jax.random.key_data(jax.random.key(o["seed"])),
+            np.float32(max(o["temperature"], 1e-6)), np.float32(o["top_p"] or 1.0))
+    compiled, compile_s = executable(_continuous_fn, graphdef, state, args, opts)
+    start = time.perf_counter()
+    out = np.asarray(compiled(state, *args))
+    ids, generated = trim(out, len(queue), max_new_tokens, eos_id)
+    outputs += ids
+    stats = stats + DecodeStats(generated_tokens=generated, wall_s=time.perf_counter() - start,
+                                compile_s=compile_s, executables_built=int(compile_s > 0), calls=1)
   return outputs, stats
 
 
@@ -566,14 +639,17 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 
 
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
-                  progress: bool = False, sort_by_length: bool = True, chat: bool = False, **kw
-                  ) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts` (`encode_prompt`, with `chat`), `generate` in chunks of `batch_size`, decode.
+                  progress: bool = False, sort_by_length: bool = True, chat: bool = False,
+                  static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
+  """Tokenize `texts` (`encode_prompt`, with `chat`), decode `batch_size` rows at a time, decode.
 
-  Returns one string per text, in input order. Every prompt is checked before anything runs, so a
-  too-long prompt fails fast. Sorting by length (the order is restored after) keeps padding and
-  prompt buckets small. eos_id / pad_id default to the tokenizer's; other keyword arguments go to
-  `generate`. progress: a tqdm bar over batches (on stderr).
+  Greedy and sampling use continuous batching (`generate_continuous`: a finished row takes the
+  next prompt); beams, n-gram bans, speculation and `static_batches=True` run `generate` on
+  chunks of `batch_size`, sorted by length when `sort_by_length` (the order is restored after) to
+  keep padding and prompt buckets small. Returns one string per text, in input order. Every prompt
+  is checked before anything runs, so a too-long prompt fails fast. eos_id / pad_id default to
+  the tokenizer's; other keyword arguments go to `generate`. progress: a tqdm bar over chunks (on
+  stderr).
   """
   if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
     raise ValueError(f"texts={texts!r:.60} is not a list of strings: give one string per prompt")
@@ -587,16 +663,20 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   check_generate(model, prompts, **kw)
   order = list(range(len(prompts)))
-  if sort_by_length:
+  continuous = not static_batches and continuous_supported(**kw)
+  if sort_by_length and not continuous:
     order.sort(key=lambda i: len(prompts[i]))
-  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  step = QUEUE_ROUNDS * batch_size if continuous else batch_size
+  chunks = [order[i:i + step] for i in range(0, len(order), step)]
   if progress:
     from tqdm import tqdm
     chunks = tqdm(chunks, desc="batches", unit="batch")
   results: list[str] = [""] * len(texts)
   stats = DecodeStats()
   for chunk in chunks:
-    ids, chunk_stats = generate(model, [prompts[i] for i in chunk], **kw)
+    chunk_prompts = [prompts[i] for i in chunk]
+    ids, chunk_stats = (generate_continuous(model, chunk_prompts, batch_size=batch_size, **kw)
+                        if continuous else generate(model, chunk_prompts, **kw))
     stats = stats + chunk_stats
     for i, row in zip(chunk, ids):
       results[i] = decode_ids(tokenizer, row)

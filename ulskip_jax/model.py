@@ -33,17 +33,18 @@ Skipping has two modes, chosen per call by `full_depth`:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ulskip_jax import lora
 from ulskip_jax import prompt_buffer
+# The cache's public names stay importable from here (re-exported).
+from ulskip_jax.kv_cache import KVCache, LayerCache, cache_bytes, init_cache  # noqa: F401
+from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
@@ -156,65 +157,6 @@ class ModelConfig:
     handle or refuse them."""
     return tuple(name for name in ("attention_windows", "post_norms", "query_pre_attn_scalar",
                                    "attn_softcap") if getattr(self, name))
-
-
-def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
-  """Kept layer indices for a skip tuple, validating it (one clear line per bad index)."""
-  for i in skip:
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
-      raise ValueError(f"skip index {i!r} is out of range: allowed are ints 0 <= index < "
-                       f"{num_layers}")
-  if len(set(skip)) != len(skip):
-    raise ValueError(f"skip={skip} has duplicate indices: each layer can be skipped once")
-  return tuple(i for i in range(num_layers) if i not in set(skip))
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache: K and V as separate arrays per kept layer, plus each slot's token position.
-
-@flax.struct.dataclass
-class KVCache:
-  """k[j], v[j]: [B, K, S, Hd] for the j-th kept layer; pos: [B, S] int32, -1 = empty slot.
-
-  Slots sit next to each other within a KV head ([B, K, S, Hd], not [B, S, K, Hd]) because that is
-  the layout both attention matmuls read: with the slot axis outside the head axis, XLA on CPU
-  transposed every layer's whole K and V on every decode step (measured in the while-loop HLO).
-
-  Writes go to one slot range shared by all rows (`index`), so an update is a
-  dynamic_update_slice that XLA does in place when the cache is donated. Per-row positions (left
-  padding, rows that accepted different numbers of speculative tokens) live in `pos`, which is
-  also what masks attention: a query at position p sees the slots with 0 <= pos <= p.
-  """
-  k: tuple[Array, ...]
-  v: tuple[Array, ...]
-  pos: Array
-
-  @property
-  def num_bytes(self) -> int:
-    return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v, self.pos))
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...] = (),
-               dtype: Any = None) -> KVCache:
-  """An empty cache with slots for the kept layers only: its size at ratio r is n / L of full."""
-  n = len(kept_layers(cfg.num_layers, skip))
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  dtype = dtype or cfg.dtype
-  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-                 v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-                 pos=jnp.full((batch, max_len), -1, jnp.int32))
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, skip: tuple[int, ...] = (),
-                dtype: Any = None) -> int:
-  """Bytes `init_cache` would allocate, computed from shapes only."""
-  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
-
-
-@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
-def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,11 +405,12 @@ class Block(nnx.Module):
       self.attn_post_norm = Norm(cfg, cfg.d_model)
       self.mlp_post_norm = Norm(cfg, cfg.d_model)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, dropout_key=None):
-    """Self-attention over the chunk (kv=None) or over a cache (kv=(k, v, pos, index)).
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv: LayerCache | None = None,
+               dropout_key=None):
+    """Self-attention over the chunk (kv=None) or through the layer's cache (`kv_cache.py`).
 
-    Returns the block output and, with a cache, the layer's updated (k, v). dropout_key: the
-    layer's LoRA dropout key (training), None = no dropout.
+    Returns the block output and, with a cache, the written `LayerCache` (for a deferred one, the
+    chunk's (k, v)). dropout_key: the layer's LoRA dropout key (training), None = no dropout.
     """
     h = self.attn_norm(x_BTD)
     q, k, v = self.attn.project_qkv(h, positions_BT, dropout_key)
@@ -479,12 +422,8 @@ class Block(nnx.Module):
       mask = causal[None] & same & (segment_ids_BT[:, None, :] > 0)
       k_all, v_all, k_pos, new_kv = k, v, positions_BT, None
     else:
-      cache_k, cache_v, cache_pos, index = kv
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 2)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 2)
-      k_pos = cache_pos  # already holds this chunk's positions (written once in Decoder)
-      mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= positions_BT[:, :, None])
-      k_all, v_all, new_kv = k_all.astype(q.dtype), v_all.astype(q.dtype), (k_all, v_all)
+      k_all, v_all, k_pos, mask, new_kv = kv.attend_inputs(k, v, positions_BT)
+      k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
     if self.window is not None:  # positions, not slots: packed segments restart at 0
       mask = mask & (k_pos[:, None, :] > positions_BT[:, :, None] - self.window)
     attn_out = self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key)
@@ -553,14 +492,13 @@ class Decoder(nnx.Module):
       if len(cache.k) != len(kept):
         raise ValueError(f"cache has {len(cache.k)} layers but skip={tuple(skip)} keeps "
                          f"{len(kept)}: build it with init_cache(cfg, ..., skip=skip)")
-      new_pos = jnp.where(segment_ids_BT > 0, positions_BT, -1).astype(jnp.int32)
-      cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, new_pos, cache_index, 1)
+      cache = cache.write_positions(positions_BT, segment_ids_BT, cache_index)
     x = self.embed_tokens(tokens_BT, positions_BT)
     buffer = None  # a buffer no smaller than the row would save nothing
     masked_paper = full_depth_BT is not None and full_depth_BT is not True
     if masked_paper and full_depth_capacity is not None and full_depth_capacity < T:
       buffer = prompt_buffer.plan(full_depth_BT, segment_ids_BT, full_depth_capacity)
-    new_k, new_v = [], []
+    written = []
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
       if not is_kept and full_depth_BT is None:
@@ -570,17 +508,11 @@ class Decoder(nnx.Module):
         x = _skipped_layer(layer, x, positions_BT, segment_ids_BT, full_depth_BT, buffer,
                            cfg.remat, layer_key)
         continue
-      kv = None
-      if cache is not None and is_kept:
-        j = len(new_k)
-        kv = (cache.k[j], cache.v[j], cache_pos, cache_index)
-      y, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key)
-      x = y
+      kv = cache.layer(len(written), cache_index) if cache is not None and is_kept else None
+      x, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key)
       if layer_kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
-    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), cache_pos)
-    return x, new_cache
+        written.append(layer_kv)
+    return x, None if cache is None else cache.with_layers(written)
 
   def __call__(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
                full_depth_BT=None, full_depth_capacity: int | None = None,

@@ -234,3 +234,14 @@ def parse_ratios(text: str) -> list[float]:
   if not ratios:
     raise ValueError(f"ratios={text!r} is empty: give comma-separated numbers >= 1, e.g. 1,2,5")
   return ratios
+
+
+def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
+  """Kept layer indices for a skip tuple, validating it (one clear line per bad index)."""
+  for i in skip:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
+      raise ValueError(f"skip index {i!r} is out of range: allowed are ints 0 <= index < "
+                       f"{num_layers}")
+  if len(set(skip)) != len(skip):
+    raise ValueError(f"skip={skip} has duplicate indices: each layer can be skipped once")
+  return tuple(i for i in range(num_layers) if i not in set(skip))

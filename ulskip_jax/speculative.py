@@ -59,14 +59,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ulskip_jax import decode
+from ulskip_jax import decode, engine, kv_cache, sampling
 from ulskip_jax.checks import as_int
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, kept_layers
+from ulskip_jax.kv_cache import KVCache, cache_bytes
+from ulskip_jax.model import Decoder, ModelConfig, kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
@@ -137,26 +139,14 @@ class SpeculativeStats(decode.DecodeStats):
 
 def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array,
                      top_p: Array) -> Array:
-  """Logits [..., V] after temperature, top-k then top-p: the distribution `decode.generate`
-  samples from (the same steps, on any leading shape)."""
-  logits = logits / temperature
-  if opts.top_k is not None:
-    kth = jax.lax.top_k(logits, opts.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if opts.use_top_p:
-    sorted_desc = -jnp.sort(-logits, -1)
-    probs = jax.nn.softmax(sorted_desc, -1)
-    before = jnp.cumsum(probs, -1) - probs
-    keep = (before < top_p).at[..., 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+  return sampling.filtered_logits(logits, temperature, opts.top_k,
+                                  top_p if opts.use_top_p else None)
 
 
 def _choose(logits_BV: Array, rng: Array, opts: SpeculativeOptions, temperature, top_p):
   """(token [B], its distribution [B, V] or None when greedy)."""
   if not opts.sample:
-    return decode.argmax(logits_BV), None
+    return sampling.argmax(logits_BV), None
   filtered = _filtered_logits(logits_BV, opts, temperature, top_p)
   tok = jax.random.categorical(rng, filtered, -1).astype(jnp.int32)
   return tok, jax.nn.softmax(filtered, -1)
@@ -178,7 +168,7 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
   B, k = drafts_BK.shape
   rows = jnp.arange(B)
   if not opts.sample:
-    target = decode.argmax(logits_BKV)  # [B, k + 1]
+    target = sampling.argmax(logits_BKV)  # [B, k + 1]
     a = _leading_true(drafts_BK == target[:, :k])
     return a, target[rows, a]
   accept_rng, bonus_rng = jax.random.split(rng)
@@ -198,46 +188,24 @@ def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-row cache commits.
-
-def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
-  """buf[b, ..., offset_B[b] : offset_B[b] + len, ...] = block[b] along `axis` (in place)."""
-  return jax.vmap(lambda x, u, o: jax.lax.dynamic_update_slice_in_dim(x, u, o, axis - 1))(
-      buf, block.astype(buf.dtype), offset_B)
-
-
-def _commit(cache: KVCache, scratch: int, width: int, shift_B: Array, count_B: Array,
-            dest_B: Array, first_pos_B: Array) -> KVCache:
-  """Move scratch entries [shift_b, shift_b + count_b) of each row to slots dest_b... and empty
-  the scratch. Slots dest_b + count_b ... dest_b + width - 1 get pos -1 (garbage, overwritten by
-  the row's next commit)."""
-  j = jnp.arange(width)
-  src = jnp.minimum(j[None] + shift_B[:, None], width - 1)  # [B, width]
-
-  def move(x_BKSD):
-    block = x_BKSD[:, :, scratch:scratch + width]
-    block = jnp.take_along_axis(block, src[:, None, :, None], 2)
-    return _write_rows(x_BKSD, block, dest_B, 2)
-
-  pos_block = jnp.where(j[None] < count_B[:, None], first_pos_B[:, None] + j[None], -1)
-  pos = _write_rows(cache.pos, pos_block, dest_B, 1)
-  pos = pos.at[:, scratch:].set(-1)
-  return KVCache(tuple(map(move, cache.k)), tuple(map(move, cache.v)), pos)
-
-
-def _kept_view(cache: KVCache, kept: tuple[int, ...]) -> KVCache:
-  return KVCache(tuple(cache.k[i] for i in kept), tuple(cache.v[i] for i in kept), cache.pos)
-
-
-def _merge_view(cache: KVCache, view: KVCache, kept: tuple[int, ...]) -> KVCache:
-  k, v = list(cache.k), list(cache.v)
-  for j, i in enumerate(kept):
-    k[i], v[i] = view.k[j], view.v[j]
-  return KVCache(tuple(k), tuple(v), view.pos)
-
-
-# ----------------------------------------------------------------------------------------------
 # The executable.
+
+@flax.struct.dataclass
+class SpeculativeState:
+  """The loop state between rounds (B rows, N new-token slots, k drafts a round)."""
+  rnd: Array                   # [] this round's number, from 1
+  out: Array                   # [B, N + k + 1] emitted tokens, pad_id after EOS and the budget
+  generated: Array             # [B] tokens emitted so far
+  done: Array                  # [B] bool
+  pending: Array               # [B] the last emitted token: its K/V is not in the caches yet
+  cache: KVCache               # the full model's (verify) cache; with a shared cache, the draft's
+  draft_cache: KVCache | None  # the draft's own cache (draft_cache="separate"), else None
+  carry_tok: Array             # [B] separate cache: the last draft, which the draft never ran
+  carry_valid: Array           # [B] bool: carry_tok was accepted, so the draft runs it first
+  accepted: Array              # [B] accepted drafts so far
+  drafted: Array               # [B] drafted tokens so far
+  last_commit: tuple           # (count, dest, first_pos) [B] each: last round's verify commit
+
 
 def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
                     temperature, top_p, length_penalty, *, opts: SpeculativeOptions):
@@ -272,7 +240,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
   logits, cache = prefill((), False)
   draft_cache = None
   if separate:
-    draft_cache = (_kept_view(cache, kept) if opts.paper_mode or not opts.draft_skip
+    draft_cache = (cache.kept_view(kept) if opts.paper_mode or not opts.draft_skip
                    else prefill(opts.draft_skip, False)[1])
   tok, _ = _choose(logits, jax.random.fold_in(rng, 0), opts, temperature, top_p)
   tok = jnp.where(active_B, tok, pad_id)
@@ -283,7 +251,7 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
 
   def draft(cache, draft_cache, pending, carry_tok, carry_valid, pos0, rng):
     """k draft tokens [B, k] (and their distributions [B, k, V] when sampling)."""
-    dcache = draft_cache if separate else _kept_view(cache, kept)
+    dcache = draft_cache if separate else cache.kept_view(kept)
     if separate:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
       logits, dcache = run(jnp.stack([carry_tok, pending], 1),
                            pos0[:, None] + jnp.array([-1, 0], jnp.int32), dcache, Z,
@@ -309,19 +277,19 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     drafts, qs, dcache = jax.lax.fori_loop(1, k, step, (drafts, qs, dcache))
     if separate:
       return drafts, qs, cache, dcache
-    return drafts, qs, _merge_view(cache, dcache, kept), None
+    return drafts, qs, cache.merge_view(dcache, kept), None
 
-  def cond(carry):
-    return ~jnp.all(carry[3])
+  def cond(s: SpeculativeState):
+    return ~jnp.all(s.done)
 
-  def body(carry):
-    (rnd, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid, accepted,
-     drafted, last_commit) = carry
+  def body(s: SpeculativeState) -> SpeculativeState:
+    generated, done, pending, draft_cache = s.generated, s.done, s.pending, s.draft_cache
+    carry_tok, carry_valid = s.carry_tok, s.carry_valid
     # The previous round's verify commit, done here rather than right after its verify pass:
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
     # XLA copied every verify layer twice a round (measured in the HLO; test_speculative checks).
-    cache = _commit(cache, Z, k + 1, zeros, *last_commit)
-    round_rng = jax.random.fold_in(rng, rnd)
+    cache = s.cache.commit(Z, k + 1, zeros, *s.last_commit)
+    round_rng = jax.random.fold_in(rng, s.rnd)
     pos0 = prompt_len_B + generated - 1  # the pending token's position
     committed = generated - 1            # generated tokens whose K/V is in the verify cache
     drafts, qs, cache, draft_cache = draft(cache, draft_cache, pending, carry_tok, carry_valid,
@@ -338,9 +306,9 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
     count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
     block = jnp.where(steps[None] < count[:, None], block, pad_id)
-    out = _write_rows(out, block, generated, 1)
-    accepted = accepted + jnp.minimum(a, count)
-    drafted = drafted + jnp.where(done, 0, k)
+    out = kv_cache.write_rows(s.out, block, generated, 1)
+    accepted = s.accepted + jnp.minimum(a, count)
+    drafted = s.drafted + jnp.where(done, 0, k)
     # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
     # token becomes the next pending one; done at the start of the next round); the draft cache
     # keeps the same tokens, those it has run.
@@ -348,21 +316,20 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
     if separate:
       carry_int = carry_valid.astype(jnp.int32)
       draft_count = jnp.where(done, 0, carry_int + jnp.minimum(count, k))
-      draft_cache = _commit(draft_cache, Z, k + 1, 1 - carry_int, draft_count,
-                            P + committed - carry_int, pos0 - carry_int)
+      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry_int, draft_count,
+                                       P + committed - carry_int, pos0 - carry_int)
       carry_valid = (count == k + 1) & ~done
       carry_tok = drafts[:, k - 1]
     pending = jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], pending)
     generated = generated + count
     done = done | hit_eos | (generated >= max_new)
-    return (rnd + 1, out, generated, done, pending, cache, draft_cache, carry_tok, carry_valid,
-            accepted, drafted, last_commit)
+    return SpeculativeState(s.rnd + 1, out, generated, done, pending, cache, draft_cache,
+                            carry_tok, carry_valid, accepted, drafted, last_commit)
 
-  init = (jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros, zeros > 0, zeros,
-          zeros, (zeros, zeros + P, zeros))
-  carry = jax.lax.while_loop(cond, body, init)
-  rnd, out, *_, accepted, drafted, _ = carry
-  return out, accepted, drafted, rnd - 1
+  start = SpeculativeState(jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros,
+                           zeros > 0, zeros, zeros, (zeros, zeros + P, zeros))
+  end = jax.lax.while_loop(cond, body, start)
+  return end.out, end.accepted, end.drafted, end.rnd - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +447,7 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   (built if needed), for inspecting its HLO or memory."""
   opts, args, _, _ = _plan(model, [[0] * prompt_len] * batch_size, **kw)
   graphdef, state = nnx.split(model)
-  return decode.executable(_speculative_fn, graphdef, state, args, opts)[0]
+  return engine.executable(_speculative_fn, graphdef, state, args, opts)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
@@ -505,14 +472,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   graphdef, state = nnx.split(model)
-  compiled, compile_s = decode.executable(_speculative_fn, graphdef, state, args, opts)
+  compiled, compile_s = engine.executable(_speculative_fn, graphdef, state, args, opts)
   start = time.perf_counter()
   out, accepted, drafted, rounds = jax.device_get(compiled(state, *args))
-  outputs, generated = [], 0
-  for row in np.asarray(out)[:len(prompts), :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
+  outputs, generated = engine.trim(out, len(prompts), max_new_tokens, eos_id)
   wall_s = time.perf_counter() - start
   verify_bytes = cache_bytes(model.cfg, B, S)
   draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)

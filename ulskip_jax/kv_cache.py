@@ -1,0 +1,182 @@
+"""The KV cache: one writer for its arrays, so attention and the decoders never index them.
+
+Shapes: B rows, K key/value heads, S slots, Hd head width, T tokens written by one call.
+
+`KVCache` holds K and V per kept layer ([B, K, S, Hd]: slots next to each other within a KV head,
+the layout both attention matmuls read; with the slot axis outside the head axis XLA on CPU
+transposed every layer's whole K and V on every decode step) and each slot's token position
+([B, S], -1 = empty). Positions are per row and are what masks attention: a query at position p
+sees the slots with 0 <= pos <= p, whatever their order. So rows hold prompts of different
+lengths (left padding), accept different numbers of speculative tokens, or start at different
+steps (continuous batching's ring, `insert`), while a call still writes one slot range shared by
+all rows: a dynamic_update_slice that XLA does in place in a while loop.
+
+A call of the model takes a `LayerCache` per kept layer (`KVCache.layer`), which gives attention
+its keys, values, key positions and mask and returns the written layer. A deferred layer cache
+(`deferred=True`) only reads: the call's own K/V are appended to the keys and handed back for the
+caller to `write` after a `lax.cond` (a branch that wrote the cache made XLA copy every cache
+layer it touches on every step).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ulskip_jax.skipping import kept_layers
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """One kept layer's cache for one call that writes T tokens at slots [index, index + T)."""
+  k: Array    # [B, K, S, Hd]
+  v: Array    # [B, K, S, Hd]
+  pos: Array  # [B, S] slot positions, this call's tokens already written
+  index: Any  # int32 scalar: the call's first slot
+  deferred: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def attend_inputs(self, k_BKTD: Array, v_BKTD: Array, positions_BT: Array):
+    """(keys, values [B, K, S', Hd], key positions [B, S'], mask [B, T, S'], written) for
+    queries at positions_BT whose own K/V are k, v. written: the layer with them written, or for
+    a deferred layer the pair (k, v) to `KVCache.write` later."""
+    visible = lambda pos: (pos[:, None, :] >= 0) & (pos[:, None, :] <= positions_BT[:, :, None])
+    if not self.deferred:
+      k = jax.lax.dynamic_update_slice_in_dim(self.k, k_BKTD.astype(self.k.dtype), self.index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(self.v, v_BKTD.astype(self.v.dtype), self.index, 2)
+      return k, v, self.pos, visible(self.pos), self.replace(k=k, v=v)
+    S, T = self.pos.shape[1], positions_BT.shape[1]
+    slot = jnp.arange(S)
+    unwritten = (slot >= self.index) & (slot < self.index + T)  # this call's slots: stale K/V
+    mask = jnp.concatenate([visible(self.pos) & ~unwritten[None, None], visible(positions_BT)], -1)
+    return (jnp.concatenate([self.k.astype(k_BKTD.dtype), k_BKTD], 2),
+            jnp.concatenate([self.v.astype(v_BKTD.dtype), v_BKTD], 2),
+            jnp.concatenate([self.pos, positions_BT], 1), mask, (k_BKTD, v_BKTD))
+
+
+@flax.struct.dataclass
+class KVCache:
+  """k[j], v[j]: [B, K, S, Hd] for the j-th kept layer; pos: [B, S] int32, -1 = empty slot."""
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
+  pos: Array
+
+  @property
+  def num_bytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v, self.pos))
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
+
+  def write_positions(self, positions_BT: Array, segment_ids_BT: Array, index) -> KVCache:
+    """Positions of the T tokens a call writes at slots [index, index + T); pads (segment 0)
+    stay empty. Written once per call, before the layers, which all read them."""
+    new = jnp.where(segment_ids_BT > 0, positions_BT, -1).astype(jnp.int32)
+    return self.replace(pos=jax.lax.dynamic_update_slice_in_dim(self.pos, new, index, 1))
+
+  def layer(self, j: int, index, deferred: bool = False) -> LayerCache:
+    return LayerCache(self.k[j], self.v[j], self.pos, index, deferred)
+
+  def with_layers(self, layers) -> KVCache:
+    """The cache holding these written `LayerCache`s, one per kept layer, in order."""
+    return self.replace(k=tuple(x.k for x in layers), v=tuple(x.v for x in layers))
+
+  def with_layer(self, j: int, layer: LayerCache) -> KVCache:
+    """The cache with kept layer j replaced by the written `layer`."""
+    k, v = list(self.k), list(self.v)
+    k[j], v[j] = layer.k, layer.v
+    return self.replace(k=tuple(k), v=tuple(v))
+
+  def write(self, j: int, k_BKTD: Array, v_BKTD: Array, index) -> KVCache:
+    """Layer j's K/V of T tokens at slots [index, index + T) (a deferred layer's write)."""
+    put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x.astype(a.dtype), index, 2)
+    k, v = list(self.k), list(self.v)
+    k[j], v[j] = put(k[j], k_BKTD), put(v[j], v_BKTD)
+    return self.replace(k=tuple(k), v=tuple(v))
+
+  def reorder(self, rows_R: Array) -> KVCache:
+    """Row r of the result is row rows_R[r] (beam search: each beam takes its parent's K/V)."""
+    return jax.tree.map(lambda a: a[rows_R], self)
+
+  def repeat(self, n: int) -> KVCache:
+    """Each row n times in a row (a prompt's cache copied to its beams)."""
+    return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self)
+
+  def kept_view(self, kept: tuple[int, ...]) -> KVCache:
+    """The cache of the layers at indices `kept` (a draft sub-model's layers in a full cache)."""
+    return KVCache(tuple(self.k[i] for i in kept), tuple(self.v[i] for i in kept), self.pos)
+
+  def merge_view(self, view: KVCache, kept: tuple[int, ...]) -> KVCache:
+    """This cache with the layers at `kept` (and the positions) taken from `view`."""
+    k, v = list(self.k), list(self.v)
+    for j, i in enumerate(kept):
+      k[i], v[i] = view.k[j], view.v[j]
+    return KVCache(tuple(k), tuple(v), view.pos)
+
+  def commit(self, scratch: int, width: int, shift_B: Array, count_B: Array, dest_B: Array,
+             first_pos_B: Array) -> KVCache:
+    """Per row, move scratch entries [shift_b, shift_b + count_b) to slots dest_b ... and empty
+    the scratch slots [scratch, S). Slots dest_b + count_b ... dest_b + width - 1 get pos -1
+    (garbage, overwritten by the row's next commit)."""
+    j = jnp.arange(width)
+    src = jnp.minimum(j[None] + shift_B[:, None], width - 1)  # [B, width]
+
+    def move(x_BKSD):
+      block = jnp.take_along_axis(x_BKSD[:, :, scratch:scratch + width], src[:, None, :, None], 2)
+      return write_rows(x_BKSD, block, dest_B, 2)
+
+    pos_block = jnp.where(j[None] < count_B[:, None], first_pos_B[:, None] + j[None], -1)
+    pos = write_rows(self.pos, pos_block, dest_B, 1).at[:, scratch:].set(-1)
+    return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), pos)
+
+  def insert(self, row, prompt: KVCache, first_slot) -> KVCache:
+    """Row `row` replaced by the one-row cache `prompt` (P slots) placed at the ring slots
+    [first_slot, first_slot + P) % S; the row's other slots become empty."""
+    S = self.pos.shape[1]
+
+    def place(big, small, axis, fill):
+      gap = list(small.shape)
+      gap[axis] = S - small.shape[axis]
+      ring = jnp.roll(jnp.concatenate([small, jnp.full(gap, fill, small.dtype)], axis),
+                      first_slot, axis)
+      return jax.lax.dynamic_update_index_in_dim(big, ring[0].astype(big.dtype), row, 0)
+
+    return KVCache(tuple(place(a, b, 2, 0) for a, b in zip(self.k, prompt.k)),
+                   tuple(place(a, b, 2, 0) for a, b in zip(self.v, prompt.v)),
+                   place(self.pos, prompt.pos, 1, -1))
+
+
+def write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
+  """buf[b, ..., offset_B[b] : offset_B[b] + len, ...] = block[b] along `axis` (in place)."""
+  return jax.vmap(lambda x, u, o: jax.lax.dynamic_update_slice_in_dim(x, u, o, axis - 1))(
+      buf, block.astype(buf.dtype), offset_B)
+
+
+def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
+               dtype: Any = None) -> KVCache:
+  """An empty cache with slots for the kept layers only: its size at ratio r is n / L of full.
+  cfg: a `model.ModelConfig`."""
+  n = len(kept_layers(cfg.num_layers, tuple(skip)))
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                 v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                 pos=jnp.full((batch, max_len), -1, jnp.int32))
+
+
+def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
+                dtype: Any = None) -> int:
+  """Bytes `init_cache` would allocate, computed from shapes only."""
+  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
+
+
+@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
+def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
+  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
