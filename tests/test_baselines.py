@@ -20,6 +20,7 @@ from flax import nnx
 from tests import tiny
 from ulskip_jax import baselines, decode, engine
 from ulskip_jax.data import pack_row
+from ulskip_jax.kv_cache import init_cache
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]]  # equal lengths: no padding in the reference
 MAX_NEW = 12
@@ -98,7 +99,7 @@ def test_early_exit_truncated_logits_equal_a_truncated_model(model):
   @jax.jit
   def one_step(state, threshold):
     m = nnx.merge(graphdef, state)
-    cache = baselines.init_cache(m.cfg, B, P + 1)
+    cache = init_cache(m.cfg, B, P + 1)
     _, cache = m.hidden(prompt, cache=cache)
     tok = jnp.array([3, 4], jnp.int32)
     logits, _, run = baselines._early_exit_step(m, step, tok, jnp.full((B,), P), cache, P,

@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 
 from tests import tiny
-from ulskip_jax import decode, hf, plan_layers
+from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax.model import cache_bytes
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 3]]  # lengths 4, 9, 2
@@ -313,3 +313,18 @@ def test_continuous_batching_compiles_once_per_bucket_and_samples_per_prompt(mod
   assert decode.generate_continuous(model, QUEUE, batch_size=2, **dict(sample, seed=4))[0] != two
   with pytest.raises(ValueError, match="num_beams > 1"):
     decode.generate_continuous(model, QUEUE, num_beams=2, **kw)
+
+
+def test_continuous_batching_updates_the_cache_in_place(models):
+  """No op of the continuous executable copies a cache layer: decode steps write in place, and
+  refills write one row (the refill's while loop carries the cache without copying it)."""
+  model = models["llama"][1]
+  decode.generate_continuous(model, QUEUE, batch_size=2, ratio=RATIO, max_new_tokens=MAX_NEW,
+                             eos_id=EOS)
+  cfg = model.cfg
+  layer_shape = f"f32[2,{cfg.num_kv_heads},32,{cfg.head_dim}]"  # [B, K, S, Hd], S = 16 + 16
+  texts = [v.as_text() for k, v in engine.EXECUTABLES.items()
+           if k[0] == "ulskip_jax.decode._continuous_fn" and k[1] == nnx.graphdef(model)]
+  assert texts and all(layer_shape in t for t in texts)
+  for text in texts:
+    assert not re.findall(re.escape(layer_shape) + r"\{[^}]*\} copy\(", text)

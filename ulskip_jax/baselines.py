@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Sequence
 
 import flax.struct
@@ -47,7 +46,7 @@ import optax
 from flax import nnx
 
 from ulskip_jax import decode, engine, sampling
-from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
 
 Array = jax.Array
@@ -383,13 +382,10 @@ def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, p
     cached_skip = ()
   else:
     cached_skip = tuple(range(cfg.num_layers - method.schedule.depths[0]))
-  positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
-  cache = init_cache(cfg, B, P + N, cached_skip)
   # The prompt runs every layer (paper mode), caching the layers any step may read.
-  x, cache = model.hidden(prompt_BP, skip=cached_skip, positions_BT=positions,
-                          segment_ids_BT=(positions >= 0).astype(jnp.int32),
-                          full_depth_BT=True if cached_skip else None, cache=cache, cache_index=0)
-  tok = sampling.argmax(model.unembed(x[:, -1:])[:, 0]).astype(jnp.int32)
+  logits, cache = engine.prefill(model, prompt_BP, pad_B, P + N, skip=cached_skip,
+                                 paper_mode=bool(cached_skip))
+  tok = sampling.argmax(logits)
   done = ~active_B
   tok = jnp.where(done, pad_id, tok)
   done = done | (tok == eos_id)
@@ -424,16 +420,14 @@ def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, 
   prompt_BP, pad_B = engine.left_pad(prompts, B, P, pad_id)
   args = (prompt_BP, pad_B, np.arange(B) < len(prompts), np.int32(max_new_tokens),
           np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.float32(threshold))
-  graphdef, state = nnx.split(model)
-  compiled, compile_s = engine.executable(_generate_fn, graphdef, state, args, method)
-  start = time.perf_counter()
-  buf, step_layers, loop_steps = jax.device_get(compiled(state, *args))
-  outputs, generated = engine.trim(buf, len(prompts), max_new_tokens, eos_id)
+  outputs, generated, (step_layers, loop_steps), compile_s, wall_s = engine.run(
+      _generate_fn, model, args, method, count=len(prompts), max_new_tokens=max_new_tokens,
+      eos_id=eos_id)
   cached = (model.cfg.num_layers if method.kind == "early_exit" else method.schedule.depths[0])
   skip = tuple(range(model.cfg.num_layers - cached))
   stats = DynamicStats(
       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
-      wall_s=time.perf_counter() - start, compile_s=compile_s,
+      wall_s=wall_s, compile_s=compile_s,
       cache_bytes=cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
       executables_built=int(compile_s > 0), calls=1, layer_steps=int(np.sum(step_layers)),
       loop_steps=int(loop_steps))

@@ -1,11 +1,13 @@
-"""Batched decoding with a static skip plan: greedy, sampling and beam search.
+"""Batched decoding with a static skip plan: greedy, sampling, beam search, and continuous
+batching for greedy and sampling (`generate_continuous`, what `generate_text` runs by default).
 
 Shapes: B batch rows (after bucketing), P prompt slots (bucketed), N new-token slots (bucketed),
 S = P + N cache slots, V vocabulary, R = B * num_beams flattened beam rows.
 
 One call of `generate` runs ONE compiled executable: a batched prefill, then a `lax.while_loop`
-over a preallocated state (token buffer + KV cache) that stops when every row has finished or the
-budget is spent. Parameters go in as `nnx.split` state (an argument, never closed over) and the
+over a preallocated, named state (`SampleState`, `BeamState`, `ContinuousState`) that stops when
+every row has finished or the budget is spent; each strategy is its state and its step, and
+`engine.py` holds what they share (buckets, padding, executables, trimming, stats). Parameters go in as `nnx.split` state (an argument, never closed over) and the
 cache is created inside the executable, so XLA updates it in place and no step copies it (beam
 search gathers it on the beam axis once a step, which is inherent to beam search).
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,9 +42,9 @@ from flax import nnx
 from ulskip_jax import engine, sampling
 # Shared with the other strategies; public here too, where they were first defined.
 from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, DecodeStats,  # noqa: F401
-                               bucket, executable, left_pad, trim)
+                               bucket, executable, left_pad)
 from ulskip_jax.checks import as_choice, as_float, as_int
-from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
 
@@ -112,22 +113,10 @@ def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Arra
 # ----------------------------------------------------------------------------------------------
 # The executables.
 
-def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array, rows: int,
-             num_slots: int) -> tuple[Array, KVCache]:
-  """Run the prompt, fill a fresh kept-layer cache; returns last-position logits [B, V]. Shared
-  with speculative decoding, whose draft and verify loops start from the same prefill."""
-  B, P = prompt_BP.shape
-  positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
-  segment_ids = (positions >= 0).astype(jnp.int32)
-  cache = init_cache(model.cfg, B, num_slots, opts.skip)
-  x, cache = model.hidden(prompt_BP, skip=opts.skip, positions_BT=positions,
-                          segment_ids_BT=segment_ids, full_depth_BT=True if opts.paper_mode else None,
-                          cache=cache, cache_index=0)
-  logits = model.unembed(x[:, -1:])[:, 0]
-  if rows != B:  # beams: the prompt ran once per row; copy its cache to each of the row's beams
-    cache = cache.repeat(rows // B)
-    logits = jnp.repeat(logits, rows // B, axis=0)
-  return logits, cache
+def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array,
+            num_slots: int) -> tuple[Array, KVCache]:
+  return engine.prefill(model, prompt_BP, pad_B, num_slots, skip=opts.skip,
+                        paper_mode=opts.paper_mode)
 
 
 def _step(model: Decoder, opts: DecodeOptions, tokens_R: Array, positions_R: Array,
@@ -165,7 +154,7 @@ def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad
     buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], P + t, 1)
     return tok, buf, done | (tok == eos_id)
 
-  logits, cache = prefill(model, opts, prompt_BP, pad_B, B, P + N)
+  logits, cache = prefill(model, opts, prompt_BP, pad_B, P + N)
   tok, buf, done = choose(logits, 0, buf, ~active_B)
 
   def cond(s: SampleState):
@@ -263,7 +252,8 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
                      fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag,
                      improvable=improvable, go_on=go_on)
 
-  logits, cache = prefill(model, opts, prompt_BP, pad_B, R, P + N)
+  logits, cache = prefill(model, opts, prompt_BP, pad_B, P + N)
+  logits, cache = jnp.repeat(logits, nb, axis=0), cache.repeat(nb)  # the prompt ran once a row
   start = select(logits, BeamState(
       t=jnp.int32(0), parents=jnp.arange(R), cache=cache, run_seq=run_seq, run_score=run_score,
       fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag, improvable=improvable,
@@ -321,7 +311,7 @@ def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_
     return jax.vmap(lambda x, key: _select(x, key, opts, temperature, top_p))(logits_RV, keys)
 
   filled = usable_B & (rows_B < num_prompts)
-  logits, cache = prefill(model, opts, queue_QP[:B], pad_Q[:B], B, P + N)
+  logits, cache = prefill(model, opts, queue_QP[:B], pad_Q[:B], P + N)
   owner = jnp.where(filled, rows_B, -1)
   tok = jnp.where(filled, choose(logits, owner, jnp.zeros_like(rows_B)), pad_id)
   out = jnp.full((Q, N), pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
@@ -340,7 +330,7 @@ def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_
     i = s.next_prompt
     pad = jax.lax.dynamic_slice_in_dim(pad_Q, i, 1)
     logits, prompt_cache = prefill(model, opts, jax.lax.dynamic_slice_in_dim(queue_QP, i, 1), pad,
-                                   1, P)
+                                   P)
     tok = choose(logits, i[None], jnp.zeros((1,), jnp.int32))[0]
     return s.replace(
         tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
@@ -543,13 +533,11 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
 def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   """`generate`, with the search chosen explicitly (beam search with one beam is greedy: a test)."""
   fn, opts, args, rows, P = plan_call(model, prompts, beam_search=beam_search, **kw)
-  graphdef, state = nnx.split(model)
-  compiled, compile_s = executable(fn, graphdef, state, args, opts)
-  start = time.perf_counter()
-  out = np.asarray(compiled(state, *args))
-  outputs, generated = trim(out, len(prompts), kw["max_new_tokens"], kw.get("eos_id"))
+  outputs, generated, _, compile_s, wall_s = engine.run(
+      fn, model, args, opts, count=len(prompts), max_new_tokens=kw["max_new_tokens"],
+      eos_id=kw.get("eos_id"))
   stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
-                      wall_s=time.perf_counter() - start, compile_s=compile_s,
+                      wall_s=wall_s, compile_s=compile_s,
                       cache_bytes=cache_bytes(model.cfg, rows, P + opts.max_new_slots, opts.skip),
                       executables_built=int(compile_s > 0), calls=1)
   return outputs, stats
@@ -585,7 +573,6 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
                        top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=1,
                        no_repeat_ngram_size=0, early_stopping=True)
   P = bucket(max(len(p) for p in prompts), MIN_BUCKET)
-  graphdef, state = nnx.split(model)
   eos_id, max_new_tokens, pad_id = o["eos_id"], o["max_new_tokens"], o["pad_id"]
   stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts),
                       cache_bytes=cache_bytes(cfg, B, P + opts.max_new_slots, opts.skip))
@@ -599,13 +586,12 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
             np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
             jax.random.key_data(jax.random.key(o["seed"])),
             np.float32(max(o["temperature"], 1e-6)), np.float32(o["top_p"] or 1.0))
-    compiled, compile_s = executable(_continuous_fn, graphdef, state, args, opts)
-    start = time.perf_counter()
-    out = np.asarray(compiled(state, *args))
-    ids, generated = trim(out, len(queue), max_new_tokens, eos_id)
+    ids, generated, _, compile_s, wall_s = engine.run(
+        _continuous_fn, model, args, opts, count=len(queue), max_new_tokens=max_new_tokens,
+        eos_id=eos_id)
     outputs += ids
-    stats = stats + DecodeStats(generated_tokens=generated, wall_s=time.perf_counter() - start,
-                                compile_s=compile_s, executables_built=int(compile_s > 0), calls=1)
+    stats = stats + DecodeStats(generated_tokens=generated, wall_s=wall_s, compile_s=compile_s,
+                                executables_built=int(compile_s > 0), calls=1)
   return outputs, stats
 
 

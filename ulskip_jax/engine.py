@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from ulskip_jax.kv_cache import init_cache
 
 MIN_BUCKET = 16
 
@@ -90,6 +94,19 @@ def left_pad(prompts: Sequence[np.ndarray], rows: int, slots: int, pad_id: int):
   return prompt_BP, pad_B
 
 
+def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], paper_mode: bool):
+  """Run left-padded prompts, filling a fresh cache of `num_slots` slots for the kept layers:
+  (last-position logits [B, V], cache). paper_mode: the prompt runs every layer (only the kept
+  ones keep K/V); otherwise it skips the same layers as the generated tokens."""
+  B, P = prompt_BP.shape
+  positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
+  cache = init_cache(model.cfg, B, num_slots, skip)
+  x, cache = model.hidden(prompt_BP, skip=skip, positions_BT=positions,
+                          segment_ids_BT=(positions >= 0).astype(jnp.int32),
+                          full_depth_BT=True if paper_mode else None, cache=cache, cache_index=0)
+  return model.unembed(x[:, -1:])[:, 0], cache
+
+
 def executable(fn, graphdef, state, args, opts):
   """The compiled `fn` for these shapes and static options, built once (returns it and the
   seconds spent compiling, 0 when it was cached)."""
@@ -115,3 +132,16 @@ def trim(rows_BN, count: int, max_new_tokens: int, eos_id: int | None):
     outputs.append(row[:n])
     generated += min(n + 1, len(row))
   return outputs, generated
+
+
+def run(fn, model, args, opts, *, count: int, max_new_tokens: int, eos_id: int | None):
+  """Run strategy `fn` (built once), whose first result is its token rows: (outputs of the first
+  `count` rows as `trim` cuts them, generated tokens, fn's other results on the host, compile
+  seconds, wall seconds)."""
+  graphdef, state = nnx.split(model)
+  compiled, compile_s = executable(fn, graphdef, state, args, opts)
+  start = time.perf_counter()
+  results = jax.device_get(compiled(state, *args))
+  rows, *rest = results if isinstance(results, tuple) else (results,)
+  outputs, generated = trim(rows, count, max_new_tokens, eos_id)
+  return outputs, generated, rest, compile_s, time.perf_counter() - start

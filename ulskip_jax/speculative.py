@@ -55,14 +55,12 @@ can see a clamped slot (they are all at the last position, which no needed query
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ulskip_jax import decode, engine, kv_cache, sampling
@@ -225,23 +223,19 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
   steps = jnp.arange(k + 1, dtype=jnp.int32)
   limit = cfg.max_position - 1
 
-  def prefill(skip, full_depth):
-    dec_opts = decode.DecodeOptions(skip=skip, paper_mode=full_depth, max_new_slots=N,
-                                    sample=opts.sample, top_k=opts.top_k,
-                                    use_top_p=opts.use_top_p, num_beams=1,
-                                    no_repeat_ngram_size=0, early_stopping=True)
-    return decode.prefill(model, dec_opts, prompt_BP, pad_B, B, S)
+  def prefill(skip):
+    return engine.prefill(model, prompt_BP, pad_B, S, skip=skip, paper_mode=False)
 
   def run(tokens_BT, positions_BT, cache, index, skip, segment_ids_BT=None):
     x, cache = model.hidden(tokens_BT, skip=skip, positions_BT=jnp.minimum(positions_BT, limit),
                             segment_ids_BT=segment_ids_BT, cache=cache, cache_index=index)
     return model.unembed(x), cache
 
-  logits, cache = prefill((), False)
+  logits, cache = prefill(())
   draft_cache = None
   if separate:
     draft_cache = (cache.kept_view(kept) if opts.paper_mode or not opts.draft_skip
-                   else prefill(opts.draft_skip, False)[1])
+                   else prefill(opts.draft_skip)[1])
   tok, _ = _choose(logits, jax.random.fold_in(rng, 0), opts, temperature, top_p)
   tok = jnp.where(active_B, tok, pad_id)
   out = jnp.full((B, N + k + 1), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -471,12 +465,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
                            num_draft_tokens=num_draft_tokens, draft_cache=draft_cache, mode=mode,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  graphdef, state = nnx.split(model)
-  compiled, compile_s = engine.executable(_speculative_fn, graphdef, state, args, opts)
-  start = time.perf_counter()
-  out, accepted, drafted, rounds = jax.device_get(compiled(state, *args))
-  outputs, generated = engine.trim(out, len(prompts), max_new_tokens, eos_id)
-  wall_s = time.perf_counter() - start
+  outputs, generated, (accepted, drafted, rounds), compile_s, wall_s = engine.run(
+      _speculative_fn, model, args, opts, count=len(prompts), max_new_tokens=max_new_tokens,
+      eos_id=eos_id)
   verify_bytes = cache_bytes(model.cfg, B, S)
   draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)
   stats = SpeculativeStats(
