@@ -13,8 +13,8 @@ tokens, batch 8), built by the same pipeline (`data.Batcher`); with `--random` (
 real tokenizer) rows are packed with random examples instead.
 
 Every case is one jitted train step (forward, backward, AdamW), compiled and warmed up first,
-then timed in rounds of one step per case, so that a change in the machine's load hits all
-cases alike; the table gives the median wall time and the process CPU time of a step. The
+then timed in rounds of one step per case (each round in a rotated order), so that a change in
+the machine's load hits all cases alike; the table gives the median wall time and the process CPU time of a step. The
 optimizer is the recipe's (global-norm clipping, AdamW with its betas and weight decay, none on
 vectors) at a constant learning rate, with every weight trained on both sides (the recipe
 freezes the embeddings).
@@ -72,7 +72,7 @@ def parse_args(argv=None):
                  help="a random model of SmolLM2-135M's shape and a random packed batch")
   p.add_argument("--timing-steps", type=int, default=4, help="timed rounds")
   p.add_argument("--ratios", default="2,3,5", help="paper-mode ratios")
-  p.add_argument("--whole-rows", default="2",
+  p.add_argument("--whole-rows", default="",
                  help="ratios also timed in paper mode on whole rows (no prompt buffer)")
   p.add_argument("--lora-rank", type=int, default=16, help="0 = no LoRA cases")
   p.add_argument("--threads", default="1,2", help="torch thread counts tried")
@@ -319,16 +319,19 @@ def main():
       peers.append(peer)
   del model
 
-  for _ in range(args.timing_steps):
-    for case in cases:
-      wall, cpu = timed(lambda: run_jax(case))
+  # Each round runs every case once, starting one case later than the round before, so that no
+  # case always follows the same one (torch's threads, say).
+  runners = [(c, lambda c=c: run_jax(c)) for c in cases]
+  for peer in peers:
+    def run_torch(peer=peer):
+      torch.set_num_threads(peer["threads"])
+      torch_step(tmodel, topt, tin, config.optim.clip_norm)
+    runners.append((peer, run_torch))
+  for r in range(args.timing_steps):
+    for case, run in runners[r % len(runners):] + runners[:r % len(runners)]:
+      wall, cpu = timed(run)
       case["wall"].append(wall)
       case["cpu"].append(cpu)
-    for peer in peers:
-      torch.set_num_threads(peer["threads"])
-      wall, cpu = timed(lambda: torch_step(tmodel, topt, tin, config.optim.clip_norm))
-      peer["wall"].append(wall)
-      peer["cpu"].append(cpu)
 
   ms = {c["name"]: 1e3 * float(np.median(c["wall"])) for c in cases + peers}
   fixed = ms["every layer skipped (fixed cost)"] / ms["full depth"]
