@@ -14,8 +14,9 @@ real tokenizer) rows are packed with random examples instead.
 
 Every case is one jitted train step (forward, backward, AdamW), compiled and warmed up first,
 then timed in rounds of one step per case (each round in a rotated order), so that a change in
-the machine's load hits all cases alike; the table gives the median wall time and the process CPU time of a step. The
-optimizer is the recipe's (global-norm clipping, AdamW with its betas and weight decay, none on
+the machine's load hits all cases alike; the table gives the median wall time and process CPU
+time of a step. "logits at every position" is the step before `train_lib.LOSS_FRACTION` (the
+unembedding on the loss tokens only). The optimizer is the recipe's (global-norm clipping, AdamW with its betas and weight decay, none on
 vectors) at a constant learning rate, with every weight trained on both sides (the recipe
 freezes the embeddings).
 
@@ -139,10 +140,12 @@ def optimizer(optim) -> optax.GradientTransformation:
                                  weight_decay=optim.weight_decay, mask=decay_mask))
 
 
-def jax_step(graphdef, tx, *, paper: bool, split_params=lora.split_none):
+def jax_step(graphdef, tx, *, paper: bool, split_params=lora.split_none,
+             loss_fraction=train_lib.LOSS_FRACTION):
   """train_lib.train_step jitted: (state, batch, skip, prompt_capacity=) -> (state, metrics)."""
   return jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, optimizer=tx,
-                                   paper=paper, accum_steps=1, split_params=split_params),
+                                   paper=paper, accum_steps=1, split_params=split_params,
+                                   loss_fraction=loss_fraction),
                  static_argnums=2, static_argnames="prompt_capacity", donate_argnums=0)
 
 
@@ -265,6 +268,9 @@ def main():
                     False: jax_step(graphdef, tx, paper=False)},
               state=jax_state(params, tx))
   cases = [dict(name="full depth", kind=full, skip=(), paper=False, capacity=None, ceiling=1.0),
+           dict(name="full depth, logits at every position", kind=full, skip=(), paper=False,
+                capacity=None, ceiling=1.0,
+                step=jax_step(graphdef, tx, paper=False, loss_fraction=None)),
            dict(name="every layer skipped (fixed cost)", kind=full, skip=tuple(range(L)),
                 paper=False, capacity=None, ceiling=0.0)]
   whole = {float(r) for r in args.whole_rows.split(",") if r}
@@ -293,7 +299,8 @@ def main():
 
   def run_jax(case):
     kind = case["kind"]
-    kind["state"], metrics = kind["step"][case["paper"]](
+    step = case.get("step") or kind["step"][case["paper"]]
+    kind["state"], metrics = step(
         kind["state"], jbatch, case["skip"], prompt_capacity=case["capacity"])
     case["loss"] = float(jax.block_until_ready(metrics)["loss"])
     case["overflows"] = int(metrics.get("prompt_overflow_rows", 0))
