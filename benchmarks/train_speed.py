@@ -1,7 +1,7 @@
 """Train step speed on SmolLM2-135M: full depth, paper mode, skip everywhere and LoRA, against a
 plain PyTorch loop over transformers' LlamaForCausalLM on the same weights, batch and AdamW.
 
-  python benchmarks/train_speed.py                      # the real model and Bible batch, 4 rounds
+  python benchmarks/train_speed.py                      # the real model and Bible batch, 5 rounds
   python benchmarks/train_speed.py --quick              # 2 timed rounds
   python benchmarks/train_speed.py --random             # a random model and random packed batch
   python benchmarks/train_speed.py --tiny --quick --ratios 2   # a smoke run, 4 layers
@@ -13,12 +13,12 @@ tokens, batch 8), built by the same pipeline (`data.Batcher`); with `--random` (
 real tokenizer) rows are packed with random examples instead.
 
 Every case is one jitted train step (forward, backward, AdamW), compiled and warmed up first,
-then timed in rounds of one step per case (each round in a rotated order), so that a change in
-the machine's load hits all cases alike; the table gives the median wall time and process CPU
-time of a step. "logits at every position" is the step before `train_lib.LOSS_FRACTION` (the
-unembedding on the loss tokens only). The optimizer is the recipe's (global-norm clipping, AdamW with its betas and weight decay, none on
-vectors) at a constant learning rate, with every weight trained on both sides (the recipe
-freezes the embeddings).
+then timed in rounds of one step per case (each round in a rotated order, after one untimed
+round), so that a change in the machine's load hits all cases alike; the table gives the median
+wall time and process CPU time of a step (the rounds' wall times go to stderr). The optimizer is
+the recipe's (global-norm clipping, AdamW with its betas and weight decay, none on vectors) at a
+constant learning rate, with every weight trained on both sides (the recipe freezes the
+embeddings).
 
 The PyTorch peer is the full-depth step only: the model exported with `hf.save_pretrained` and
 loaded in float32, packed rows given as a block-diagonal causal 4D mask and position ids, the
@@ -71,7 +71,7 @@ def parse_args(argv=None):
   p.add_argument("--tiny", action="store_true", help="a random 4-layer width-32 model (smoke run)")
   p.add_argument("--random", action="store_true",
                  help="a random model of SmolLM2-135M's shape and a random packed batch")
-  p.add_argument("--timing-steps", type=int, default=4, help="timed rounds")
+  p.add_argument("--timing-steps", type=int, default=5, help="timed rounds")
   p.add_argument("--ratios", default="2,3,5", help="paper-mode ratios")
   p.add_argument("--whole-rows", default="",
                  help="ratios also timed in paper mode on whole rows (no prompt buffer)")
@@ -140,12 +140,10 @@ def optimizer(optim) -> optax.GradientTransformation:
                                  weight_decay=optim.weight_decay, mask=decay_mask))
 
 
-def jax_step(graphdef, tx, *, paper: bool, split_params=lora.split_none,
-             loss_fraction=train_lib.LOSS_FRACTION):
+def jax_step(graphdef, tx, *, paper: bool, split_params=lora.split_none):
   """train_lib.train_step jitted: (state, batch, skip, prompt_capacity=) -> (state, metrics)."""
   return jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, optimizer=tx,
-                                   paper=paper, accum_steps=1, split_params=split_params,
-                                   loss_fraction=loss_fraction),
+                                   paper=paper, accum_steps=1, split_params=split_params),
                  static_argnums=2, static_argnames="prompt_capacity", donate_argnums=0)
 
 
@@ -268,9 +266,6 @@ def main():
                     False: jax_step(graphdef, tx, paper=False)},
               state=jax_state(params, tx))
   cases = [dict(name="full depth", kind=full, skip=(), paper=False, capacity=None, ceiling=1.0),
-           dict(name="full depth, logits at every position", kind=full, skip=(), paper=False,
-                capacity=None, ceiling=1.0,
-                step=jax_step(graphdef, tx, paper=False, loss_fraction=None)),
            dict(name="every layer skipped (fixed cost)", kind=full, skip=tuple(range(L)),
                 paper=False, capacity=None, ceiling=0.0)]
   whole = {float(r) for r in args.whole_rows.split(",") if r}
@@ -299,8 +294,7 @@ def main():
 
   def run_jax(case):
     kind = case["kind"]
-    step = case.get("step") or kind["step"][case["paper"]]
-    kind["state"], metrics = step(
+    kind["state"], metrics = kind["step"][case["paper"]](
         kind["state"], jbatch, case["skip"], prompt_capacity=case["capacity"])
     case["loss"] = float(jax.block_until_ready(metrics)["loss"])
     case["overflows"] = int(metrics.get("prompt_overflow_rows", 0))
@@ -309,8 +303,7 @@ def main():
     case["wall"], case["cpu"] = [], []
     case["compile_s"] = timed(lambda: run_jax(case))[0]
     case["loss_first"] = case["loss"]  # the first case's is the loss at the initial weights
-    run_jax(case)  # once more, so that nothing first-time is timed
-    print(f"{case['name']}: compiled and warm ({case['compile_s']:.0f} s)", file=sys.stderr)
+    print(f"{case['name']}: compiled ({case['compile_s']:.0f} s)", file=sys.stderr)
 
   peers = []
   if not args.no_torch:
@@ -327,19 +320,25 @@ def main():
   del model
 
   # Each round runs every case once, starting one case later than the round before, so that no
-  # case always follows the same one (torch's threads, say).
+  # case always follows the same one (torch's threads, or a case that gave memory back to the
+  # system). The untimed round first: a step right after the compiles faults its memory in anew.
   runners = [(c, lambda c=c: run_jax(c)) for c in cases]
   for peer in peers:
     def run_torch(peer=peer):
       torch.set_num_threads(peer["threads"])
       torch_step(tmodel, topt, tin, config.optim.clip_norm)
     runners.append((peer, run_torch))
+  for _, run in runners:
+    run()
   for r in range(args.timing_steps):
     for case, run in runners[r % len(runners):] + runners[:r % len(runners)]:
       wall, cpu = timed(run)
       case["wall"].append(wall)
       case["cpu"].append(cpu)
 
+  for c in cases + peers:
+    print(f"{c['name']}: wall s per round " + " ".join(f"{w:.2f}" for w in c["wall"]),
+          file=sys.stderr)
   ms = {c["name"]: 1e3 * float(np.median(c["wall"])) for c in cases + peers}
   fixed = ms["every layer skipped (fixed cost)"] / ms["full depth"]
   print(f"## Train step: {what}, {L} layers; {data}: batch {config.batch_size} x "

@@ -137,31 +137,3 @@ def test_accumulated_step_equals_the_whole_row_step_and_counts_overflowing_rows(
     b = functools.reduce(lambda t, k: t[k.key], path, got["params"])
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL, rtol=0,
                                err_msg=jax.tree_util.keystr(path))
-
-
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_logits_on_the_loss_tokens_only_equal_logits_everywhere(tie):
-  """`train_lib.loss_sums` unembeds only the loss tokens when they fit its buffer (25 of 96
-  positions here: half fits, an eighth does not and takes the fallback); same loss, same grads."""
-  params, graphdef = _params_and_graphdef(tie_embeddings=tie)
-  batch = _batch(FITS)
-  assert int(batch["loss_mask"].sum()) == 25
-
-  @functools.partial(jax.jit, static_argnums=(1, 2))
-  def mean_loss_and_grads(params, paper, fraction):
-    def mean_loss(p):
-      total, count = train_lib.loss_sums(p, graphdef, batch, SKIP, paper,
-                                         prompt_capacity=CAPACITY if paper else None,
-                                         loss_fraction=fraction)
-      return total / count
-    return jax.value_and_grad(mean_loss)(params)
-
-  for paper in (False, True):
-    want_loss, want_grads = mean_loss_and_grads(params, paper, None)
-    for fraction in (0.5, 0.125):
-      loss, grads = mean_loss_and_grads(params, paper, fraction)
-      np.testing.assert_allclose(float(loss), float(want_loss), atol=TOL, rtol=0)
-      for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
-        got = functools.reduce(lambda t, k: t[k.key], path, grads)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0,
-                                   err_msg=f"{paper=} {fraction=} {jax.tree_util.keystr(path)}")

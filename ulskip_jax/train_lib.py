@@ -84,68 +84,32 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
   return tx
 
 
-# Logits are computed for at most this fraction of a micro-batch's positions: the loss tokens
-# (responses), gathered into one buffer. A micro-batch with more loss tokens computes them at every
-# position instead (same result). The unembedding is the largest matmul of a small model.
-LOSS_FRACTION = 0.5
-
-
 def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, frozen=None,
-              dropout_key=None, prompt_capacity: int | None = None,
-              loss_fraction: float | None = LOSS_FRACTION):
+              dropout_key=None, prompt_capacity: int | None = None):
   """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype).
 
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
   prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
-  loss_fraction: logits only for the loss tokens, in a buffer of this fraction of the positions
-    (`LOSS_FRACTION`); None = logits at every position.
   """
   model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
-  x_BTD, _ = model.hidden(batch["tokens"], skip=skip, positions_BT=batch["positions"],
-                          segment_ids_BT=batch["segment_ids"],
-                          full_depth_BT=batch["full_depth"] if paper else None,
-                          full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
-  D = x_BTD.shape[-1]
-  x_1ND = x_BTD.reshape(1, -1, D)
-  targets_1N = batch["targets"].reshape(1, -1)
-  mask_1N = batch["loss_mask"].reshape(1, -1).astype(jnp.float32)
-
-  def sums(x, targets, mask):
-    logits = model.unembed(x)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return (xent * mask).sum(), mask.sum()
-
-  N = mask_1N.shape[1]
-  capacity = None if loss_fraction is None else prompt_buffer.capacity_for(loss_fraction, N)
-  if capacity is None or capacity >= N:
-    return sums(x_1ND, targets_1N, mask_1N)
-  (index_K,) = jnp.nonzero(mask_1N[0] > 0, size=capacity, fill_value=N)
-  take = lambda a: jnp.take(a, index_K, axis=1, mode="fill", fill_value=0)
-
-  # The branches read the unembedding's weights from `model` (closed over, so the layers' are
-  # no operands of the cond and get no zero gradients from it).
-  def compact(x):  # empty slots: zero hidden state, target 0, mask 0
-    return sums(take(x), take(targets_1N), take(mask_1N))
-
-  def whole(x):
-    return sums(x, targets_1N, mask_1N)
-
-  # The fallback is rematerialised: cond keeps both branches' residuals, and whole-batch logits
-  # would cost the buffer's saving in memory (and in zeros written when the buffer is taken).
-  fits = (mask_1N > 0).sum() <= capacity
-  return jax.lax.cond(fits, compact, jax.checkpoint(whole), x_1ND)
+  logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
+                 segment_ids_BT=batch["segment_ids"],
+                 full_depth_BT=batch["full_depth"] if paper else None,
+                 full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return (xent * mask).sum(), mask.sum()
 
 
 def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
                paper: bool, accum_steps: int, split_params=lora.split_none,
-               dropout_seed: int | None = None, prompt_capacity: int | None = None,
-               loss_fraction: float | None = LOSS_FRACTION):
+               dropout_seed: int | None = None, prompt_capacity: int | None = None):
   """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens.
 
   split_params: params -> (trainable, frozen); only the trainable part gets gradients and
   updates, and `state["opt_state"]` is the optimizer's state for it. dropout_seed: LoRA dropout
   on, with keys from (seed, step, micro-batch), so a resumed run draws the same masks.
-  prompt_capacity, loss_fraction: see `loss_sums`.
+  prompt_capacity: see `loss_sums`.
   """
   trainable, frozen = split_params(state["params"])
 
@@ -157,7 +121,7 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
     (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(
         trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
-        prompt_capacity=prompt_capacity, loss_fraction=loss_fraction)
+        prompt_capacity=prompt_capacity)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
   micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
