@@ -20,6 +20,19 @@ def _tokens(B=2, T=10, seed=1):
   return jax.random.randint(jax.random.key(seed), (B, T), 0, 97)
 
 
+def _cached_logits(fwd, tokens, skip, prompt_len, cache, full_depth=None):
+  """Logits of a prefill of the first prompt_len tokens, then one cached step per token."""
+  first, cache = fwd(tokens[:, :prompt_len], skip=skip, full_depth_BT=full_depth, cache=cache,
+                     cache_index=0)
+  steps = [first]
+  for t in range(prompt_len, tokens.shape[1]):
+    logits, cache = fwd(tokens[:, t:t + 1], skip=skip,
+                        positions_BT=jnp.full((tokens.shape[0], 1), t), cache=cache,
+                        cache_index=t)
+    steps.append(logits)
+  return jnp.concatenate(steps, 1)
+
+
 def _delete_layers(model: Decoder, skip) -> Decoder:
   """A model with the skipped layers removed from its layer list."""
   kept = [i for i in range(model.cfg.num_layers) if i not in skip]
@@ -52,14 +65,8 @@ def test_cached_decode_equals_full_forward(pos, skip):
   fwd = jit_call(model)
   tokens = _tokens(T=12)
   want = fwd(tokens, skip=skip)
-  cache = init_cache(model.cfg, 2, 16, skip)
-  got, cache = fwd(tokens[:, :5], skip=skip, cache=cache, cache_index=0)
-  steps = [got]
-  for t in range(5, 12):
-    logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
-                          cache=cache, cache_index=t)
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=TOL)
+  got = _cached_logits(fwd, tokens, skip, 5, init_cache(model.cfg, 2, 16, skip))
+  np.testing.assert_allclose(got, want, atol=TOL)
   # An empty cache equals no cache.
   np.testing.assert_allclose(fwd(tokens, skip=skip, cache=init_cache(model.cfg, 2, 12, skip))[0],
                              want, atol=TOL)
@@ -76,14 +83,8 @@ def test_paper_mode_prompt_at_full_depth_response_skips():
   assert not np.allclose(got[:, P:], fwd(tokens)[:, P:], atol=1e-3)
   assert not np.allclose(got[:, P:], fwd(tokens, skip=skip)[:, P:], atol=1e-3)
   # Cached: prefill at full depth writes KV for kept layers only, then decode skips.
-  cache = init_cache(model.cfg, 2, 12, skip)
-  first, cache = fwd(tokens[:, :P], skip=skip, full_depth_BT=True, cache=cache, cache_index=0)
-  steps = [first]
-  for t in range(P, 12):
-    logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
-                          cache=cache, cache_index=t)
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1), got, atol=TOL)
+  cached = _cached_logits(fwd, tokens, skip, P, init_cache(model.cfg, 2, 12, skip), True)
+  np.testing.assert_allclose(cached, got, atol=TOL)
 
 
 def test_packed_segments_equal_separate_sequences():
@@ -114,14 +115,8 @@ def test_local_global_layers_cached_packed_and_paper_mode():
   for full_depth in (None, True):
     want = fwd(tokens, skip=skip, full_depth_BT=None if full_depth is None else
                jnp.broadcast_to(jnp.arange(12) < P, (2, 12)))
-    got, cache = fwd(tokens[:, :P], skip=skip, full_depth_BT=full_depth,
-                     cache=init_cache(model.cfg, 2, 16, skip), cache_index=0)
-    steps = [got]
-    for t in range(P, 12):
-      logits, cache = fwd(tokens[:, t:t + 1], skip=skip, positions_BT=jnp.full((2, 1), t),
-                          cache=cache, cache_index=t)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=TOL)
+    got = _cached_logits(fwd, tokens, skip, P, init_cache(model.cfg, 2, 16, skip), full_depth)
+    np.testing.assert_allclose(got, want, atol=TOL)
   # The window counts positions, which restart in each packed segment.
   a, b = _tokens(1, 6, seed=2), _tokens(1, 5, seed=3)
   packed = jnp.concatenate([a, b], 1)
