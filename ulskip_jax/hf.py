@@ -48,7 +48,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ulskip_jax import families, gguf_io, lora
-from ulskip_jax.model import Decoder, ModelConfig, kept_layers
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import kept_layers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Fields that change no computation: never compared between a model and a config.json.

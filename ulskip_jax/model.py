@@ -150,14 +150,6 @@ class ModelConfig:
       return float(self.local_rope_theta), None
     return self.rope_theta, self.rope_scaling
 
-  @property
-  def block_extras(self) -> tuple[str, ...]:
-    """The fields set here that change a block beyond pre-norm softmax attention at scale
-    Hd ** -0.5 over every earlier position: code that re-implements `Block` (baselines.py) must
-    handle or refuse them."""
-    return tuple(name for name in ("attention_windows", "post_norms", "query_pre_attn_scalar",
-                                   "attn_softcap") if getattr(self, name))
-
 
 # ----------------------------------------------------------------------------------------------
 # Layers.

@@ -66,7 +66,8 @@ from flax import nnx
 from ulskip_jax import decode, engine, kv_cache, sampling
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
-from ulskip_jax.model import Decoder, ModelConfig, kept_layers
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
