@@ -291,7 +291,8 @@ def run(args) -> dict:
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]
     path = output_path(args.output, label, len(runs) > 1)
     _write(path, "".join(h + "\n" for h in hyps))
-    skip = decode.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"))
+    skip = decode.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"),
+                               model.cfg.attention_windows)
     result = dict(label=label, output=path, skip=list(skip),
                   kept_layers=model.cfg.num_layers - len(skip), **stats.as_dict())
     if refs is not None:

@@ -19,8 +19,8 @@ import torch
 from flax import nnx
 
 from tests import tiny
-from ulskip_jax import decode, engine, hf, plan_layers
-from ulskip_jax.model import cache_bytes
+from ulskip_jax import decode, engine, hf, plan_layers, speculative
+from ulskip_jax.model import ModelConfig, cache_bytes
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 3]]  # lengths 4, 9, 2
 MAX_NEW = 10
@@ -246,6 +246,19 @@ def test_cache_holds_kept_layers_only(models):
                             max_new_tokens=MAX_NEW, eos_id=EOS)
   pos_bytes = 4 * 32 * 4
   assert half.cache_bytes - pos_bytes == (full.cache_bytes - pos_bytes) // 2
+
+
+def test_ratio_keeps_the_global_layers_of_a_local_global_model():
+  """A ratio on a model mixing sliding-window and global layers keeps the global layers in
+  decoding and in the speculative draft, as training's and evaluation's plans do."""
+  windows = (3, 3, 3, None, None, 3, 3, 3)
+  cfg = ModelConfig(vocab_size=32, num_layers=8, d_model=16, num_heads=2, num_kv_heads=1,
+                    head_dim=8, d_ff=32, attention_windows=windows)
+  with_globals = plan_layers(8, 2, keep=(3, 4)).skipped
+  assert with_globals != plan_layers(8, 2).skipped  # plain ULS drops both global layers
+  assert decode.check_options(cfg, ratio=2, max_new_tokens=4)["skip"] == with_globals
+  assert speculative.resolve_draft(8, None, 2, windows) == with_globals
+  assert decode.check_options(cfg, skip=(1, 2), max_new_tokens=4)["skip"] == (1, 2)
 
 
 def test_bad_arguments_raise_one_line_errors(models):

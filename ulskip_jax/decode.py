@@ -72,12 +72,15 @@ def num_compiles() -> int:
   return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
 
 
-def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None) -> tuple[int, ...]:
-  """`ratio` -> the ULS plan's skipped layers; `skip` as given; neither -> full depth."""
+def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None,
+                 windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
+  """`ratio` -> the ULS plan's skipped layers (a model mixing sliding-window and global layers,
+  `windows` = its cfg.attention_windows, keeps its global layers, as in training); `skip` as
+  given; neither -> full depth."""
   if skip is not None and ratio is not None:
     raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
   if ratio is not None:
-    return plan_layers(num_layers, ratio).skipped
+    return plan_layers(num_layers, ratio, windows=windows).skipped
   if skip is None:
     return ()
   if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
@@ -413,7 +416,7 @@ def check_options(cfg: ModelConfig, *, skip=None, ratio=None, max_new_tokens, eo
   work and NaN never reaches a comparison that would silently be False."""
   V = cfg.vocab_size
   as_choice("mode", mode, ("paper", "everywhere"))
-  skip = resolve_skip(cfg.num_layers, skip, ratio)
+  skip = resolve_skip(cfg.num_layers, skip, ratio, cfg.attention_windows)
   max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
   eos_id = None if eos_id is None else as_int("eos_id", eos_id, 0, V - 1)
   pad_id = as_int("pad_id", pad_id, 0, V - 1)

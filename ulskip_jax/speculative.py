@@ -330,12 +330,13 @@ def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
-def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None,
-                  draft_ratio: float | None) -> tuple[int, ...]:
-  """The draft's skipped layers: `draft_ratio` -> the ULS plan; `draft_skip` as given."""
+def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None, draft_ratio: float | None,
+                  windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
+  """The draft's skipped layers: `draft_ratio` -> the ULS plan (`decode.resolve_skip`, windows
+  included); `draft_skip` as given."""
   if draft_skip is None and draft_ratio is None:
     raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
-  return decode.resolve_skip(num_layers, draft_skip, draft_ratio)
+  return decode.resolve_skip(num_layers, draft_skip, draft_ratio, windows)
 
 
 def parse_speculative(text: str) -> dict[str, Any]:
@@ -412,7 +413,7 @@ def check_options(cfg: ModelConfig, speculative: dict[str, Any], *, skip=None, r
 def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
                  draft_cache="shared", mode="paper") -> tuple[tuple[int, ...], int]:
   """The draft's skipped layers and num_draft_tokens, checked."""
-  skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio)
+  skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio, cfg.attention_windows)
   num_draft_tokens = as_int("num_draft_tokens", num_draft_tokens, 1, decode.MIN_BUCKET)
   if draft_cache not in DRAFT_CACHES:
     raise ValueError(f"draft_cache={draft_cache!r} is unknown: allowed are "
