@@ -92,7 +92,7 @@ def test_early_exit_truncated_logits_equal_a_truncated_model(model):
   """A generated token that exits at the first point gets the truncated model's logits: the
   prompt's cache at layer 0 is the same either way, so a one-step check is exact."""
   graphdef, state = nnx.split(model)
-  step = baselines._Method("early_exit", 16, exit_every=1)
+  step = baselines.EarlyExit(16, exit_every=1)
   prompt = jnp.array(PROMPTS, jnp.int32)
   B, P = prompt.shape
 
@@ -119,7 +119,7 @@ def test_early_exit_propagates_kv_into_skipped_layers(model):
   L = model.cfg.num_layers
   threshold, ratio = baselines.tune_threshold(model, PROMPTS, 1.6, batch_size=2, exit_every=1,
                                               iterations=6, max_new_tokens=MAX_NEW, eos_id=None)
-  method = baselines._Method("early_exit", 16, exit_every=1)
+  method = baselines.EarlyExit(16, exit_every=1)
   ids, stats, step_layers = baselines._generate(model, PROMPTS, method, max_new_tokens=MAX_NEW,
                                                 eos_id=None, pad_id=0, threshold=threshold)
   depths = step_layers[1:MAX_NEW]
@@ -208,7 +208,7 @@ def test_dynamic_decode_loops_do_not_copy_the_cache(model, kind):
   # Every executable of this kind with this call's cache shape (other tests build more): none
   # may copy a cache layer.
   texts = [t for k, v in engine.EXECUTABLES.items()
-           if k[0] == "ulskip_jax.baselines._generate_fn" and k[4].kind == kind
+           if k[0] == "ulskip_jax.baselines." + {"early_exit": "EarlyExit", "skipdecode": "SkipDecode"}[kind]
            and k[1] == nnx.graphdef(model)
            for t in [v.as_text()] if layer_shape in t]
   assert texts  # the pattern below is not vacuous

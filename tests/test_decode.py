@@ -337,7 +337,7 @@ def test_continuous_batching_updates_the_cache_in_place(models):
   cfg = model.cfg
   layer_shape = f"f32[2,{cfg.num_kv_heads},32,{cfg.head_dim}]"  # [B, K, S, Hd], S = 16 + 16
   texts = [v.as_text() for k, v in engine.EXECUTABLES.items()
-           if k[0] == "ulskip_jax.decode._continuous_fn" and k[1] == nnx.graphdef(model)]
+           if k[0] == "ulskip_jax.decode.Continuous" and k[1] == nnx.graphdef(model)]
   assert texts and all(layer_shape in t for t in texts)
   for text in texts:
     assert not re.findall(re.escape(layer_shape) + r"\{[^}]*\} copy\(", text)

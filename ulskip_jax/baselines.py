@@ -242,15 +242,6 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, loss_fn):
 # ----------------------------------------------------------------------------------------------
 # Decoding.
 
-@dataclasses.dataclass(frozen=True)
-class _Method:
-  """Static description of a dynamic method (part of the executable's key)."""
-  kind: str                                  # "early_exit" | "skipdecode"
-  max_new_slots: int
-  exit_every: int = 0
-  schedule: SkipDecodeSchedule | None = None
-
-
 @dataclasses.dataclass
 class DynamicStats(decode.DecodeStats):
   """DecodeStats plus the depth actually run: layers summed over decode-loop steps (batch-wide,
@@ -369,68 +360,69 @@ class DynamicState:
   step_layers: Array  # [N] layers run by the step that produced token t
 
 
-def _generate_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, threshold,
-                 *, opts: _Method):
-  """Greedy decoding; returns (tokens [B, N], layers run at each loop step [N] (index t: the step
-  that produced token t; 0 at t = 0, the prompt pass), loop steps)."""
-  method = opts
-  model = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  B, P = prompt_BP.shape
-  N = method.max_new_slots
-  if method.kind == "early_exit":
-    cached_skip = ()
-  else:
-    cached_skip = tuple(range(cfg.num_layers - method.schedule.depths[0]))
-  # The prompt runs every layer (paper mode), caching the layers any step may read.
-  logits, cache = engine.prefill(model, prompt_BP, pad_B, P + N, skip=cached_skip,
-                                 paper_mode=bool(cached_skip))
-  tok = sampling.argmax(logits)
-  done = ~active_B
-  tok = jnp.where(done, pad_id, tok)
-  done = done | (tok == eos_id)
-  buf = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+@dataclasses.dataclass(frozen=True)
+class _Dynamic(engine.Strategy):
+  """Greedy decoding whose depth a step picks (`layers`); the prompt runs every layer (paper
+  mode), caching the `cached` top layers any step may read. The result is (tokens [B, N], layers
+  run at each loop step [N] (index t: the step that produced token t; 0 at t = 0, the prompt
+  pass), loop steps)."""
+  max_new_slots: int
 
-  def cond(s: DynamicState):
-    return (s.t < max_new) & ~jnp.all(s.done)
+  def start(self, model, x):
+    (B, P), N, L = x.prompts.shape, self.max_new_slots, model.cfg.num_layers
+    cached_skip = tuple(range(L - self.cached(L)))
+    logits, cache = engine.prefill(model, x.prompts, x.pad, P + N, skip=cached_skip,
+                                   paper_mode=bool(cached_skip))
+    tok = jnp.where(x.rows, sampling.argmax(logits), x.pad_id)
+    return DynamicState(jnp.int32(1), tok, jnp.full((B, N), x.pad_id, jnp.int32).at[:, 0].set(tok),
+                        ~x.rows | (tok == x.eos_id), cache, jnp.zeros((N,), jnp.int32))
 
-  def body(s: DynamicState) -> DynamicState:
-    t, slot = s.t, P + s.t - 1
-    if method.kind == "early_exit":
-      logits, cache, run = _early_exit_step(model, method, s.tok, slot - pad_B, s.cache, slot,
-                                            ~s.done, threshold)
-    else:
-      logits, cache, run = _skipdecode_step(model, method, s.tok, slot - pad_B, s.cache, slot,
-                                            t - 1)
-    tok = jnp.where(s.done, pad_id, sampling.argmax(logits).astype(jnp.int32))
-    return DynamicState(t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None], t, 1),
-                        s.done | (tok == eos_id), cache, s.step_layers.at[t].set(run))
+  def step(self, model, x, s: DynamicState) -> DynamicState:
+    slot = x.prompts.shape[1] + s.t - 1
+    logits, cache, run = self.layers(model, x, s, slot)
+    tok = jnp.where(s.done, x.pad_id, sampling.argmax(logits))
+    return DynamicState(s.t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None],
+                                                                         s.t, 1),
+                        s.done | (tok == x.eos_id), cache, s.step_layers.at[s.t].set(run))
 
-  end = jax.lax.while_loop(cond, body, DynamicState(jnp.int32(1), tok, buf, done, cache,
-                                                    jnp.zeros((N,), jnp.int32)))
-  return end.buf, end.step_layers, end.t - 1
+  def result(self, x, s: DynamicState):
+    return s.buf, s.step_layers, s.t - 1
 
 
-def _generate(model: Decoder, prompts, method: _Method, *, max_new_tokens: int, eos_id, pad_id,
+@dataclasses.dataclass(frozen=True)
+class EarlyExit(_Dynamic):
+  exit_every: int = 2
+
+  def cached(self, L):
+    return L
+
+  def layers(self, model, x, s, slot):
+    return _early_exit_step(model, self, s.tok, slot - x.pad, s.cache, slot, ~s.done, x.threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipDecode(_Dynamic):
+  schedule: SkipDecodeSchedule | None = None
+
+  def cached(self, L):
+    return self.schedule.depths[0]
+
+  def layers(self, model, x, s, slot):
+    return _skipdecode_step(model, self, s.tok, slot - x.pad, s.cache, slot, s.t - 1)
+
+
+def _generate(model: Decoder, prompts, method: _Dynamic, *, max_new_tokens: int, eos_id, pad_id,
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
-  decode.check_prompts(model.cfg, prompts, max_new_tokens)
-  B, P = engine.bucket(len(prompts)), engine.bucket(max(len(p) for p in prompts),
-                                                    engine.MIN_BUCKET)
-  prompt_BP, pad_B = engine.left_pad(prompts, B, P, pad_id)
-  args = (prompt_BP, pad_B, np.arange(B) < len(prompts), np.int32(max_new_tokens),
-          np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.float32(threshold))
-  outputs, generated, (step_layers, loop_steps), compile_s, wall_s = engine.run(
-      _generate_fn, model, args, method, count=len(prompts), max_new_tokens=max_new_tokens,
-      eos_id=eos_id)
-  cached = (model.cfg.num_layers if method.kind == "early_exit" else method.schedule.depths[0])
-  skip = tuple(range(model.cfg.num_layers - cached))
-  stats = DynamicStats(
-      prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
-      wall_s=wall_s, compile_s=compile_s,
-      cache_bytes=cache_bytes(model.cfg, B, P + method.max_new_slots, skip),
-      executables_built=int(compile_s > 0), calls=1, layer_steps=int(np.sum(step_layers)),
-      loop_steps=int(loop_steps))
+  prompts = decode.check_prompts(model.cfg, prompts, max_new_tokens)
+  x = engine.make_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                         threshold=threshold)
+  outputs, (step_layers, loop_steps), base = engine.run(method, model, x)
+  L = model.cfg.num_layers
+  cache = cache_bytes(model.cfg, x.prompts.shape[0], x.prompts.shape[1] + method.max_new_slots,
+                      tuple(range(L - method.cached(L))))
+  stats = DynamicStats(**dict(dataclasses.asdict(base), cache_bytes=cache),
+                       layer_steps=int(np.sum(step_layers)), loop_steps=int(loop_steps))
   return outputs, stats, np.asarray(step_layers)
 
 
@@ -440,7 +432,7 @@ def early_exit_generate(model: Decoder, prompts: Sequence[Sequence[int]], *, thr
   """Greedy CALM-style early exit (see the module docstring); threshold is traced (0 = exit at
   the first exit point, > 1 = never exit). Returns (ids per prompt, EOS excluded; stats)."""
   exit_layers(model.cfg.num_layers, exit_every)
-  method = _Method("early_exit", engine.bucket(max_new_tokens, engine.MIN_BUCKET), exit_every)
+  method = EarlyExit(engine.bucket(max_new_tokens, engine.MIN_BUCKET), exit_every)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id, threshold=threshold)[:2]
 
@@ -452,8 +444,7 @@ def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
   if schedule.num_layers != model.cfg.num_layers:
     raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has "
                      f"{model.cfg.num_layers}")
-  method = _Method("skipdecode", engine.bucket(max_new_tokens, engine.MIN_BUCKET),
-                   schedule=schedule)
+  method = SkipDecode(engine.bucket(max_new_tokens, engine.MIN_BUCKET), schedule=schedule)
   return _generate(model, prompts, method, max_new_tokens=max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id)[:2]
 

@@ -53,20 +53,6 @@ QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call (see genera
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-  """Everything static about one executable (hashable: part of the executable cache key)."""
-  skip: tuple[int, ...]
-  paper_mode: bool          # prompt through all layers, response through the kept ones
-  max_new_slots: int        # N, the bucketed token budget
-  sample: bool              # False = greedy (argmax)
-  top_k: int | None
-  use_top_p: bool
-  num_beams: int
-  no_repeat_ngram_size: int
-  early_stopping: bool | str
-
-
 def num_compiles() -> int:
   """Executables built for greedy, sampling, beam, continuous and speculative decoding."""
   return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
@@ -107,27 +93,56 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
   return jnp.where(banned, -jnp.inf, logits_RV)
 
 
-def _select(logits_BV: Array, rng: Array, opts: DecodeOptions, temperature: Array,
-            top_p: Array) -> Array:
-  return sampling.select(logits_BV, rng, sample=opts.sample, temperature=temperature,
-                         top_k=opts.top_k, top_p=top_p if opts.use_top_p else None)
-
-
 # ----------------------------------------------------------------------------------------------
-# The executables.
+# The strategies.
 
-def prefill(model: Decoder, opts: DecodeOptions, prompt_BP: Array, pad_B: Array,
-            num_slots: int) -> tuple[Array, KVCache]:
-  return engine.prefill(model, prompt_BP, pad_B, num_slots, skip=opts.skip,
-                        paper_mode=opts.paper_mode)
+@dataclasses.dataclass(frozen=True)
+class Sample(engine.Strategy):
+  """Greedy (sample=False) or sampling, one prompt per row (static batches)."""
+  skip: tuple[int, ...]
+  paper_mode: bool          # prompt through all layers, response through the kept ones
+  max_new_slots: int        # N, the bucketed token budget
+  sample: bool = False
+  top_k: int | None = None
+  use_top_p: bool = False
+  no_repeat_ngram_size: int = 0
 
+  def prefill(self, model: Decoder, prompts, pad, num_slots: int) -> tuple[Array, KVCache]:
+    return engine.prefill(model, prompts, pad, num_slots, skip=self.skip,
+                          paper_mode=self.paper_mode)
 
-def _step(model: Decoder, opts: DecodeOptions, tokens_R: Array, positions_R: Array,
-          cache: KVCache, slot: Array) -> tuple[Array, KVCache]:
-  """One token per row through the kept layers: logits [R, V] and the updated cache."""
-  x, cache = model.hidden(tokens_R[:, None], skip=opts.skip, positions_BT=positions_R[:, None],
-                          cache=cache, cache_index=slot)
-  return model.unembed(x)[:, 0], cache
+  def forward(self, model: Decoder, tokens_R: Array, positions_R: Array, cache: KVCache,
+              slot: Array) -> tuple[Array, KVCache]:
+    """One token per row through the kept layers: logits [R, V] and the updated cache."""
+    x, cache = model.hidden(tokens_R[:, None], skip=self.skip, positions_BT=positions_R[:, None],
+                            cache=cache, cache_index=slot)
+    return model.unembed(x)[:, 0], cache
+
+  def select(self, x: engine.Inputs, logits: Array, rng: Array) -> Array:
+    return sampling.select(logits, rng, sample=self.sample, temperature=x.temperature,
+                           top_k=self.top_k, top_p=x.top_p if self.use_top_p else None)
+
+  def _choose(self, x: engine.Inputs, logits, t, buf, done):
+    if self.no_repeat_ngram_size:
+      logits = _ban_repeated_ngrams(logits, buf, x.pad, x.prompts.shape[1] + t,
+                                    self.no_repeat_ngram_size)
+    tok = jnp.where(done, x.pad_id, self.select(x, logits, jax.random.fold_in(x.rng, t)))
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], x.prompts.shape[1] + t, 1)
+    return tok, buf, done | (tok == x.eos_id)
+
+  def start(self, model, x):
+    B, P = x.prompts.shape
+    buf = jnp.concatenate([x.prompts, jnp.full((B, self.max_new_slots), x.pad_id, jnp.int32)], 1)
+    logits, cache = self.prefill(model, x.prompts, x.pad, P + self.max_new_slots)
+    return SampleState(jnp.int32(1), *self._choose(x, logits, 0, buf, ~x.rows), cache)
+
+  def step(self, model, x, s: SampleState) -> SampleState:
+    slot = x.prompts.shape[1] + s.t - 1  # the previous token's slot
+    logits, cache = self.forward(model, s.tok, slot - x.pad, s.cache, slot)
+    return SampleState(s.t + 1, *self._choose(x, logits, s.t, s.buf, s.done), cache)
+
+  def result(self, x, s: SampleState):
+    return s.buf[:, x.prompts.shape[1]:]
 
 
 @flax.struct.dataclass
@@ -140,37 +155,85 @@ class SampleState:
   cache: KVCache
 
 
-def _sample_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
-               temperature, top_p, length_penalty, *, opts: DecodeOptions):
-  """Greedy / sampling: returns the new tokens [B, N] (pad after EOS and past the budget)."""
-  del length_penalty
-  model = nnx.merge(graphdef, state)
-  B, P = prompt_BP.shape
-  N = opts.max_new_slots
-  buf = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], 1)  # [B, P + N]
+@dataclasses.dataclass(frozen=True)
+class Beam(Sample):
+  """Beam search with Hugging Face's semantics (transformers' vectorised `_beam_search`).
 
-  def choose(logits, t, buf, done):
-    if opts.no_repeat_ngram_size:
-      logits = _ban_repeated_ngrams(logits, buf, pad_B, P + t, opts.no_repeat_ngram_size)
-    tok = _select(logits, jax.random.fold_in(rng, t), opts, temperature, top_p)
-    tok = jnp.where(done, pad_id, tok)
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], P + t, 1)
-    return tok, buf, done | (tok == eos_id)
+  Each step keeps the top 2 * num_beams continuations of all beams; those ending in EOS (or at the
+  budget) that rank in the first num_beams become finished hypotheses scored
+  sum(logprob) / generated_len ** length_penalty (EOS counted); the best num_beams unfinished ones
+  run on. `early_stopping`: True stops a row once it has num_beams finished hypotheses; False and
+  "never" use Hugging Face's heuristics. The result is the best finished hypothesis' tokens.
+  """
+  num_beams: int = 2
+  early_stopping: bool | str = True
 
-  logits, cache = prefill(model, opts, prompt_BP, pad_B, P + N)
-  tok, buf, done = choose(logits, 0, buf, ~active_B)
+  def _select_beams(self, model, x: engine.Inputs, logits_RV, s: BeamState) -> BeamState:
+    (B, P), nb, V = x.prompts.shape, self.num_beams, model.cfg.vocab_size
+    R, K2 = B * nb, 2 * nb
+    t, run_seq, run_score, improvable = s.t, s.run_seq, s.run_score, s.improvable
+    fin_seq, fin_score, fin_flag = s.fin_seq, s.fin_score, s.fin_flag
+    cur, length_penalty, active_B = P + t, x.length_penalty, x.rows
+    take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
+    logp = jax.nn.log_softmax(logits_RV, -1)
+    if self.no_repeat_ngram_size:
+      logp = _ban_repeated_ngrams(logp, run_seq.reshape(R, -1), jnp.repeat(x.pad, nb), cur,
+                                  self.no_repeat_ngram_size)
+    acc = (logp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)
+    top_score, top_idx = jax.lax.top_k(acc, K2)
+    parent, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
+    cand_seq = take(run_seq, parent).at[:, :, cur].set(tok)
+    hits = (tok == x.eos_id) | (t + 1 >= x.max_new)
+    # Running beams: the best num_beams continuations that did not finish.
+    live = top_score + jnp.where(hits, NEG, 0.0)
+    keep = jax.lax.top_k(live, nb)[1]
+    run_seq, run_score, parent = take(cand_seq, keep), take(live, keep), take(parent, keep)
+    # Finished hypotheses: merge the new ones (length-penalised) and keep the best num_beams.
+    new = top_score / (t + 1.0) ** length_penalty
+    full = jnp.all(fin_flag, -1, keepdims=True) & (self.early_stopping is True)
+    just_finished = hits & (jnp.arange(K2) < nb)[None]
+    new = new + jnp.where(full | ~improvable[:, None], NEG, 0.0) + jnp.where(just_finished, 0.0, NEG)
+    merged = jnp.concatenate([fin_score, new], 1)
+    best = jax.lax.top_k(merged, nb)[1]
+    fin_seq = take(jnp.concatenate([fin_seq, cand_seq], 1), best)
+    fin_score = take(merged, best)
+    fin_flag = take(jnp.concatenate([fin_flag, just_finished], 1), best)
+    # Hugging Face's early-stop heuristic, evaluated at the new length t + 1.
+    hyp_len = jnp.where((self.early_stopping == "never") & (length_penalty > 0), x.max_new, t + 1)
+    best_running = run_score[:, :1] / hyp_len.astype(jnp.float32) ** length_penalty
+    worst_fin = jnp.where(fin_flag, jnp.min(fin_score, 1, keepdims=True), NEG)
+    improvable = improvable & jnp.any(best_running > worst_fin, -1)
+    all_full = jnp.all(fin_flag | ~active_B[:, None]) & (self.early_stopping is True)
+    go_on = jnp.any(improvable) & ~all_full & ~jnp.all(hits | ~active_B[:, None])
+    parents = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
+    return s.replace(t=t + 1, parents=parents, run_seq=run_seq, run_score=run_score,
+                     fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag,
+                     improvable=improvable, go_on=go_on)
 
-  def cond(s: SampleState):
-    return (s.t < max_new) & ~jnp.all(s.done)
+  def start(self, model, x):
+    (B, P), nb, N = x.prompts.shape, self.num_beams, self.max_new_slots
+    prompt_buf = jnp.concatenate([x.prompts, jnp.full((B, N), x.pad_id, jnp.int32)], 1)
+    run_seq = jnp.repeat(prompt_buf[:, None], nb, 1)                 # [B, nb, P + N]
+    logits, cache = self.prefill(model, x.prompts, x.pad, P + N)
+    logits, cache = jnp.repeat(logits, nb, axis=0), cache.repeat(nb)  # the prompt ran once a row
+    return self._select_beams(model, x, logits, BeamState(
+        t=jnp.int32(0), parents=jnp.arange(B * nb), cache=cache, run_seq=run_seq,
+        run_score=jnp.tile(jnp.array([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1)),
+        fin_seq=run_seq, fin_score=jnp.full((B, nb), NEG, jnp.float32),
+        fin_flag=jnp.zeros((B, nb), bool), improvable=x.rows, go_on=jnp.array(True)))
 
-  def body(s: SampleState) -> SampleState:
-    slot = P + s.t - 1  # the previous token's slot
-    logits, cache = _step(model, opts, s.tok, slot - pad_B, s.cache, slot)
-    tok, buf, done = choose(logits, s.t, s.buf, s.done)
-    return SampleState(s.t + 1, tok, buf, done, cache)
+  def step(self, model, x, s: BeamState) -> BeamState:
+    cache = s.cache.reorder(s.parents)  # each beam takes its parent's K/V
+    slot = x.prompts.shape[1] + s.t - 1
+    logits, cache = self.forward(model, s.run_seq[:, :, slot].reshape(-1),
+                                 slot - jnp.repeat(x.pad, self.num_beams), cache, slot)
+    return self._select_beams(model, x, logits, s.replace(cache=cache))
 
-  end = jax.lax.while_loop(cond, body, SampleState(jnp.int32(1), tok, buf, done, cache))
-  return end.buf[:, P:]
+  def running(self, x, s: BeamState):
+    return s.go_on
+
+  def result(self, x, s: BeamState):
+    return s.fin_seq[:, 0, x.prompts.shape[1]:]  # the best (finished ones are sorted by score)
 
 
 @flax.struct.dataclass
@@ -188,92 +251,6 @@ class BeamState:
   go_on: Array       # [] bool
 
 
-def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
-             temperature, top_p, length_penalty, *, opts: DecodeOptions):
-  """Beam search with Hugging Face's semantics (transformers' vectorised `_beam_search`).
-
-  Each step keeps the top 2 * num_beams continuations of all beams; those ending in EOS (or at the
-  budget) that rank in the first num_beams become finished hypotheses scored
-  sum(logprob) / generated_len ** length_penalty (EOS counted); the best num_beams unfinished ones
-  run on. `early_stopping`: True stops a row once it has num_beams finished hypotheses; False and
-  "never" use Hugging Face's heuristics. Returns the best finished hypothesis' tokens [B, N].
-  """
-  del rng, temperature, top_p
-  model = nnx.merge(graphdef, state)
-  B, P = prompt_BP.shape
-  N, nb, V = opts.max_new_slots, opts.num_beams, model.cfg.vocab_size
-  K2 = 2 * nb
-  R = B * nb
-  pad_R = jnp.repeat(pad_B, nb)
-  prompt_buf = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], 1)
-  run_seq = jnp.repeat(prompt_buf[:, None], nb, 1)                 # [B, nb, P + N]
-  run_score = jnp.tile(jnp.array([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1))
-  fin_seq, fin_score = run_seq, jnp.full((B, nb), NEG, jnp.float32)
-  fin_flag = jnp.zeros((B, nb), bool)
-  improvable = active_B  # Hugging Face's is_early_stop_heuristic_unsatisfied; dummy rows: done
-  top_nb = jnp.arange(K2) < nb
-
-  def take(x, idx):  # x [B, k, ...], idx [B, j] -> [B, j, ...]
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
-
-  def select(logits_RV, s: BeamState) -> BeamState:
-    t, run_seq, run_score, improvable = s.t, s.run_seq, s.run_score, s.improvable
-    fin_seq, fin_score, fin_flag = s.fin_seq, s.fin_score, s.fin_flag
-    cur = P + t
-    logp = jax.nn.log_softmax(logits_RV, -1)
-    if opts.no_repeat_ngram_size:
-      logp = _ban_repeated_ngrams(logp, run_seq.reshape(R, -1), pad_R, cur,
-                                  opts.no_repeat_ngram_size)
-    acc = (logp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)
-    top_score, top_idx = jax.lax.top_k(acc, K2)
-    parent, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
-    cand_seq = take(run_seq, parent).at[:, :, cur].set(tok)
-    hits = (tok == eos_id) | (t + 1 >= max_new)
-    # Running beams: the best num_beams continuations that did not finish.
-    live = top_score + jnp.where(hits, NEG, 0.0)
-    keep = jax.lax.top_k(live, nb)[1]
-    run_seq, run_score, parent = take(cand_seq, keep), take(live, keep), take(parent, keep)
-    # Finished hypotheses: merge the new ones (length-penalised) and keep the best num_beams.
-    new = top_score / (t + 1.0) ** length_penalty
-    full = jnp.all(fin_flag, -1, keepdims=True) & (opts.early_stopping is True)
-    just_finished = hits & top_nb[None]
-    new = new + jnp.where(full | ~improvable[:, None], NEG, 0.0) + jnp.where(just_finished, 0.0, NEG)
-    merged = jnp.concatenate([fin_score, new], 1)
-    best = jax.lax.top_k(merged, nb)[1]
-    fin_seq = take(jnp.concatenate([fin_seq, cand_seq], 1), best)
-    fin_score = take(merged, best)
-    fin_flag = take(jnp.concatenate([fin_flag, just_finished], 1), best)
-    # Hugging Face's early-stop heuristic, evaluated at the new length t + 1.
-    hyp_len = jnp.where((opts.early_stopping == "never") & (length_penalty > 0), max_new, t + 1)
-    best_running = run_score[:, :1] / hyp_len.astype(jnp.float32) ** length_penalty
-    worst_fin = jnp.where(fin_flag, jnp.min(fin_score, 1, keepdims=True), NEG)
-    improvable = improvable & jnp.any(best_running > worst_fin, -1)
-    all_full = jnp.all(fin_flag | ~active_B[:, None]) & (opts.early_stopping is True)
-    go_on = jnp.any(improvable) & ~all_full & ~jnp.all(hits | ~active_B[:, None])
-    parents = (jnp.arange(B)[:, None] * nb + parent).reshape(R)
-    return s.replace(t=t + 1, parents=parents, run_seq=run_seq, run_score=run_score,
-                     fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag,
-                     improvable=improvable, go_on=go_on)
-
-  logits, cache = prefill(model, opts, prompt_BP, pad_B, P + N)
-  logits, cache = jnp.repeat(logits, nb, axis=0), cache.repeat(nb)  # the prompt ran once a row
-  start = select(logits, BeamState(
-      t=jnp.int32(0), parents=jnp.arange(R), cache=cache, run_seq=run_seq, run_score=run_score,
-      fin_seq=fin_seq, fin_score=fin_score, fin_flag=fin_flag, improvable=improvable,
-      go_on=jnp.array(True)))
-
-  def body(s: BeamState) -> BeamState:
-    cache = s.cache.reorder(s.parents)  # each beam takes its parent's K/V
-    slot = P + s.t - 1
-    logits, cache = _step(model, opts, s.run_seq[:, :, slot].reshape(R), slot - pad_R, cache,
-                          slot)
-    return select(logits, s.replace(cache=cache))
-
-  end = jax.lax.while_loop(lambda s: s.go_on, body, start)
-  return end.fin_seq[:, 0, P:]  # the best hypothesis (finished ones are sorted by score)
-
-
-# ----------------------------------------------------------------------------------------------
 # Continuous batching (greedy and sampling).
 #
 # B rows decode a queue of Q prompts: when a row finishes, the next waiting prompt is prefilled
@@ -282,6 +259,73 @@ def _beam_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_i
 # dynamic_update_slice, as in the static loop), and a prompt started at step g occupies slots
 # [g - P, g) % S, so the P + N - 1 slots of its whole life never wrap onto each other. Slot order
 # does not matter to attention, which masks by the positions in `cache.pos` alone.
+
+@dataclasses.dataclass(frozen=True)
+class Continuous(Sample):
+  """Greedy / sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): the result is the new
+  tokens [Q, N] of every prompt."""
+
+  def _choose_rows(self, x, logits_RV, prompt_R, count_R):
+    if not self.sample:
+      return self.select(x, logits_RV, x.rng)
+    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
+    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(x.rng, i), c))(
+        jnp.maximum(prompt_R, 0), count_R)
+    return jax.vmap(lambda lg, key: self.select(x, lg, key))(logits_RV, keys)
+
+  def start(self, model, x):
+    (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
+    rows_B = jnp.arange(B, dtype=jnp.int32)
+    filled = x.rows & (rows_B < x.num_prompts)
+    logits, cache = self.prefill(model, x.prompts[:B], x.pad[:B], P + N)
+    owner = jnp.where(filled, rows_B, -1)
+    tok = jnp.where(filled, self._choose_rows(x, logits, owner, jnp.zeros_like(rows_B)), x.pad_id)
+    out = jnp.full((Q, N), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
+        tok, mode="drop")
+    return ContinuousState(
+        step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B], count_B=jnp.ones_like(rows_B),
+        done_B=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner_B=owner,
+        next_prompt=jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32)), out_QN=out,
+        cache=cache)
+
+  def _needs_refill(self, x, s: ContinuousState):
+    return (s.next_prompt < x.num_prompts) & jnp.any(s.done_B & x.rows)
+
+  def _refill(self, model, x, s: ContinuousState) -> ContinuousState:
+    P, B = x.prompts.shape[1], x.rows.shape[0]
+    b = jnp.min(jnp.where(s.done_B & x.rows, jnp.arange(B), B))
+    i = s.next_prompt
+    pad = jax.lax.dynamic_slice_in_dim(x.pad, i, 1)
+    logits, prompt_cache = self.prefill(model, jax.lax.dynamic_slice_in_dim(x.prompts, i, 1), pad,
+                                        P)
+    tok = self._choose_rows(x, logits, i[None], jnp.zeros((1,), jnp.int32))[0]
+    return s.replace(
+        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
+        count_B=s.count_B.at[b].set(1),
+        done_B=s.done_B.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
+        owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + self.max_new_slots)))
+
+  def running(self, x, s: ContinuousState):
+    return jnp.any(~s.done_B) | self._needs_refill(x, s)
+
+  def step(self, model, x, s: ContinuousState) -> ContinuousState:
+    s = jax.lax.while_loop(lambda s: self._needs_refill(x, s),
+                           lambda s: self._refill(model, x, s), s)
+    Q = x.prompts.shape[0]
+    logits, cache = self.forward(model, s.tok_B, s.pos_B, s.cache,
+                                 s.step % (x.prompts.shape[1] + self.max_new_slots))
+    live = ~s.done_B
+    tok = jnp.where(live, self._choose_rows(x, logits, s.owner_B, s.count_B), x.pad_id)
+    out = s.out_QN.at[jnp.where(live, s.owner_B, Q), s.count_B].set(tok, mode="drop")
+    count = s.count_B + live
+    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
+                     done_B=s.done_B | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
+                     cache=cache)
+
+  def result(self, x, s: ContinuousState):
+    return s.out_QN
+
 
 @flax.struct.dataclass
 class ContinuousState:
@@ -295,68 +339,6 @@ class ContinuousState:
   next_prompt: Array  # [] prompts [0, next_prompt) have been started
   out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
   cache: KVCache      # [B] rows of S ring slots, kept layers only
-
-
-def _continuous_fn(graphdef, state, queue_QP, pad_Q, usable_B, num_prompts, max_new, eos_id,
-                   pad_id, rng, temperature, top_p, *, opts: DecodeOptions):
-  """Greedy / sampling over a prompt queue: returns the new tokens [Q, N] of every prompt."""
-  model = nnx.merge(graphdef, state)
-  Q, P = queue_QP.shape
-  B, N = usable_B.shape[0], opts.max_new_slots
-  rows_B = jnp.arange(B, dtype=jnp.int32)
-
-  def choose(logits_RV, prompt_R, count_R):
-    if not opts.sample:
-      return _select(logits_RV, rng, opts, temperature, top_p)
-    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
-    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(rng, i), c))(
-        jnp.maximum(prompt_R, 0), count_R)
-    return jax.vmap(lambda x, key: _select(x, key, opts, temperature, top_p))(logits_RV, keys)
-
-  filled = usable_B & (rows_B < num_prompts)
-  logits, cache = prefill(model, opts, queue_QP[:B], pad_Q[:B], P + N)
-  owner = jnp.where(filled, rows_B, -1)
-  tok = jnp.where(filled, choose(logits, owner, jnp.zeros_like(rows_B)), pad_id)
-  out = jnp.full((Q, N), pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
-      tok, mode="drop")
-  start = ContinuousState(
-      step=jnp.int32(P), tok_B=tok, pos_B=P - pad_Q[:B], count_B=jnp.ones_like(rows_B),
-      done_B=~filled | (tok == eos_id) | (max_new <= 1), owner_B=owner,
-      next_prompt=jnp.minimum(num_prompts, jnp.sum(usable_B, dtype=jnp.int32)), out_QN=out,
-      cache=cache)
-
-  def needs_refill(s: ContinuousState):
-    return (s.next_prompt < num_prompts) & jnp.any(s.done_B & usable_B)
-
-  def refill(s: ContinuousState) -> ContinuousState:
-    b = jnp.min(jnp.where(s.done_B & usable_B, rows_B, B))
-    i = s.next_prompt
-    pad = jax.lax.dynamic_slice_in_dim(pad_Q, i, 1)
-    logits, prompt_cache = prefill(model, opts, jax.lax.dynamic_slice_in_dim(queue_QP, i, 1), pad,
-                                   P)
-    tok = choose(logits, i[None], jnp.zeros((1,), jnp.int32))[0]
-    return s.replace(
-        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
-        count_B=s.count_B.at[b].set(1),
-        done_B=s.done_B.at[b].set((tok == eos_id) | (max_new <= 1)),
-        owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
-        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + N)))
-
-  def cond(s: ContinuousState):
-    return jnp.any(~s.done_B) | needs_refill(s)
-
-  def body(s: ContinuousState) -> ContinuousState:
-    s = jax.lax.while_loop(needs_refill, refill, s)
-    logits, cache = _step(model, opts, s.tok_B, s.pos_B, s.cache, s.step % (P + N))
-    live = ~s.done_B
-    tok = jnp.where(live, choose(logits, s.owner_B, s.count_B), pad_id)
-    out = s.out_QN.at[jnp.where(live, s.owner_B, Q), s.count_B].set(tok, mode="drop")
-    count = s.count_B + live
-    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
-                     done_B=s.done_B | (tok == eos_id) | (count >= max_new), out_QN=out,
-                     cache=cache)
-
-  return jax.lax.while_loop(cond, body, start).out_QN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,37 +441,33 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
                      f"allows {model.cfg.max_position} positions in all")
 
 
-def plan_call(model: Decoder, prompts, *, beam_search: bool, **kw):
-  """Validate the options; return (function, static options, array arguments, cache rows, P)."""
-  cfg = model.cfg
-  o = check_options(cfg, **kw)
-  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
-  skip, max_new_tokens, num_beams = o["skip"], o["max_new_tokens"], o["num_beams"]
-  pad_id = o["pad_id"]
-  opts = DecodeOptions(skip=skip, paper_mode=(o["mode"] == "paper" and bool(skip)),
-                       max_new_slots=bucket(max_new_tokens, MIN_BUCKET), sample=o["sample"],
-                       top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=num_beams,
-                       no_repeat_ngram_size=o["no_repeat_ngram_size"],
-                       early_stopping=o["early_stopping"] if beam_search else True)
-  B, P = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_BUCKET)
-  prompt_BP, pad_B = left_pad(prompts, B, P, pad_id)
-  active_B = np.arange(B) < len(prompts)
-  args = (prompt_BP, pad_B, active_B, np.int32(max_new_tokens),
-          np.int32(-1 if o["eos_id"] is None else o["eos_id"]), np.int32(pad_id),
-          jax.random.key_data(jax.random.key(o["seed"])), np.float32(max(o["temperature"], 1e-6)),
-          np.float32(o["top_p"] or 1.0), np.float32(o["length_penalty"]))
-  fn = _beam_fn if beam_search else _sample_fn
-  return fn, opts, args, B * num_beams, P
+def plan_call(model: Decoder, prompts, *, beam_search: bool, continuous_rows: int | None = None,
+              **kw) -> tuple[Sample, engine.Inputs]:
+  """Validate the prompts and options; return the strategy (`Beam`, `Continuous` when
+  continuous_rows is given, else `Sample`) and its `Inputs`."""
+  o = check_options(model.cfg, **kw)
+  prompts = check_prompts(model.cfg, prompts, o["max_new_tokens"])
+  common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
+                max_new_slots=bucket(o["max_new_tokens"], MIN_BUCKET),
+                no_repeat_ngram_size=o["no_repeat_ngram_size"])
+  if beam_search:
+    strategy = Beam(**common, num_beams=o["num_beams"], early_stopping=o["early_stopping"])
+  else:
+    strategy = (Continuous if continuous_rows else Sample)(
+        **common, sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
+  x = engine.make_inputs(prompts, rows=continuous_rows, max_new_tokens=o["max_new_tokens"],
+                         eos_id=o["eos_id"], pad_id=o["pad_id"], seed=o["seed"],
+                         temperature=o["temperature"], top_p=o["top_p"],
+                         length_penalty=o["length_penalty"])
+  return strategy, x
 
 
 def compile_generate(model: Decoder, batch_size: int, prompt_len: int, *, beam_search=None, **kw):
   """The executable `generate` runs for this batch size, prompt length and keyword arguments
   (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
   beam_search = kw.get("num_beams", 1) > 1 if beam_search is None else beam_search
-  fn, opts, args, _, _ = plan_call(model, [[0] * prompt_len] * batch_size,
-                                    beam_search=beam_search, **kw)
-  graphdef, state = nnx.split(model)
-  return executable(fn, graphdef, state, args, opts)[0]
+  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size, beam_search=beam_search, **kw)
+  return executable(strategy, *nnx.split(model), x)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence[int] | None = None,
@@ -535,14 +513,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
 
 def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   """`generate`, with the search chosen explicitly (beam search with one beam is greedy: a test)."""
-  fn, opts, args, rows, P = plan_call(model, prompts, beam_search=beam_search, **kw)
-  outputs, generated, _, compile_s, wall_s = engine.run(
-      fn, model, args, opts, count=len(prompts), max_new_tokens=kw["max_new_tokens"],
-      eos_id=kw.get("eos_id"))
-  stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
-                      wall_s=wall_s, compile_s=compile_s,
-                      cache_bytes=cache_bytes(model.cfg, rows, P + opts.max_new_slots, opts.skip),
-                      executables_built=int(compile_s > 0), calls=1)
+  strategy, x = plan_call(model, prompts, beam_search=beam_search, **kw)
+  outputs, _, stats = engine.run(strategy, model, x)
+  (B, P), beams = x.prompts.shape, getattr(strategy, "num_beams", 1)
+  stats.cache_bytes = cache_bytes(model.cfg, B * beams, P + strategy.max_new_slots, strategy.skip)
   return outputs, stats
 
 
@@ -566,35 +540,16 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
   if not continuous_supported(**kw):
     raise ValueError("continuous batching runs greedy and sampling only: for num_beams > 1, "
                      "no_repeat_ngram_size or speculative use generate (static batches)")
-  cfg = model.cfg
-  o = check_options(cfg, **kw)
-  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
+  check_generate(model, prompts, **kw)  # every chunk's prompts, before any runs
   rows = min(batch_size, len(prompts))
-  B = bucket(rows)
-  opts = DecodeOptions(skip=o["skip"], paper_mode=(o["mode"] == "paper" and bool(o["skip"])),
-                       max_new_slots=bucket(o["max_new_tokens"], MIN_BUCKET), sample=o["sample"],
-                       top_k=o["top_k"], use_top_p=o["top_p"] is not None, num_beams=1,
-                       no_repeat_ngram_size=0, early_stopping=True)
-  P = bucket(max(len(p) for p in prompts), MIN_BUCKET)
-  eos_id, max_new_tokens, pad_id = o["eos_id"], o["max_new_tokens"], o["pad_id"]
-  stats = DecodeStats(prompt_tokens=sum(len(p) for p in prompts),
-                      cache_bytes=cache_bytes(cfg, B, P + opts.max_new_slots, opts.skip))
-  outputs = []
-  chunk = QUEUE_ROUNDS * rows
-  for first in range(0, len(prompts), chunk):
-    queue = prompts[first:first + chunk]
-    Q = max(B, bucket(len(queue)))
-    queue_QP, pad_Q = left_pad(queue, Q, P, pad_id)
-    args = (queue_QP, pad_Q, np.arange(B) < rows, np.int32(len(queue)), np.int32(max_new_tokens),
-            np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
-            jax.random.key_data(jax.random.key(o["seed"])),
-            np.float32(max(o["temperature"], 1e-6)), np.float32(o["top_p"] or 1.0))
-    ids, generated, _, compile_s, wall_s = engine.run(
-        _continuous_fn, model, args, opts, count=len(queue), max_new_tokens=max_new_tokens,
-        eos_id=eos_id)
-    outputs += ids
-    stats = stats + DecodeStats(generated_tokens=generated, wall_s=wall_s, compile_s=compile_s,
-                                executables_built=int(compile_s > 0), calls=1)
+  outputs, stats = [], DecodeStats()
+  for first in range(0, len(prompts), QUEUE_ROUNDS * rows):
+    strategy, x = plan_call(model, prompts[first:first + QUEUE_ROUNDS * rows], beam_search=False,
+                            continuous_rows=rows, **kw)
+    ids, _, chunk_stats = engine.run(strategy, model, x)
+    B, P = x.rows.shape[0], x.prompts.shape[1]
+    chunk_stats.cache_bytes = cache_bytes(model.cfg, B, P + strategy.max_new_slots, strategy.skip)
+    outputs, stats = outputs + ids, stats + chunk_stats
   return outputs, stats
 
 

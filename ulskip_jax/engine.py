@@ -1,20 +1,23 @@
-"""What every decoding strategy shares: buckets and left padding, one executable cache with one
-set of compiler options, trimming after EOS, and the stats.
+"""The decoding engine: what every strategy shares, and the one loop they all run.
 
-A strategy is a pure function `fn(graphdef, state, *arrays, opts)` (its loop state and step live
-with it: `decode.py` greedy, sampling, beams and continuous batching; `speculative.py`;
-`baselines.py` early exit and SkipDecode); `executable` builds it once per (strategy, model
-structure, static options, argument shapes, compiler options) and `trim` turns its token rows into
-outputs and counts.
+A strategy (greedy and sampling, beams and continuous batching in `decode.py`; `speculative.py`;
+early exit and SkipDecode in `baselines.py`) is a frozen dataclass of its static options that
+provides `start` (its named loop state after the prefill), `step` (one iteration), `running` (the
+stop condition) and `result`. `decode_loop` runs every strategy as one `lax.while_loop`, inside
+one executable per (strategy options, model structure, argument shapes, compiler options), built
+once (`run`). The engine also holds the buckets, left padding, the prefill, the traced `Inputs`,
+trimming after EOS and the stats, so adding a strategy is one class in one file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +25,11 @@ from flax import nnx
 
 from ulskip_jax.kv_cache import init_cache
 
+Array = jax.Array
 MIN_BUCKET = 16
 
 # Compiled executables: module level, so that every call with the same model structure and bucket
-# reuses one. Keys start with the strategy's "module.name".
+# reuses one. Keys start with the strategy's "module.ClassName".
 EXECUTABLES: dict[tuple, Any] = {}
 
 # XLA options for every executable built here. Tests of tiny models set fast-compile options
@@ -107,18 +111,87 @@ def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], p
   return model.unembed(x[:, -1:])[:, 0], cache
 
 
-def executable(fn, graphdef, state, args, opts):
-  """The compiled `fn` for these shapes and static options, built once (returns it and the
+@flax.struct.dataclass
+class Inputs:
+  """The arrays every strategy's executable takes: all traced, so one executable serves any
+  values. Static batches have Q = B (a prompt per row); continuous batching queues Q >= B."""
+  prompts: Array         # [Q, P] int32 left-padded prompts (`left_pad`)
+  pad: Array             # [Q] int32 pads before each prompt
+  rows: Array            # [B] bool: the rows in use (bucket filler rows are not)
+  num_prompts: Array     # [] int32 prompts in the queue
+  max_new: Array         # [] int32 token budget per prompt
+  eos_id: Array          # [] int32, -1 = none
+  pad_id: Array          # [] int32
+  rng: Array             # key data
+  temperature: Array     # [] float32 (sampling)
+  top_p: Array           # [] float32 (sampling; 1 = off)
+  length_penalty: Array  # [] float32 (beam search)
+  threshold: Array       # [] float32 (early exit)
+
+
+def make_inputs(prompts: Sequence[np.ndarray], *, rows: int | None = None, max_new_tokens: int,
+                eos_id: int | None, pad_id: int, seed: int = 0, temperature: float = 0.0,
+                top_p: float | None = None, length_penalty: float = 1.0,
+                threshold: float = 0.0) -> Inputs:
+  """Checked prompts and options as `Inputs`: P = max(MIN_BUCKET, bucketed longest prompt);
+  `rows` (continuous batching) decode a queue of max(B, bucket(len(prompts))) prompts, else each
+  prompt has a row of B = bucket(len(prompts))."""
+  B = bucket(rows or len(prompts))
+  Q = max(B, bucket(len(prompts)))
+  prompts_QP, pad_Q = left_pad(prompts, Q, bucket(max(len(p) for p in prompts), MIN_BUCKET),
+                               pad_id)
+  return Inputs(prompts=prompts_QP, pad=pad_Q, rows=np.arange(B) < (rows or len(prompts)),
+                num_prompts=np.int32(len(prompts)), max_new=np.int32(max_new_tokens),
+                eos_id=np.int32(-1 if eos_id is None else eos_id), pad_id=np.int32(pad_id),
+                rng=jax.random.key_data(jax.random.key(seed)),
+                temperature=np.float32(max(temperature, 1e-6)), top_p=np.float32(top_p or 1.0),
+                length_penalty=np.float32(length_penalty), threshold=np.float32(threshold))
+
+
+class Strategy:
+  """A decoding strategy's interface; subclasses are frozen dataclasses of static options with a
+  field max_new_slots (N, the bucketed token budget). The state is the strategy's own
+  `flax.struct` dataclass; a state with fields t (tokens so far) and done [B] gets the default
+  stop condition."""
+  max_new_slots: int
+
+  def start(self, model, x: Inputs):
+    """The loop state after the prefill."""
+    raise NotImplementedError
+
+  def step(self, model, x: Inputs, s):
+    """One iteration of the loop."""
+    raise NotImplementedError
+
+  def running(self, x: Inputs, s) -> Array:
+    return (s.t < x.max_new) & ~jnp.all(s.done)
+
+  def result(self, x: Inputs, s):
+    """Token rows [rows, >= N] (pad_id after EOS), or a tuple of them and other arrays."""
+    raise NotImplementedError
+
+
+def decode_loop(graphdef, params, x: Inputs, *, strategy: Strategy):
+  """The one loop: `strategy.step` from `strategy.start` while `strategy.running`."""
+  model = nnx.merge(graphdef, params)
+  end = jax.lax.while_loop(functools.partial(strategy.running, x),
+                           functools.partial(strategy.step, model, x), strategy.start(model, x))
+  return strategy.result(x, end)
+
+
+def executable(strategy: Strategy, graphdef, params, x: Inputs):
+  """The compiled `decode_loop` of `strategy` for these shapes, built once (returns it and the
   seconds spent compiling, 0 when it was cached)."""
-  leaves, treedef = jax.tree.flatten(state)
-  key = (f"{fn.__module__}.{fn.__name__}", graphdef, treedef,
-         tuple((x.shape, x.dtype) for x in leaves), opts, tuple((a.shape, a.dtype) for a in args),
+  leaves, treedef = jax.tree.flatten(params)
+  key = (f"{type(strategy).__module__}.{type(strategy).__name__}", graphdef, treedef,
+         tuple((a.shape, a.dtype) for a in leaves), strategy,
+         tuple((a.shape, a.dtype) for a in jax.tree.leaves(x)),
          tuple(sorted(COMPILER_OPTIONS.items())))
   if key in EXECUTABLES:
     return EXECUTABLES[key], 0.0
   start = time.perf_counter()
-  jitted = jax.jit(fn, static_argnames=("graphdef", "opts"))
-  compiled = jitted.lower(graphdef, state, *args, opts=opts).compile(dict(COMPILER_OPTIONS))
+  jitted = jax.jit(decode_loop, static_argnames=("graphdef", "strategy"))
+  compiled = jitted.lower(graphdef, params, x, strategy=strategy).compile(dict(COMPILER_OPTIONS))
   EXECUTABLES[key] = compiled
   return compiled, time.perf_counter() - start
 
@@ -134,14 +207,19 @@ def trim(rows_BN, count: int, max_new_tokens: int, eos_id: int | None):
   return outputs, generated
 
 
-def run(fn, model, args, opts, *, count: int, max_new_tokens: int, eos_id: int | None):
-  """Run strategy `fn` (built once), whose first result is its token rows: (outputs of the first
-  `count` rows as `trim` cuts them, generated tokens, fn's other results on the host, compile
-  seconds, wall seconds)."""
-  graphdef, state = nnx.split(model)
-  compiled, compile_s = executable(fn, graphdef, state, args, opts)
+def run(strategy: Strategy, model, x: Inputs):
+  """Run `strategy` (built once) on `x`: (outputs of the x.num_prompts prompts as `trim` cuts
+  them, the strategy's other results on the host, DecodeStats)."""
+  graphdef, params = nnx.split(model)
+  compiled, compile_s = executable(strategy, graphdef, params, x)
   start = time.perf_counter()
-  results = jax.device_get(compiled(state, *args))
-  rows, *rest = results if isinstance(results, tuple) else (results,)
-  outputs, generated = trim(rows, count, max_new_tokens, eos_id)
-  return outputs, generated, rest, compile_s, time.perf_counter() - start
+  results = jax.device_get(compiled(params, x))
+  tokens, *rest = results if isinstance(results, tuple) else (results,)
+  count = int(x.num_prompts)
+  eos_id = int(x.eos_id) if x.eos_id >= 0 else None
+  outputs, generated = trim(tokens, count, int(x.max_new), eos_id)
+  prompt_tokens = int(np.sum(x.prompts.shape[1] - np.asarray(x.pad)[:count]))
+  stats = DecodeStats(prompt_tokens=prompt_tokens, generated_tokens=generated,
+                      wall_s=time.perf_counter() - start, compile_s=compile_s,
+                      executables_built=int(compile_s > 0), calls=1)
+  return outputs, rest, stats

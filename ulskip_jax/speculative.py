@@ -3,8 +3,8 @@
 Shapes: B batch rows, P prompt slots, N new-token slots (bucketed as in `decode.py`), k draft
 tokens per round, V vocabulary, S cache slots.
 
-One call runs ONE compiled executable: a full-depth prefill of the prompt, then a `lax.while_loop`
-of rounds. A round drafts k tokens with the kept layers of the draft plan (one token per draft
+One call runs ONE compiled executable: a full-depth prefill of the prompts, then the engine's
+loop (`engine.decode_loop`) over rounds, each a `Speculative.step`. A round drafts k tokens with the kept layers of the draft plan (one token per draft
 step, an inner `fori_loop`), verifies them in one full-depth pass over the k + 1 positions
 [pending token, drafts], and per row accepts the longest prefix of drafts the full model agrees
 with plus the full model's own next token (so every round emits 1 to k + 1 tokens per row).
@@ -28,15 +28,10 @@ tokens differs from the full model's. Two designs, both lossless (only acceptanc
     prefill; mode="everywhere": a second prefill through the kept layers). When a row accepts all
     k drafts, the last one never ran through the draft; it is carried into the next round's first
     draft step (a 2-token chunk), so the draft cache has no holes.
-  Shared is the default because it was never worse, in acceptance or in speed: on every trained
-  checkpoint measured (runs/bible_multi, ULS-fine-tuned r2 and the full-depth base; 32 validation
-  verses, k = 2 and 4, draft ratios 2 and 3) its acceptance rate was 0 to 0.02 higher, its rounds
-  skip the draft cache's commit and 2-token first step, and it needs 1x, not 1 + n / L, the
-  memory. Measured for the bible_2x shape (L = 12, 32 prompt + 64 new-token slots, k = 4, batch 8):
-  plain full-depth decoding 4.50 MiB of KV cache; shared 4.93 MiB (1.09x: the k + 1 slack and
-  k + 1 scratch slots); separate 4.93 + 2.46 = 7.39 MiB (1.64x). `SpeculativeStats` reports both.
-  Recomputing the draft's K/V each round instead of caching it would cost a pass over the whole
-  prefix per round, which is what a cache is there to avoid.
+  Shared is the default: on every checkpoint measured its acceptance was as high and its rounds
+  cheaper (no draft commit, no 2-token first step), and its cache is 1x, not 1 + n / L, the full
+  model's (README, "Speculative decoding"; `SpeculativeStats` reports both caches). Recomputing
+  the draft's K/V each round instead would cost a pass over the whole prefix per round.
 
 Rows accept different numbers of tokens, so rows are compacted, not holed: each cache has P + N + k
 committed slots and a scratch of k + 1 slots at the end. Every pass writes its chunk into the
@@ -46,6 +41,8 @@ verification each row copies its accepted entries (at most k + 1 slots a layer) 
 to its own next committed slots (a batched dynamic_update_slice, in place) and the scratch is
 marked empty (pos = -1). Marking rejected slots empty in place instead would leave up to k holes a
 round: the cache would need P + N (k + 1) slots and every attention would read all of them.
+Rows keep their own lengths, so continuous batching comes free: a finished row takes the next
+waiting prompt, prefilled alone and placed at the row's first slots (`KVCache.insert`).
 
 Positions fed to the model are clamped to the position limit: a draft beyond a row's budget may
 run past it (a learned position table would give NaN there), and no query whose output is used
@@ -55,6 +52,7 @@ can see a clamped slot (they are all at the last position, which no needed query
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,19 +69,6 @@ from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeculativeOptions:
-  """Everything static about one executable (hashable: part of the executable cache key)."""
-  draft_skip: tuple[int, ...]
-  num_draft_tokens: int     # k
-  shared_cache: bool        # draft_cache == "shared"
-  paper_mode: bool          # the draft's prompt K/V is the full model's (else kept layers only)
-  max_new_slots: int        # N
-  sample: bool
-  top_k: int | None
-  use_top_p: bool
 
 
 @dataclasses.dataclass
@@ -134,22 +119,7 @@ class SpeculativeStats(decode.DecodeStats):
 
 
 # ----------------------------------------------------------------------------------------------
-# Token selection.
-
-def _filtered_logits(logits: Array, opts: SpeculativeOptions, temperature: Array,
-                     top_p: Array) -> Array:
-  return sampling.filtered_logits(logits, temperature, opts.top_k,
-                                  top_p if opts.use_top_p else None)
-
-
-def _choose(logits_BV: Array, rng: Array, opts: SpeculativeOptions, temperature, top_p):
-  """(token [B], its distribution [B, V] or None when greedy)."""
-  if not opts.sample:
-    return sampling.argmax(logits_BV), None
-  filtered = _filtered_logits(logits_BV, opts, temperature, top_p)
-  tok = jax.random.categorical(rng, filtered, -1).astype(jnp.int32)
-  return tok, jax.nn.softmax(filtered, -1)
-
+# The strategy.
 
 def _leading_true(x_BK: Array) -> Array:
   """The number of leading True per row: the first False's index (a min, which XLA's CPU runs
@@ -158,42 +128,15 @@ def _leading_true(x_BK: Array) -> Array:
   return jnp.min(jnp.where(x_BK, x_BK.shape[1], iota), 1)
 
 
-def _accept(logits_BKV: Array, drafts_BK: Array, q_BKV: Array | None, rng: Array,
-            opts: SpeculativeOptions, temperature, top_p) -> tuple[Array, Array]:
-  """(accepted drafts a [B] in 0..k, the full model's token after them [B]).
-
-  logits_BKV: verify logits at the k + 1 chunk positions (position i predicts draft i + 1).
-  """
-  B, k = drafts_BK.shape
-  rows = jnp.arange(B)
-  if not opts.sample:
-    target = sampling.argmax(logits_BKV)  # [B, k + 1]
-    a = _leading_true(drafts_BK == target[:, :k])
-    return a, target[rows, a]
-  accept_rng, bonus_rng = jax.random.split(rng)
-  p = jax.nn.softmax(_filtered_logits(logits_BKV, opts, temperature, top_p), -1)  # [B, k+1, V]
-  p_draft = jnp.take_along_axis(p[:, :k], drafts_BK[..., None], -1)[..., 0]
-  q_draft = jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
-  u = jax.random.uniform(accept_rng, (B, k))
-  a = _leading_true(u * q_draft < p_draft)  # u < p / q, q > 0 (d was drawn from q)
-  # Rejected at a < k: the residual norm(max(0, p - q)); all accepted: p itself.
-  q_next = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], 1)[rows, a]
-  p_next = p[rows, a]
-  residual = jnp.maximum(p_next - q_next, 0.0)
-  # p == q up to rounding can leave nothing (a rejection there has probability ~0): fall back to p.
-  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 1e-9, residual, p_next)
-  bonus = jax.random.categorical(bonus_rng, jnp.log(residual), -1).astype(jnp.int32)
-  return a, bonus
-
-
-# ----------------------------------------------------------------------------------------------
-# The executable.
-
 @flax.struct.dataclass
 class SpeculativeState:
-  """The loop state between rounds (B rows, N new-token slots, k drafts a round)."""
+  """The loop state between rounds (B rows, Q queued prompts, N new-token slots, k drafts)."""
   rnd: Array                   # [] this round's number, from 1
-  out: Array                   # [B, N + k + 1] emitted tokens, pad_id after EOS and the budget
+  out: Array                   # [B, N + k + 1] the row's emitted tokens, pad_id after EOS
+  out_Q: Array                 # [Q, N + k + 1] finished prompts' tokens (continuous batching)
+  owner: Array                 # [B] the prompt each row decodes (-1 = none)
+  next_prompt: Array           # [] prompts [0, next_prompt) have been started
+  prompt_len: Array            # [B] the row's prompt length
   generated: Array             # [B] tokens emitted so far
   done: Array                  # [B] bool
   pending: Array               # [B] the last emitted token: its K/V is not in the caches yet
@@ -201,130 +144,212 @@ class SpeculativeState:
   draft_cache: KVCache | None  # the draft's own cache (draft_cache="separate"), else None
   carry_tok: Array             # [B] separate cache: the last draft, which the draft never ran
   carry_valid: Array           # [B] bool: carry_tok was accepted, so the draft runs it first
-  accepted: Array              # [B] accepted drafts so far
-  drafted: Array               # [B] drafted tokens so far
+  accepted: Array              # [] accepted drafts so far (all rows)
+  drafted: Array               # [] drafted tokens so far (all rows)
   last_commit: tuple           # (count, dest, first_pos) [B] each: last round's verify commit
 
 
-def _speculative_fn(graphdef, state, prompt_BP, pad_B, active_B, max_new, eos_id, pad_id, rng,
-                    temperature, top_p, length_penalty, *, opts: SpeculativeOptions):
-  """Returns (new tokens [B, N + k + 1] (pad after EOS and the budget), accepted drafts [B],
-  drafted tokens [B], rounds)."""
-  del length_penalty
-  model = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  B, P = prompt_BP.shape
-  N, k = opts.max_new_slots, opts.num_draft_tokens
-  Z = P + N + k          # scratch slots [Z, Z + k + 1); committed slots before
-  S = Z + k + 1
-  kept = kept_layers(cfg.num_layers, opts.draft_skip)
-  separate = not opts.shared_cache
-  prompt_len_B = P - pad_B
-  rows = jnp.arange(B)
-  steps = jnp.arange(k + 1, dtype=jnp.int32)
-  limit = cfg.max_position - 1
+@dataclasses.dataclass(frozen=True)
+class Speculative(engine.Strategy):
+  """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]; Q = B for
+  static batches): a row that finishes takes the next waiting prompt, prefilled alone into its
+  cache row, so no row waits for the slowest. The result is (tokens [Q, N + k + 1], accepted
+  drafts, drafted tokens, rounds)."""
+  draft_skip: tuple[int, ...]
+  num_draft_tokens: int     # k
+  shared_cache: bool        # draft_cache == "shared"
+  paper_mode: bool          # the draft's prompt K/V is the full model's (else kept layers only)
+  max_new_slots: int        # N
+  sample: bool = False
+  top_k: int | None = None
+  use_top_p: bool = False
 
-  def prefill(skip):
-    return engine.prefill(model, prompt_BP, pad_B, S, skip=skip, paper_mode=False)
+  def _slots(self, x):
+    """(Z, S): scratch slots [Z, Z + k + 1) after the committed ones; S slots a row."""
+    Z = x.prompts.shape[1] + self.max_new_slots + self.num_draft_tokens
+    return Z, Z + self.num_draft_tokens + 1
 
-  def run(tokens_BT, positions_BT, cache, index, skip, segment_ids_BT=None):
-    x, cache = model.hidden(tokens_BT, skip=skip, positions_BT=jnp.minimum(positions_BT, limit),
+  def _filtered(self, x, logits):
+    return sampling.filtered_logits(logits, x.temperature, self.top_k,
+                                    x.top_p if self.use_top_p else None)
+
+  def _choose(self, x, logits_BV, rng):
+    """(token [B], its distribution [B, V] or None when greedy)."""
+    if not self.sample:
+      return sampling.argmax(logits_BV), None
+    filtered = self._filtered(x, logits_BV)
+    return (jax.random.categorical(rng, filtered, -1).astype(jnp.int32),
+            jax.nn.softmax(filtered, -1))
+
+  def _accept(self, x, logits_BKV, drafts_BK, q_BKV, rng):
+    """(accepted drafts a [B] in 0..k, the full model's token after them [B]); logits_BKV:
+    verify logits at the k + 1 chunk positions (position i predicts draft i + 1)."""
+    B, k = drafts_BK.shape
+    rows = jnp.arange(B)
+    if not self.sample:
+      target = sampling.argmax(logits_BKV)  # [B, k + 1]
+      a = _leading_true(drafts_BK == target[:, :k])
+      return a, target[rows, a]
+    accept_rng, bonus_rng = jax.random.split(rng)
+    p = jax.nn.softmax(self._filtered(x, logits_BKV), -1)  # [B, k + 1, V]
+    p_draft = jnp.take_along_axis(p[:, :k], drafts_BK[..., None], -1)[..., 0]
+    q_draft = jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
+    u = jax.random.uniform(accept_rng, (B, k))
+    a = _leading_true(u * q_draft < p_draft)  # u < p / q, q > 0 (d was drawn from q)
+    # Rejected at a < k: the residual norm(max(0, p - q)); all accepted: p itself.
+    q_next = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], 1)[rows, a]
+    p_next = p[rows, a]
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    # p == q up to rounding can leave nothing (a rejection there has probability ~0): fall back.
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 1e-9, residual, p_next)
+    return a, jax.random.categorical(bonus_rng, jnp.log(residual), -1).astype(jnp.int32)
+
+  def _run(self, model, tokens_BT, positions_BT, cache, index, skip, segment_ids_BT=None):
+    limit = model.cfg.max_position - 1
+    h, cache = model.hidden(tokens_BT, skip=skip, positions_BT=jnp.minimum(positions_BT, limit),
                             segment_ids_BT=segment_ids_BT, cache=cache, cache_index=index)
-    return model.unembed(x), cache
+    return model.unembed(h), cache
 
-  logits, cache = prefill(())
-  draft_cache = None
-  if separate:
-    draft_cache = (cache.kept_view(kept) if opts.paper_mode or not opts.draft_skip
-                   else prefill(opts.draft_skip)[1])
-  tok, _ = _choose(logits, jax.random.fold_in(rng, 0), opts, temperature, top_p)
-  tok = jnp.where(active_B, tok, pad_id)
-  out = jnp.full((B, N + k + 1), pad_id, jnp.int32).at[:, 0].set(tok)
-  generated = jnp.ones((B,), jnp.int32)
-  done = ~active_B | (tok == eos_id) | (max_new <= 1)
-  zeros = jnp.zeros((B,), jnp.int32)
+  def _prefill(self, model, x, prompts, pad, num_slots):
+    """(first tokens' logits, verify cache, draft cache or None) of left-padded prompts."""
+    logits, cache = engine.prefill(model, prompts, pad, num_slots, skip=(), paper_mode=False)
+    if self.shared_cache:
+      return logits, cache, None
+    kept = kept_layers(model.cfg.num_layers, self.draft_skip)
+    if self.paper_mode or not self.draft_skip:
+      return logits, cache, cache.kept_view(kept)
+    draft_cache = engine.prefill(model, prompts, pad, num_slots, skip=self.draft_skip,
+                                 paper_mode=False)[1]
+    return logits, cache, draft_cache
 
-  def draft(cache, draft_cache, pending, carry_tok, carry_valid, pos0, rng):
-    """k draft tokens [B, k] (and their distributions [B, k, V] when sampling)."""
-    dcache = draft_cache if separate else cache.kept_view(kept)
-    if separate:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
-      logits, dcache = run(jnp.stack([carry_tok, pending], 1),
-                           pos0[:, None] + jnp.array([-1, 0], jnp.int32), dcache, Z,
-                           opts.draft_skip, jnp.stack([carry_valid.astype(jnp.int32),
-                                                       jnp.ones_like(pending)], 1))
-      first_slot = Z + 1
-    else:
-      logits, dcache = run(pending[:, None], pos0[:, None], dcache, Z, opts.draft_skip)
+  def start(self, model, x):
+    (Q, P), B = x.prompts.shape, x.rows.shape[0]
+    N, k = self.max_new_slots, self.num_draft_tokens
+    rows = jnp.arange(B, dtype=jnp.int32)
+    logits, cache, draft_cache = self._prefill(model, x, x.prompts[:B], x.pad[:B],
+                                               self._slots(x)[1])
+    filled = x.rows & (rows < x.num_prompts)
+    tok = jnp.where(filled, self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0], x.pad_id)
+    zeros = jnp.zeros((B,), jnp.int32)
+    return SpeculativeState(
+        rnd=jnp.int32(1), out=jnp.full((B, N + k + 1), x.pad_id, jnp.int32).at[:, 0].set(tok),
+        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32), owner=jnp.where(filled, rows, -1),
+        next_prompt=jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32)),
+        prompt_len=P - x.pad[:B], generated=zeros + 1,
+        done=~filled | (tok == x.eos_id) | (x.max_new <= 1), pending=tok, cache=cache,
+        draft_cache=draft_cache, carry_tok=zeros, carry_valid=zeros > 0, accepted=jnp.int32(0),
+        drafted=jnp.int32(0), last_commit=(zeros, zeros + P, zeros))
+
+  def _flush(self, s, rows_mask):
+    """out_Q with the finished rows' tokens filed under their prompts."""
+    Q = s.out_Q.shape[0]
+    return s.out_Q.at[jnp.where(rows_mask & (s.owner >= 0), s.owner, Q)].set(s.out, mode="drop")
+
+  def _needs_refill(self, x, s):
+    return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
+
+  def _refill(self, model, x, s: SpeculativeState) -> SpeculativeState:
+    """The next waiting prompt, prefilled alone, into the first finished row."""
+    P, B = x.prompts.shape[1], x.rows.shape[0]
+    b = jnp.min(jnp.where(s.done & x.rows, jnp.arange(B), B))
+    i = s.next_prompt
+    pad = jax.lax.dynamic_slice_in_dim(x.pad, i, 1)
+    logits, cache, draft_cache = self._prefill(
+        model, x, jax.lax.dynamic_slice_in_dim(x.prompts, i, 1), pad, P)
+    rng = jax.random.fold_in(jax.random.fold_in(x.rng, i), 0)
+    tok = self._choose(x, logits, rng)[0][0]
+    out_Q = self._flush(s, jnp.arange(B) == b)
+    return s.replace(
+        out=s.out.at[b].set(x.pad_id).at[b, 0].set(tok), out_Q=out_Q, owner=s.owner.at[b].set(i),
+        next_prompt=i + 1, prompt_len=s.prompt_len.at[b].set(P - pad[0]),
+        generated=s.generated.at[b].set(1),
+        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
+        pending=s.pending.at[b].set(tok), cache=s.cache.insert(b, cache, 0),
+        draft_cache=None if draft_cache is None else s.draft_cache.insert(b, draft_cache, 0),
+        carry_valid=s.carry_valid.at[b].set(False))
+
+  def _draft(self, model, x, s: SpeculativeState, cache, pos0, rng):
+    """k draft tokens [B, k], their distributions [B, k, V] (None when greedy), the caches."""
+    B, k = pos0.shape[0], self.num_draft_tokens
+    Z = self._slots(x)[0]
+    kept = kept_layers(model.cfg.num_layers, self.draft_skip)
+    run = functools.partial(self._run, model, skip=self.draft_skip)
+    if self.shared_cache:
+      logits, dcache = run(s.pending[:, None], pos0[:, None], cache.kept_view(kept), Z)
       first_slot = Z
-    tok, q = _choose(logits[:, -1], jax.random.fold_in(rng, 0), opts, temperature, top_p)
+    else:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
+      logits, dcache = run(jnp.stack([s.carry_tok, s.pending], 1),
+                           pos0[:, None] + jnp.array([-1, 0], jnp.int32), s.draft_cache, Z,
+                           segment_ids_BT=jnp.stack([s.carry_valid.astype(jnp.int32),
+                                                     jnp.ones_like(s.pending)], 1))
+      first_slot = Z + 1
+    tok, q = self._choose(x, logits[:, -1], jax.random.fold_in(rng, 0))
     drafts = jnp.zeros((B, k), jnp.int32).at[:, 0].set(tok)
     qs = None if q is None else jnp.zeros((B, k, q.shape[-1]), q.dtype).at[:, 0].set(q)
 
     def step(i, carry):
       drafts, qs, dcache = carry
-      logits, dcache = run(drafts[:, i - 1, None], pos0[:, None] + i, dcache, first_slot + i,
-                           opts.draft_skip)
-      tok, q = _choose(logits[:, 0], jax.random.fold_in(rng, i), opts, temperature, top_p)
-      drafts = drafts.at[:, i].set(tok)
-      qs = None if q is None else qs.at[:, i].set(q)
-      return drafts, qs, dcache
+      logits, dcache = run(drafts[:, i - 1, None], pos0[:, None] + i, dcache, first_slot + i)
+      tok, q = self._choose(x, logits[:, 0], jax.random.fold_in(rng, i))
+      return drafts.at[:, i].set(tok), None if q is None else qs.at[:, i].set(q), dcache
 
     drafts, qs, dcache = jax.lax.fori_loop(1, k, step, (drafts, qs, dcache))
-    if separate:
-      return drafts, qs, cache, dcache
-    return drafts, qs, cache.merge_view(dcache, kept), None
+    if self.shared_cache:
+      return drafts, qs, cache.merge_view(dcache, kept), None
+    return drafts, qs, cache, dcache
 
-  def cond(s: SpeculativeState):
-    return ~jnp.all(s.done)
-
-  def body(s: SpeculativeState) -> SpeculativeState:
-    generated, done, pending, draft_cache = s.generated, s.done, s.pending, s.draft_cache
-    carry_tok, carry_valid = s.carry_tok, s.carry_valid
+  def step(self, model, x, s: SpeculativeState) -> SpeculativeState:
+    P, k = x.prompts.shape[1], self.num_draft_tokens
+    Z = self._slots(x)[0]
+    B = x.rows.shape[0]
+    rows, steps = jnp.arange(B), jnp.arange(k + 1, dtype=jnp.int32)
     # The previous round's verify commit, done here rather than right after its verify pass:
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
-    # XLA copied every verify layer twice a round (measured in the HLO; test_speculative checks).
-    cache = s.cache.commit(Z, k + 1, zeros, *s.last_commit)
-    round_rng = jax.random.fold_in(rng, s.rnd)
-    pos0 = prompt_len_B + generated - 1  # the pending token's position
-    committed = generated - 1            # generated tokens whose K/V is in the verify cache
-    drafts, qs, cache, draft_cache = draft(cache, draft_cache, pending, carry_tok, carry_valid,
-                                           pos0, jax.random.fold_in(round_rng, 0))
-    logits, cache = run(jnp.concatenate([pending[:, None], drafts], 1), pos0[:, None] + steps,
-                        cache, Z, ())
-    a, bonus = _accept(logits, drafts, qs, jax.random.fold_in(round_rng, 1), opts, temperature,
-                       top_p)
+    # XLA copied every verify layer twice a round (test_speculative checks the HLO).
+    s = s.replace(cache=s.cache.commit(Z, k + 1, jnp.zeros_like(rows), *s.last_commit))
+    s = jax.lax.while_loop(lambda s: self._needs_refill(x, s),
+                           lambda s: self._refill(model, x, s), s)
+    round_rng = jax.random.fold_in(x.rng, s.rnd)
+    pos0 = s.prompt_len + s.generated - 1  # the pending token's position
+    committed = s.generated - 1            # generated tokens whose K/V is in the verify cache
+    drafts, qs, cache, draft_cache = self._draft(model, x, s, s.cache, pos0,
+                                                 jax.random.fold_in(round_rng, 0))
+    logits, cache = self._run(model, jnp.concatenate([s.pending[:, None], drafts], 1),
+                              pos0[:, None] + steps, cache, Z, ())
+    a, bonus = self._accept(x, logits, drafts, qs, jax.random.fold_in(round_rng, 1))
     # Emitted: the a accepted drafts, then the full model's token; cut after EOS and the budget.
     block = jnp.where(steps[None] < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
     count = a + 1
-    is_eos = (block == eos_id) & (steps[None] < count[:, None])
+    is_eos = (block == x.eos_id) & (steps[None] < count[:, None])
     hit_eos = jnp.any(is_eos, 1)
     count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
-    count = jnp.where(done, 0, jnp.minimum(count, max_new - generated))
-    block = jnp.where(steps[None] < count[:, None], block, pad_id)
-    out = kv_cache.write_rows(s.out, block, generated, 1)
-    accepted = s.accepted + jnp.minimum(a, count)
-    drafted = s.drafted + jnp.where(done, 0, k)
+    count = jnp.where(s.done, 0, jnp.minimum(count, x.max_new - s.generated))
+    block = jnp.where(steps[None] < count[:, None], block, x.pad_id)
     # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
     # token becomes the next pending one; done at the start of the next round); the draft cache
     # keeps the same tokens, those it has run.
-    last_commit = (count, P + committed, pos0)
-    if separate:
+    carry_tok, carry_valid = s.carry_tok, s.carry_valid
+    if not self.shared_cache:
       carry_int = carry_valid.astype(jnp.int32)
-      draft_count = jnp.where(done, 0, carry_int + jnp.minimum(count, k))
+      draft_count = jnp.where(s.done, 0, carry_int + jnp.minimum(count, k))
       draft_cache = draft_cache.commit(Z, k + 1, 1 - carry_int, draft_count,
                                        P + committed - carry_int, pos0 - carry_int)
-      carry_valid = (count == k + 1) & ~done
-      carry_tok = drafts[:, k - 1]
-    pending = jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], pending)
-    generated = generated + count
-    done = done | hit_eos | (generated >= max_new)
-    return SpeculativeState(s.rnd + 1, out, generated, done, pending, cache, draft_cache,
-                            carry_tok, carry_valid, accepted, drafted, last_commit)
+      carry_valid, carry_tok = (count == k + 1) & ~s.done, drafts[:, k - 1]
+    generated = s.generated + count
+    return s.replace(
+        rnd=s.rnd + 1, out=kv_cache.write_rows(s.out, block, s.generated, 1), generated=generated,
+        done=s.done | hit_eos | (generated >= x.max_new),
+        pending=jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], s.pending),
+        cache=cache, draft_cache=draft_cache, carry_tok=carry_tok, carry_valid=carry_valid,
+        accepted=s.accepted + jnp.sum(jnp.minimum(a, count)),
+        drafted=s.drafted + jnp.sum(jnp.where(s.done, 0, k)),
+        last_commit=(count, P + committed, pos0))
 
-  start = SpeculativeState(jnp.int32(1), out, generated, done, tok, cache, draft_cache, zeros,
-                           zeros > 0, zeros, zeros, (zeros, zeros + P, zeros))
-  end = jax.lax.while_loop(cond, body, start)
-  return end.out, end.accepted, end.drafted, end.rnd - 1
+  def running(self, x, s: SpeculativeState):
+    return ~jnp.all(s.done) | self._needs_refill(x, s)
+
+  def result(self, x, s: SpeculativeState):
+    return self._flush(s, x.rows), s.accepted, s.drafted, s.rnd - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,33 +450,33 @@ def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_dra
 
 
 def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
-          draft_cache="shared", mode="paper", **kw):
-  """Validate; return (static options, array arguments, B, S)."""
+          draft_cache="shared", mode="paper", continuous_rows=None, **kw):
+  """Validate; return (the strategy, its Inputs)."""
   skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
                                         num_draft_tokens=num_draft_tokens,
                                         draft_cache=draft_cache, mode=mode)
-  _, dec_opts, args, B, P = decode.plan_call(model, prompts, beam_search=False, mode=mode, **kw)
-  opts = SpeculativeOptions(draft_skip=skip, num_draft_tokens=num_draft_tokens,
-                            shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
-                            max_new_slots=dec_opts.max_new_slots, sample=dec_opts.sample,
-                            top_k=dec_opts.top_k, use_top_p=dec_opts.use_top_p)
-  return opts, args, B, P + opts.max_new_slots + 2 * num_draft_tokens + 1
+  base, x = decode.plan_call(model, prompts, beam_search=False, continuous_rows=continuous_rows,
+                             mode=mode, **kw)
+  strategy = Speculative(draft_skip=skip, num_draft_tokens=num_draft_tokens,
+                         shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
+                         max_new_slots=base.max_new_slots, sample=base.sample, top_k=base.top_k,
+                         use_top_p=base.use_top_p)
+  return strategy, x
 
 
 def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   """The executable `generate` runs for this batch size, prompt length and keyword arguments
   (built if needed), for inspecting its HLO or memory."""
-  opts, args, _, _ = _plan(model, [[0] * prompt_len] * batch_size, **kw)
-  graphdef, state = nnx.split(model)
-  return engine.executable(_speculative_fn, graphdef, state, args, opts)[0]
+  strategy, x = _plan(model, [[0] * prompt_len] * batch_size, **kw)
+  return engine.executable(strategy, *nnx.split(model), x)[0]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
              draft_skip: Sequence[int] | None = None, draft_ratio: float | None = None,
              num_draft_tokens: int = 4, draft_cache: str = "shared", max_new_tokens: int,
              eos_id: int | None, pad_id: int = 0, mode: str = "paper", temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0
-             ) -> tuple[list[list[int]], SpeculativeStats]:
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             batch_size: int | None = None) -> tuple[list[list[int]], SpeculativeStats]:
   """Decode with the full model, drafting `num_draft_tokens` tokens a round with the ULS plan.
 
   The output is the full model's: greedy (temperature 0) equals `decode.generate(model, prompts,
@@ -460,24 +485,31 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
   draft_skip / draft_ratio: the draft's skipped layers, or a ratio for the ULS plan.
   draft_cache: "shared" or "separate" (module docstring). mode: "paper" gives the draft the full
     model's prompt K/V; "everywhere" runs the prompt through the kept layers for the draft cache.
-  Other arguments as in `decode.generate`. Returns (token ids per prompt, EOS excluded;
-  SpeculativeStats).
+  batch_size: None runs every prompt in one static batch; else continuous batching on that many
+    rows (a row that finishes takes the next waiting prompt; queues of at most
+    decode.QUEUE_ROUNDS * rows prompts a call).
+  Other arguments as in `decode.generate`. Returns (token ids per prompt, in input order, EOS
+  excluded; SpeculativeStats).
   """
-  opts, args, B, S = _plan(model, prompts, draft_skip=draft_skip, draft_ratio=draft_ratio,
-                           num_draft_tokens=num_draft_tokens, draft_cache=draft_cache, mode=mode,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  outputs, generated, (accepted, drafted, rounds), compile_s, wall_s = engine.run(
-      _speculative_fn, model, args, opts, count=len(prompts), max_new_tokens=max_new_tokens,
-      eos_id=eos_id)
-  verify_bytes = cache_bytes(model.cfg, B, S)
-  draft_bytes = 0 if opts.shared_cache else cache_bytes(model.cfg, B, S, opts.draft_skip)
-  stats = SpeculativeStats(
-      prompt_tokens=sum(len(p) for p in prompts), generated_tokens=generated,
-      wall_s=wall_s, compile_s=compile_s,
-      cache_bytes=verify_bytes + draft_bytes, executables_built=int(compile_s > 0), calls=1,
-      drafted_tokens=int(drafted[:len(prompts)].sum()),
-      accepted_tokens=int(accepted[:len(prompts)].sum()), verify_passes=int(rounds),
-      row_passes=int(drafted[:len(prompts)].sum()) // num_draft_tokens,
-      verify_cache_bytes=verify_bytes, draft_cache_bytes=draft_bytes)
+  kw = dict(draft_skip=draft_skip, draft_ratio=draft_ratio, num_draft_tokens=num_draft_tokens,
+            draft_cache=draft_cache, mode=mode, max_new_tokens=max_new_tokens, eos_id=eos_id,
+            pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  _plan(model, prompts, **kw)  # every prompt checked before any chunk runs
+  rows = len(prompts) if batch_size is None else min(as_int("batch_size", batch_size, min=1),
+                                                     len(prompts))
+  chunk = len(prompts) if batch_size is None else decode.QUEUE_ROUNDS * rows
+  outputs, stats = [], SpeculativeStats()
+  for first in range(0, len(prompts), chunk):
+    strategy, x = _plan(model, prompts[first:first + chunk],
+                        continuous_rows=None if batch_size is None else rows, **kw)
+    ids, (accepted, drafted, rounds), base = engine.run(strategy, model, x)
+    B, S = x.rows.shape[0], strategy._slots(x)[1]
+    verify_bytes = cache_bytes(model.cfg, B, S)
+    draft_bytes = 0 if strategy.shared_cache else cache_bytes(model.cfg, B, S, strategy.draft_skip)
+    outputs += ids
+    stats = stats + SpeculativeStats(
+        **dict(dataclasses.asdict(base), cache_bytes=verify_bytes + draft_bytes),
+        drafted_tokens=int(drafted), accepted_tokens=int(accepted),
+        verify_passes=int(rounds), row_passes=int(drafted) // num_draft_tokens,
+        verify_cache_bytes=verify_bytes, draft_cache_bytes=draft_bytes)
   return outputs, stats
