@@ -21,7 +21,7 @@ SkipDecode (Del Corro et al. 2023). One depth schedule for the whole batch: deco
 the TOP `depth(s)` layers, and depth never grows with s. A token skips only lower layers, and
 every later token skips at least the same ones, so each layer a token attends in is one that all
 earlier tokens ran: the cache never has a hole. The schedule has a few levels (static skip
-tuples); the loop picks one with `lax.switch`, so one executable serves every step.
+tuples), and one executable serves every step (`_skipdecode_step`).
 
 Training (equal budget to ULS fine-tuning, see benchmarks/reproduce.py):
   * early exit: cross-entropy at every exit point, weighted by depth (CALM's weights), shared head;
@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ulskip_jax import decode, engine, sampling
+from ulskip_jax import engine, sampling
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
 
@@ -243,7 +243,7 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, loss_fn):
 # Decoding.
 
 @dataclasses.dataclass
-class DynamicStats(decode.DecodeStats):
+class DynamicStats(engine.DecodeStats):
   """DecodeStats plus the depth actually run: layers summed over decode-loop steps (batch-wide,
   so one count per step), and the steps. The first token comes from the full-depth prompt pass,
   as in ULS's paper mode, so it is not a loop step."""
@@ -251,7 +251,7 @@ class DynamicStats(decode.DecodeStats):
   loop_steps: int = 0
 
   def __add__(self, other):
-    base = decode.DecodeStats.__add__(self, other)
+    base = engine.DecodeStats.__add__(self, other)
     return DynamicStats(**dataclasses.asdict(base),
                         layer_steps=self.layer_steps + other.layer_steps,
                         loop_steps=self.loop_steps + other.loop_steps)
@@ -414,7 +414,7 @@ class SkipDecode(_Dynamic):
 def _generate(model: Decoder, prompts, method: _Dynamic, *, max_new_tokens: int, eos_id, pad_id,
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
-  prompts = decode.check_prompts(model.cfg, prompts, max_new_tokens)
+  prompts = engine.check_prompts(model.cfg, prompts, max_new_tokens)
   x = engine.make_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                          threshold=threshold)
   outputs, (step_layers, loop_steps), base = engine.run(method, model, x)

@@ -1,15 +1,16 @@
-"""Batched decoding with a static skip plan: greedy, sampling, beam search, and continuous
-batching for greedy and sampling (`generate_continuous`, what `generate_text` runs by default).
+"""Batched decoding with a static skip plan: greedy and sampling (`Sample`), beam search
+(`Beam`), and continuous batching (`Continuous`, `generate_continuous`: what `generate_text`
+runs by default; speculative decoding's strategy lives in `speculative.py`).
 
 Shapes: B batch rows (after bucketing), P prompt slots (bucketed), N new-token slots (bucketed),
 S = P + N cache slots, V vocabulary, R = B * num_beams flattened beam rows.
 
-One call of `generate` runs ONE compiled executable: a batched prefill, then a `lax.while_loop`
-over a preallocated, named state (`SampleState`, `BeamState`, `ContinuousState`) that stops when
-every row has finished or the budget is spent; each strategy is its state and its step, and
-`engine.py` holds what they share (buckets, padding, executables, trimming, stats). Parameters go in as `nnx.split` state (an argument, never closed over) and the
-cache is created inside the executable, so XLA updates it in place and no step copies it (beam
-search gathers it on the beam axis once a step, which is inherent to beam search).
+Each strategy is a frozen dataclass of static options with its named loop state and its step;
+`engine.decode_loop` runs it, so one call of `generate` runs ONE compiled executable: a batched
+prefill, then a `lax.while_loop` that stops when every row has finished or the budget is spent.
+Parameters go in as `nnx.split` state (an argument, never closed over) and the cache is created
+inside the executable, so XLA updates it in place and no step copies it (beam search gathers it
+on the beam axis once a step, which is inherent to beam search).
 
 Prompts are left padded: row b's prompt ends at slot P - 1, its token at slot j has position
 j - pad_b, and its pads have segment id 0 (masked everywhere). So rows of different lengths share
@@ -29,9 +30,7 @@ silently (truncation would change what is being evaluated). Empty prompts are re
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,38 +39,22 @@ import numpy as np
 from flax import nnx
 
 from ulskip_jax import engine, sampling
+from ulskip_jax import speculative as speculative_lib
 # Shared with the other strategies; public here too, where they were first defined.
-from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, DecodeStats,  # noqa: F401
-                               bucket, executable, left_pad)
-from ulskip_jax.checks import as_choice, as_float, as_int
+from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, QUEUE_ROUNDS,  # noqa: F401
+                               DecodeStats, bucket, check_options, check_prompts, executable,
+                               left_pad, resolve_skip)
+from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
-from ulskip_jax.model import Decoder, ModelConfig
-from ulskip_jax.skipping import plan_layers
+from ulskip_jax.model import Decoder
 
 Array = jax.Array
-QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call (see generate_continuous)
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
 def num_compiles() -> int:
   """Executables built for greedy, sampling, beam, continuous and speculative decoding."""
   return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
-
-
-def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None,
-                 windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
-  """`ratio` -> the ULS plan's skipped layers (a model mixing sliding-window and global layers,
-  `windows` = its cfg.attention_windows, keeps its global layers, as in training); `skip` as
-  given; neither -> full depth."""
-  if skip is not None and ratio is not None:
-    raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
-  if ratio is not None:
-    return plan_layers(num_layers, ratio, windows=windows).skipped
-  if skip is None:
-    return ()
-  if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
-    raise ValueError(f"skip={skip!r} is invalid: give a list of layer indices, e.g. (1, 3)")
-  return plan_layers(num_layers, strategy=tuple(skip)).skipped if len(skip) else ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,92 +327,11 @@ class ContinuousState:
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
-_TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
-
-
-def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[np.ndarray]:
-  """The prompts as int32 arrays, each checked: token ids (not text), not empty, every id in
-  [0, vocab_size) (a larger id reads past the embedding, a negative one wraps), and room for
-  max_new_tokens after it. Lists, tuples and integer arrays (numpy or JAX) are accepted."""
-  if isinstance(prompts, (str, bytes)):
-    raise ValueError(f"prompts={prompts[:40]!r} is text: {_TEXT_HINT}")
-  if getattr(prompts, "ndim", 2) != 2 or not hasattr(prompts, "__len__"):
-    raise ValueError(f"prompts={prompts!r} is invalid: give a list of prompts, each a list of "
-                     "token ids")
-  if not len(prompts):
-    raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
-  V = cfg.vocab_size
-  checked = []
-  for i, p in enumerate(prompts):
-    if isinstance(p, (str, bytes)):
-      raise ValueError(f"prompt {i} is text ({p[:40]!r}): {_TEXT_HINT}")
-    try:
-      ids = np.asarray(p)
-    except ValueError:  # ragged nesting
-      ids = np.asarray(p, dtype=object)
-    if ids.ndim != 1:
-      raise ValueError(f"prompt {i} is invalid: it must be a flat list of token ids (got shape "
-                       f"{ids.shape})")
-    if ids.size == 0:
-      raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
-    if ids.dtype.kind not in "iu":
-      bad = next(x for x in list(p) if isinstance(x, bool) or not isinstance(x, numbers.Integral))
-      raise ValueError(f"prompt {i} holds {bad!r}, not a token id: ids are ints in [0, {V})")
-    outside = np.flatnonzero((ids < 0) | (ids >= V))
-    if outside.size:
-      j = int(outside[0])
-      raise ValueError(f"prompt {i} has token id {int(ids[j])} at position {j}: ids must be in "
-                       f"[0, {V}) (the model's vocab_size)")
-    checked.append(ids.astype(np.int32))
-    if len(p) + max_new_tokens > cfg.max_position:
-      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                       f"needs {len(p) + max_new_tokens} positions but the model allows "
-                       f"{cfg.max_position}: shorten it or lower max_new_tokens")
-  return checked
-
-
-def check_options(cfg: ModelConfig, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
-                  pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
-                  no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
-                  early_stopping=True) -> dict[str, Any]:
-  """Every option of `generate` but the prompts, checked (one-line ValueErrors naming the
-  option, its value and what is allowed) and returned as plain Python values, so numpy scalars
-  work and NaN never reaches a comparison that would silently be False."""
-  V = cfg.vocab_size
-  as_choice("mode", mode, ("paper", "everywhere"))
-  skip = resolve_skip(cfg.num_layers, skip, ratio, cfg.attention_windows)
-  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
-  eos_id = None if eos_id is None else as_int("eos_id", eos_id, 0, V - 1)
-  pad_id = as_int("pad_id", pad_id, 0, V - 1)
-  temperature = as_float("temperature", temperature, min=0)  # 0 = greedy
-  sample = temperature > 0
-  top_k = None if top_k is None else as_int("top_k", top_k, 1, V)
-  top_p = None if top_p is None else as_float("top_p", top_p, 0, 1, min_open=True)
-  if not sample and (top_k is not None or top_p is not None):
-    raise ValueError("top_k / top_p need sampling: set temperature > 0")
-  num_beams = as_int("num_beams", num_beams, min=1)
-  if num_beams > 1 and sample:
-    raise ValueError(f"num_beams={num_beams} with temperature={temperature} is unsupported: beam "
-                     "search is deterministic (temperature=0)")
-  no_repeat_ngram_size = as_int("no_repeat_ngram_size", no_repeat_ngram_size, 0, MIN_BUCKET)
-  seed = as_int("seed", seed, 0, 2**32 - 1)  # jax.random.key truncates larger seeds silently
-  length_penalty = as_float("length_penalty", length_penalty)
-  if not any(early_stopping is x for x in (True, False)) and early_stopping != "never":
-    raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
-                     "'never'")
-  return dict(skip=skip, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
-              temperature=temperature, sample=sample, top_k=top_k, top_p=top_p,
-              num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-              length_penalty=length_penalty, early_stopping=early_stopping)
-
-
 def check_generate(model: Decoder, prompts=None, **kw) -> None:
   """Raises the one-line ValueError `generate(model, prompts, **kw)` would, building and running
   nothing; with prompts=None the options alone (e.g. before any input is read)."""
   speculative = kw.pop("speculative", None)
   if speculative is not None:
-    from ulskip_jax import speculative as speculative_lib  # it imports this module
     speculative_lib.check_options(model.cfg, speculative, **kw)
   else:
     check_options(model.cfg, **kw)
@@ -499,7 +401,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
   are never truncated silently.
   """
   if speculative is not None:
-    from ulskip_jax import speculative as speculative_lib  # it imports this module
     return speculative_lib.generate_from_decode(
         model, prompts, speculative, skip=skip, ratio=ratio, num_beams=num_beams,
         no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens, eos_id=eos_id,
@@ -520,11 +421,11 @@ def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
   return outputs, stats
 
 
-def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, speculative=None,
-                         **_) -> bool:
-  """Whether `generate_continuous` runs these options (greedy and sampling, without n-gram bans,
-  whose per-row history the ring does not keep); the others decode in static batches."""
-  return num_beams == 1 and not no_repeat_ngram_size and speculative is None
+def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, **_) -> bool:
+  """Whether `generate_continuous` runs these options (greedy, sampling and speculative decoding,
+  without n-gram bans, whose per-row history the ring does not keep); beams decode in static
+  batches."""
+  return num_beams == 1 and not no_repeat_ngram_size
 
 
 def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
@@ -534,13 +435,16 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
   keep going, so no row waits for the slowest of its batch. Greedy output per prompt is the one
   `generate` gives that prompt alone. One executable per bucket of (rows, prompt slots,
   new-token slots, queue length); the queue runs in chunks of at most QUEUE_ROUNDS * rows
-  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s, without beams,
-  no_repeat_ngram_size or speculative (`continuous_supported`)."""
+  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s, without beams or
+  no_repeat_ngram_size (`continuous_supported`); `speculative=` runs `speculative.generate`."""
   batch_size = as_int("batch_size", batch_size, min=1)
   if not continuous_supported(**kw):
-    raise ValueError("continuous batching runs greedy and sampling only: for num_beams > 1, "
-                     "no_repeat_ngram_size or speculative use generate (static batches)")
+    raise ValueError("continuous batching runs greedy, sampling and speculative decoding: for "
+                     "num_beams > 1 or no_repeat_ngram_size use generate (static batches)")
   check_generate(model, prompts, **kw)  # every chunk's prompts, before any runs
+  if kw.get("speculative") is not None:
+    return speculative_lib.generate_from_decode(model, prompts, kw.pop("speculative"),
+                                                batch_size=batch_size, **kw)
   rows = min(batch_size, len(prompts))
   outputs, stats = [], DecodeStats()
   for first in range(0, len(prompts), QUEUE_ROUNDS * rows):
@@ -587,8 +491,8 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
                   static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
   """Tokenize `texts` (`encode_prompt`, with `chat`), decode `batch_size` rows at a time, decode.
 
-  Greedy and sampling use continuous batching (`generate_continuous`: a finished row takes the
-  next prompt); beams, n-gram bans, speculation and `static_batches=True` run `generate` on
+  Greedy, sampling and speculative decoding use continuous batching (`generate_continuous`: a
+  finished row takes the next prompt); beams, n-gram bans and `static_batches=True` run `generate` on
   chunks of `batch_size`, sorted by length when `sort_by_length` (the order is restored after) to
   keep padding and prompt buckets small. Returns one string per text, in input order. Every prompt
   is checked before anything runs, so a too-long prompt fails fast. eos_id / pad_id default to

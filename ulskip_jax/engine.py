@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,10 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.kv_cache import init_cache
+from ulskip_jax.skipping import plan_layers
 
 Array = jax.Array
 MIN_BUCKET = 16
+QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call
 
 # Compiled executables: module level, so that every call with the same model structure and bucket
 # reuses one. Keys start with the strategy's "module.ClassName".
@@ -110,6 +114,108 @@ def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], p
                           full_depth_BT=True if paper_mode else None, cache=cache, cache_index=0)
   return model.unembed(x[:, -1:])[:, 0], cache
 
+
+# ----------------------------------------------------------------------------------------------
+# Checked prompts and options (every strategy's), before anything is built or run.
+
+def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None,
+                 windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
+  """`ratio` -> the ULS plan's skipped layers (a model mixing sliding-window and global layers,
+  `windows` = its cfg.attention_windows, keeps its global layers, as in training); `skip` as
+  given; neither -> full depth."""
+  if skip is not None and ratio is not None:
+    raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
+  if ratio is not None:
+    return plan_layers(num_layers, ratio, windows=windows).skipped
+  if skip is None:
+    return ()
+  if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
+    raise ValueError(f"skip={skip!r} is invalid: give a list of layer indices, e.g. (1, 3)")
+  return plan_layers(num_layers, strategy=tuple(skip)).skipped if len(skip) else ()
+
+
+_TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
+
+
+def check_prompts(cfg, prompts, max_new_tokens: int) -> list[np.ndarray]:
+  """The prompts as int32 arrays, each checked: token ids (not text), not empty, every id in
+  [0, vocab_size) (a larger id reads past the embedding, a negative one wraps), and room for
+  max_new_tokens after it. Lists, tuples and integer arrays (numpy or JAX) are accepted."""
+  if isinstance(prompts, (str, bytes)):
+    raise ValueError(f"prompts={prompts[:40]!r} is text: {_TEXT_HINT}")
+  if getattr(prompts, "ndim", 2) != 2 or not hasattr(prompts, "__len__"):
+    raise ValueError(f"prompts={prompts!r} is invalid: give a list of prompts, each a list of "
+                     "token ids")
+  if not len(prompts):
+    raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
+  V = cfg.vocab_size
+  checked = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, (str, bytes)):
+      raise ValueError(f"prompt {i} is text ({p[:40]!r}): {_TEXT_HINT}")
+    try:
+      ids = np.asarray(p)
+    except ValueError:  # ragged nesting
+      ids = np.asarray(p, dtype=object)
+    if ids.ndim != 1:
+      raise ValueError(f"prompt {i} is invalid: it must be a flat list of token ids (got shape "
+                       f"{ids.shape})")
+    if ids.size == 0:
+      raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+    if ids.dtype.kind not in "iu":
+      bad = next(x for x in list(p) if isinstance(x, bool) or not isinstance(x, numbers.Integral))
+      raise ValueError(f"prompt {i} holds {bad!r}, not a token id: ids are ints in [0, {V})")
+    outside = np.flatnonzero((ids < 0) | (ids >= V))
+    if outside.size:
+      j = int(outside[0])
+      raise ValueError(f"prompt {i} has token id {int(ids[j])} at position {j}: ids must be in "
+                       f"[0, {V}) (the model's vocab_size)")
+    checked.append(ids.astype(np.int32))
+    if len(p) + max_new_tokens > cfg.max_position:
+      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                       f"needs {len(p) + max_new_tokens} positions but the model allows "
+                       f"{cfg.max_position}: shorten it or lower max_new_tokens")
+  return checked
+
+
+def check_options(cfg, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
+                  pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
+                  no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
+                  early_stopping=True) -> dict[str, Any]:
+  """Every option of `generate` but the prompts, checked (one-line ValueErrors naming the
+  option, its value and what is allowed) and returned as plain Python values, so numpy scalars
+  work and NaN never reaches a comparison that would silently be False."""
+  V = cfg.vocab_size
+  as_choice("mode", mode, ("paper", "everywhere"))
+  skip = resolve_skip(cfg.num_layers, skip, ratio, cfg.attention_windows)
+  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
+  eos_id = None if eos_id is None else as_int("eos_id", eos_id, 0, V - 1)
+  pad_id = as_int("pad_id", pad_id, 0, V - 1)
+  temperature = as_float("temperature", temperature, min=0)  # 0 = greedy
+  sample = temperature > 0
+  top_k = None if top_k is None else as_int("top_k", top_k, 1, V)
+  top_p = None if top_p is None else as_float("top_p", top_p, 0, 1, min_open=True)
+  if not sample and (top_k is not None or top_p is not None):
+    raise ValueError("top_k / top_p need sampling: set temperature > 0")
+  num_beams = as_int("num_beams", num_beams, min=1)
+  if num_beams > 1 and sample:
+    raise ValueError(f"num_beams={num_beams} with temperature={temperature} is unsupported: beam "
+                     "search is deterministic (temperature=0)")
+  no_repeat_ngram_size = as_int("no_repeat_ngram_size", no_repeat_ngram_size, 0, MIN_BUCKET)
+  seed = as_int("seed", seed, 0, 2**32 - 1)  # jax.random.key truncates larger seeds silently
+  length_penalty = as_float("length_penalty", length_penalty)
+  if not any(early_stopping is x for x in (True, False)) and early_stopping != "never":
+    raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
+                     "'never'")
+  return dict(skip=skip, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
+              temperature=temperature, sample=sample, top_k=top_k, top_p=top_p,
+              num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+              length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
 
 @flax.struct.dataclass
 class Inputs:

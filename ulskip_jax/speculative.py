@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ulskip_jax import decode, engine, kv_cache, sampling
+from ulskip_jax import engine, kv_cache, sampling
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder, ModelConfig
@@ -72,7 +72,7 @@ DRAFT_CACHES = ("shared", "separate")
 
 
 @dataclasses.dataclass
-class SpeculativeStats(decode.DecodeStats):
+class SpeculativeStats(engine.DecodeStats):
   """DecodeStats plus speculation counts.
 
   drafted_tokens: k per round per row still generating; accepted_tokens: drafts that matched (or
@@ -96,7 +96,7 @@ class SpeculativeStats(decode.DecodeStats):
     """Tokens a row gains per verify pass: 1 + its accepted drafts (at most k + 1)."""
     return 1 + self.accepted_tokens / self.row_passes if self.row_passes else 0.0
 
-  def __add__(self, other: decode.DecodeStats) -> SpeculativeStats:
+  def __add__(self, other: engine.DecodeStats) -> SpeculativeStats:
     def total(name):  # a plain DecodeStats has none of these counts
       return getattr(self, name) + getattr(other, name, 0)
 
@@ -104,13 +104,13 @@ class SpeculativeStats(decode.DecodeStats):
       return max(getattr(self, name), getattr(other, name, 0))
 
     return SpeculativeStats(
-        **dataclasses.asdict(decode.DecodeStats.__add__(self, other)),
+        **dataclasses.asdict(engine.DecodeStats.__add__(self, other)),
         drafted_tokens=total("drafted_tokens"), accepted_tokens=total("accepted_tokens"),
         verify_passes=total("verify_passes"), row_passes=total("row_passes"),
         verify_cache_bytes=largest("verify_cache_bytes"),
         draft_cache_bytes=largest("draft_cache_bytes"))
 
-  def __radd__(self, other: decode.DecodeStats) -> SpeculativeStats:
+  def __radd__(self, other: engine.DecodeStats) -> SpeculativeStats:
     return self + other  # DecodeStats() + SpeculativeStats (generate_text's running sum)
 
   def as_dict(self) -> dict[str, Any]:
@@ -357,11 +357,11 @@ class Speculative(engine.Strategy):
 
 def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None, draft_ratio: float | None,
                   windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
-  """The draft's skipped layers: `draft_ratio` -> the ULS plan (`decode.resolve_skip`, windows
+  """The draft's skipped layers: `draft_ratio` -> the ULS plan (`engine.resolve_skip`, windows
   included); `draft_skip` as given."""
   if draft_skip is None and draft_ratio is None:
     raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
-  return decode.resolve_skip(num_layers, draft_skip, draft_ratio, windows)
+  return engine.resolve_skip(num_layers, draft_skip, draft_ratio, windows)
 
 
 def parse_speculative(text: str) -> dict[str, Any]:
@@ -417,11 +417,12 @@ def _check_combination(speculative: dict[str, Any], skip, ratio, num_beams,
                      "speculative is unsupported: speculative decoding is greedy or sampling")
 
 
-def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *, skip, ratio,
-                         num_beams, no_repeat_ngram_size, **kw
-                         ) -> tuple[list[list[int]], SpeculativeStats]:
+def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *, skip=None,
+                         ratio=None, num_beams=1, no_repeat_ngram_size=0, length_penalty=1.0,
+                         early_stopping=True, **kw) -> tuple[list[list[int]], SpeculativeStats]:
   """`decode.generate(..., speculative=dict(...))`: refuse what speculation cannot combine with,
-  then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments."""
+  then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments
+  (length_penalty and early_stopping only score beams, which speculation refuses)."""
   _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
   return generate(model, prompts, **speculative, **kw)
 
@@ -432,14 +433,14 @@ def check_options(cfg: ModelConfig, speculative: dict[str, Any], *, skip=None, r
   nothing (`decode.check_generate` calls it)."""
   _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
   _check_draft(cfg, mode=mode, **speculative)
-  decode.check_options(cfg, mode=mode, **kw)
+  engine.check_options(cfg, mode=mode, **kw)
 
 
 def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
                  draft_cache="shared", mode="paper") -> tuple[tuple[int, ...], int]:
   """The draft's skipped layers and num_draft_tokens, checked."""
   skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio, cfg.attention_windows)
-  num_draft_tokens = as_int("num_draft_tokens", num_draft_tokens, 1, decode.MIN_BUCKET)
+  num_draft_tokens = as_int("num_draft_tokens", num_draft_tokens, 1, engine.MIN_BUCKET)
   if draft_cache not in DRAFT_CACHES:
     raise ValueError(f"draft_cache={draft_cache!r} is unknown: allowed are "
                      f"{', '.join(DRAFT_CACHES)}")
@@ -455,12 +456,15 @@ def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_dra
   skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
                                         num_draft_tokens=num_draft_tokens,
                                         draft_cache=draft_cache, mode=mode)
-  base, x = decode.plan_call(model, prompts, beam_search=False, continuous_rows=continuous_rows,
-                             mode=mode, **kw)
+  o = engine.check_options(model.cfg, mode=mode, **kw)
+  prompts = engine.check_prompts(model.cfg, prompts, o["max_new_tokens"])
+  x = engine.make_inputs(prompts, rows=continuous_rows, max_new_tokens=o["max_new_tokens"],
+                         eos_id=o["eos_id"], pad_id=o["pad_id"], seed=o["seed"],
+                         temperature=o["temperature"], top_p=o["top_p"])
   strategy = Speculative(draft_skip=skip, num_draft_tokens=num_draft_tokens,
                          shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
-                         max_new_slots=base.max_new_slots, sample=base.sample, top_k=base.top_k,
-                         use_top_p=base.use_top_p)
+                         max_new_slots=engine.bucket(o["max_new_tokens"], engine.MIN_BUCKET),
+                         sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
   return strategy, x
 
 
@@ -487,7 +491,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
     model's prompt K/V; "everywhere" runs the prompt through the kept layers for the draft cache.
   batch_size: None runs every prompt in one static batch; else continuous batching on that many
     rows (a row that finishes takes the next waiting prompt; queues of at most
-    decode.QUEUE_ROUNDS * rows prompts a call).
+    engine.QUEUE_ROUNDS * rows prompts a call).
   Other arguments as in `decode.generate`. Returns (token ids per prompt, in input order, EOS
   excluded; SpeculativeStats).
   """
@@ -497,7 +501,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
   _plan(model, prompts, **kw)  # every prompt checked before any chunk runs
   rows = len(prompts) if batch_size is None else min(as_int("batch_size", batch_size, min=1),
                                                      len(prompts))
-  chunk = len(prompts) if batch_size is None else decode.QUEUE_ROUNDS * rows
+  chunk = len(prompts) if batch_size is None else engine.QUEUE_ROUNDS * rows
   outputs, stats = [], SpeculativeStats()
   for first in range(0, len(prompts), chunk):
     strategy, x = _plan(model, prompts[first:first + chunk],
