@@ -66,6 +66,18 @@ def parse_args(argv=None):
   return args
 
 
+def random_model(args):
+  """A random Llama of the flags' shape, initialised on the default device in args.dtype."""
+  from flax import nnx
+
+  from ulskip_jax.model import Decoder, ModelConfig
+  cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
+                    num_heads=args.heads, num_kv_heads=args.kv_heads,
+                    head_dim=args.d_model // args.heads, d_ff=args.d_ff, max_position=1024,
+                    dtype=args.dtype, param_dtype=args.dtype)
+  return Decoder(cfg, rngs=nnx.Rngs(0))  # eager: jitting a 7B init compiled for minutes on a GPU
+
+
 def torch_model(args):
   import torch
   import transformers
@@ -154,12 +166,14 @@ def main(argv=None):
       hf.save_pretrained(f32, tmp)
       tmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
     del f32
+  elif args.no_torch:  # built where it runs: a 7B shape would take minutes through torch
+    model = random_model(args)
   else:
     tmodel = torch_model(args)
     with tempfile.TemporaryDirectory() as tmp:
       tmodel.save_pretrained(tmp)
       model, _ = hf.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
-  if args.no_torch:
+  if args.no_torch and args.checkpoint:
     del tmodel
   rng = np.random.default_rng(0)
   print(f"# decode speed: {args.checkpoint or 'random model'}, L={args.layers} d_model={args.d_model} d_ff={args.d_ff} "

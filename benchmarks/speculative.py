@@ -66,6 +66,9 @@ def parse_args(argv=None):
   p.add_argument("--balance", action="store_true",
                  help="first time x[B, 4096] @ W[4096, 16384] (f32, 256 MiB) per batch size: "
                       "where a step stops being weight-bandwidth-bound on this machine")
+  p.add_argument("--continuous", action="store_true",
+                 help="continuous batching (`decode.generate_continuous`): a finished row takes "
+                 "the next prompt, so no batch waits for its slowest row")
   p.add_argument("--out", help="also write the markdown table here")
   args = p.parse_args(argv)
   if args.quick:
@@ -180,11 +183,14 @@ def methods(args, num_layers: int):
 
 
 def bench_batch(model, prompts, batch, eos_id, cases, args):
-  """{name: (tok/s wall, tok/s CPU, stats, outputs)}: `prompts` decoded in batches of `batch`."""
+  """{name: (tok/s wall, tok/s CPU, stats, outputs)}: `prompts` decoded in batches of `batch`
+  (with --continuous, on `batch` rows that each take the next prompt when done)."""
   kw = dict(max_new_tokens=args.new_tokens, eos_id=eos_id)
   chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
 
   def run(case):
+    if args.continuous:
+      return decode.generate_continuous(model, prompts, batch_size=batch, **case, **kw)
     outputs, stats = [], None
     for chunk in chunks:
       out, s = decode.generate(model, chunk, **case, **kw)
@@ -242,7 +248,8 @@ def main(argv=None):
                     for r in args.draft_ratios.split(","))
   print(f"# speculative decoding: {what}; L={cfg.num_layers} d_model={cfg.d_model} "
         f"vocab={cfg.vocab_size}; {plans}; greedy, {args.new_tokens} new tokens, "
-        f"EOS {'on' if eos_id is not None else 'off'}",
+        f"EOS {'on' if eos_id is not None else 'off'}; "
+        f"{'continuous batching' if args.continuous else 'static batches'}",
         flush=True)
   per_batch = {}
   start = time.perf_counter()
