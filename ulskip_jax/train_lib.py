@@ -480,6 +480,13 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
         last = _log_metrics(pending, log, bar, config, t0)
       pending = (step, metrics)
       stop = guard.should_stop(step + 1)
+      evaluate = config.eval_every and (step + 1) % config.eval_every == 0
+      saves = stop or (step + 1) % config.checkpoint.every == 0 or step + 1 == config.num_steps
+      if saves or evaluate:
+        # A save or an evaluation waits for this step: read its metrics first, or the step's
+        # own time would be left out of its tokens/s as a pause.
+        last = _log_metrics(pending, log, bar, config, t0)
+        pending = None
       with _paused(bar, t0):
         trainer.save(state, step + 1, force=stop)
       if stop:
@@ -487,7 +494,7 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
         how = "interrupted (Ctrl-C)" if guard.signal == "SIGINT" else "preempted"
         log.text(f"{how}: saved step {step + 1} and stopping")
         break
-      if config.eval_every and (step + 1) % config.eval_every == 0:
+      if evaluate:
         with _paused(bar, t0, "evaluating"):
           last.update(_eval_and_log(trainer, state, step + 1, eval_ratios, log))
     if pending is not None:
