@@ -173,8 +173,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
       tmodel.save_pretrained(tmp)
       model, _ = hf.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
-  if args.no_torch and args.checkpoint:
-    del tmodel
+  if args.no_torch:
+    tmodel = None
   rng = np.random.default_rng(0)
   print(f"# decode speed: {args.checkpoint or 'random model'}, L={args.layers} d_model={args.d_model} d_ff={args.d_ff} "
         f"heads={args.heads}/{args.kv_heads} vocab={args.vocab} dtype={args.dtype} "

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import flax.struct
-import numpy as np
 from flax import nnx
 
 from ulskip_jax import engine, sampling
@@ -347,20 +346,14 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool, continuous_rows: in
               **kw) -> tuple[Sample, engine.Inputs]:
   """Validate the prompts and options; return the strategy (`Beam`, `Continuous` when
   continuous_rows is given, else `Sample`) and its `Inputs`."""
-  o = check_options(model.cfg, **kw)
-  prompts = check_prompts(model.cfg, prompts, o["max_new_tokens"])
+  o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
   common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
-                max_new_slots=bucket(o["max_new_tokens"], MIN_BUCKET),
-                no_repeat_ngram_size=o["no_repeat_ngram_size"])
+                max_new_slots=o["max_new_slots"], no_repeat_ngram_size=o["no_repeat_ngram_size"])
   if beam_search:
     strategy = Beam(**common, num_beams=o["num_beams"], early_stopping=o["early_stopping"])
   else:
     strategy = (Continuous if continuous_rows else Sample)(
         **common, sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
-  x = engine.make_inputs(prompts, rows=continuous_rows, max_new_tokens=o["max_new_tokens"],
-                         eos_id=o["eos_id"], pad_id=o["pad_id"], seed=o["seed"],
-                         temperature=o["temperature"], top_p=o["top_p"],
-                         length_penalty=o["length_penalty"])
   return strategy, x
 
 

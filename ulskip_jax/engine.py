@@ -254,6 +254,18 @@ def make_inputs(prompts: Sequence[np.ndarray], *, rows: int | None = None, max_n
                 length_penalty=np.float32(length_penalty), threshold=np.float32(threshold))
 
 
+def checked_inputs(cfg, prompts, *, rows: int | None = None, **options) -> tuple[dict, Inputs]:
+  """`check_options(cfg, **options)` (plus max_new_slots, the bucketed token budget) and the
+  checked prompts as `Inputs` (`make_inputs`; `rows` for continuous batching)."""
+  o = check_options(cfg, **options)
+  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
+  o["max_new_slots"] = bucket(o["max_new_tokens"], MIN_BUCKET)
+  x = make_inputs(prompts, rows=rows, max_new_tokens=o["max_new_tokens"], eos_id=o["eos_id"],
+                  pad_id=o["pad_id"], seed=o["seed"], temperature=o["temperature"],
+                  top_p=o["top_p"], length_penalty=o["length_penalty"])
+  return o, x
+
+
 class Strategy:
   """A decoding strategy's interface; subclasses are frozen dataclasses of static options with a
   field max_new_slots (N, the bucketed token budget). The state is the strategy's own

@@ -456,14 +456,10 @@ def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_dra
   skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
                                         num_draft_tokens=num_draft_tokens,
                                         draft_cache=draft_cache, mode=mode)
-  o = engine.check_options(model.cfg, mode=mode, **kw)
-  prompts = engine.check_prompts(model.cfg, prompts, o["max_new_tokens"])
-  x = engine.make_inputs(prompts, rows=continuous_rows, max_new_tokens=o["max_new_tokens"],
-                         eos_id=o["eos_id"], pad_id=o["pad_id"], seed=o["seed"],
-                         temperature=o["temperature"], top_p=o["top_p"])
+  o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, mode=mode, **kw)
   strategy = Speculative(draft_skip=skip, num_draft_tokens=num_draft_tokens,
                          shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
-                         max_new_slots=engine.bucket(o["max_new_tokens"], engine.MIN_BUCKET),
+                         max_new_slots=o["max_new_slots"],
                          sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
   return strategy, x
 
