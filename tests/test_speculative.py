@@ -49,6 +49,16 @@ def models(tmp_path_factory):
   return out
 
 
+def generate(model, prompts, *, batch_size=None, **kw):
+  """Speculative decoding through `decode`'s API: the draft's options (spec.OPTION_KEYS) go in
+  speculative=dict(...); with batch_size, continuous batching on that many rows."""
+  speculative = {key: kw.pop(key) for key in spec.OPTION_KEYS if key in kw}
+  if batch_size is None:
+    return decode.generate(model, prompts, speculative=speculative, **kw)
+  return decode.generate_continuous(model, prompts, batch_size=batch_size,
+                                    speculative=speculative, **kw)
+
+
 def cut(rows, eos):
   return [row[:row.index(eos)] if eos in row else row for row in rows]
 
@@ -63,15 +73,15 @@ def test_greedy_equals_full_model_greedy(models, family):
   # Batch 1: the batch's row 1 (test_decode checks that batching changes no row), which saves
   # compiling the plain decoder once more per family.
   for prompts, free in ((PROMPTS, batch_free), (PROMPTS[1:2], batch_free[1:2])):
-    got, stats = spec.generate(model, prompts, **SPEC, draft_cache=draft_cache,
-                               max_new_tokens=MAX_NEW, eos_id=None)
+    got, stats = generate(model, prompts, **SPEC, draft_cache=draft_cache,
+                          max_new_tokens=MAX_NEW, eos_id=None)
     assert got == free
     assert stats.generated_tokens == len(prompts) * MAX_NEW
     assert 0 < stats.verify_passes <= MAX_NEW - 1
     # EOS: a token that row 0 emits; every row must stop before its first EOS.
     eos = free[0][3]
-    got, stats = spec.generate(model, prompts, **SPEC, draft_cache=draft_cache,
-                               max_new_tokens=MAX_NEW, eos_id=eos)
+    got, stats = generate(model, prompts, **SPEC, draft_cache=draft_cache,
+                          max_new_tokens=MAX_NEW, eos_id=eos)
     assert got == cut(free, eos) and len(got[0]) <= 3
     assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in got)
     assert stats.executables_built == 0  # eos_id is traced
@@ -80,8 +90,8 @@ def test_greedy_equals_full_model_greedy(models, family):
 def test_draft_mode_everywhere_is_lossless_too(models):
   model = models["qwen2"]
   free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
-  got, _ = spec.generate(model, PROMPTS, **SPEC, draft_cache="separate", mode="everywhere",
-                         max_new_tokens=MAX_NEW, eos_id=None)
+  got, _ = generate(model, PROMPTS, **SPEC, draft_cache="separate", mode="everywhere",
+                    max_new_tokens=MAX_NEW, eos_id=None)
   assert got == free
 
 
@@ -91,8 +101,8 @@ def test_full_depth_draft_accepts_every_token(models):
   the compaction of both caches (a hole would change the draft's tokens)."""
   model = models["llama"]
   free, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=None)
-  got, stats = spec.generate(model, PROMPTS, draft_skip=(), num_draft_tokens=K,
-                             draft_cache="separate", max_new_tokens=MAX_NEW, eos_id=None)
+  got, stats = generate(model, PROMPTS, draft_skip=(), num_draft_tokens=K,
+                        draft_cache="separate", max_new_tokens=MAX_NEW, eos_id=None)
   assert got == free
   assert stats.verify_passes == math.ceil((MAX_NEW - 1) / (K + 1))
   # Per row: the first round emits 4 drafts + 1, the second 4 drafts (the budget of 10).
@@ -103,9 +113,9 @@ def test_full_depth_draft_accepts_every_token(models):
 def test_cache_sizes_and_stats(models):
   model = models["llama"]
   cfg = model.cfg
-  _, sep = spec.generate(model, PROMPTS, **SPEC, draft_cache="separate", max_new_tokens=MAX_NEW,
-                         eos_id=None)
-  _, shared = spec.generate(model, PROMPTS, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
+  _, sep = generate(model, PROMPTS, **SPEC, draft_cache="separate", max_new_tokens=MAX_NEW,
+                    eos_id=None)
+  _, shared = generate(model, PROMPTS, **SPEC, max_new_tokens=MAX_NEW, eos_id=None)
   slots = 16 + 16 + 2 * K + 1  # prompt + new-token buckets, k + 1 slack, k + 1 scratch
   assert sep.verify_cache_bytes == shared.verify_cache_bytes == cache_bytes(cfg, 4, slots)
   pos_bytes = 4 * slots * 4
@@ -126,8 +136,8 @@ def test_loop_commits_in_place(models, draft_cache):
   """In the round loop, every op that makes a cache layer ([B, K, S, Hd]) is an in-place
   dynamic-update-slice or scatter (no per-round copy of a cache); the temporaries stay small."""
   model = models["llama"]
-  compiled = spec.compile_generate(model, 3, 9, **SPEC, draft_cache=draft_cache,
-                                   max_new_tokens=MAX_NEW, eos_id=None)
+  compiled = decode.compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
+                                     max_new_tokens=MAX_NEW, eos_id=None)
   text = compiled.as_text()
   comps = _hlo_computations(text)
   bodies = set(re.findall(r"body=(%[\w.\-]+)", text))
@@ -192,9 +202,9 @@ def test_sampling_keeps_the_full_model_distribution(tmp_path, monkeypatch):
   counts = np.zeros((8, 8))
   accepted = drafted_tokens = 0
   for seed in range(seeds):
-    out, stats = spec.generate(model, [prompt] * rows, draft_ratio=2, num_draft_tokens=2,
-                               max_new_tokens=2, eos_id=None, temperature=temperature,
-                               top_k=top_k, seed=seed)
+    out, stats = generate(model, [prompt] * rows, draft_ratio=2, num_draft_tokens=2,
+                          max_new_tokens=2, eos_id=None, temperature=temperature,
+                          top_k=top_k, seed=seed)
     for t1, t2 in out:
       counts[t1, t2] += 1
     accepted += stats.accepted_tokens
@@ -245,7 +255,7 @@ def test_bad_arguments_raise_one_line_errors(models):
   for kw, message in cases:
     kw = dict(dict(max_new_tokens=5, eos_id=2), **kw)
     with pytest.raises(ValueError, match=re.escape(message)) as info:
-      spec.generate(model, PROMPTS, **kw)
+      generate(model, PROMPTS, **kw)
     assert "\n" not in str(info.value)
 
 

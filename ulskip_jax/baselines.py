@@ -250,12 +250,6 @@ class DynamicStats(engine.DecodeStats):
   layer_steps: int = 0
   loop_steps: int = 0
 
-  def __add__(self, other):
-    base = engine.DecodeStats.__add__(self, other)
-    return DynamicStats(**dataclasses.asdict(base),
-                        layer_steps=self.layer_steps + other.layer_steps,
-                        loop_steps=self.loop_steps + other.loop_steps)
-
   def ratio(self, num_layers: int) -> float:
     """L / mean layers run per decode step (1.0 when no step ran)."""
     return num_layers * self.loop_steps / self.layer_steps if self.layer_steps else 1.0
@@ -388,6 +382,14 @@ class _Dynamic(engine.Strategy):
   def result(self, x, s: DynamicState):
     return s.buf, s.step_layers, s.t - 1
 
+  def stats(self, cfg, x, stats, rest) -> DynamicStats:
+    step_layers, loop_steps = rest
+    L = cfg.num_layers
+    cache = cache_bytes(cfg, x.prompts.shape[0], x.prompts.shape[1] + self.max_new_slots,
+                        tuple(range(L - self.cached(L))))
+    return DynamicStats(**dict(dataclasses.asdict(stats), cache_bytes=cache),
+                        layer_steps=int(np.sum(step_layers)), loop_steps=int(loop_steps))
+
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExit(_Dynamic):
@@ -417,12 +419,7 @@ def _generate(model: Decoder, prompts, method: _Dynamic, *, max_new_tokens: int,
   prompts = engine.check_prompts(model.cfg, prompts, max_new_tokens)
   x = engine.make_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                          threshold=threshold)
-  outputs, (step_layers, loop_steps), base = engine.run(method, model, x)
-  L = model.cfg.num_layers
-  cache = cache_bytes(model.cfg, x.prompts.shape[0], x.prompts.shape[1] + method.max_new_slots,
-                      tuple(range(L - method.cached(L))))
-  stats = DynamicStats(**dict(dataclasses.asdict(base), cache_bytes=cache),
-                       layer_steps=int(np.sum(step_layers)), loop_steps=int(loop_steps))
+  outputs, (step_layers, _), stats = engine.run(method, model, x)
   return outputs, stats, np.asarray(step_layers)
 
 
@@ -452,15 +449,8 @@ def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
 def generate_batched(fn, model, prompts, *, batch_size: int, **kw):
   """`fn` (one of the generate functions) over `prompts` in chunks, sorted by length (order
   restored); returns (ids per prompt, summed stats)."""
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  results, stats = [None] * len(prompts), None
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    ids, s = fn(model, [prompts[i] for i in chunk], **kw)
-    stats = s if stats is None else stats + s
-    for i, row in zip(chunk, ids):
-      results[i] = row
-  return results, stats
+  return engine.in_chunks(lambda chunk: fn(model, chunk, **kw), prompts, batch_size,
+                          by_length=True)
 
 
 def tune_threshold(model: Decoder, prompts, target_ratio: float, *, batch_size: int,

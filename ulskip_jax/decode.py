@@ -1,35 +1,22 @@
 """Batched decoding with a static skip plan: greedy and sampling (`Sample`), beam search
-(`Beam`), and continuous batching (`Continuous`, `generate_continuous`: what `generate_text`
-runs by default; speculative decoding's strategy lives in `speculative.py`).
+(`Beam`) and continuous batching (`Continuous`), and the public `generate`, which also runs
+speculative decoding (`speculative.Speculative`). Each strategy is a frozen dataclass of static
+options with its named state and its step on `engine.decode_loop`: one call of `generate` runs ONE
+compiled executable, a batched prefill and a `lax.while_loop` that stops when every row has
+finished or the budget is spent. Parameters go in as `nnx.split` state and the cache is created
+inside the executable, so XLA updates it in place.
 
-Shapes: B batch rows (after bucketing), P prompt slots (bucketed), N new-token slots (bucketed),
-S = P + N cache slots, V vocabulary, R = B * num_beams flattened beam rows.
-
-Each strategy is a frozen dataclass of static options with its named loop state and its step;
-`engine.decode_loop` runs it, so one call of `generate` runs ONE compiled executable: a batched
-prefill, then a `lax.while_loop` that stops when every row has finished or the budget is spent.
-Parameters go in as `nnx.split` state (an argument, never closed over) and the cache is created
-inside the executable, so XLA updates it in place and no step copies it (beam search gathers it
-on the beam axis once a step, which is inherent to beam search).
-
-Prompts are left padded: row b's prompt ends at slot P - 1, its token at slot j has position
-j - pad_b, and its pads have segment id 0 (masked everywhere). So rows of different lengths share
-one slot index per step, and every row's next token is read from the last prefill column.
-
-Buckets keep the number of executables bounded: prompt slots P = max(16, next power of two),
-batch B = next power of two (dummy rows are masked and finished from the start), new-token slots
-N = max(16, next power of two) with the actual `max_new_tokens` traced. One executable is built
-per (model structure, skip tuple, mode, B, P, N, static decoding options) and reused; temperature,
-top_p, length_penalty, eos_id, pad_id, seed and max_new_tokens are traced values.
-
-Prompt-length policy: a prompt whose length + max_new_tokens exceeds the model's position limit
-(`cfg.max_position`) is refused with a one-line ValueError naming the prompt; nothing is truncated
-silently (truncation would change what is being evaluated). Empty prompts are refused too.
+Shapes: B rows, P prompt slots, N new-token slots (bucketed, `engine.make_inputs`), S = P + N cache
+slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded (row b's prompt ends at
+slot P - 1; its pads are masked), so all rows write one slot index per step and read their next
+token from the last prefill column. A prompt whose length + max_new_tokens exceeds the model's
+position limit is refused in one line, never truncated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -125,6 +112,11 @@ class Sample(engine.Strategy):
 
   def result(self, x, s: SampleState):
     return s.buf[:, x.prompts.shape[1]:]
+
+  def stats(self, cfg, x, stats, rest):
+    rows = x.rows.shape[0] * getattr(self, "num_beams", 1)
+    return dataclasses.replace(stats, cache_bytes=cache_bytes(
+        cfg, rows, x.prompts.shape[1] + self.max_new_slots, self.skip))
 
 
 @flax.struct.dataclass
@@ -243,7 +235,7 @@ class BeamState:
 # does not matter to attention, which masks by the positions in `cache.pos` alone.
 
 @dataclasses.dataclass(frozen=True)
-class Continuous(Sample):
+class Continuous(engine.Queued, Sample):
   """Greedy / sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): the result is the new
   tokens [Q, N] of every prompt."""
 
@@ -257,52 +249,39 @@ class Continuous(Sample):
 
   def start(self, model, x):
     (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
-    rows_B = jnp.arange(B, dtype=jnp.int32)
-    filled = x.rows & (rows_B < x.num_prompts)
+    filled, next_prompt = self.first_prompts(x)
+    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
     logits, cache = self.prefill(model, x.prompts[:B], x.pad[:B], P + N)
-    owner = jnp.where(filled, rows_B, -1)
-    tok = jnp.where(filled, self._choose_rows(x, logits, owner, jnp.zeros_like(rows_B)), x.pad_id)
+    tok = jnp.where(filled, self._choose_rows(x, logits, owner, jnp.zeros_like(owner)), x.pad_id)
     out = jnp.full((Q, N), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
         tok, mode="drop")
-    return ContinuousState(
-        step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B], count_B=jnp.ones_like(rows_B),
-        done_B=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner_B=owner,
-        next_prompt=jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32)), out_QN=out,
-        cache=cache)
+    return ContinuousState(step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B],
+                           count_B=jnp.ones_like(owner),
+                           done=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner=owner,
+                           next_prompt=next_prompt, out_QN=out, cache=cache)
 
-  def _needs_refill(self, x, s: ContinuousState):
-    return (s.next_prompt < x.num_prompts) & jnp.any(s.done_B & x.rows)
-
-  def _refill(self, model, x, s: ContinuousState) -> ContinuousState:
-    P, B = x.prompts.shape[1], x.rows.shape[0]
-    b = jnp.min(jnp.where(s.done_B & x.rows, jnp.arange(B), B))
-    i = s.next_prompt
-    pad = jax.lax.dynamic_slice_in_dim(x.pad, i, 1)
-    logits, prompt_cache = self.prefill(model, jax.lax.dynamic_slice_in_dim(x.prompts, i, 1), pad,
-                                        P)
+  def refill(self, model, x, s: ContinuousState, b, i, prompt_1P, pad_1) -> ContinuousState:
+    P = x.prompts.shape[1]
+    logits, prompt_cache = self.prefill(model, prompt_1P, pad_1, P)
     tok = self._choose_rows(x, logits, i[None], jnp.zeros((1,), jnp.int32))[0]
     return s.replace(
-        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad[0]),
+        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad_1[0]),
         count_B=s.count_B.at[b].set(1),
-        done_B=s.done_B.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
-        owner_B=s.owner_B.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
+        owner=s.owner.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
         cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + self.max_new_slots)))
 
-  def running(self, x, s: ContinuousState):
-    return jnp.any(~s.done_B) | self._needs_refill(x, s)
-
   def step(self, model, x, s: ContinuousState) -> ContinuousState:
-    s = jax.lax.while_loop(lambda s: self._needs_refill(x, s),
-                           lambda s: self._refill(model, x, s), s)
+    s = self.fill_rows(model, x, s)
     Q = x.prompts.shape[0]
     logits, cache = self.forward(model, s.tok_B, s.pos_B, s.cache,
                                  s.step % (x.prompts.shape[1] + self.max_new_slots))
-    live = ~s.done_B
-    tok = jnp.where(live, self._choose_rows(x, logits, s.owner_B, s.count_B), x.pad_id)
-    out = s.out_QN.at[jnp.where(live, s.owner_B, Q), s.count_B].set(tok, mode="drop")
+    live = ~s.done
+    tok = jnp.where(live, self._choose_rows(x, logits, s.owner, s.count_B), x.pad_id)
+    out = s.out_QN.at[jnp.where(live, s.owner, Q), s.count_B].set(tok, mode="drop")
     count = s.count_B + live
     return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
-                     done_B=s.done_B | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
+                     done=s.done | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
                      cache=cache)
 
   def result(self, x, s: ContinuousState):
@@ -316,8 +295,8 @@ class ContinuousState:
   tok_B: Array        # [B] the token each row feeds next
   pos_B: Array        # [B] that token's position in its prompt's sequence
   count_B: Array      # [B] tokens the row's prompt has generated so far
-  done_B: Array       # [B] bool: nothing to feed (finished, unused, or no prompt yet)
-  owner_B: Array      # [B] the prompt index each row decodes (-1 = none)
+  done: Array         # [B] bool: nothing to feed (finished, unused, or no prompt yet)
+  owner: Array        # [B] the prompt index each row decodes (-1 = none)
   next_prompt: Array  # [] prompts [0, next_prompt) have been started
   out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
   cache: KVCache      # [B] rows of S ring slots, kept layers only
@@ -331,9 +310,8 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
   nothing; with prompts=None the options alone (e.g. before any input is read)."""
   speculative = kw.pop("speculative", None)
   if speculative is not None:
-    speculative_lib.check_options(model.cfg, speculative, **kw)
-  else:
-    check_options(model.cfg, **kw)
+    speculative_lib.check(model.cfg, speculative, **kw)
+  check_options(model.cfg, **kw)
   max_new_tokens = as_int("max_new_tokens", kw.get("max_new_tokens"), min=1)
   if prompts is not None:
     check_prompts(model.cfg, prompts, max_new_tokens)
@@ -342,19 +320,22 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
                      f"allows {model.cfg.max_position} positions in all")
 
 
-def plan_call(model: Decoder, prompts, *, beam_search: bool, continuous_rows: int | None = None,
-              **kw) -> tuple[Sample, engine.Inputs]:
-  """Validate the prompts and options; return the strategy (`Beam`, `Continuous` when
-  continuous_rows is given, else `Sample`) and its `Inputs`."""
+def plan_call(model: Decoder, prompts, *, beam_search: bool = False,
+              continuous_rows: int | None = None, speculative: dict | None = None,
+              **kw) -> tuple[engine.Strategy, engine.Inputs]:
+  """Validate the prompts and options; return the strategy (`speculative.Speculative` with
+  `speculative`, else `Beam`, `Continuous` with continuous_rows, or `Sample`) and its `Inputs`."""
+  draft = None if speculative is None else speculative_lib.check(model.cfg, speculative, **kw)
   o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
+  choice = dict(max_new_slots=o["max_new_slots"], sample=o["sample"], top_k=o["top_k"],
+                use_top_p=o["top_p"] is not None)
+  if draft is not None:
+    return speculative_lib.Speculative(**draft, **choice), x
   common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
                 max_new_slots=o["max_new_slots"], no_repeat_ngram_size=o["no_repeat_ngram_size"])
   if beam_search:
-    strategy = Beam(**common, num_beams=o["num_beams"], early_stopping=o["early_stopping"])
-  else:
-    strategy = (Continuous if continuous_rows else Sample)(
-        **common, sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
-  return strategy, x
+    return Beam(**common, num_beams=o["num_beams"], early_stopping=o["early_stopping"]), x
+  return (Continuous if continuous_rows else Sample)(**dict(common, **choice)), x
 
 
 def compile_generate(model: Decoder, batch_size: int, prompt_len: int, *, beam_search=None, **kw):
@@ -385,32 +366,27 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
   no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens
     (pads excluded), as transformers' NoRepeatNGramLogitsProcessor does for decoder-only models.
   eos_id: a row stops after emitting it (None = never); outputs are cut before it.
-  speculative: e.g. dict(draft_ratio=2, num_draft_tokens=4): self-speculative decoding, the ULS
-    sub-model drafting and the full model verifying; the output is the full model's (see
-    `speculative.py`; stats are then `SpeculativeStats`, with the acceptance rate).
+  speculative: self-speculative decoding, the ULS sub-model drafting and the full model
+    verifying, e.g. dict(draft_ratio=2, num_draft_tokens=4, draft_cache="shared") (or draft_skip;
+    `speculative.py`). The output is the full model's (greedy: token for token; sampling: its
+    distribution); stats are `SpeculativeStats`, with the acceptance rate.
 
   Returns (token ids per prompt, in input order, EOS excluded; DecodeStats). Raises ValueError
   (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
   are never truncated silently.
   """
-  if speculative is not None:
-    return speculative_lib.generate_from_decode(
-        model, prompts, speculative, skip=skip, ratio=ratio, num_beams=num_beams,
-        no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens, eos_id=eos_id,
-        pad_id=pad_id, mode=mode, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   return _generate(model, prompts, beam_search=num_beams > 1, skip=skip, ratio=ratio,
                    max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
                    temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
                    no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-                   length_penalty=length_penalty, early_stopping=early_stopping)
+                   length_penalty=length_penalty, early_stopping=early_stopping,
+                   speculative=speculative)
 
 
-def _generate(model: Decoder, prompts, *, beam_search: bool, **kw):
-  """`generate`, with the search chosen explicitly (beam search with one beam is greedy: a test)."""
+def _generate(model: Decoder, prompts, *, beam_search: bool = False, **kw):
+  """`generate` of `plan_call`'s strategy (e.g. beam search with one beam: a test)."""
   strategy, x = plan_call(model, prompts, beam_search=beam_search, **kw)
   outputs, _, stats = engine.run(strategy, model, x)
-  (B, P), beams = x.prompts.shape, getattr(strategy, "num_beams", 1)
-  stats.cache_bytes = cache_bytes(model.cfg, B * beams, P + strategy.max_new_slots, strategy.skip)
   return outputs, stats
 
 
@@ -428,26 +404,16 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
   keep going, so no row waits for the slowest of its batch. Greedy output per prompt is the one
   `generate` gives that prompt alone. One executable per bucket of (rows, prompt slots,
   new-token slots, queue length); the queue runs in chunks of at most QUEUE_ROUNDS * rows
-  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s, without beams or
-  no_repeat_ngram_size (`continuous_supported`); `speculative=` runs `speculative.generate`."""
+  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s (`speculative`
+  included), without beams or no_repeat_ngram_size (`continuous_supported`)."""
   batch_size = as_int("batch_size", batch_size, min=1)
   if not continuous_supported(**kw):
     raise ValueError("continuous batching runs greedy, sampling and speculative decoding: for "
                      "num_beams > 1 or no_repeat_ngram_size use generate (static batches)")
   check_generate(model, prompts, **kw)  # every chunk's prompts, before any runs
-  if kw.get("speculative") is not None:
-    return speculative_lib.generate_from_decode(model, prompts, kw.pop("speculative"),
-                                                batch_size=batch_size, **kw)
   rows = min(batch_size, len(prompts))
-  outputs, stats = [], DecodeStats()
-  for first in range(0, len(prompts), QUEUE_ROUNDS * rows):
-    strategy, x = plan_call(model, prompts[first:first + QUEUE_ROUNDS * rows], beam_search=False,
-                            continuous_rows=rows, **kw)
-    ids, _, chunk_stats = engine.run(strategy, model, x)
-    B, P = x.rows.shape[0], x.prompts.shape[1]
-    chunk_stats.cache_bytes = cache_bytes(model.cfg, B, P + strategy.max_new_slots, strategy.skip)
-    outputs, stats = outputs + ids, stats + chunk_stats
-  return outputs, stats
+  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
+                          prompts, QUEUE_ROUNDS * rows)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -503,22 +469,10 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   batch_size = as_int("batch_size", batch_size, min=1)
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   check_generate(model, prompts, **kw)
-  order = list(range(len(prompts)))
   continuous = not static_batches and continuous_supported(**kw)
-  if sort_by_length and not continuous:
-    order.sort(key=lambda i: len(prompts[i]))
-  step = QUEUE_ROUNDS * batch_size if continuous else batch_size
-  chunks = [order[i:i + step] for i in range(0, len(order), step)]
-  if progress:
-    from tqdm import tqdm
-    chunks = tqdm(chunks, desc="batches", unit="batch")
-  results: list[str] = [""] * len(texts)
-  stats = DecodeStats()
-  for chunk in chunks:
-    chunk_prompts = [prompts[i] for i in chunk]
-    ids, chunk_stats = (generate_continuous(model, chunk_prompts, batch_size=batch_size, **kw)
-                        if continuous else generate(model, chunk_prompts, **kw))
-    stats = stats + chunk_stats
-    for i, row in zip(chunk, ids):
-      results[i] = decode_ids(tokenizer, row)
-  return results, stats
+  run = (functools.partial(generate_continuous, model, batch_size=batch_size, **kw) if continuous
+         else functools.partial(generate, model, **kw))
+  ids, stats = engine.in_chunks(run, prompts, QUEUE_ROUNDS * batch_size if continuous
+                                else batch_size, by_length=sort_by_length and not continuous,
+                                progress=progress)
+  return [decode_ids(tokenizer, row) for row in ids], stats

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -59,11 +60,12 @@ class DecodeStats:
   calls: int = 0
 
   def __add__(self, other: DecodeStats) -> DecodeStats:
-    return DecodeStats(self.prompt_tokens + other.prompt_tokens,
-                       self.generated_tokens + other.generated_tokens,
-                       self.wall_s + other.wall_s, self.compile_s + other.compile_s,
-                       max(self.cache_bytes, other.cache_bytes),
-                       self.executables_built + other.executables_built, self.calls + other.calls)
+    """Counts and times add up and cache sizes take the larger, in the richer of the two types
+    (a subclass's extra fields count 0 on a plain DecodeStats)."""
+    rich = self if isinstance(self, type(other)) else other
+    merge = lambda name: (max if name.endswith("cache_bytes") else operator.add)(
+        getattr(self, name, 0), getattr(other, name, 0))
+    return type(rich)(**{f.name: merge(f.name) for f in dataclasses.fields(rich)})
 
   @property
   def generated_tokens_per_s(self) -> float:
@@ -288,6 +290,39 @@ class Strategy:
     """Token rows [rows, >= N] (pad_id after EOS), or a tuple of them and other arrays."""
     raise NotImplementedError
 
+  def stats(self, cfg, x: Inputs, stats: DecodeStats, rest: list) -> DecodeStats:
+    """The call's stats, from the engine's counts and the result's other arrays (on the host)."""
+    return stats
+
+
+class Queued(Strategy):
+  """A strategy over a prompt queue (continuous batching: x.prompts [Q, P], x.rows [B]). Its
+  state has fields done [B] and next_prompt []; before each step, `refill` starts the next
+  waiting prompt in the first free row, while both exist."""
+
+  def refill(self, model, x: Inputs, s, row: Array, prompt: Array, prompt_1P: Array, pad_1: Array):
+    raise NotImplementedError
+
+  def first_prompts(self, x: Inputs) -> tuple[Array, Array]:
+    """(rows given a prompt at the start [B] bool, the next prompt to start [])."""
+    filled = x.rows & (jnp.arange(x.rows.shape[0]) < x.num_prompts)
+    return filled, jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32))
+
+  def _waiting(self, x: Inputs, s) -> Array:
+    return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
+
+  def fill_rows(self, model, x: Inputs, s):
+    def refill(s):
+      row = jnp.min(jnp.where(s.done & x.rows, jnp.arange(x.rows.shape[0]), x.rows.shape[0]))
+      i = s.next_prompt
+      return self.refill(model, x, s, row, i, jax.lax.dynamic_slice_in_dim(x.prompts, i, 1),
+                         jax.lax.dynamic_slice_in_dim(x.pad, i, 1))
+
+    return jax.lax.while_loop(functools.partial(self._waiting, x), refill, s)
+
+  def running(self, x: Inputs, s) -> Array:
+    return jnp.any(~s.done) | self._waiting(x, s)
+
 
 def decode_loop(graphdef, params, x: Inputs, *, strategy: Strategy):
   """The one loop: `strategy.step` from `strategy.start` while `strategy.running`."""
@@ -327,7 +362,7 @@ def trim(rows_BN, count: int, max_new_tokens: int, eos_id: int | None):
 
 def run(strategy: Strategy, model, x: Inputs):
   """Run `strategy` (built once) on `x`: (outputs of the x.num_prompts prompts as `trim` cuts
-  them, the strategy's other results on the host, DecodeStats)."""
+  them, the strategy's other results on the host, its `stats`)."""
   graphdef, params = nnx.split(model)
   compiled, compile_s = executable(strategy, graphdef, params, x)
   start = time.perf_counter()
@@ -340,4 +375,24 @@ def run(strategy: Strategy, model, x: Inputs):
   stats = DecodeStats(prompt_tokens=prompt_tokens, generated_tokens=generated,
                       wall_s=time.perf_counter() - start, compile_s=compile_s,
                       executables_built=int(compile_s > 0), calls=1)
-  return outputs, rest, stats
+  return outputs, rest, strategy.stats(model.cfg, x, stats, rest)
+
+
+def in_chunks(fn, prompts: Sequence, size: int, *, by_length: bool = False,
+              progress: bool = False) -> tuple[list, DecodeStats]:
+  """`fn(chunk) -> (outputs, stats)` over chunks of `size` prompts, sorted by length first when
+  `by_length` (less padding, fewer prompt buckets): (outputs in input order, summed stats).
+  progress: a tqdm bar over the chunks (on stderr)."""
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if by_length else list(
+      range(len(prompts)))
+  chunks = [order[i:i + size] for i in range(0, len(order), size)]
+  if progress:
+    from tqdm import tqdm
+    chunks = tqdm(chunks, desc="batches", unit="batch")
+  outputs, stats = [None] * len(prompts), DecodeStats()
+  for chunk in chunks:
+    ids, chunk_stats = fn([prompts[i] for i in chunk])
+    stats = stats + chunk_stats
+    for i, row in zip(chunk, ids):
+      outputs[i] = row
+  return outputs, stats

@@ -1,52 +1,28 @@
 """Self-speculative decoding: the ULS sub-model drafts, the full model verifies. Lossless.
 
-Shapes: B batch rows, P prompt slots, N new-token slots (bucketed as in `decode.py`), k draft
-tokens per round, V vocabulary, S cache slots.
+`decode.generate(..., speculative=dict(draft_ratio=2, num_draft_tokens=4))` runs `Speculative`
+on the engine's loop: a full-depth prefill, then rounds that each draft k tokens with the kept
+layers (an inner `fori_loop`), verify them in one full-depth pass over [pending token, drafts],
+and per row accept the longest agreeing prefix plus the full model's own next token (1 to k + 1
+tokens a round). Greedy: a draft is accepted when it is the full model's argmax, so the output is
+full-model greedy decoding token for token. Sampling: speculative sampling (Leviathan et al. 2023;
+Chen et al. 2023), accept d ~ q with probability min(1, p(d) / q(d)), else sample
+norm(max(0, p - q)); emitted tokens follow the full model's filtered distribution.
 
-One call runs ONE compiled executable: a full-depth prefill of the prompts, then the engine's
-loop (`engine.decode_loop`) over rounds, each a `Speculative.step`. A round drafts k tokens with the kept layers of the draft plan (one token per draft
-step, an inner `fori_loop`), verifies them in one full-depth pass over the k + 1 positions
-[pending token, drafts], and per row accepts the longest prefix of drafts the full model agrees
-with plus the full model's own next token (so every round emits 1 to k + 1 tokens per row).
-Greedy: a draft is accepted when it is the full model's argmax, so the output equals full-model
-greedy decoding token for token. Sampling: speculative sampling (Leviathan et al. 2023; Chen et
-al. 2023): accept draft d ~ q with probability min(1, p(d) / q(d)), else sample from
-norm(max(0, p - q)); every emitted token is then distributed exactly as the full model's
-(temperature, top_k and top_p filtering apply to both p and q).
+Draft caches (`draft_cache`), both lossless (only acceptance differs): "shared" (default) is the
+full model's cache; draft steps write kept-layer K/V into scratch slots that the verify pass
+overwrites, so the draft attends to the full model's K/V of every committed token (Draft &
+Verify; LayerSkip). "separate" adds a cache for the n kept layers in which generated tokens keep
+the K/V the draft gave them (the ULS sub-model exactly as fine-tuned); a draft accepted as the
+round's last token never ran through the draft, so it opens the next round's first draft step.
 
-Cache design (`draft_cache`). The draft's kept layers see other inputs than the same layers
-inside the full model (the skipped layers are missing below them), so their K/V for generated
-tokens differs from the full model's. Two designs, both lossless (only acceptance differs):
-  * "shared" (default): one cache of L layers, the full model's. Each draft step writes its
-    kept-layer K/V into the scratch slots (below) and the verify pass overwrites them, so the
-    draft attends to the full model's K/V of every committed token (as in Draft & Verify, Zhang
-    et al. 2023, and LayerSkip). Paper mode comes free: the prompt K/V the draft reads is the full
-    model's from the one prefill.
-  * "separate": the shared verify cache plus a draft cache for the n kept layers, in which
-    generated tokens keep the K/V the kept layers gave them: the draft is then exactly the ULS
-    sub-model as fine-tuned (paper mode: its prompt K/V copied from the verify cache after the
-    prefill; mode="everywhere": a second prefill through the kept layers). When a row accepts all
-    k drafts, the last one never ran through the draft; it is carried into the next round's first
-    draft step (a 2-token chunk), so the draft cache has no holes.
-  Shared is the default: on every checkpoint measured its acceptance was as high and its rounds
-  cheaper (no draft commit, no 2-token first step), and its cache is 1x, not 1 + n / L, the full
-  model's (README, "Speculative decoding"; `SpeculativeStats` reports both caches). Recomputing
-  the draft's K/V each round instead would cost a pass over the whole prefix per round.
-
-Rows accept different numbers of tokens, so rows are compacted, not holed: each cache has P + N + k
-committed slots and a scratch of k + 1 slots at the end. Every pass writes its chunk into the
-scratch at one slot index shared by all rows (the model's `cache_index`); attention masks by the
-per-slot positions, so the committed prefix plus the scratch is exactly each row's context. After
-verification each row copies its accepted entries (at most k + 1 slots a layer) from the scratch
-to its own next committed slots (a batched dynamic_update_slice, in place) and the scratch is
-marked empty (pos = -1). Marking rejected slots empty in place instead would leave up to k holes a
-round: the cache would need P + N (k + 1) slots and every attention would read all of them.
-Rows keep their own lengths, so continuous batching comes free: a finished row takes the next
-waiting prompt, prefilled alone and placed at the row's first slots (`KVCache.insert`).
-
-Positions fed to the model are clamped to the position limit: a draft beyond a row's budget may
-run past it (a learned position table would give NaN there), and no query whose output is used
-can see a clamped slot (they are all at the last position, which no needed query reaches).
+Rows accept different numbers of tokens, so each row's cache is compacted, not holed: P + N + k
+committed slots, then a scratch of k + 1 slots that every pass writes at one shared index;
+attention masks by per-slot positions, and after verification each row moves its accepted
+entries to its own next committed slots (`KVCache.commit`). Rows keep their own lengths, so
+continuous batching comes free: a finished row takes the next waiting prompt (`KVCache.insert`).
+Positions fed to the model are clamped to the position limit (a draft past a row's budget may run
+beyond it); no query whose output is used sees a clamped slot.
 """
 
 from __future__ import annotations
@@ -59,12 +35,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from ulskip_jax import engine, kv_cache, sampling
-from ulskip_jax.checks import as_int
+from ulskip_jax.checks import as_choice, as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
-from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.model import ModelConfig
 from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
@@ -95,23 +70,6 @@ class SpeculativeStats(engine.DecodeStats):
   def tokens_per_row_pass(self) -> float:
     """Tokens a row gains per verify pass: 1 + its accepted drafts (at most k + 1)."""
     return 1 + self.accepted_tokens / self.row_passes if self.row_passes else 0.0
-
-  def __add__(self, other: engine.DecodeStats) -> SpeculativeStats:
-    def total(name):  # a plain DecodeStats has none of these counts
-      return getattr(self, name) + getattr(other, name, 0)
-
-    def largest(name):
-      return max(getattr(self, name), getattr(other, name, 0))
-
-    return SpeculativeStats(
-        **dataclasses.asdict(engine.DecodeStats.__add__(self, other)),
-        drafted_tokens=total("drafted_tokens"), accepted_tokens=total("accepted_tokens"),
-        verify_passes=total("verify_passes"), row_passes=total("row_passes"),
-        verify_cache_bytes=largest("verify_cache_bytes"),
-        draft_cache_bytes=largest("draft_cache_bytes"))
-
-  def __radd__(self, other: engine.DecodeStats) -> SpeculativeStats:
-    return self + other  # DecodeStats() + SpeculativeStats (generate_text's running sum)
 
   def as_dict(self) -> dict[str, Any]:
     return dict(super().as_dict(), acceptance_rate=self.acceptance_rate,
@@ -150,7 +108,7 @@ class SpeculativeState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Speculative(engine.Strategy):
+class Speculative(engine.Queued):
   """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]; Q = B for
   static batches): a row that finishes takes the next waiting prompt, prefilled alone into its
   cache row, so no row waits for the slowest. The result is (tokens [Q, N + k + 1], accepted
@@ -225,16 +183,15 @@ class Speculative(engine.Strategy):
   def start(self, model, x):
     (Q, P), B = x.prompts.shape, x.rows.shape[0]
     N, k = self.max_new_slots, self.num_draft_tokens
-    rows = jnp.arange(B, dtype=jnp.int32)
     logits, cache, draft_cache = self._prefill(model, x, x.prompts[:B], x.pad[:B],
                                                self._slots(x)[1])
-    filled = x.rows & (rows < x.num_prompts)
+    filled, next_prompt = self.first_prompts(x)
     tok = jnp.where(filled, self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0], x.pad_id)
     zeros = jnp.zeros((B,), jnp.int32)
     return SpeculativeState(
         rnd=jnp.int32(1), out=jnp.full((B, N + k + 1), x.pad_id, jnp.int32).at[:, 0].set(tok),
-        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32), owner=jnp.where(filled, rows, -1),
-        next_prompt=jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32)),
+        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32),
+        owner=jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1), next_prompt=next_prompt,
         prompt_len=P - x.pad[:B], generated=zeros + 1,
         done=~filled | (tok == x.eos_id) | (x.max_new <= 1), pending=tok, cache=cache,
         draft_cache=draft_cache, carry_tok=zeros, carry_valid=zeros > 0, accepted=jnp.int32(0),
@@ -245,23 +202,13 @@ class Speculative(engine.Strategy):
     Q = s.out_Q.shape[0]
     return s.out_Q.at[jnp.where(rows_mask & (s.owner >= 0), s.owner, Q)].set(s.out, mode="drop")
 
-  def _needs_refill(self, x, s):
-    return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
-
-  def _refill(self, model, x, s: SpeculativeState) -> SpeculativeState:
-    """The next waiting prompt, prefilled alone, into the first finished row."""
-    P, B = x.prompts.shape[1], x.rows.shape[0]
-    b = jnp.min(jnp.where(s.done & x.rows, jnp.arange(B), B))
-    i = s.next_prompt
-    pad = jax.lax.dynamic_slice_in_dim(x.pad, i, 1)
-    logits, cache, draft_cache = self._prefill(
-        model, x, jax.lax.dynamic_slice_in_dim(x.prompts, i, 1), pad, P)
-    rng = jax.random.fold_in(jax.random.fold_in(x.rng, i), 0)
-    tok = self._choose(x, logits, rng)[0][0]
-    out_Q = self._flush(s, jnp.arange(B) == b)
+  def refill(self, model, x, s: SpeculativeState, b, i, prompt_1P, pad_1) -> SpeculativeState:
+    logits, cache, draft_cache = self._prefill(model, x, prompt_1P, pad_1, x.prompts.shape[1])
+    tok = self._choose(x, logits, jax.random.fold_in(jax.random.fold_in(x.rng, i), 0))[0][0]
     return s.replace(
-        out=s.out.at[b].set(x.pad_id).at[b, 0].set(tok), out_Q=out_Q, owner=s.owner.at[b].set(i),
-        next_prompt=i + 1, prompt_len=s.prompt_len.at[b].set(P - pad[0]),
+        out=s.out.at[b].set(x.pad_id).at[b, 0].set(tok),
+        out_Q=self._flush(s, jnp.arange(x.rows.shape[0]) == b), owner=s.owner.at[b].set(i),
+        next_prompt=i + 1, prompt_len=s.prompt_len.at[b].set(x.prompts.shape[1] - pad_1[0]),
         generated=s.generated.at[b].set(1),
         done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
         pending=s.pending.at[b].set(tok), cache=s.cache.insert(b, cache, 0),
@@ -307,8 +254,7 @@ class Speculative(engine.Strategy):
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
     # XLA copied every verify layer twice a round (test_speculative checks the HLO).
     s = s.replace(cache=s.cache.commit(Z, k + 1, jnp.zeros_like(rows), *s.last_commit))
-    s = jax.lax.while_loop(lambda s: self._needs_refill(x, s),
-                           lambda s: self._refill(model, x, s), s)
+    s = self.fill_rows(model, x, s)
     round_rng = jax.random.fold_in(x.rng, s.rnd)
     pos0 = s.prompt_len + s.generated - 1  # the pending token's position
     committed = s.generated - 1            # generated tokens whose K/V is in the verify cache
@@ -345,15 +291,25 @@ class Speculative(engine.Strategy):
         drafted=s.drafted + jnp.sum(jnp.where(s.done, 0, k)),
         last_commit=(count, P + committed, pos0))
 
-  def running(self, x, s: SpeculativeState):
-    return ~jnp.all(s.done) | self._needs_refill(x, s)
-
   def result(self, x, s: SpeculativeState):
     return self._flush(s, x.rows), s.accepted, s.drafted, s.rnd - 1
 
+  def stats(self, cfg, x, stats, rest) -> SpeculativeStats:
+    accepted, drafted, rounds = (int(a) for a in rest)
+    B, S = x.rows.shape[0], self._slots(x)[1]
+    verify = cache_bytes(cfg, B, S)
+    draft = 0 if self.shared_cache else cache_bytes(cfg, B, S, self.draft_skip)
+    return SpeculativeStats(**dict(dataclasses.asdict(stats), cache_bytes=verify + draft),
+                            drafted_tokens=drafted, accepted_tokens=accepted, verify_passes=rounds,
+                            row_passes=drafted // self.num_draft_tokens,
+                            verify_cache_bytes=verify, draft_cache_bytes=draft)
+
 
 # ----------------------------------------------------------------------------------------------
-# The public API.
+# Options (`decode.generate(..., speculative=dict(...))` runs the strategy).
+
+OPTION_KEYS = ("draft_skip", "draft_ratio", "num_draft_tokens", "draft_cache")
+
 
 def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None, draft_ratio: float | None,
                   windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
@@ -362,6 +318,36 @@ def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None, draft_ratio
   if draft_skip is None and draft_ratio is None:
     raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
   return engine.resolve_skip(num_layers, draft_skip, draft_ratio, windows)
+
+
+def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=None, ratio=None,
+          num_beams=1, no_repeat_ngram_size=0, **_) -> dict[str, Any]:
+  """`Speculative`'s draft options from `speculative` (keys OPTION_KEYS), checked along with the
+  `generate` options speculation cannot combine with (one-line ValueErrors)."""
+  if not isinstance(speculative, dict):
+    raise ValueError(f"speculative={speculative!r} is invalid: give a dict, e.g. "
+                     "dict(draft_ratio=2, num_draft_tokens=4)")
+  unknown = sorted(set(speculative) - set(OPTION_KEYS))
+  if unknown:
+    raise ValueError(f"speculative option(s) {unknown} unknown: allowed are "
+                     f"{', '.join(OPTION_KEYS)}")
+  if skip is not None or ratio is not None:
+    raise ValueError("skip/ratio given with speculative: the full model verifies, so give the "
+                     "draft's layers as speculative=dict(draft_ratio=...) or draft_skip")
+  if num_beams != 1 or no_repeat_ngram_size:
+    raise ValueError(f"num_beams={num_beams} / no_repeat_ngram_size={no_repeat_ngram_size} with "
+                     "speculative is unsupported: speculative decoding is greedy or sampling")
+  as_choice("mode", mode, ("paper", "everywhere"))
+  o = dict(dict(num_draft_tokens=4, draft_cache="shared"), **speculative)
+  draft_skip = resolve_draft(cfg.num_layers, o.get("draft_skip"), o.get("draft_ratio"),
+                             cfg.attention_windows)
+  num_draft_tokens = as_int("num_draft_tokens", o["num_draft_tokens"], 1, engine.MIN_BUCKET)
+  as_choice("draft_cache", o["draft_cache"], DRAFT_CACHES)
+  if o["draft_cache"] == "shared" and mode != "paper":
+    raise ValueError(f"mode={mode!r} with draft_cache='shared' is impossible: the shared cache "
+                     "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
+  return dict(draft_skip=draft_skip, num_draft_tokens=num_draft_tokens,
+              shared_cache=o["draft_cache"] == "shared", paper_mode=mode == "paper")
 
 
 def parse_speculative(text: str) -> dict[str, Any]:
@@ -394,122 +380,3 @@ def parse_speculative(text: str) -> dict[str, Any]:
       raise ValueError(f"speculative option {item!r} is invalid: write e.g. "
                        "'draft_ratio=2,k=4' or 'draft_skip=1-2,k=4,draft_cache=shared'")
   return out
-
-
-OPTION_KEYS = ("draft_skip", "draft_ratio", "num_draft_tokens", "draft_cache")
-
-
-def _check_combination(speculative: dict[str, Any], skip, ratio, num_beams,
-                       no_repeat_ngram_size) -> None:
-  """What `decode.generate(..., speculative=...)` cannot combine with speculation."""
-  if not isinstance(speculative, dict):
-    raise ValueError(f"speculative={speculative!r} is invalid: give a dict, e.g. "
-                     "dict(draft_ratio=2, num_draft_tokens=4)")
-  unknown = sorted(set(speculative) - set(OPTION_KEYS))
-  if unknown:
-    raise ValueError(f"speculative option(s) {unknown} unknown: allowed are "
-                     f"{', '.join(OPTION_KEYS)}")
-  if skip is not None or ratio is not None:
-    raise ValueError("skip/ratio given with speculative: the full model verifies, so give the "
-                     "draft's layers as speculative=dict(draft_ratio=...) or draft_skip")
-  if num_beams != 1 or no_repeat_ngram_size:
-    raise ValueError(f"num_beams={num_beams} / no_repeat_ngram_size={no_repeat_ngram_size} with "
-                     "speculative is unsupported: speculative decoding is greedy or sampling")
-
-
-def generate_from_decode(model: Decoder, prompts, speculative: dict[str, Any], *, skip=None,
-                         ratio=None, num_beams=1, no_repeat_ngram_size=0, length_penalty=1.0,
-                         early_stopping=True, **kw) -> tuple[list[list[int]], SpeculativeStats]:
-  """`decode.generate(..., speculative=dict(...))`: refuse what speculation cannot combine with,
-  then `generate` with the dict's options (OPTION_KEYS) and the remaining keyword arguments
-  (length_penalty and early_stopping only score beams, which speculation refuses)."""
-  _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
-  return generate(model, prompts, **speculative, **kw)
-
-
-def check_options(cfg: ModelConfig, speculative: dict[str, Any], *, skip=None, ratio=None,
-                  num_beams=1, no_repeat_ngram_size=0, mode="paper", **kw) -> None:
-  """Raises what `decode.generate(..., speculative=...)` would for these options, running
-  nothing (`decode.check_generate` calls it)."""
-  _check_combination(speculative, skip, ratio, num_beams, no_repeat_ngram_size)
-  _check_draft(cfg, mode=mode, **speculative)
-  engine.check_options(cfg, mode=mode, **kw)
-
-
-def _check_draft(cfg: ModelConfig, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
-                 draft_cache="shared", mode="paper") -> tuple[tuple[int, ...], int]:
-  """The draft's skipped layers and num_draft_tokens, checked."""
-  skip = resolve_draft(cfg.num_layers, draft_skip, draft_ratio, cfg.attention_windows)
-  num_draft_tokens = as_int("num_draft_tokens", num_draft_tokens, 1, engine.MIN_BUCKET)
-  if draft_cache not in DRAFT_CACHES:
-    raise ValueError(f"draft_cache={draft_cache!r} is unknown: allowed are "
-                     f"{', '.join(DRAFT_CACHES)}")
-  if draft_cache == "shared" and mode != "paper":
-    raise ValueError(f"mode={mode!r} with draft_cache='shared' is impossible: the shared cache "
-                     "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
-  return skip, num_draft_tokens
-
-
-def _plan(model: Decoder, prompts, *, draft_skip=None, draft_ratio=None, num_draft_tokens=4,
-          draft_cache="shared", mode="paper", continuous_rows=None, **kw):
-  """Validate; return (the strategy, its Inputs)."""
-  skip, num_draft_tokens = _check_draft(model.cfg, draft_skip=draft_skip, draft_ratio=draft_ratio,
-                                        num_draft_tokens=num_draft_tokens,
-                                        draft_cache=draft_cache, mode=mode)
-  o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, mode=mode, **kw)
-  strategy = Speculative(draft_skip=skip, num_draft_tokens=num_draft_tokens,
-                         shared_cache=draft_cache == "shared", paper_mode=mode == "paper",
-                         max_new_slots=o["max_new_slots"],
-                         sample=o["sample"], top_k=o["top_k"], use_top_p=o["top_p"] is not None)
-  return strategy, x
-
-
-def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
-  """The executable `generate` runs for this batch size, prompt length and keyword arguments
-  (built if needed), for inspecting its HLO or memory."""
-  strategy, x = _plan(model, [[0] * prompt_len] * batch_size, **kw)
-  return engine.executable(strategy, *nnx.split(model), x)[0]
-
-
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
-             draft_skip: Sequence[int] | None = None, draft_ratio: float | None = None,
-             num_draft_tokens: int = 4, draft_cache: str = "shared", max_new_tokens: int,
-             eos_id: int | None, pad_id: int = 0, mode: str = "paper", temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             batch_size: int | None = None) -> tuple[list[list[int]], SpeculativeStats]:
-  """Decode with the full model, drafting `num_draft_tokens` tokens a round with the ULS plan.
-
-  The output is the full model's: greedy (temperature 0) equals `decode.generate(model, prompts,
-  ...)` without skip token for token; sampling has the full model's distribution (not its exact
-  samples: the random numbers are used differently).
-  draft_skip / draft_ratio: the draft's skipped layers, or a ratio for the ULS plan.
-  draft_cache: "shared" or "separate" (module docstring). mode: "paper" gives the draft the full
-    model's prompt K/V; "everywhere" runs the prompt through the kept layers for the draft cache.
-  batch_size: None runs every prompt in one static batch; else continuous batching on that many
-    rows (a row that finishes takes the next waiting prompt; queues of at most
-    engine.QUEUE_ROUNDS * rows prompts a call).
-  Other arguments as in `decode.generate`. Returns (token ids per prompt, in input order, EOS
-  excluded; SpeculativeStats).
-  """
-  kw = dict(draft_skip=draft_skip, draft_ratio=draft_ratio, num_draft_tokens=num_draft_tokens,
-            draft_cache=draft_cache, mode=mode, max_new_tokens=max_new_tokens, eos_id=eos_id,
-            pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  _plan(model, prompts, **kw)  # every prompt checked before any chunk runs
-  rows = len(prompts) if batch_size is None else min(as_int("batch_size", batch_size, min=1),
-                                                     len(prompts))
-  chunk = len(prompts) if batch_size is None else engine.QUEUE_ROUNDS * rows
-  outputs, stats = [], SpeculativeStats()
-  for first in range(0, len(prompts), chunk):
-    strategy, x = _plan(model, prompts[first:first + chunk],
-                        continuous_rows=None if batch_size is None else rows, **kw)
-    ids, (accepted, drafted, rounds), base = engine.run(strategy, model, x)
-    B, S = x.rows.shape[0], strategy._slots(x)[1]
-    verify_bytes = cache_bytes(model.cfg, B, S)
-    draft_bytes = 0 if strategy.shared_cache else cache_bytes(model.cfg, B, S, strategy.draft_skip)
-    outputs += ids
-    stats = stats + SpeculativeStats(
-        **dict(dataclasses.asdict(base), cache_bytes=verify_bytes + draft_bytes),
-        drafted_tokens=int(drafted), accepted_tokens=int(accepted),
-        verify_passes=int(rounds), row_passes=int(drafted) // num_draft_tokens,
-        verify_cache_bytes=verify_bytes, draft_cache_bytes=draft_bytes)
-  return outputs, stats
