@@ -9,6 +9,7 @@ decoding equals it only if the right layers ran and the skipped layers' cache wa
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -101,9 +102,11 @@ def test_early_exit_truncated_logits_equal_a_truncated_model(model):
     m = nnx.merge(graphdef, state)
     cache = init_cache(m.cfg, B, P + 1)
     _, cache = m.hidden(prompt, cache=cache)
-    tok = jnp.array([3, 4], jnp.int32)
-    logits, _, run = baselines._early_exit_step(m, step, tok, jnp.full((B,), P), cache, P,
-                                                jnp.ones((B,), bool), threshold)
+    positions, ones = jnp.full((B, 1), P), jnp.ones((B, 1), jnp.int32)
+    h = m.embed_tokens(jnp.array([[3], [4]], jnp.int32), positions)
+    logits, _, run = step.layers(m, SimpleNamespace(threshold=threshold),
+                                 SimpleNamespace(done=jnp.zeros((B,), bool)), h, positions, ones,
+                                 cache.write_positions(positions, ones, P), P)
     return logits, run
   logits, run = one_step(state, 0.0)
   # Reference: a model of layer 0 alone, prompt included, via the plain decoder with skip.

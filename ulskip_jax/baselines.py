@@ -244,9 +244,8 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, loss_fn):
 
 @dataclasses.dataclass
 class DynamicStats(engine.DecodeStats):
-  """DecodeStats plus the depth actually run: layers summed over decode-loop steps (batch-wide,
-  so one count per step), and the steps. The first token comes from the full-depth prompt pass,
-  as in ULS's paper mode, so it is not a loop step."""
+  """DecodeStats plus the depth run: layers summed over the loop's steps (batch-wide: one count a
+  step), and the steps; the first token comes from the full-depth prompt pass, not a step."""
   layer_steps: int = 0
   loop_steps: int = 0
 
@@ -257,90 +256,6 @@ class DynamicStats(engine.DecodeStats):
 
 def num_compiles() -> int:
   return engine.num_compiles(__name__)
-
-
-def _project_kv(layer, x_B1D, positions_B1):
-  """The layer's K/V [B, K, 1, Hd] for hidden states x (norm, projection, RoPE)."""
-  _, k, v = layer.attn.project_qkv(layer.attn_norm(x_B1D), positions_B1)
-  return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _early_exit_step(model, method, tok_B, pos_B, cache: KVCache, slot, live_B, threshold):
-  """Layers in segments of exit_every; after each exit point, stop once every live row's
-  confidence reaches the threshold. Layers after the exit get K/V from the exit state (CALM's
-  propagation). Segments run in `lax.cond`s that only read the cache (deferred layer caches);
-  the writes follow outside, so XLA keeps them in place."""
-  L, k = model.cfg.num_layers, method.exit_every
-  positions = pos_B[:, None]
-  ones = jnp.ones(positions.shape, jnp.int32)
-  cache = cache.write_positions(positions, ones, slot)
-  x = model.embed_tokens(tok_B[:, None], positions)
-  exited, layers_run = jnp.array(False), jnp.int32(0)
-  logits = jnp.zeros((tok_B.shape[0], model.cfg.vocab_size), jnp.float32)
-  points = exit_layers(L, k)
-  for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
-    def run(x, view, seg=seg):
-      new = []
-      for j, l in enumerate(seg):
-        x, kv = model.layers[l](x, positions, ones, view.layer(j, slot, deferred=True))
-        new.append(kv)
-      return x, tuple(new)
-
-    def fill(x, view, seg=seg):
-      return x, tuple(_project_kv(model.layers[l], x, positions) for l in seg)
-
-    if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
-      for l in seg:
-        x, written = model.layers[l](x, positions, ones, cache.layer(l, slot))
-        cache = cache.with_layer(l, written)
-    else:
-      x, new = jax.lax.cond(exited, fill, run, x, cache.kept_view(seg))
-      for l, (kn, vn) in zip(seg, new):
-        cache = cache.write(l, kn, vn, slot)
-    layers_run = layers_run + jnp.where(exited, 0, len(seg))
-    if seg[-1] in points:
-      def confidence(x, logits):
-        exit_logits = model.unembed(x)[:, 0]
-        conf = jnp.max(jax.nn.softmax(exit_logits, -1), -1)
-        return jnp.all((conf >= threshold) | ~live_B), exit_logits
-
-      now, exit_logits = jax.lax.cond(exited, lambda x, lg: (jnp.array(True), lg), confidence,
-                                      x, logits)
-      logits = jnp.where(exited, logits, exit_logits)
-      exited = now
-  logits = jax.lax.cond(exited, lambda x, lg: lg, lambda x, lg: model.unembed(x)[:, 0], x, logits)
-  return logits, cache, layers_run
-
-
-def _skipdecode_step(model, method, tok_B, pos_B, cache: KVCache, slot, step):
-  """The step's top layers; the cache holds the top depths[0] layers (all any level runs).
-
-  Each cached layer sits in its own two-way `lax.cond` (run it, or skip it) on `l >= L - depth`:
-  with depth from the schedule's few levels that is the same set of static paths as a
-  `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
-  operands made XLA copy the cache layers some branches leave unread on every step (seen in the
-  HLO), while per-layer conds read only their own layer (deferred: the write follows the cond).
-  A skipped layer writes zeros into this token's slot: no later token runs that layer (monotone
-  schedule), so nothing reads them.
-  """
-  sched, L = method.schedule, model.cfg.num_layers
-  positions = pos_B[:, None]
-  ones = jnp.ones(positions.shape, jnp.int32)
-  cache = cache.write_positions(positions, ones, slot)
-  x = model.embed_tokens(tok_B[:, None], positions)
-  first_cached = L - sched.depths[0]
-  depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(step)]
-  kv_shape = (tok_B.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
-  for j in range(cache.num_layers):
-    def run(x, view, layer=model.layers[first_cached + j]):
-      return layer(x, positions, ones, view.layer(0, slot, deferred=True))
-
-    def skip(x, view):
-      return x, (jnp.zeros(kv_shape, x.dtype), jnp.zeros(kv_shape, x.dtype))
-
-    x, (kn, vn) = jax.lax.cond(first_cached + j >= L - depth, run, skip, x, cache.kept_view((j,)))
-    cache = cache.write(j, kn, vn, slot)
-  return model.unembed(x)[:, 0], cache, depth
 
 
 @flax.struct.dataclass
@@ -356,10 +271,10 @@ class DynamicState:
 
 @dataclasses.dataclass(frozen=True)
 class _Dynamic(engine.Strategy):
-  """Greedy decoding whose depth a step picks (`layers`); the prompt runs every layer (paper
-  mode), caching the `cached` top layers any step may read. The result is (tokens [B, N], layers
-  run at each loop step [N] (index t: the step that produced token t; 0 at t = 0, the prompt
-  pass), loop steps)."""
+  """Greedy decoding whose depth a step picks (`layers`: logits, cache, layers run); the prompt
+  runs every layer (paper mode), caching the `cached` top layers any step may read. The result is
+  (tokens [B, N], layers run at each loop step [N] (index t: the step that produced token t; 0 at
+  t = 0, the prompt pass), loop steps)."""
   max_new_slots: int
 
   def start(self, model, x):
@@ -373,7 +288,11 @@ class _Dynamic(engine.Strategy):
 
   def step(self, model, x, s: DynamicState) -> DynamicState:
     slot = x.prompts.shape[1] + s.t - 1
-    logits, cache, run = self.layers(model, x, s, slot)
+    positions = (slot - x.pad)[:, None]
+    ones = jnp.ones(positions.shape, jnp.int32)
+    h = model.embed_tokens(s.tok[:, None], positions)
+    cache = s.cache.write_positions(positions, ones, slot)
+    logits, cache, run = self.layers(model, x, s, h, positions, ones, cache, slot)
     tok = jnp.where(s.done, x.pad_id, sampling.argmax(logits))
     return DynamicState(s.t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None],
                                                                          s.t, 1),
@@ -393,32 +312,96 @@ class _Dynamic(engine.Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExit(_Dynamic):
+  """Layers in segments of exit_every; after each exit point, the step stops once every live
+  row's confidence reaches the threshold. Layers after the exit get K/V from the exit state
+  (CALM's propagation). Segments run in `lax.cond`s that only read the cache (deferred layer
+  caches); the writes follow outside, so XLA keeps them in place."""
   exit_every: int = 2
 
   def cached(self, L):
     return L
 
-  def layers(self, model, x, s, slot):
-    return _early_exit_step(model, self, s.tok, slot - x.pad, s.cache, slot, ~s.done, x.threshold)
+  def layers(self, model, x, s, h, positions, ones, cache: KVCache, slot):
+    L, k = model.cfg.num_layers, self.exit_every
+    exited, layers_run = jnp.array(False), jnp.int32(0)
+    logits = jnp.zeros((h.shape[0], model.cfg.vocab_size), jnp.float32)
+    for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
+      def run(h, view, seg=seg):
+        new = []
+        for j, l in enumerate(seg):
+          h, kv = model.layers[l](h, positions, ones, view.layer(j, slot, deferred=True))
+          new.append(kv)
+        return h, tuple(new)
+
+      def fill(h, view, seg=seg):  # norm, K/V projection, RoPE; [B, T, K, Hd] -> [B, K, T, Hd]
+        kvs = [model.layers[l].attn.project_qkv(model.layers[l].attn_norm(h), positions)[1:]
+               for l in seg]
+        return h, tuple((kn.transpose(0, 2, 1, 3), vn.transpose(0, 2, 1, 3)) for kn, vn in kvs)
+
+      if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
+        for l in seg:
+          h, written = model.layers[l](h, positions, ones, cache.layer(l, slot))
+          cache = cache.with_layer(l, written)
+      else:
+        h, new = jax.lax.cond(exited, fill, run, h, cache.kept_view(seg))
+        for l, (kn, vn) in zip(seg, new):
+          cache = cache.write(l, kn, vn, slot)
+      layers_run = layers_run + jnp.where(exited, 0, len(seg))
+      if seg[-1] in exit_layers(L, k):
+        def confidence(h, logits):
+          exit_logits = model.unembed(h)[:, 0]
+          conf = jnp.max(jax.nn.softmax(exit_logits, -1), -1)
+          return jnp.all((conf >= x.threshold) | s.done), exit_logits
+
+        now, exit_logits = jax.lax.cond(exited, lambda h, lg: (jnp.array(True), lg), confidence,
+                                        h, logits)
+        logits = jnp.where(exited, logits, exit_logits)
+        exited = now
+    logits = jax.lax.cond(exited, lambda h, lg: lg, lambda h, lg: model.unembed(h)[:, 0], h,
+                          logits)
+    return logits, cache, layers_run
 
 
 @dataclasses.dataclass(frozen=True)
 class SkipDecode(_Dynamic):
+  """The step's top layers; the cache holds the top depths[0] layers (all any level runs).
+
+  Each cached layer sits in its own two-way `lax.cond` (run it, or skip it) on `l >= L - depth`:
+  with depth from the schedule's few levels that is the same set of static paths as a
+  `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
+  operands made XLA copy the cache layers some branches leave unread on every step (seen in the
+  HLO), while per-layer conds read only their own layer (deferred: the write follows the cond).
+  A skipped layer writes zeros into this token's slot: no later token runs that layer (monotone
+  schedule), so nothing reads them.
+  """
   schedule: SkipDecodeSchedule | None = None
 
   def cached(self, L):
     return self.schedule.depths[0]
 
-  def layers(self, model, x, s, slot):
-    return _skipdecode_step(model, self, s.tok, slot - x.pad, s.cache, slot, s.t - 1)
+  def layers(self, model, x, s, h, positions, ones, cache: KVCache, slot):
+    sched, L = self.schedule, model.cfg.num_layers
+    first_cached = L - sched.depths[0]
+    depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(s.t - 1)]
+    kv_shape = (h.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
+    for j in range(cache.num_layers):
+      def run(h, view, layer=model.layers[first_cached + j]):
+        return layer(h, positions, ones, view.layer(0, slot, deferred=True))
+
+      def skip(h, view):
+        return h, (jnp.zeros(kv_shape, h.dtype), jnp.zeros(kv_shape, h.dtype))
+
+      h, (kn, vn) = jax.lax.cond(first_cached + j >= L - depth, run, skip, h,
+                                 cache.kept_view((j,)))
+      cache = cache.write(j, kn, vn, slot)
+    return model.unembed(h)[:, 0], cache, depth
 
 
 def _generate(model: Decoder, prompts, method: _Dynamic, *, max_new_tokens: int, eos_id, pad_id,
               threshold: float = 0.0):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
-  prompts = engine.check_prompts(model.cfg, prompts, max_new_tokens)
-  x = engine.make_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                         threshold=threshold)
+  _, x = engine.checked_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                               pad_id=pad_id, threshold=threshold)
   outputs, (step_layers, _), stats = engine.run(method, model, x)
   return outputs, stats, np.asarray(step_layers)
 

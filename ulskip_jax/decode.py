@@ -2,15 +2,13 @@
 (`Beam`) and continuous batching (`Continuous`), and the public `generate`, which also runs
 speculative decoding (`speculative.Speculative`). Each strategy is a frozen dataclass of static
 options with its named state and its step on `engine.decode_loop`: one call of `generate` runs ONE
-compiled executable, a batched prefill and a `lax.while_loop` that stops when every row has
-finished or the budget is spent. Parameters go in as `nnx.split` state and the cache is created
-inside the executable, so XLA updates it in place.
+compiled executable, a batched prefill and a `lax.while_loop` until every row has finished or the
+budget is spent; the cache is created inside it, so XLA updates it in place.
 
-Shapes: B rows, P prompt slots, N new-token slots (bucketed, `engine.make_inputs`), S = P + N cache
-slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded (row b's prompt ends at
-slot P - 1; its pads are masked), so all rows write one slot index per step and read their next
-token from the last prefill column. A prompt whose length + max_new_tokens exceeds the model's
-position limit is refused in one line, never truncated.
+Shapes: B rows, P prompt slots, N new-token slots (bucketed: `engine.checked_inputs`),
+S = P + N cache slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded (pads
+masked), so all rows write one slot index per step. A prompt whose length + max_new_tokens exceeds
+the model's position limit is refused in one line, never truncated.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from ulskip_jax import speculative as speculative_lib
 # Shared with the other strategies; public here too, where they were first defined.
 from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, QUEUE_ROUNDS,  # noqa: F401
                                DecodeStats, bucket, check_options, check_prompts, executable,
-                               left_pad, resolve_skip)
+                               resolve_skip)
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
@@ -225,19 +223,13 @@ class BeamState:
   go_on: Array       # [] bool
 
 
-# Continuous batching (greedy and sampling).
-#
-# B rows decode a queue of Q prompts: when a row finishes, the next waiting prompt is prefilled
-# into it while the other rows keep going, until the queue is empty and every row is done. The
-# cache is a ring of S = P + N slots: step g writes every row's token at slot g % S (one shared
-# dynamic_update_slice, as in the static loop), and a prompt started at step g occupies slots
-# [g - P, g) % S, so the P + N - 1 slots of its whole life never wrap onto each other. Slot order
-# does not matter to attention, which masks by the positions in `cache.pos` alone.
-
 @dataclasses.dataclass(frozen=True)
 class Continuous(engine.Queued, Sample):
-  """Greedy / sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): the result is the new
-  tokens [Q, N] of every prompt."""
+  """Greedy / sampling over a prompt queue (x.prompts [Q, P], x.rows [B]); the result is the new
+  tokens [Q, N] of every prompt. The cache is a ring of S = P + N slots: step g writes every
+  row's token at slot g % S (one shared dynamic_update_slice), and a prompt started at step g
+  occupies slots [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other;
+  attention masks by the positions in `cache.pos`, so slot order does not matter."""
 
   def _choose_rows(self, x, logits_RV, prompt_R, count_R):
     if not self.sample:
@@ -306,18 +298,13 @@ class ContinuousState:
 # The public API.
 
 def check_generate(model: Decoder, prompts=None, **kw) -> None:
-  """Raises the one-line ValueError `generate(model, prompts, **kw)` would, building and running
-  nothing; with prompts=None the options alone (e.g. before any input is read)."""
-  speculative = kw.pop("speculative", None)
-  if speculative is not None:
-    speculative_lib.check(model.cfg, speculative, **kw)
-  check_options(model.cfg, **kw)
-  max_new_tokens = as_int("max_new_tokens", kw.get("max_new_tokens"), min=1)
-  if prompts is not None:
-    check_prompts(model.cfg, prompts, max_new_tokens)
-  elif max_new_tokens >= model.cfg.max_position:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model "
-                     f"allows {model.cfg.max_position} positions in all")
+  """Raises the one-line ValueError `generate(model, prompts, **kw)` would, running nothing; with
+  prompts=None, for a one-token prompt (e.g. to check options before any input is read)."""
+  if prompts is None and as_int("max_new_tokens", kw.get("max_new_tokens"), min=1) >= (
+      model.cfg.max_position):
+    raise ValueError(f"max_new_tokens={kw['max_new_tokens']} leaves no room for a prompt: the "
+                     f"model allows {model.cfg.max_position} positions in all")
+  plan_call(model, [[0]] if prompts is None else prompts, **kw)
 
 
 def plan_call(model: Decoder, prompts, *, beam_search: bool = False,
@@ -338,11 +325,11 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool = False,
   return (Continuous if continuous_rows else Sample)(**dict(common, **choice)), x
 
 
-def compile_generate(model: Decoder, batch_size: int, prompt_len: int, *, beam_search=None, **kw):
+def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   """The executable `generate` runs for this batch size, prompt length and keyword arguments
   (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
-  beam_search = kw.get("num_beams", 1) > 1 if beam_search is None else beam_search
-  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size, beam_search=beam_search, **kw)
+  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size,
+                          beam_search=kw.get("num_beams", 1) > 1, **kw)
   return executable(strategy, *nnx.split(model), x)[0]
 
 
@@ -391,20 +378,17 @@ def _generate(model: Decoder, prompts, *, beam_search: bool = False, **kw):
 
 
 def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, **_) -> bool:
-  """Whether `generate_continuous` runs these options (greedy, sampling and speculative decoding,
-  without n-gram bans, whose per-row history the ring does not keep); beams decode in static
-  batches."""
+  """Whether `generate_continuous` runs these options: not beams, nor n-gram bans (the ring keeps
+  no per-row history)."""
   return num_beams == 1 and not no_repeat_ngram_size
 
 
 def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
                         **kw) -> tuple[list[list[int]], DecodeStats]:
-  """`generate` with continuous batching: `batch_size` rows decode the prompts in input order,
-  and a row that finishes (EOS or max_new_tokens) takes the next waiting prompt while the others
-  keep going, so no row waits for the slowest of its batch. Greedy output per prompt is the one
-  `generate` gives that prompt alone. One executable per bucket of (rows, prompt slots,
-  new-token slots, queue length); the queue runs in chunks of at most QUEUE_ROUNDS * rows
-  prompts, which bounds the queue buckets. Keyword arguments as `generate`'s (`speculative`
+  """`generate` with continuous batching: `batch_size` rows decode the prompts in input order, and
+  a row that finishes takes the next waiting prompt while the others keep going. Greedy output
+  per prompt is the one `generate` gives that prompt alone. Queues of at most QUEUE_ROUNDS * rows
+  prompts a call bound the executables' buckets. Keyword arguments as `generate`'s (`speculative`
   included), without beams or no_repeat_ngram_size (`continuous_supported`)."""
   batch_size = as_int("batch_size", batch_size, min=1)
   if not continuous_supported(**kw):
@@ -448,16 +432,12 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
                   progress: bool = False, sort_by_length: bool = True, chat: bool = False,
                   static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts` (`encode_prompt`, with `chat`), decode `batch_size` rows at a time, decode.
-
-  Greedy, sampling and speculative decoding use continuous batching (`generate_continuous`: a
-  finished row takes the next prompt); beams, n-gram bans and `static_batches=True` run `generate` on
-  chunks of `batch_size`, sorted by length when `sort_by_length` (the order is restored after) to
-  keep padding and prompt buckets small. Returns one string per text, in input order. Every prompt
-  is checked before anything runs, so a too-long prompt fails fast. eos_id / pad_id default to
-  the tokenizer's; other keyword arguments go to `generate`. progress: a tqdm bar over chunks (on
-  stderr).
-  """
+  """Tokenize `texts` (`encode_prompt`, with `chat`), generate, detokenize: one string per text,
+  in input order. Greedy, sampling and speculative decoding batch continuously
+  (`generate_continuous`); beams, n-gram bans and `static_batches=True` run `generate` on chunks
+  of `batch_size`, sorted by length when `sort_by_length`. Every prompt is checked before anything
+  runs. eos_id / pad_id default to the tokenizer's; other keyword arguments go to `generate`.
+  progress: a tqdm bar over chunks (on stderr)."""
   if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
     raise ValueError(f"texts={texts!r:.60} is not a list of strings: give one string per prompt")
   for i, text in enumerate(texts):

@@ -44,13 +44,10 @@ COMPILER_OPTIONS: dict[str, Any] = {}
 
 @dataclasses.dataclass
 class DecodeStats:
-  """Counts and timings of one or more `generate` calls (add them with `+`).
-
-  generated_tokens counts the tokens the model produced, each row's EOS included, dummy rows and
-  the pads after EOS excluded. wall_s is the execution time (host to device, run, back to lists)
-  without compile_s, the time spent building executables. cache_bytes is the largest KV cache
-  allocated (kept layers only: n / L of full depth; beams multiply the rows).
-  """
+  """Counts and timings of one or more `generate` calls (add them with `+`). generated_tokens:
+  the tokens the model produced, each row's EOS included, dummy rows and the pads after EOS not.
+  wall_s: the execution time (host to device, run, back to lists), without compile_s, the time
+  spent building executables. cache_bytes: the largest KV cache allocated (kept layers only)."""
   prompt_tokens: int = 0
   generated_tokens: int = 0
   wall_s: float = 0.0
@@ -77,8 +74,9 @@ class DecodeStats:
     return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
 
   def as_dict(self) -> dict[str, Any]:
-    return dict(dataclasses.asdict(self), generated_tokens_per_s=self.generated_tokens_per_s,
-                total_tokens_per_s=self.total_tokens_per_s)
+    """The fields and the properties (a subclass's too)."""
+    names = [n for n in dir(type(self)) if isinstance(getattr(type(self), n), property)]
+    return dict(dataclasses.asdict(self), **{n: getattr(self, n) for n in names})
 
 
 def num_compiles(*modules: str) -> int:
@@ -90,18 +88,6 @@ def num_compiles(*modules: str) -> int:
 def bucket(n: int, minimum: int = 1) -> int:
   """The next power of two >= max(n, minimum)."""
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def left_pad(prompts: Sequence[np.ndarray], rows: int, slots: int, pad_id: int):
-  """(prompt_BP [rows, slots] int32, pad_B [rows]): each prompt ends at the last slot, so every
-  row's next token is read from the last column; rows past the prompts (bucket filler) hold a
-  one-token prompt of pad_id."""
-  prompt_BP = np.full((rows, slots), pad_id, np.int32)
-  pad_B = np.full((rows,), slots - 1, np.int32)
-  for i, p in enumerate(prompts):
-    prompt_BP[i, slots - len(p):] = p
-    pad_B[i] = slots - len(p)
-  return prompt_BP, pad_B
 
 
 def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], paper_mode: bool):
@@ -223,7 +209,7 @@ def check_options(cfg, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
 class Inputs:
   """The arrays every strategy's executable takes: all traced, so one executable serves any
   values. Static batches have Q = B (a prompt per row); continuous batching queues Q >= B."""
-  prompts: Array         # [Q, P] int32 left-padded prompts (`left_pad`)
+  prompts: Array         # [Q, P] int32 prompts, left padded: each ends at slot P - 1
   pad: Array             # [Q] int32 pads before each prompt
   rows: Array            # [B] bool: the rows in use (bucket filler rows are not)
   num_prompts: Array     # [] int32 prompts in the queue
@@ -237,42 +223,36 @@ class Inputs:
   threshold: Array       # [] float32 (early exit)
 
 
-def make_inputs(prompts: Sequence[np.ndarray], *, rows: int | None = None, max_new_tokens: int,
-                eos_id: int | None, pad_id: int, seed: int = 0, temperature: float = 0.0,
-                top_p: float | None = None, length_penalty: float = 1.0,
-                threshold: float = 0.0) -> Inputs:
-  """Checked prompts and options as `Inputs`: P = max(MIN_BUCKET, bucketed longest prompt);
-  `rows` (continuous batching) decode a queue of max(B, bucket(len(prompts))) prompts, else each
-  prompt has a row of B = bucket(len(prompts))."""
-  B = bucket(rows or len(prompts))
-  Q = max(B, bucket(len(prompts)))
-  prompts_QP, pad_Q = left_pad(prompts, Q, bucket(max(len(p) for p in prompts), MIN_BUCKET),
-                               pad_id)
-  return Inputs(prompts=prompts_QP, pad=pad_Q, rows=np.arange(B) < (rows or len(prompts)),
-                num_prompts=np.int32(len(prompts)), max_new=np.int32(max_new_tokens),
-                eos_id=np.int32(-1 if eos_id is None else eos_id), pad_id=np.int32(pad_id),
-                rng=jax.random.key_data(jax.random.key(seed)),
-                temperature=np.float32(max(temperature, 1e-6)), top_p=np.float32(top_p or 1.0),
-                length_penalty=np.float32(length_penalty), threshold=np.float32(threshold))
-
-
-def checked_inputs(cfg, prompts, *, rows: int | None = None, **options) -> tuple[dict, Inputs]:
+def checked_inputs(cfg, prompts, *, rows: int | None = None, threshold: float = 0.0,
+                   **options) -> tuple[dict, Inputs]:
   """`check_options(cfg, **options)` (plus max_new_slots, the bucketed token budget) and the
-  checked prompts as `Inputs` (`make_inputs`; `rows` for continuous batching)."""
+  checked prompts as `Inputs`: P = max(MIN_BUCKET, bucketed longest prompt); with `rows`
+  (continuous batching) B = bucket(rows) rows decode a queue of max(B, bucket(len(prompts)))
+  prompts, else each prompt has a row of B = bucket(len(prompts))."""
   o = check_options(cfg, **options)
   prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
   o["max_new_slots"] = bucket(o["max_new_tokens"], MIN_BUCKET)
-  x = make_inputs(prompts, rows=rows, max_new_tokens=o["max_new_tokens"], eos_id=o["eos_id"],
-                  pad_id=o["pad_id"], seed=o["seed"], temperature=o["temperature"],
-                  top_p=o["top_p"], length_penalty=o["length_penalty"])
-  return o, x
+  B = bucket(rows or len(prompts))
+  Q, P = max(B, bucket(len(prompts))), bucket(max(map(len, prompts)), MIN_BUCKET)
+  prompts_QP = np.full((Q, P), o["pad_id"], np.int32)
+  pad_Q = np.full((Q,), P - 1, np.int32)  # filler rows: a one-token prompt of pad_id
+  for i, p in enumerate(prompts):  # each prompt ends at the last slot
+    prompts_QP[i, P - len(p):], pad_Q[i] = p, P - len(p)
+  eos_id = -1 if o["eos_id"] is None else o["eos_id"]
+  return o, Inputs(prompts=prompts_QP, pad=pad_Q, rows=np.arange(B) < (rows or len(prompts)),
+                   num_prompts=np.int32(len(prompts)), max_new=np.int32(o["max_new_tokens"]),
+                   eos_id=np.int32(eos_id), pad_id=np.int32(o["pad_id"]),
+                   rng=jax.random.key_data(jax.random.key(o["seed"])),
+                   temperature=np.float32(max(o["temperature"], 1e-6)),
+                   top_p=np.float32(o["top_p"] or 1.0),
+                   length_penalty=np.float32(o["length_penalty"]),
+                   threshold=np.float32(threshold))
 
 
 class Strategy:
-  """A decoding strategy's interface; subclasses are frozen dataclasses of static options with a
-  field max_new_slots (N, the bucketed token budget). The state is the strategy's own
-  `flax.struct` dataclass; a state with fields t (tokens so far) and done [B] gets the default
-  stop condition."""
+  """A decoding strategy: a frozen dataclass of static options with a field max_new_slots (N, the
+  bucketed token budget) and a `flax.struct` state; a state with fields t (tokens so far) and
+  done [B] gets the default stop condition."""
   max_new_slots: int
 
   def start(self, model, x: Inputs):

@@ -71,17 +71,12 @@ class SpeculativeStats(engine.DecodeStats):
     """Tokens a row gains per verify pass: 1 + its accepted drafts (at most k + 1)."""
     return 1 + self.accepted_tokens / self.row_passes if self.row_passes else 0.0
 
-  def as_dict(self) -> dict[str, Any]:
-    return dict(super().as_dict(), acceptance_rate=self.acceptance_rate,
-                tokens_per_row_pass=self.tokens_per_row_pass)
-
 
 # ----------------------------------------------------------------------------------------------
 # The strategy.
 
 def _leading_true(x_BK: Array) -> Array:
-  """The number of leading True per row: the first False's index (a min, which XLA's CPU runs
-  faster than the reduce-window of a cumprod)."""
+  """The number of leading True per row (a min: XLA's CPU runs it faster than a cumprod)."""
   iota = jax.lax.broadcasted_iota(jnp.int32, x_BK.shape, 1)
   return jnp.min(jnp.where(x_BK, x_BK.shape[1], iota), 1)
 
@@ -110,9 +105,8 @@ class SpeculativeState:
 @dataclasses.dataclass(frozen=True)
 class Speculative(engine.Queued):
   """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]; Q = B for
-  static batches): a row that finishes takes the next waiting prompt, prefilled alone into its
-  cache row, so no row waits for the slowest. The result is (tokens [Q, N + k + 1], accepted
-  drafts, drafted tokens, rounds)."""
+  static batches). The result is (tokens [Q, N + k + 1], accepted drafts, drafted tokens,
+  rounds)."""
   draft_skip: tuple[int, ...]
   num_draft_tokens: int     # k
   shared_cache: bool        # draft_cache == "shared"
@@ -173,12 +167,10 @@ class Speculative(engine.Queued):
     logits, cache = engine.prefill(model, prompts, pad, num_slots, skip=(), paper_mode=False)
     if self.shared_cache:
       return logits, cache, None
-    kept = kept_layers(model.cfg.num_layers, self.draft_skip)
     if self.paper_mode or not self.draft_skip:
-      return logits, cache, cache.kept_view(kept)
-    draft_cache = engine.prefill(model, prompts, pad, num_slots, skip=self.draft_skip,
-                                 paper_mode=False)[1]
-    return logits, cache, draft_cache
+      return logits, cache, cache.kept_view(kept_layers(model.cfg.num_layers, self.draft_skip))
+    return logits, cache, engine.prefill(model, prompts, pad, num_slots, skip=self.draft_skip,
+                                         paper_mode=False)[1]
 
   def start(self, model, x):
     (Q, P), B = x.prompts.shape, x.rows.shape[0]
