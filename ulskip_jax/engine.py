@@ -280,7 +280,8 @@ class Queued(Strategy):
   state has fields done [B] and next_prompt []; before each step, `refill` starts the next
   waiting prompt in the first free row, while both exist."""
 
-  def refill(self, model, x: Inputs, s, row: Array, prompt: Array, prompt_1P: Array, pad_1: Array):
+  def refill(self, model, x: Inputs, s, b: Array, i: Array, prompt_1P: Array, pad_1: Array):
+    """The state with prompt i (tokens prompt_1P [1, P], pads pad_1 [1]) started in row b."""
     raise NotImplementedError
 
   def first_prompts(self, x: Inputs) -> tuple[Array, Array]:
