@@ -323,6 +323,7 @@ class EarlyExit(_Dynamic):
 
   def layers(self, model, x, s, h, positions, ones, cache: KVCache, slot):
     L, k = model.cfg.num_layers, self.exit_every
+    points = exit_layers(L, k)
     exited, layers_run = jnp.array(False), jnp.int32(0)
     logits = jnp.zeros((h.shape[0], model.cfg.vocab_size), jnp.float32)
     for seg in [tuple(range(a, min(a + k, L))) for a in range(0, L, k)]:
@@ -347,7 +348,7 @@ class EarlyExit(_Dynamic):
         for l, (kn, vn) in zip(seg, new):
           cache = cache.write(l, kn, vn, slot)
       layers_run = layers_run + jnp.where(exited, 0, len(seg))
-      if seg[-1] in exit_layers(L, k):
+      if seg[-1] in points:
         def confidence(h, logits):
           exit_logits = model.unembed(h)[:, 0]
           conf = jnp.max(jax.nn.softmax(exit_logits, -1), -1)

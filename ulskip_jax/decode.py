@@ -450,8 +450,10 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   check_generate(model, prompts, **kw)
   continuous = not static_batches and continuous_supported(**kw)
-  run = (functools.partial(generate_continuous, model, batch_size=batch_size, **kw) if continuous
-         else functools.partial(generate, model, **kw))
+  # Every prompt is checked above; each chunk runs the plan directly.
+  run = functools.partial(_generate, model, beam_search=kw.get("num_beams", 1) > 1,
+                          continuous_rows=min(batch_size, len(prompts)) if continuous else None,
+                          **kw)
   ids, stats = engine.in_chunks(run, prompts, QUEUE_ROUNDS * batch_size if continuous
                                 else batch_size, by_length=sort_by_length and not continuous,
                                 progress=progress)
