@@ -111,7 +111,7 @@ def read_prompts(path: str, field: str, template: str | None) -> list[str]:
 
 def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   """[(label, generate keyword arguments)] per ratio or skip list, validated before any run."""
-  from ulskip_jax import decode, skipping
+  from ulskip_jax import engine, skipping
   runs = []
   if args.skip is not None and args.ratio is not None:
     raise UsageError("--ratio and --skip both given: pass one or the other")
@@ -133,7 +133,7 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
           raise ValueError(f"--skip {args.skip!r} is invalid: give comma-separated layer indices, "
                            "e.g. 1,3,5 (several lists separated by ';')")
         skip = tuple(int(i) for i in text.split(","))
-        decode.resolve_skip(num_layers, skip, None)
+        engine.resolve_skip(num_layers, skip, None)
         runs.append(("skip" + "-".join(map(str, skip)), dict(skip=skip)))
     else:
       for ratio in skipping.parse_ratios(args.ratio or "1"):
@@ -259,7 +259,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
   check_args(args)
-  from ulskip_jax import decode
+  from ulskip_jax import decode, engine
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
   runs = parse_runs(args, model.cfg.num_layers)
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -291,7 +291,7 @@ def run(args) -> dict:
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]
     path = output_path(args.output, label, len(runs) > 1)
     _write(path, "".join(h + "\n" for h in hyps))
-    skip = decode.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"),
+    skip = engine.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"),
                                model.cfg.attention_windows)
     result = dict(label=label, output=path, skip=list(skip),
                   kept_layers=model.cfg.num_layers - len(skip), **stats.as_dict())

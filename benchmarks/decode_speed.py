@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ulskip_jax import decode, hf, plan_layers  # noqa: E402
+from ulskip_jax import decode, engine, hf, plan_layers  # noqa: E402
 from ulskip_jax.model import cache_bytes  # noqa: E402
 
 
@@ -142,8 +142,8 @@ def ceiling(model, batch: int, ratio: float, args) -> float:
   L, D, H, K, Hd, F, V = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                           cfg.head_dim, cfg.d_ff, cfg.vocab_size)
   layer = (D * (H + 2 * K) * Hd + H * Hd * D + 3 * D * F + 2 * D) * itemsize
-  slots = decode.bucket(args.prompt_len, decode.MIN_BUCKET) + decode.bucket(args.new_tokens,
-                                                                            decode.MIN_BUCKET)
+  slots = engine.bucket(args.prompt_len, engine.MIN_BUCKET) + engine.bucket(args.new_tokens,
+                                                                            engine.MIN_BUCKET)
   kv = cache_bytes(cfg, batch, slots) / L
   U = (D * V + D) * itemsize
   n = len(plan_layers(L, ratio).kept)

@@ -37,7 +37,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import infer
 from tests import tiny
-from ulskip_jax import cli, config_check, decode, train_lib
+from ulskip_jax import cli, config_check, decode, engine, train_lib
 from ulskip_jax.skipping import plan_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,12 +110,12 @@ def compile_cache(root):
   jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   compilation_cache.reset_cache()
-  decode_options = dict(decode.COMPILER_OPTIONS)
-  decode.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
+  decode_options = dict(engine.COMPILER_OPTIONS)
+  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
                                  xla_llvm_disable_expensive_passes=True)
   yield
-  decode.COMPILER_OPTIONS.clear()
-  decode.COMPILER_OPTIONS.update(decode_options)
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(decode_options)
   for k, v in saved.items():
     jax.config.update(k, v)
   compilation_cache.reset_cache()

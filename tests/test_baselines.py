@@ -30,11 +30,11 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive
 
 @pytest.fixture(autouse=True, scope="module")
 def fast_compile():
-  saved = dict(decode.COMPILER_OPTIONS)
-  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  saved = dict(engine.COMPILER_OPTIONS)
+  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
   yield
-  decode.COMPILER_OPTIONS.clear()
-  decode.COMPILER_OPTIONS.update(saved)
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,12 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive
 def fast_settings():
   """Fast compiles, and one torch thread: tiny models gain nothing from more, and on a busy
   machine OpenMP's spinning barriers made transformers' generate 100x slower."""
-  saved, threads = dict(decode.COMPILER_OPTIONS), torch.get_num_threads()
-  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  saved, threads = dict(engine.COMPILER_OPTIONS), torch.get_num_threads()
+  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
   torch.set_num_threads(1)
   yield
-  decode.COMPILER_OPTIONS.clear()
-  decode.COMPILER_OPTIONS.update(saved)
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(saved)
   torch.set_num_threads(threads)
 
 
@@ -259,9 +259,9 @@ def test_ratio_keeps_the_global_layers_of_a_local_global_model():
                     head_dim=8, d_ff=32, attention_windows=windows)
   with_globals = plan_layers(8, 2, keep=(3, 4)).skipped
   assert with_globals != plan_layers(8, 2).skipped  # plain ULS drops both global layers
-  assert decode.check_options(cfg, ratio=2, max_new_tokens=4)["skip"] == with_globals
+  assert engine.check_options(cfg, ratio=2, max_new_tokens=4)["skip"] == with_globals
   assert speculative.resolve_draft(8, None, 2, windows) == with_globals
-  assert decode.check_options(cfg, skip=(1, 2), max_new_tokens=4)["skip"] == (1, 2)
+  assert engine.check_options(cfg, skip=(1, 2), max_new_tokens=4)["skip"] == (1, 2)
 
 
 def test_bad_arguments_raise_one_line_errors(models):

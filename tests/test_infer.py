@@ -10,7 +10,7 @@ import sys
 import pytest
 import infer
 from tests import tiny
-from ulskip_jax import decode, hf
+from ulskip_jax import decode, engine, hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
@@ -19,12 +19,12 @@ INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", 
 
 @pytest.fixture(autouse=True, scope="module")
 def fast_compile():
-  saved = dict(decode.COMPILER_OPTIONS)
-  decode.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
+  saved = dict(engine.COMPILER_OPTIONS)
+  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
                                  xla_llvm_disable_expensive_passes=True)
   yield
-  decode.COMPILER_OPTIONS.clear()
-  decode.COMPILER_OPTIONS.update(saved)
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import scipy.stats
 
 from tests import tiny
 from tests.test_decode import FAST_COMPILE, PROMPTS, _hlo_computations, _reachable
-from ulskip_jax import decode, hf, plan_layers
+from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
 from ulskip_jax.model import cache_bytes
 
@@ -32,13 +32,13 @@ SPEC = dict(draft_ratio=2, num_draft_tokens=K)
 def fast_compile():
   """test_decode's fast-compile options, and XLA's older CPU emitters: the speculative
   executable (prefill, two draft graphs, verify, commits) then builds in half the time."""
-  saved = dict(decode.COMPILER_OPTIONS)
-  decode.COMPILER_OPTIONS.update(FAST_COMPILE)
+  saved = dict(engine.COMPILER_OPTIONS)
+  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
   if jax.default_backend() == "cpu":
-    decode.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
+    engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
   yield
-  decode.COMPILER_OPTIONS.clear()
-  decode.COMPILER_OPTIONS.update(saved)
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_cache_sizes_and_stats(models):
   assert sep.drafted_tokens == K * sep.row_passes and sep.row_passes <= 3 * sep.verify_passes
   assert sep.tokens_per_row_pass == 1 + sep.accepted_tokens / sep.row_passes
   assert sep.as_dict()["acceptance_rate"] == sep.acceptance_rate
-  total = decode.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
+  total = engine.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
   assert isinstance(total, spec.SpeculativeStats)
   assert total.drafted_tokens == 2 * sep.drafted_tokens and total.calls == 2
 

@@ -24,10 +24,7 @@ from flax import nnx
 
 from ulskip_jax import engine, sampling
 from ulskip_jax import speculative as speculative_lib
-# Shared with the other strategies; public here too, where they were first defined.
-from ulskip_jax.engine import (COMPILER_OPTIONS, MIN_BUCKET, QUEUE_ROUNDS,  # noqa: F401
-                               DecodeStats, bucket, check_options, check_prompts, executable,
-                               resolve_skip)
+from ulskip_jax.engine import QUEUE_ROUNDS, DecodeStats
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
@@ -330,29 +327,27 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
   strategy, x = plan_call(model, [[0] * prompt_len] * batch_size,
                           beam_search=kw.get("num_beams", 1) > 1, **kw)
-  return executable(strategy, *nnx.split(model), x)[0]
+  return engine.executable(strategy, *nnx.split(model), x)[0]
 
 
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence[int] | None = None,
-             ratio: float | None = None, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
-             mode: str = "paper", temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, num_beams: int = 1, no_repeat_ngram_size: int = 0,
-             seed: int = 0, length_penalty: float = 1.0, early_stopping: bool | str = True,
-             speculative: dict | None = None) -> tuple[list[list[int]], DecodeStats]:
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             eos_id: int | None, **options) -> tuple[list[list[int]], DecodeStats]:
   """Generate up to `max_new_tokens` after each prompt, in one compiled prefill + while loop.
 
   prompts: lists of token ids, any lengths (all run as one left-padded batch; `generate_text`
     chunks long lists).
+  eos_id: a row stops after emitting it (None = never); outputs are cut before it.
+  options (`engine.check_options` checks them, with their defaults):
   skip / ratio: an explicit skipped-layer tuple, or a speedup ratio for the ULS plan
     (`plan_layers(L, ratio).skipped`); neither = full depth; both = ValueError.
-  mode: "paper" runs the prompt through all layers (K/V kept for the kept layers only) and the
-    generated tokens through the kept layers; "everywhere" skips the same layers for both.
+  mode: "paper" (default) runs the prompt through all layers (K/V kept for the kept layers only)
+    and the generated tokens through the kept layers; "everywhere" skips the same layers for both.
+  pad_id: the filler token (0).
   temperature: 0 = greedy; > 0 samples (after top_k, then top_p) with `jax.random.key(seed)`.
   num_beams > 1: beam search like transformers' `generate(num_beams=..., early_stopping=...)`,
     hypotheses scored sum(logprob) / generated_len ** length_penalty.
   no_repeat_ngram_size: ban tokens that would repeat an n-gram of prompt + generated tokens
     (pads excluded), as transformers' NoRepeatNGramLogitsProcessor does for decoder-only models.
-  eos_id: a row stops after emitting it (None = never); outputs are cut before it.
   speculative: self-speculative decoding, the ULS sub-model drafting and the full model
     verifying, e.g. dict(draft_ratio=2, num_draft_tokens=4, draft_cache="shared") (or draft_skip;
     `speculative.py`). The output is the full model's (greedy: token for token; sampling: its
@@ -362,12 +357,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, skip: Sequence
   (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
   are never truncated silently.
   """
-  return _generate(model, prompts, beam_search=num_beams > 1, skip=skip, ratio=ratio,
-                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
-                   temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                   no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-                   length_penalty=length_penalty, early_stopping=early_stopping,
-                   speculative=speculative)
+  return _generate(model, prompts, beam_search=options.get("num_beams", 1) > 1,
+                   max_new_tokens=max_new_tokens, eos_id=eos_id, **options)
 
 
 def _generate(model: Decoder, prompts, *, beam_search: bool = False, **kw):

@@ -2,25 +2,20 @@
 
 Shapes: B rows, K key/value heads, S slots, Hd head width, T tokens written by one call.
 
-`KVCache` holds K and V per kept layer ([B, K, S, Hd]: slots next to each other within a KV head,
-the layout both attention matmuls read; with the slot axis outside the head axis XLA on CPU
-transposed every layer's whole K and V on every decode step) and each slot's token position
-([B, S], -1 = empty). Positions are per row and are what masks attention: a query at position p
-sees the slots with 0 <= pos <= p, whatever their order. So rows hold prompts of different
-lengths (left padding), accept different numbers of speculative tokens, or start at different
-steps (continuous batching's ring, `insert`), while a call still writes one slot range shared by
-all rows: a dynamic_update_slice that XLA does in place in a while loop.
+`KVCache` holds K and V per kept layer, [B, K, S, Hd] (the layout both attention matmuls read;
+with the slot axis outside the head axis XLA on CPU transposed whole layers every decode step),
+and each slot's token position, [B, S] (-1 = empty). Positions are per row and are what masks
+attention: a query at position p sees the slots with 0 <= pos <= p, in any order. So rows hold
+prompts of different lengths, accept different numbers of speculative tokens, or start at
+different steps (continuous batching's ring, `insert`), while a call still writes one slot range
+shared by all rows: a dynamic_update_slice that XLA does in place in a while loop.
 
-A call of the model takes a `LayerCache` per kept layer (`KVCache.layer`), which gives attention
-its keys, values, key positions and mask and returns the written layer. A deferred layer cache
-(`deferred=True`) only reads: the call's own K/V are appended to the keys and handed back for the
-caller to `write` after a `lax.cond` (a branch that wrote the cache made XLA copy every cache
-layer it touches on every step).
+Attention gets a `LayerCache` per kept layer (`KVCache.layer`). A deferred one (`deferred=True`)
+only reads, and hands the call's K/V back for the caller to `write` after a `lax.cond` (a branch
+that wrote the cache made XLA copy every cache layer it touches on every step).
 """
-
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -65,10 +60,6 @@ class KVCache:
   k: tuple[Array, ...]
   v: tuple[Array, ...]
   pos: Array
-
-  @property
-  def num_bytes(self) -> int:
-    return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v, self.pos))
 
   @property
   def num_layers(self) -> int:
@@ -173,10 +164,6 @@ def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
 def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                 dtype: Any = None) -> int:
   """Bytes `init_cache` would allocate, computed from shapes only."""
-  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
-
-
-@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
-def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  n = len(kept_layers(cfg.num_layers, tuple(skip)))
+  itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+  return batch * max_len * (2 * n * cfg.num_kv_heads * cfg.head_dim * itemsize + 4)

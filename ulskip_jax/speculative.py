@@ -1,28 +1,25 @@
 """Self-speculative decoding: the ULS sub-model drafts, the full model verifies. Lossless.
 
-`decode.generate(..., speculative=dict(draft_ratio=2, num_draft_tokens=4))` runs `Speculative`
-on the engine's loop: a full-depth prefill, then rounds that each draft k tokens with the kept
-layers (an inner `fori_loop`), verify them in one full-depth pass over [pending token, drafts],
-and per row accept the longest agreeing prefix plus the full model's own next token (1 to k + 1
-tokens a round). Greedy: a draft is accepted when it is the full model's argmax, so the output is
-full-model greedy decoding token for token. Sampling: speculative sampling (Leviathan et al. 2023;
-Chen et al. 2023), accept d ~ q with probability min(1, p(d) / q(d)), else sample
-norm(max(0, p - q)); emitted tokens follow the full model's filtered distribution.
+`decode.generate(..., speculative=dict(draft_ratio=2, num_draft_tokens=4))` runs `Speculative`:
+a full-depth prefill, then rounds that draft k tokens with the kept layers, verify them in one
+full-depth pass over [pending token, drafts], and per row accept the longest agreeing prefix plus
+the full model's own next token. Greedy: a draft is accepted when it is the full model's argmax,
+so the output is full-model greedy decoding token for token. Sampling: speculative sampling
+(Leviathan et al. 2023), accept d ~ q with probability min(1, p(d) / q(d)), else sample
+norm(max(0, p - q)).
 
-Draft caches (`draft_cache`), both lossless (only acceptance differs): "shared" (default) is the
-full model's cache; draft steps write kept-layer K/V into scratch slots that the verify pass
-overwrites, so the draft attends to the full model's K/V of every committed token (Draft &
-Verify; LayerSkip). "separate" adds a cache for the n kept layers in which generated tokens keep
-the K/V the draft gave them (the ULS sub-model exactly as fine-tuned); a draft accepted as the
-round's last token never ran through the draft, so it opens the next round's first draft step.
+Draft caches (`draft_cache`; only acceptance differs): "shared" (default) drafts in the full
+model's cache, writing kept-layer K/V into scratch slots the verify pass overwrites (Draft &
+Verify; LayerSkip). "separate" gives the n kept layers their own cache, holding the K/V the draft
+gave each token (the ULS sub-model as fine-tuned); an accepted last draft never ran through the
+draft, so it opens the next round.
 
-Rows accept different numbers of tokens, so each row's cache is compacted, not holed: P + N + k
-committed slots, then a scratch of k + 1 slots that every pass writes at one shared index;
-attention masks by per-slot positions, and after verification each row moves its accepted
-entries to its own next committed slots (`KVCache.commit`). Rows keep their own lengths, so
-continuous batching comes free: a finished row takes the next waiting prompt (`KVCache.insert`).
-Positions fed to the model are clamped to the position limit (a draft past a row's budget may run
-beyond it); no query whose output is used sees a clamped slot.
+Rows accept different numbers of tokens, so each row's cache is compacted: P + N + k committed
+slots, then k + 1 scratch slots that every pass writes at one shared index; attention masks by
+per-slot positions, and `KVCache.commit` moves each row's accepted entries to its next committed
+slots. Rows keep their own lengths, so continuous batching comes free (`KVCache.insert`).
+Positions fed to the model are clamped to the position limit (a draft past a row's budget may
+run beyond it); no query whose output is used sees a clamped slot.
 """
 
 from __future__ import annotations
@@ -343,32 +340,22 @@ def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=N
 
 
 def parse_speculative(text: str) -> dict[str, Any]:
-  """'draft_ratio=2,k=4' -> dict(draft_ratio=2.0, num_draft_tokens=4), for command lines.
-
-  Keys: draft_ratio, draft_skip (layers joined by '-', e.g. 1-3-5), k or num_draft_tokens,
-  draft_cache (separate | shared). One-line ValueError for anything else.
-  """
+  """'draft_ratio=2,k=4' -> dict(draft_ratio=2.0, num_draft_tokens=4), for command lines. Keys:
+  draft_ratio, draft_skip (layers joined by '-', e.g. 1-3-5), k or num_draft_tokens, draft_cache
+  (separate | shared). One-line ValueError for anything else."""
+  parsers = dict(draft_ratio=float, num_draft_tokens=int, k=int, draft_cache=str.strip,
+                 draft_skip=lambda v: tuple(int(i) for i in v.split("-") if i.strip()))
   out: dict[str, Any] = {}
   for item in (t.strip() for t in text.split(",") if t.strip()):
     key, sep, value = item.partition("=")
-    key = key.strip()
+    if key.strip() not in parsers:
+      raise ValueError(f"speculative option {key.strip()!r} is unknown: allowed are draft_ratio, "
+                       "draft_skip, k (num_draft_tokens), draft_cache")
     try:
       if not sep:
         raise ValueError
-      if key == "draft_ratio":
-        out["draft_ratio"] = float(value)
-      elif key == "draft_skip":
-        out["draft_skip"] = tuple(int(i) for i in value.split("-") if i.strip())
-      elif key in ("k", "num_draft_tokens"):
-        out["num_draft_tokens"] = int(value)
-      elif key == "draft_cache":
-        out["draft_cache"] = value.strip()
-      else:
-        raise KeyError
-    except KeyError:
-      raise ValueError(f"speculative option {key!r} is unknown: allowed are draft_ratio, "
-                       "draft_skip, k (num_draft_tokens), draft_cache")
+      out[{"k": "num_draft_tokens"}.get(key.strip(), key.strip())] = parsers[key.strip()](value)
     except ValueError:
-      raise ValueError(f"speculative option {item!r} is invalid: write e.g. "
-                       "'draft_ratio=2,k=4' or 'draft_skip=1-2,k=4,draft_cache=shared'")
+      raise ValueError(f"speculative option {item!r} is invalid: write e.g. 'draft_ratio=2,k=4' "
+                       "or 'draft_skip=1-2,k=4,draft_cache=shared'") from None
   return out
