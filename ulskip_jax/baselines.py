@@ -104,8 +104,7 @@ def early_exit_loss_sums(params, graphdef, batch, exit_every: int):
 
   def at_exit(l, x):
     if l in points:
-      xent = optax.softmax_cross_entropy_with_integer_labels(model.unembed(x), batch["targets"])
-      total.append((l + 1) * (xent * mask).sum())
+      total.append((l + 1) * model.xent_sums(x, batch["targets"], mask)[0])
 
   # Every token runs every layer (the prompt is full depth anyway).
   masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
@@ -219,9 +218,7 @@ def skipdecode_loss_sums(params, graphdef, batch, schedule: SkipDecodeSchedule):
   depth_BT = jnp.where(response_index(batch) >= 0, schedule.depth(response_index(batch)), L)
   x = masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
                     lambda l, x: l >= L - depth_BT)
-  xent = optax.softmax_cross_entropy_with_integer_labels(model.unembed(x), batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return (xent * mask).sum(), mask.sum()
+  return model.xent_sums(x, batch["targets"], batch["loss_mask"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from ulskip_jax.checks import as_float, as_int
+from ulskip_jax.ops import dense
 
 Array = jax.Array
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
@@ -83,10 +84,8 @@ class Adapter(nnx.Module):
       key = jax.random.fold_in(dropout_key, self.index)
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-    a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
-    n_in = a.ndim - 1
-    h = jnp.tensordot(x, a, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
-    return jnp.tensordot(h, b, axes=1) * jnp.asarray(self.scale, x.dtype)
+    a = self.a[...]
+    return dense(dense(x, a, a.ndim - 1), self.b[...]) * jnp.asarray(self.scale, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ulskip_jax import lora
+from ulskip_jax import lora, loss
 from ulskip_jax import prompt_buffer
 # The cache's public names stay importable from here (re-exported).
 from ulskip_jax.kv_cache import KVCache, LayerCache, cache_bytes, init_cache  # noqa: F401
+from ulskip_jax.ops import dense
 from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
@@ -174,15 +175,6 @@ def _add_adapters(module: nnx.Module, cfg: ModelConfig, specs: dict, rngs: nnx.R
       setattr(module, name + lora.SUFFIX, lora.Adapter(
           name, in_shape, out_shape, in_axes, out_axes, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
           dropout=cfg.lora_dropout, dtype=jnp.dtype(cfg.param_dtype), rngs=rngs))
-
-
-def dense(x: Array, w: Array, n_in: int = 1) -> Array:
-  """x [..., *in] @ w [*in, *out] -> [..., *out] (n_in = len(in)) as ONE 2-D matmul in x's dtype.
-  XLA:CPU runs a dot over [B, T, D] operands (and its backward, contracting B and T at once)
-  much slower than the same dot over [B * T, D]; a reshape of a row-major array is free."""
-  ins, outs = w.shape[:n_in], w.shape[n_in:]
-  y = x.reshape(-1, math.prod(ins)) @ w.reshape(math.prod(ins), -1).astype(x.dtype)
-  return y.reshape(*x.shape[:x.ndim - n_in], *outs)
 
 
 def _plus_lora(module: nnx.Module, name: str, x: Array, y: Array, dropout_key) -> Array:
@@ -475,6 +467,16 @@ class Decoder(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits = dense(x, w).astype(jnp.float32)
     return softcap(logits, self.cfg.final_softcap)
+
+  def xent_sums(self, x_BTD: Array, targets_BT: Array, mask_BT: Array,
+                capacity: int | None = None) -> tuple[Array, Array]:
+    """(summed cross-entropy of `unembed(x_BTD)` over the masked tokens, their count), by
+    `loss.xent_sums`: the logits of the masked tokens only (a buffer of `capacity` slots per row;
+    None = whole rows), none of them kept for the backward pass."""
+    tied = self.cfg.tie_embeddings
+    return loss.xent_sums(self.final_norm(x_BTD), self.embed[...] if tied else self.lm_head[...],
+                          targets_BT, mask_BT, tied=tied, softcap=self.cfg.final_softcap,
+                          capacity=capacity)
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
              full_depth_BT=None, full_depth_capacity: int | None = None,

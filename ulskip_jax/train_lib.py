@@ -40,6 +40,7 @@ from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check
 from ulskip_jax import data as data_lib
 from ulskip_jax import lora
+from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
@@ -90,15 +91,16 @@ def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, fr
 
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
   prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
+  The logits are those of the response tokens only (`Decoder.xent_sums`, a buffer of
+  `loss.CAPACITY` of each row).
   """
   model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
-  logits = model(batch["tokens"], skip=skip, positions_BT=batch["positions"],
-                 segment_ids_BT=batch["segment_ids"],
-                 full_depth_BT=batch["full_depth"] if paper else None,
-                 full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
-  xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return (xent * mask).sum(), mask.sum()
+  x, _ = model.hidden(batch["tokens"], skip=skip, positions_BT=batch["positions"],
+                      segment_ids_BT=batch["segment_ids"],
+                      full_depth_BT=batch["full_depth"] if paper else None,
+                      full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
+  capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, x.shape[1])
+  return model.xent_sums(x, batch["targets"], batch["loss_mask"], capacity)
 
 
 def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
@@ -124,10 +126,13 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
         prompt_capacity=prompt_capacity)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
-  micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
   zeros = jax.tree.map(jnp.zeros_like, trainable)
-  (grad_sum, loss_sum, count), _ = jax.lax.scan(
-      micro, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(accum_steps)))
+  if accum_steps == 1:  # no loop: a scan of one costs a pass over the gradients
+    (grad_sum, loss_sum, count), _ = micro((zeros, 0.0, 0.0), (batch, 0))
+  else:
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+    (grad_sum, loss_sum, count), _ = jax.lax.scan(
+        micro, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(accum_steps)))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
