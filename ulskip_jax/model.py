@@ -27,7 +27,8 @@ Skipping has two modes, chosen per call by `full_depth`:
     skipped-layer output. With `full_depth_capacity` a skipped layer runs on a compact buffer of
     each row's full-depth tokens (`prompt_buffer.py`), so it costs prompt tokens, not the row;
     a batch that does not fit the buffer takes the whole-row computation, which gives the same
-    result.
+    result (a `lax.cond` per skipped layer, or none when the caller has checked the fit itself:
+    `full_depth_fits`).
 """
 
 from __future__ import annotations
@@ -480,8 +481,12 @@ class Decoder(nnx.Module):
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
              full_depth_BT=None, full_depth_capacity: int | None = None,
-             cache: KVCache | None = None, cache_index=0, dropout_key=None):
-    """Final hidden states [B, T, D] (before the final norm) and the updated cache (or None)."""
+             full_depth_fits: bool = False, cache: KVCache | None = None, cache_index=0,
+             dropout_key=None):
+    """Final hidden states [B, T, D] (before the final norm) and the updated cache (or None).
+    full_depth_fits: the caller has checked that the batch fits the buffer
+    (`prompt_buffer.plan(...).fits`), so skipped layers run on it with no `lax.cond`; other
+    arguments as `__call__`'s."""
     cfg = self.cfg
     kept = kept_layers(cfg.num_layers, tuple(skip))
     B, T = tokens_BT.shape
@@ -499,6 +504,8 @@ class Decoder(nnx.Module):
     masked_paper = full_depth_BT is not None and full_depth_BT is not True
     if masked_paper and full_depth_capacity is not None and full_depth_capacity < T:
       buffer = prompt_buffer.plan(full_depth_BT, segment_ids_BT, full_depth_capacity)
+      if full_depth_fits:
+        buffer = buffer.replace(fits=True)
     written = []
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
@@ -563,6 +570,8 @@ def _skipped_layer(layer: Block, x, positions, segment_ids, full_depth, buffer, 
 
   if buffer is None:
     return masked(state, x)
+  if buffer.fits is True:  # checked by the caller
+    return compact(state, x)
   # The fallback is rematerialised: jax's cond keeps the residuals of both branches for the
   # backward pass, and whole-row activations would cost the buffer's saving in memory.
   return jax.lax.cond(buffer.fits, compact, jax.checkpoint(masked), state, x)

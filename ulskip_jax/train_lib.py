@@ -86,11 +86,12 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
 
 
 def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, frozen=None,
-              dropout_key=None, prompt_capacity: int | None = None):
+              dropout_key=None, prompt_capacity: int | None = None, prompt_fits: bool = False):
   """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype).
 
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
   prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
+  prompt_fits: the batch is known to fit that buffer (`Decoder.hidden`'s full_depth_fits).
   The logits are those of the response tokens only (`Decoder.xent_sums`, a buffer of
   `loss.CAPACITY` of each row).
   """
@@ -98,7 +99,8 @@ def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, fr
   x, _ = model.hidden(batch["tokens"], skip=skip, positions_BT=batch["positions"],
                       segment_ids_BT=batch["segment_ids"],
                       full_depth_BT=batch["full_depth"] if paper else None,
-                      full_depth_capacity=prompt_capacity, dropout_key=dropout_key)
+                      full_depth_capacity=prompt_capacity, full_depth_fits=prompt_fits,
+                      dropout_key=dropout_key)
   capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, x.shape[1])
   return model.xent_sums(x, batch["targets"], batch["loss_mask"], capacity)
 
@@ -121,9 +123,17 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
     key = None
     if dropout_seed is not None:
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
-    (l, c), g = jax.value_and_grad(loss_sums, has_aux=True)(
+    grads = lambda capacity, fits: jax.value_and_grad(loss_sums, has_aux=True)(
         trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
-        prompt_capacity=prompt_capacity)
+        prompt_capacity=capacity, prompt_fits=fits)
+    if paper and skip and prompt_capacity is not None and prompt_capacity < mb["tokens"].shape[1]:
+      # One cond around the whole gradient, outside autodiff: the model's cond per skipped layer
+      # inside it would cost each layer's zero cotangents and operand copies.
+      fits = prompt_buffer.plan(mb["full_depth"], mb["segment_ids"], prompt_capacity).fits
+      (l, c), g = jax.lax.cond(fits, lambda: grads(prompt_capacity, True),
+                               lambda: grads(None, False))
+    else:
+      (l, c), g = grads(prompt_capacity, False)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
   zeros = jax.tree.map(jnp.zeros_like, trainable)
