@@ -14,8 +14,10 @@ Attention gets a `LayerCache` per kept layer (`KVCache.layer`). A deferred one (
 only reads, and hands the call's K/V back for the caller to `write` after a `lax.cond` (a branch
 that wrote the cache made XLA copy every cache layer it touches on every step).
 """
+
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -164,6 +166,10 @@ def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
 def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                 dtype: Any = None) -> int:
   """Bytes `init_cache` would allocate, computed from shapes only."""
-  n = len(kept_layers(cfg.num_layers, tuple(skip)))
-  itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
-  return batch * max_len * (2 * n * cfg.num_kv_heads * cfg.head_dim * itemsize + 4)
+  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
+
+
+@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
+def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
+  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from ulskip_jax import prompt_buffer
-from ulskip_jax.prompt_buffer import Buffer
 
 Array = jax.Array
 CAPACITY = 0.5  # default buffer slots per row, as a fraction of the row length
@@ -40,16 +39,6 @@ def xent_sums(x_BTD: Array, w: Array, targets_BT: Array, mask_BT: Array, *, tied
   """
   return _xent_sums(x_BTD, w, targets_BT, jnp.asarray(mask_BT, jnp.float32), tied, softcap,
                     capacity)
-
-
-def _buffer(mask_BT: Array, capacity: int) -> Buffer:
-  """Where each row's loss tokens go in a buffer of `capacity` slots, and whether all fit."""
-  B, T = mask_BT.shape
-  on = mask_BT > 0
-  slot_BT = jnp.where(on, jnp.cumsum(on, -1, dtype=jnp.int32) - 1, capacity)  # past the end: dropped
-  index_BC = jax.vmap(lambda s: jnp.full((capacity,), T, jnp.int32).at[s].set(
-      jnp.arange(T, dtype=jnp.int32), mode="drop"))(slot_BT)
-  return Buffer(index_BC=index_BC, fits=jnp.all(on.sum(-1) <= capacity))
 
 
 def _rows(x_BTD, w, targets_BT, mask_BT, tied, softcap, with_grads):
@@ -79,7 +68,7 @@ def _run(x_BTD, w, targets_BT, mask_BT, tied, softcap, capacity, with_grads):
   rows = functools.partial(_rows, tied=tied, softcap=softcap, with_grads=with_grads)
   if capacity is None or capacity >= x_BTD.shape[1]:
     return rows(x_BTD, w, targets_BT, mask_BT)
-  buffer = _buffer(mask_BT, capacity)
+  buffer = prompt_buffer.select(mask_BT > 0, capacity)
 
   def compact(x_BTD, w):
     gather = functools.partial(prompt_buffer.gather, buffer=buffer)

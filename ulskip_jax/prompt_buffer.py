@@ -13,6 +13,9 @@ so causal, per-segment attention over the buffer reads exactly the keys the mask
 `plan` also says whether a batch has that shape and fits; the model falls back to the masked
 computation when it does not, so the result never depends on the capacity.
 
+`select` (each row's marked tokens in C slots) is the generic part; the loss's buffer of
+response tokens uses it too (`loss.py`).
+
 Shapes: B batch, T row length, C buffer capacity (slots), D model width.
 """
 
@@ -44,15 +47,23 @@ def overflow_rows(full_depth_BT: Array, capacity: int) -> Array:
   return (jnp.asarray(full_depth_BT, bool).sum(-1) > capacity).sum().astype(jnp.int32)
 
 
+def select(on_BT: Array, capacity: int) -> Buffer:
+  """A buffer of each row's `on` tokens, in row order, in `capacity` slots; fits: every row's
+  count is at most `capacity` (the rest are dropped)."""
+  on_BT = jnp.asarray(on_BT, bool)
+  T = on_BT.shape[1]
+  slot_BT = jnp.where(on_BT, jnp.cumsum(on_BT, -1, dtype=jnp.int32) - 1, capacity)  # past the end
+  index_BC = jax.vmap(lambda s: jnp.full((capacity,), T, jnp.int32).at[s].set(
+      jnp.arange(T, dtype=jnp.int32), mode="drop"))(slot_BT)
+  return Buffer(index_BC=index_BC, fits=jnp.all(on_BT.sum(-1) <= capacity))
+
+
 def plan(full_depth_BT: Array, segment_ids_BT: Array, capacity: int) -> Buffer:
   """Where each row's full-depth tokens go in a buffer of `capacity` slots, and whether it fits."""
   full_depth_BT = jnp.asarray(full_depth_BT, bool)
   B, T = full_depth_BT.shape
   t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  slot_BT = jnp.cumsum(full_depth_BT, axis=-1, dtype=jnp.int32) - 1
-  slot_BT = jnp.where(full_depth_BT, slot_BT, capacity)  # a slot past the end: dropped
-  index_BC = jax.vmap(lambda s, t: jnp.full((capacity,), T, jnp.int32).at[s].set(
-      t, mode="drop"))(slot_BT, t_BT)
+  buffer = select(full_depth_BT, capacity)
   # Each segment's first response token: a full-depth token after it would read a key that the
   # buffer lacks. Segment ids outside [0, T] cannot index this table, so they take the fallback.
   in_range = (segment_ids_BT >= 0) & (segment_ids_BT <= T)
@@ -61,8 +72,7 @@ def plan(full_depth_BT: Array, segment_ids_BT: Array, capacity: int) -> Buffer:
       seg_BT, jnp.where(full_depth_BT, T, t_BT))
   opened = t_BT > jnp.take_along_axis(first_response, seg_BT, axis=-1)
   bad = full_depth_BT & ((segment_ids_BT <= 0) | opened)
-  fits = (full_depth_BT.sum(-1) <= capacity).all() & ~bad.any() & in_range.all()
-  return Buffer(index_BC=index_BC, fits=fits)
+  return buffer.replace(fits=buffer.fits & ~bad.any() & in_range.all())
 
 
 def gather(a_BT: Array, buffer: Buffer) -> Array:

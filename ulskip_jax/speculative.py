@@ -348,13 +348,14 @@ def parse_speculative(text: str) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for item in (t.strip() for t in text.split(",") if t.strip()):
     key, sep, value = item.partition("=")
-    if key.strip() not in parsers:
-      raise ValueError(f"speculative option {key.strip()!r} is unknown: allowed are draft_ratio, "
+    key = key.strip()
+    if key not in parsers:
+      raise ValueError(f"speculative option {key!r} is unknown: allowed are draft_ratio, "
                        "draft_skip, k (num_draft_tokens), draft_cache")
     try:
       if not sep:
         raise ValueError
-      out[{"k": "num_draft_tokens"}.get(key.strip(), key.strip())] = parsers[key.strip()](value)
+      out["num_draft_tokens" if key == "k" else key] = parsers[key](value)
     except ValueError:
       raise ValueError(f"speculative option {item!r} is invalid: write e.g. 'draft_ratio=2,k=4' "
                        "or 'draft_skip=1-2,k=4,draft_cache=shared'") from None

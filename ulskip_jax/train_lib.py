@@ -123,17 +123,17 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
     key = None
     if dropout_seed is not None:
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
-    grads = lambda capacity, fits: jax.value_and_grad(loss_sums, has_aux=True)(
+    value_and_grads = lambda capacity, fits: jax.value_and_grad(loss_sums, has_aux=True)(
         trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
         prompt_capacity=capacity, prompt_fits=fits)
     if paper and skip and prompt_capacity is not None and prompt_capacity < mb["tokens"].shape[1]:
       # One cond around the whole gradient, outside autodiff: the model's cond per skipped layer
       # inside it would cost each layer's zero cotangents and operand copies.
       fits = prompt_buffer.plan(mb["full_depth"], mb["segment_ids"], prompt_capacity).fits
-      (l, c), g = jax.lax.cond(fits, lambda: grads(prompt_capacity, True),
-                               lambda: grads(None, False))
+      (l, c), g = jax.lax.cond(fits, lambda: value_and_grads(prompt_capacity, True),
+                               lambda: value_and_grads(None, False))
     else:
-      (l, c), g = grads(prompt_capacity, False)
+      (l, c), g = value_and_grads(prompt_capacity, False)
     return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, count + c), None
 
   zeros = jax.tree.map(jnp.zeros_like, trainable)
