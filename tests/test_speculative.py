@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tests import tiny
-from tests.test_decode import FAST_COMPILE, PROMPTS, _hlo_computations, _reachable
+from tests import hlo, tiny
+from tests.test_decode import FAST_COMPILE, PROMPTS
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
 from ulskip_jax.model import cache_bytes
@@ -135,35 +135,22 @@ def test_cache_sizes_and_stats(models):
 
 
 @pytest.mark.parametrize("draft_cache", spec.DRAFT_CACHES)
-def test_loop_commits_in_place(models, draft_cache):
-  """In the round loop, every op that makes a cache layer ([B, K, S, Hd]) is an in-place
-  dynamic-update-slice or scatter (no per-round copy of a cache); the temporaries stay small."""
+@pytest.mark.parametrize("rows", [None, 2])
+def test_loop_commits_in_place(models, draft_cache, rows):
+  """In the round loop (and continuous batching's refills), every op that makes a cache layer
+  ([B, K, S, Hd]) is an in-place dynamic-update-slice or scatter (no per-round copy of a
+  cache); the temporaries stay small."""
   model = models["llama"]
   compiled = decode.compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
-                                     max_new_tokens=MAX_NEW, eos_id=None)
-  text = compiled.as_text()
-  comps = _hlo_computations(text)
-  bodies = set(re.findall(r"body=(%[\w.\-]+)", text))
-  cfg = model.cfg
+                                     continuous_rows=rows, max_new_tokens=MAX_NEW, eos_id=None)
+  cfg, B = model.cfg, rows or 4
   slots = 16 + 16 + 2 * K + 1
-  layer_shape = f"f32[4,{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
-  in_place = 0
-  for name in set().union(*(_reachable(comps, b) for b in bodies)):
-    for line in comps[name]:
-      op = re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* ([\w\-]+)\(", line)
-      if not op or op.group(1) != layer_shape:
-        continue
-      kind = op.group(2)
-      if kind == "fusion":
-        fused = re.search(r"calls=(%[\w.\-]+)", line).group(1)
-        assert any(re.search(r"(dynamic-update-slice|scatter)\(", l) for l in comps[fused]), line
-        in_place += 1
-      else:
-        assert kind in ("parameter", "get-tuple-element", "tuple", "bitcast",
-                        "dynamic-update-slice", "scatter"), line
+  in_place, others = hlo.loop_layer_ops(compiled.as_text(),
+                                        (B, cfg.num_kv_heads, slots, cfg.head_dim))
+  assert not others, others[:2]
   assert in_place >= 2 * (4 + 2)  # K and V of every verify and draft layer
-  caches = cache_bytes(cfg, 4, slots, () if draft_cache == "shared" else plan_layers(4, 2).skipped)
-  caches += cache_bytes(cfg, 4, slots)
+  caches = cache_bytes(cfg, B, slots, () if draft_cache == "shared" else plan_layers(4, 2).skipped)
+  caches += cache_bytes(cfg, B, slots)
   memory = compiled.memory_analysis()
   assert memory.temp_size_in_bytes < 3 * caches + 300_000, (memory, caches)
 

@@ -1,9 +1,10 @@
-"""Batched decoding with a static skip plan: greedy and sampling (`Sample`), beam search
-(`Beam`) and continuous batching (`Continuous`), and the public `generate`, which also runs
-speculative decoding (`speculative.Speculative`). Each strategy is a frozen dataclass of static
-options with its named state and its step on `engine.decode_loop`: one call of `generate` runs ONE
-compiled executable, a batched prefill and a `lax.while_loop` until every row has finished or the
-budget is spent; the cache is created inside it, so XLA updates it in place.
+"""Batched decoding with a static skip plan: greedy and sampling (`Sample`, over static batches
+or continuously: a finished row takes the next prompt), beam search (`Beam`), and the public
+`generate`, which also runs speculative decoding (`speculative.Speculative`). Each strategy is a
+frozen dataclass of static options with its named state and its step on `engine.decode_loop`:
+one call of `generate` runs ONE compiled executable, a batched prefill and a `lax.while_loop`
+until every row has finished or the budget is spent; the cache is created inside it, so XLA
+updates it in place.
 
 Shapes: B rows, P prompt slots, N new-token slots (bucketed: `engine.checked_inputs`),
 S = P + N cache slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded (pads
@@ -41,17 +42,19 @@ def num_compiles() -> int:
 # ----------------------------------------------------------------------------------------------
 # Token selection.
 
-def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, cur: Array,
+def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, cur_R: Array,
                          n: int) -> Array:
-  """-inf on every token that would repeat an n-gram of buf[:, first_valid:cur] (prompt included,
-  as Hugging Face's NoRepeatNGramLogitsProcessor does for decoder-only models; pads excluded)."""
+  """-inf on every token that would repeat an n-gram of buf[r, first_valid_r:cur_r] (prompt
+  included, as Hugging Face's NoRepeatNGramLogitsProcessor does for decoder-only models; pads
+  excluded)."""
   R, L = buf_RL.shape
   J = L - n + 1  # n-gram start slots
   starts = jnp.arange(J)
   windows = jnp.stack([buf_RL[:, k:k + J] for k in range(n)], -1)  # [R, J, n]
-  last = jax.lax.dynamic_slice_in_dim(buf_RL, cur - (n - 1), n - 1, axis=1)  # [R, n-1]
-  ngram_ok = (starts[None] >= first_valid_R[:, None]) & (starts[None] + n - 1 < cur)
-  last_ok = (cur - (n - 1) >= first_valid_R)[:, None]
+  last = jnp.take_along_axis(buf_RL, jnp.maximum(cur_R[:, None] - (n - 1) + jnp.arange(n - 1), 0),
+                             1)  # [R, n - 1]
+  ngram_ok = (starts[None] >= first_valid_R[:, None]) & (starts[None] + n - 1 < cur_R[:, None])
+  last_ok = (cur_R - (n - 1) >= first_valid_R)[:, None]
   match = ngram_ok & last_ok & jnp.all(windows[..., :n - 1] == last[:, None], -1)
   banned = jnp.zeros(logits_RV.shape, bool).at[jnp.arange(R)[:, None], windows[..., -1]].max(match)
   return jnp.where(banned, -jnp.inf, logits_RV)
@@ -61,8 +64,13 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
 # The strategies.
 
 @dataclasses.dataclass(frozen=True)
-class Sample(engine.Strategy):
-  """Greedy (sample=False) or sampling, one prompt per row (static batches)."""
+class Sample(engine.Queued):
+  """Greedy (sample=False) or sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): a
+  static batch is a full queue (Q = B), continuous batching a longer one. The result is the new
+  tokens [Q, N] of every prompt. The cache is a ring of S = P + N slots: step g writes every
+  row's token at slot g % S (one shared dynamic_update_slice), and a prompt started at step g
+  occupies slots [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other;
+  attention masks by the positions in `cache.pos`, so slot order does not matter."""
   skip: tuple[int, ...]
   paper_mode: bool          # prompt through all layers, response through the kept ones
   max_new_slots: int        # N, the bucketed token budget
@@ -82,31 +90,61 @@ class Sample(engine.Strategy):
                             cache=cache, cache_index=slot)
     return model.unembed(x)[:, 0], cache
 
-  def select(self, x: engine.Inputs, logits: Array, rng: Array) -> Array:
-    return sampling.select(logits, rng, sample=self.sample, temperature=x.temperature,
-                           top_k=self.top_k, top_p=x.top_p if self.use_top_p else None)
-
-  def _choose(self, x: engine.Inputs, logits, t, buf, done):
+  def _choose(self, x: engine.Inputs, logits_RV, owner_R, count_R, out_QN):
+    """The next token of each row, whose prompt owner_R has generated count_R tokens so far."""
+    prompt_R = jnp.maximum(owner_R, 0)
     if self.no_repeat_ngram_size:
-      logits = _ban_repeated_ngrams(logits, buf, x.pad, x.prompts.shape[1] + t,
-                                    self.no_repeat_ngram_size)
-    tok = jnp.where(done, x.pad_id, self.select(x, logits, jax.random.fold_in(x.rng, t)))
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], x.prompts.shape[1] + t, 1)
-    return tok, buf, done | (tok == x.eos_id)
+      history = jnp.concatenate([x.prompts[prompt_R], out_QN[prompt_R]], 1)
+      logits_RV = _ban_repeated_ngrams(logits_RV, history, x.pad[prompt_R],
+                                       x.prompts.shape[1] + count_R, self.no_repeat_ngram_size)
+    if not self.sample:
+      return sampling.argmax(logits_RV)
+    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
+    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(x.rng, i), c))(
+        prompt_R, count_R)
+    return jax.vmap(lambda lg, key: sampling.select(
+        lg, key, sample=True, temperature=x.temperature, top_k=self.top_k,
+        top_p=x.top_p if self.use_top_p else None))(logits_RV, keys)
 
   def start(self, model, x):
-    B, P = x.prompts.shape
-    buf = jnp.concatenate([x.prompts, jnp.full((B, self.max_new_slots), x.pad_id, jnp.int32)], 1)
-    logits, cache = self.prefill(model, x.prompts, x.pad, P + self.max_new_slots)
-    return SampleState(jnp.int32(1), *self._choose(x, logits, 0, buf, ~x.rows), cache)
+    (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
+    filled, next_prompt = self.first_prompts(x)
+    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
+    out = jnp.full((Q, N), x.pad_id, jnp.int32)
+    logits, cache = self.prefill(model, x.prompts[:B], x.pad[:B], P + N)
+    zeros = jnp.zeros_like(owner)
+    tok = jnp.where(filled, self._choose(x, logits, owner, zeros, out), x.pad_id)
+    return SampleState(step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B], count_B=zeros + 1,
+                       done=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner=owner,
+                       next_prompt=next_prompt, cache=cache,
+                       out_QN=out.at[jnp.where(filled, owner, Q), 0].set(tok, mode="drop"))
+
+  def refill(self, model, x, s: SampleState, b, i, prompt_1P, pad_1) -> SampleState:
+    P = x.prompts.shape[1]
+    logits, prompt_cache = self.prefill(model, prompt_1P, pad_1, P)
+    tok = self._choose(x, logits, i[None], jnp.zeros((1,), jnp.int32), s.out_QN)[0]
+    return s.replace(
+        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad_1[0]),
+        count_B=s.count_B.at[b].set(1),
+        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
+        owner=s.owner.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + self.max_new_slots)))
 
   def step(self, model, x, s: SampleState) -> SampleState:
-    slot = x.prompts.shape[1] + s.t - 1  # the previous token's slot
-    logits, cache = self.forward(model, s.tok, slot - x.pad, s.cache, slot)
-    return SampleState(s.t + 1, *self._choose(x, logits, s.t, s.buf, s.done), cache)
+    s = self.fill_rows(model, x, s)
+    Q = x.prompts.shape[0]
+    logits, cache = self.forward(model, s.tok_B, s.pos_B, s.cache,
+                                 s.step % (x.prompts.shape[1] + self.max_new_slots))
+    live = ~s.done
+    tok = jnp.where(live, self._choose(x, logits, s.owner, s.count_B, s.out_QN), x.pad_id)
+    out = s.out_QN.at[jnp.where(live, s.owner, Q), s.count_B].set(tok, mode="drop")
+    count = s.count_B + live
+    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
+                     done=s.done | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
+                     cache=cache)
 
   def result(self, x, s: SampleState):
-    return s.buf[:, x.prompts.shape[1]:]
+    return s.out_QN
 
   def stats(self, cfg, x, stats, rest):
     rows = x.rows.shape[0] * getattr(self, "num_beams", 1)
@@ -116,12 +154,16 @@ class Sample(engine.Strategy):
 
 @flax.struct.dataclass
 class SampleState:
-  """Greedy / sampling loop state (B rows, L = P + N token slots)."""
-  t: Array        # [] tokens generated so far
-  tok: Array      # [B] the last one, fed next
-  buf: Array      # [B, L] prompt and generated tokens, pad_id after EOS
-  done: Array     # [B] bool
-  cache: KVCache
+  """The loop state of greedy decoding and sampling."""
+  step: Array         # [] the global step g: the next decode step writes slot g % S
+  tok_B: Array        # [B] the token each row feeds next
+  pos_B: Array        # [B] that token's position in its prompt's sequence
+  count_B: Array      # [B] tokens the row's prompt has generated so far
+  done: Array         # [B] bool: nothing to feed (finished, unused, or no prompt yet)
+  owner: Array        # [B] the prompt index each row decodes (-1 = none)
+  next_prompt: Array  # [] prompts [0, next_prompt) have been started
+  out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
+  cache: KVCache      # [B] rows of S ring slots, kept layers only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +188,8 @@ class Beam(Sample):
     take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
     logp = jax.nn.log_softmax(logits_RV, -1)
     if self.no_repeat_ngram_size:
-      logp = _ban_repeated_ngrams(logp, run_seq.reshape(R, -1), jnp.repeat(x.pad, nb), cur,
-                                  self.no_repeat_ngram_size)
+      logp = _ban_repeated_ngrams(logp, run_seq.reshape(R, -1), jnp.repeat(x.pad, nb),
+                                  jnp.full((R,), cur), self.no_repeat_ngram_size)
     acc = (logp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)
     top_score, top_idx = jax.lax.top_k(acc, K2)
     parent, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
@@ -220,77 +262,6 @@ class BeamState:
   go_on: Array       # [] bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Continuous(engine.Queued, Sample):
-  """Greedy / sampling over a prompt queue (x.prompts [Q, P], x.rows [B]); the result is the new
-  tokens [Q, N] of every prompt. The cache is a ring of S = P + N slots: step g writes every
-  row's token at slot g % S (one shared dynamic_update_slice), and a prompt started at step g
-  occupies slots [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other;
-  attention masks by the positions in `cache.pos`, so slot order does not matter."""
-
-  def _choose_rows(self, x, logits_RV, prompt_R, count_R):
-    if not self.sample:
-      return self.select(x, logits_RV, x.rng)
-    # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
-    keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(x.rng, i), c))(
-        jnp.maximum(prompt_R, 0), count_R)
-    return jax.vmap(lambda lg, key: self.select(x, lg, key))(logits_RV, keys)
-
-  def start(self, model, x):
-    (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
-    filled, next_prompt = self.first_prompts(x)
-    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
-    logits, cache = self.prefill(model, x.prompts[:B], x.pad[:B], P + N)
-    tok = jnp.where(filled, self._choose_rows(x, logits, owner, jnp.zeros_like(owner)), x.pad_id)
-    out = jnp.full((Q, N), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
-        tok, mode="drop")
-    return ContinuousState(step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B],
-                           count_B=jnp.ones_like(owner),
-                           done=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner=owner,
-                           next_prompt=next_prompt, out_QN=out, cache=cache)
-
-  def refill(self, model, x, s: ContinuousState, b, i, prompt_1P, pad_1) -> ContinuousState:
-    P = x.prompts.shape[1]
-    logits, prompt_cache = self.prefill(model, prompt_1P, pad_1, P)
-    tok = self._choose_rows(x, logits, i[None], jnp.zeros((1,), jnp.int32))[0]
-    return s.replace(
-        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad_1[0]),
-        count_B=s.count_B.at[b].set(1),
-        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
-        owner=s.owner.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
-        cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + self.max_new_slots)))
-
-  def step(self, model, x, s: ContinuousState) -> ContinuousState:
-    s = self.fill_rows(model, x, s)
-    Q = x.prompts.shape[0]
-    logits, cache = self.forward(model, s.tok_B, s.pos_B, s.cache,
-                                 s.step % (x.prompts.shape[1] + self.max_new_slots))
-    live = ~s.done
-    tok = jnp.where(live, self._choose_rows(x, logits, s.owner, s.count_B), x.pad_id)
-    out = s.out_QN.at[jnp.where(live, s.owner, Q), s.count_B].set(tok, mode="drop")
-    count = s.count_B + live
-    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
-                     done=s.done | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
-                     cache=cache)
-
-  def result(self, x, s: ContinuousState):
-    return s.out_QN
-
-
-@flax.struct.dataclass
-class ContinuousState:
-  """The loop state of continuous batching."""
-  step: Array         # [] the global step g: the next decode step writes slot g % S
-  tok_B: Array        # [B] the token each row feeds next
-  pos_B: Array        # [B] that token's position in its prompt's sequence
-  count_B: Array      # [B] tokens the row's prompt has generated so far
-  done: Array         # [B] bool: nothing to feed (finished, unused, or no prompt yet)
-  owner: Array        # [B] the prompt index each row decodes (-1 = none)
-  next_prompt: Array  # [] prompts [0, next_prompt) have been started
-  out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
-  cache: KVCache      # [B] rows of S ring slots, kept layers only
-
-
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
@@ -304,11 +275,13 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
   plan_call(model, [[0]] if prompts is None else prompts, **kw)
 
 
-def plan_call(model: Decoder, prompts, *, beam_search: bool = False,
+def plan_call(model: Decoder, prompts, *, beam_search: bool | None = None,
               continuous_rows: int | None = None, speculative: dict | None = None,
               **kw) -> tuple[engine.Strategy, engine.Inputs]:
   """Validate the prompts and options; return the strategy (`speculative.Speculative` with
-  `speculative`, else `Beam`, `Continuous` with continuous_rows, or `Sample`) and its `Inputs`."""
+  `speculative`, else `Beam` or `Sample`) and its `Inputs`: with continuous_rows, that many rows
+  decode a queue of the prompts, else each prompt has a row. beam_search: by default when
+  num_beams > 1 (a test runs it with one beam)."""
   draft = None if speculative is None else speculative_lib.check(model.cfg, speculative, **kw)
   o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
   choice = dict(max_new_slots=o["max_new_slots"], sample=o["sample"], top_k=o["top_k"],
@@ -316,17 +289,20 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool = False,
   if draft is not None:
     return speculative_lib.Speculative(**draft, **choice), x
   common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
-                max_new_slots=o["max_new_slots"], no_repeat_ngram_size=o["no_repeat_ngram_size"])
-  if beam_search:
-    return Beam(**common, num_beams=o["num_beams"], early_stopping=o["early_stopping"]), x
-  return (Continuous if continuous_rows else Sample)(**dict(common, **choice)), x
+                no_repeat_ngram_size=o["no_repeat_ngram_size"])
+  if o["num_beams"] > 1 if beam_search is None else beam_search:
+    if continuous_rows:
+      raise ValueError(f"num_beams={o['num_beams']} with continuous batching is unsupported: "
+                       "beam search runs static batches (generate)")
+    return Beam(**common, max_new_slots=o["max_new_slots"], num_beams=o["num_beams"],
+                early_stopping=o["early_stopping"]), x
+  return Sample(**common, **choice), x
 
 
 def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
   """The executable `generate` runs for this batch size, prompt length and keyword arguments
   (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
-  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size,
-                          beam_search=kw.get("num_beams", 1) > 1, **kw)
+  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size, **kw)
   return engine.executable(strategy, *nnx.split(model), x)[0]
 
 
@@ -357,21 +333,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
   are never truncated silently.
   """
-  return _generate(model, prompts, beam_search=options.get("num_beams", 1) > 1,
-                   max_new_tokens=max_new_tokens, eos_id=eos_id, **options)
+  return _generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **options)
 
 
-def _generate(model: Decoder, prompts, *, beam_search: bool = False, **kw):
-  """`generate` of `plan_call`'s strategy (e.g. beam search with one beam: a test)."""
-  strategy, x = plan_call(model, prompts, beam_search=beam_search, **kw)
+def _generate(model: Decoder, prompts, **kw):
+  """`generate` of `plan_call`'s strategy."""
+  strategy, x = plan_call(model, prompts, **kw)
   outputs, _, stats = engine.run(strategy, model, x)
   return outputs, stats
-
-
-def continuous_supported(num_beams: int = 1, no_repeat_ngram_size: int = 0, **_) -> bool:
-  """Whether `generate_continuous` runs these options: not beams, nor n-gram bans (the ring keeps
-  no per-row history)."""
-  return num_beams == 1 and not no_repeat_ngram_size
 
 
 def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
@@ -380,13 +349,9 @@ def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, bat
   a row that finishes takes the next waiting prompt while the others keep going. Greedy output
   per prompt is the one `generate` gives that prompt alone. Queues of at most QUEUE_ROUNDS * rows
   prompts a call bound the executables' buckets. Keyword arguments as `generate`'s (`speculative`
-  included), without beams or no_repeat_ngram_size (`continuous_supported`)."""
-  batch_size = as_int("batch_size", batch_size, min=1)
-  if not continuous_supported(**kw):
-    raise ValueError("continuous batching runs greedy, sampling and speculative decoding: for "
-                     "num_beams > 1 or no_repeat_ngram_size use generate (static batches)")
-  check_generate(model, prompts, **kw)  # every chunk's prompts, before any runs
-  rows = min(batch_size, len(prompts))
+  included), without beams."""
+  rows = min(as_int("batch_size", batch_size, min=1), len(prompts))
+  check_generate(model, prompts, continuous_rows=rows, **kw)  # every chunk's, before any runs
   return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
                           prompts, QUEUE_ROUNDS * rows)
 
@@ -425,7 +390,7 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
                   static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
   """Tokenize `texts` (`encode_prompt`, with `chat`), generate, detokenize: one string per text,
   in input order. Greedy, sampling and speculative decoding batch continuously
-  (`generate_continuous`); beams, n-gram bans and `static_batches=True` run `generate` on chunks
+  (`generate_continuous`); beams and `static_batches=True` run `generate` on chunks
   of `batch_size`, sorted by length when `sort_by_length`. Every prompt is checked before anything
   runs. eos_id / pad_id default to the tokenizer's; other keyword arguments go to `generate`.
   progress: a tqdm bar over chunks (on stderr)."""
@@ -440,11 +405,10 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
   batch_size = as_int("batch_size", batch_size, min=1)
   prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
   check_generate(model, prompts, **kw)
-  continuous = not static_batches and continuous_supported(**kw)
+  continuous = not static_batches and kw.get("num_beams", 1) == 1
   # Every prompt is checked above; each chunk runs the plan directly.
-  run = functools.partial(_generate, model, beam_search=kw.get("num_beams", 1) > 1,
-                          continuous_rows=min(batch_size, len(prompts)) if continuous else None,
-                          **kw)
+  run = functools.partial(_generate, model, **kw,
+                          continuous_rows=min(batch_size, len(prompts)) if continuous else None)
   ids, stats = engine.in_chunks(run, prompts, QUEUE_ROUNDS * batch_size if continuous
                                 else batch_size, by_length=sort_by_length and not continuous,
                                 progress=progress)

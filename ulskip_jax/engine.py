@@ -293,6 +293,9 @@ class Queued(Strategy):
     return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
 
   def fill_rows(self, model, x: Inputs, s):
+    if x.prompts.shape[0] == x.rows.shape[0]:  # a static batch: no prompt ever waits
+      return s
+
     def refill(s):
       row = jnp.min(jnp.where(s.done & x.rows, jnp.arange(x.rows.shape[0]), x.rows.shape[0]))
       i = s.next_prompt

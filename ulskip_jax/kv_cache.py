@@ -131,18 +131,12 @@ class KVCache:
   def insert(self, row, prompt: KVCache, first_slot) -> KVCache:
     """Row `row` replaced by the one-row cache `prompt` (P slots) placed at the ring slots
     [first_slot, first_slot + P) % S; the row's other slots become empty."""
-    S = self.pos.shape[1]
-
-    def place(big, small, axis, fill):
-      gap = list(small.shape)
-      gap[axis] = S - small.shape[axis]
-      ring = jnp.roll(jnp.concatenate([small, jnp.full(gap, fill, small.dtype)], axis),
-                      first_slot, axis)
-      return jax.lax.dynamic_update_index_in_dim(big, ring[0].astype(big.dtype), row, 0)
-
-    return KVCache(tuple(place(a, b, 2, 0) for a, b in zip(self.k, prompt.k)),
-                   tuple(place(a, b, 2, 0) for a, b in zip(self.v, prompt.v)),
-                   place(self.pos, prompt.pos, 1, -1))
+    S, P = self.pos.shape[1], prompt.pos.shape[1]
+    slots = (first_slot + jnp.arange(P)) % S
+    # [K, P, Hd] -> [P, K, Hd]: a scalar and an array index around a slice put the array's first.
+    put = lambda big, small: big.at[row, :, slots].set(small[0].swapaxes(0, 1).astype(big.dtype))
+    return KVCache(tuple(map(put, self.k, prompt.k)), tuple(map(put, self.v, prompt.v)),
+                   self.pos.at[row].set(jnp.full((S,), -1, jnp.int32).at[slots].set(prompt.pos[0])))
 
 
 def write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
