@@ -226,7 +226,8 @@ class Beam(Sample):
     prompt_buf = jnp.concatenate([x.prompts, jnp.full((B, N), x.pad_id, jnp.int32)], 1)
     run_seq = jnp.repeat(prompt_buf[:, None], nb, 1)                 # [B, nb, P + N]
     logits, cache = self.prefill(model, x.prompts, x.pad, P + N)
-    logits, cache = jnp.repeat(logits, nb, axis=0), cache.repeat(nb)  # the prompt ran once a row
+    rows = jnp.arange(B).repeat(nb)  # the prompt ran once a row: its beams copy it
+    logits, cache = logits[rows], cache.reorder(rows)
     return self._select_beams(model, x, logits, BeamState(
         t=jnp.int32(0), parents=jnp.arange(B * nb), cache=cache, run_seq=run_seq,
         run_score=jnp.tile(jnp.array([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1)),

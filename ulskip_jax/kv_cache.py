@@ -97,10 +97,6 @@ class KVCache:
     """Row r of the result is row rows_R[r] (beam search: each beam takes its parent's K/V)."""
     return jax.tree.map(lambda a: a[rows_R], self)
 
-  def repeat(self, n: int) -> KVCache:
-    """Each row n times in a row (a prompt's cache copied to its beams)."""
-    return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self)
-
   def kept_view(self, kept: tuple[int, ...]) -> KVCache:
     """The cache of the layers at indices `kept` (a draft sub-model's layers in a full cache)."""
     return KVCache(tuple(self.k[i] for i in kept), tuple(self.v[i] for i in kept), self.pos)
