@@ -18,7 +18,7 @@ import pytest
 import scipy.stats
 
 from tests import hlo, tiny
-from tests.test_decode import FAST_COMPILE, PROMPTS
+from tests.test_decode import FAST_COMPILE, PROMPTS, QUEUE, _eos_with_spread
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
 from ulskip_jax.model import cache_bytes
@@ -132,6 +132,19 @@ def test_cache_sizes_and_stats(models):
   total = engine.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
   assert isinstance(total, spec.SpeculativeStats)
   assert total.drafted_tokens == 2 * sep.drafted_tokens and total.calls == 2
+
+
+@pytest.mark.parametrize("draft_cache", spec.DRAFT_CACHES)
+def test_continuous_batching_equals_full_model_greedy(models, draft_cache):
+  """7 prompts on 2 rows, a finished row taking the next prompt: each prompt's output is still
+  the full model's greedy output, cut at an EOS that stops the rows at different rounds."""
+  model = models["llama"]
+  eos = _eos_with_spread(model)
+  free, _ = decode.generate(model, QUEUE, max_new_tokens=MAX_NEW, eos_id=None)
+  got, stats = generate(model, QUEUE, batch_size=2, **SPEC, draft_cache=draft_cache,
+                        max_new_tokens=MAX_NEW, eos_id=eos)
+  assert got == cut(free, eos) and len(set(map(len, got))) > 2
+  assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in got)
 
 
 @pytest.mark.parametrize("draft_cache", spec.DRAFT_CACHES)

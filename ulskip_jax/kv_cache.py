@@ -118,10 +118,10 @@ class KVCache:
 
     def move(x_BKSD):
       block = jnp.take_along_axis(x_BKSD[:, :, scratch:scratch + width], src[:, None, :, None], 2)
-      return write_rows(x_BKSD, block, dest_B, 2)
+      return _write_rows(x_BKSD, block, dest_B, 2)
 
     pos_block = jnp.where(j[None] < count_B[:, None], first_pos_B[:, None] + j[None], -1)
-    pos = write_rows(self.pos, pos_block, dest_B, 1).at[:, scratch:].set(-1)
+    pos = _write_rows(self.pos, pos_block, dest_B, 1).at[:, scratch:].set(-1)
     return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), pos)
 
   def insert(self, row, prompt: KVCache, first_slot) -> KVCache:
@@ -135,7 +135,7 @@ class KVCache:
                    self.pos.at[row].set(jnp.full((S,), -1, jnp.int32).at[slots].set(prompt.pos[0])))
 
 
-def write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
+def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
   """buf[b, ..., offset_B[b] : offset_B[b] + len, ...] = block[b] along `axis` (in place)."""
   return jax.vmap(lambda x, u, o: jax.lax.dynamic_update_slice_in_dim(x, u, o, axis - 1))(
       buf, block.astype(buf.dtype), offset_B)

@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ulskip_jax import engine, kv_cache, sampling
+from ulskip_jax import engine, sampling
 from ulskip_jax.checks import as_choice, as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import ModelConfig
@@ -82,8 +82,7 @@ def _leading_true(x_BK: Array) -> Array:
 class SpeculativeState:
   """The loop state between rounds (B rows, Q queued prompts, N new-token slots, k drafts)."""
   rnd: Array                   # [] this round's number, from 1
-  out: Array                   # [B, N + k + 1] the row's emitted tokens, pad_id after EOS
-  out_Q: Array                 # [Q, N + k + 1] finished prompts' tokens (continuous batching)
+  out_Q: Array                 # [Q, N + k + 1] each prompt's emitted tokens, pad_id after EOS
   owner: Array                 # [B] the prompt each row decodes (-1 = none)
   next_prompt: Array           # [] prompts [0, next_prompt) have been started
   prompt_len: Array            # [B] the row's prompt length
@@ -177,26 +176,21 @@ class Speculative(engine.Queued):
     filled, next_prompt = self.first_prompts(x)
     tok = jnp.where(filled, self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0], x.pad_id)
     zeros = jnp.zeros((B,), jnp.int32)
+    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
     return SpeculativeState(
-        rnd=jnp.int32(1), out=jnp.full((B, N + k + 1), x.pad_id, jnp.int32).at[:, 0].set(tok),
-        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32),
-        owner=jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1), next_prompt=next_prompt,
+        rnd=jnp.int32(1), owner=owner, next_prompt=next_prompt,
+        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
+            tok, mode="drop"),
         prompt_len=P - x.pad[:B], generated=zeros + 1,
         done=~filled | (tok == x.eos_id) | (x.max_new <= 1), pending=tok, cache=cache,
         draft_cache=draft_cache, carry_tok=zeros, carry_valid=zeros > 0, accepted=jnp.int32(0),
         drafted=jnp.int32(0), last_commit=(zeros, zeros + P, zeros))
 
-  def _flush(self, s, rows_mask):
-    """out_Q with the finished rows' tokens filed under their prompts."""
-    Q = s.out_Q.shape[0]
-    return s.out_Q.at[jnp.where(rows_mask & (s.owner >= 0), s.owner, Q)].set(s.out, mode="drop")
-
   def refill(self, model, x, s: SpeculativeState, b, i, prompt_1P, pad_1) -> SpeculativeState:
     logits, cache, draft_cache = self._prefill(model, x, prompt_1P, pad_1, x.prompts.shape[1])
     tok = self._choose(x, logits, jax.random.fold_in(jax.random.fold_in(x.rng, i), 0))[0][0]
     return s.replace(
-        out=s.out.at[b].set(x.pad_id).at[b, 0].set(tok),
-        out_Q=self._flush(s, jnp.arange(x.rows.shape[0]) == b), owner=s.owner.at[b].set(i),
+        out_Q=s.out_Q.at[i, 0].set(tok), owner=s.owner.at[b].set(i),
         next_prompt=i + 1, prompt_len=s.prompt_len.at[b].set(x.prompts.shape[1] - pad_1[0]),
         generated=s.generated.at[b].set(1),
         done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
@@ -272,7 +266,9 @@ class Speculative(engine.Queued):
       carry_valid, carry_tok = (count == k + 1) & ~s.done, drafts[:, k - 1]
     generated = s.generated + count
     return s.replace(
-        rnd=s.rnd + 1, out=kv_cache.write_rows(s.out, block, s.generated, 1), generated=generated,
+        rnd=s.rnd + 1, generated=generated,
+        out_Q=s.out_Q.at[jnp.where(s.owner >= 0, s.owner, x.prompts.shape[0])[:, None],
+                         s.generated[:, None] + steps].set(block, mode="drop"),
         done=s.done | hit_eos | (generated >= x.max_new),
         pending=jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], s.pending),
         cache=cache, draft_cache=draft_cache, carry_tok=carry_tok, carry_valid=carry_valid,
@@ -281,7 +277,7 @@ class Speculative(engine.Queued):
         last_commit=(count, P + committed, pos0))
 
   def result(self, x, s: SpeculativeState):
-    return self._flush(s, x.rows), s.accepted, s.drafted, s.rnd - 1
+    return s.out_Q, s.accepted, s.drafted, s.rnd - 1
 
   def stats(self, cfg, x, stats, rest) -> SpeculativeStats:
     accepted, drafted, rounds = (int(a) for a in rest)
