@@ -235,8 +235,7 @@ def parse_args(argv):
   p.add_argument("--static-batches", action="store_true",
                  help="decode fixed batches of --batch-size prompts sorted by length, each until "
                       "its slowest row is done (default: continuous batching, where a finished "
-                      "row takes the next prompt; beams and --no-repeat-ngram-size always run "
-                      "static batches)")
+                      "row takes the next prompt; beam search always runs static batches)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--no-repeat-ngram-size", type=int, default=0)
