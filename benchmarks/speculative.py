@@ -67,7 +67,7 @@ def parse_args(argv=None):
                  help="first time x[B, 4096] @ W[4096, 16384] (f32, 256 MiB) per batch size: "
                       "where a step stops being weight-bandwidth-bound on this machine")
   p.add_argument("--continuous", action="store_true",
-                 help="continuous batching (`decode.generate_continuous`): a finished row takes "
+                 help="continuous batching (`decode.generate` with batch_size): a finished row takes "
                  "the next prompt, so no batch waits for its slowest row")
   p.add_argument("--out", help="also write the markdown table here")
   args = p.parse_args(argv)
@@ -190,7 +190,7 @@ def bench_batch(model, prompts, batch, eos_id, cases, args):
 
   def run(case):
     if args.continuous:
-      return decode.generate_continuous(model, prompts, batch_size=batch, **case, **kw)
+      return decode.generate(model, prompts, batch_size=batch, **case, **kw)
     outputs, stats = [], None
     for chunk in chunks:
       out, s = decode.generate(model, chunk, **case, **kw)

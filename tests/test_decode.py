@@ -230,6 +230,8 @@ def test_bad_arguments_raise_one_line_errors(models):
       (dict(prompts=PROMPTS, max_new_tokens=10, top_k=3), "temperature > 0"),
       (dict(prompts=PROMPTS, max_new_tokens=10, mode="sometimes"), "mode='sometimes'"),
       (dict(prompts=PROMPTS, max_new_tokens=0), "max_new_tokens=0"),
+      (dict(prompts=PROMPTS, max_new_tokens=10, batch_size=0), "batch_size=0"),
+      (dict(prompts=[[1], []], max_new_tokens=10, batch_size=1), "prompt 1 is empty"),
   ]
   for kw, message in cases:
     kw.setdefault("eos_id", EOS)
@@ -263,32 +265,34 @@ def test_continuous_batching_equals_each_prompt_alone(models, family, kw):
   if "no_repeat_ngram_size" in kw:  # the bans change outputs (the rows keep their histories)
     assert alone != [decode.generate(model, [p], max_new_tokens=MAX_NEW, eos_id=eos)[0][0]
                      for p in QUEUE]
-  got, stats = decode.generate_continuous(model, QUEUE, batch_size=2, max_new_tokens=MAX_NEW,
-                                          eos_id=eos, **kw)
+  got, stats = decode.generate(model, QUEUE, batch_size=2, max_new_tokens=MAX_NEW, eos_id=eos,
+                               **kw)
   assert got == alone
   assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in alone)
   assert stats.prompt_tokens == sum(map(len, QUEUE))
+  # 3 rows in use of a 4-row bucket, 4 prompts: one waits although the queue has no more slots.
+  assert decode.generate(model, QUEUE[:4], batch_size=3, max_new_tokens=MAX_NEW, eos_id=eos,
+                         **kw)[0] == alone[:4]
 
 
 def test_continuous_batching_compiles_once_per_bucket_and_samples_per_prompt(models):
   model = models["qwen2"][1]
   kw = dict(max_new_tokens=MAX_NEW, eos_id=EOS)
   before = decode.num_compiles()
-  decode.generate_continuous(model, QUEUE, batch_size=2, **kw)
+  decode.generate(model, QUEUE, batch_size=2, **kw)
   # Other queue lengths, prompt lengths, budgets and eos in the same buckets: no new executable.
   for queue, max_new, eos in ((QUEUE[:5], 3, None), (QUEUE[2:] + QUEUE[:1], 7, 9)):
-    _, stats = decode.generate_continuous(model, queue, batch_size=2, max_new_tokens=max_new,
-                                          eos_id=eos)
+    _, stats = decode.generate(model, queue, batch_size=2, max_new_tokens=max_new, eos_id=eos)
     assert stats.executables_built == 0
   assert decode.num_compiles() == before + 1
   # Each prompt samples with its own keys, so the schedule (rows) does not change its tokens.
   sample = dict(kw, temperature=1.0, top_p=0.9, seed=3)
-  two, _ = decode.generate_continuous(model, QUEUE, batch_size=2, **sample)
-  four, _ = decode.generate_continuous(model, QUEUE, batch_size=4, **sample)
+  two, _ = decode.generate(model, QUEUE, batch_size=2, **sample)
+  four, _ = decode.generate(model, QUEUE, batch_size=4, **sample)
   assert two == four
-  assert decode.generate_continuous(model, QUEUE, batch_size=2, **dict(sample, seed=4))[0] != two
+  assert decode.generate(model, QUEUE, batch_size=2, **dict(sample, seed=4))[0] != two
   with pytest.raises(ValueError, match="num_beams=2 with continuous batching"):
-    decode.generate_continuous(model, QUEUE, num_beams=2, **kw)
+    decode.generate(model, QUEUE, batch_size=8, num_beams=2, **kw)
 
 
 def test_continuous_batching_updates_the_cache_in_place(models):
@@ -296,8 +300,7 @@ def test_continuous_batching_updates_the_cache_in_place(models):
   refills write one row (the refill's while loop carries the cache without copying it)."""
   model = models["llama"][1]
   before = set(engine.EXECUTABLES)
-  decode.generate_continuous(model, QUEUE, batch_size=2, ratio=RATIO, max_new_tokens=MAX_NEW,
-                             eos_id=EOS)
+  decode.generate(model, QUEUE, batch_size=2, ratio=RATIO, max_new_tokens=MAX_NEW, eos_id=EOS)
   cfg = model.cfg
   texts = [v.as_text() for k, v in engine.EXECUTABLES.items() if k not in before]
   assert texts

@@ -56,10 +56,7 @@ def generate(model, prompts, *, batch_size=None, **kw):
   """Speculative decoding through `decode`'s API: the draft's options (spec.OPTION_KEYS) go in
   speculative=dict(...); with batch_size, continuous batching on that many rows."""
   speculative = {key: kw.pop(key) for key in spec.OPTION_KEYS if key in kw}
-  if batch_size is None:
-    return decode.generate(model, prompts, speculative=speculative, **kw)
-  return decode.generate_continuous(model, prompts, batch_size=batch_size,
-                                    speculative=speculative, **kw)
+  return decode.generate(model, prompts, batch_size=batch_size, speculative=speculative, **kw)
 
 
 def cut(rows, eos):

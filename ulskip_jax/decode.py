@@ -66,7 +66,7 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
 @dataclasses.dataclass(frozen=True)
 class Sample(engine.Queued):
   """Greedy (sample=False) or sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): a
-  static batch is a full queue (Q = B), continuous batching a longer one. The result is the new
+  static batch gives each prompt a row, continuous batching refills rows. The result is the new
   tokens [Q, N] of every prompt. The cache is a ring of S = P + N slots: step g writes every
   row's token at slot g % S (one shared dynamic_update_slice), and a prompt started at step g
   occupies slots [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other;
@@ -78,6 +78,7 @@ class Sample(engine.Queued):
   top_k: int | None = None
   use_top_p: bool = False
   no_repeat_ngram_size: int = 0
+  continuous: bool = False  # prompts wait for free rows (else each has a row from the start)
 
   def prefill(self, model: Decoder, prompts, pad, num_slots: int) -> tuple[Array, KVCache]:
     return engine.prefill(model, prompts, pad, num_slots, skip=self.skip,
@@ -286,7 +287,7 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool | None = None,
   draft = None if speculative is None else speculative_lib.check(model.cfg, speculative, **kw)
   o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
   choice = dict(max_new_slots=o["max_new_slots"], sample=o["sample"], top_k=o["top_k"],
-                use_top_p=o["top_p"] is not None)
+                use_top_p=o["top_p"] is not None, continuous=bool(continuous_rows))
   if draft is not None:
     return speculative_lib.Speculative(**draft, **choice), x
   common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
@@ -308,12 +309,16 @@ def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_id: int | None, **options) -> tuple[list[list[int]], DecodeStats]:
+             eos_id: int | None, batch_size: int | None = None,
+             **options) -> tuple[list[list[int]], DecodeStats]:
   """Generate up to `max_new_tokens` after each prompt, in one compiled prefill + while loop.
 
-  prompts: lists of token ids, any lengths (all run as one left-padded batch; `generate_text`
-    chunks long lists).
+  prompts: lists of token ids, any lengths.
   eos_id: a row stops after emitting it (None = never); outputs are cut before it.
+  batch_size: None runs every prompt in a row of one left-padded batch until the slowest is done;
+    a number decodes the prompts with continuous batching on that many rows: a row that finishes
+    takes the next waiting prompt (each prompt's greedy output is unchanged), in calls of at most
+    QUEUE_ROUNDS * rows prompts, which bounds the executables' buckets. Not for beam search.
   options (`engine.check_options` checks them, with their defaults):
   skip / ratio: an explicit skipped-layer tuple, or a speedup ratio for the ULS plan
     (`plan_layers(L, ratio).skipped`); neither = full depth; both = ValueError.
@@ -334,7 +339,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   (one line) for an empty prompt or one longer than `cfg.max_position - max_new_tokens`: prompts
   are never truncated silently.
   """
-  return _generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **options)
+  kw = dict(options, max_new_tokens=max_new_tokens, eos_id=eos_id)
+  if batch_size is None:
+    return _generate(model, prompts, **kw)
+  batch_size = as_int("batch_size", batch_size, min=1)
+  check_generate(model, prompts, continuous_rows=batch_size, **kw)  # every chunk's, before any
+  rows = min(batch_size, len(prompts))
+  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
+                          prompts, QUEUE_ROUNDS * rows)
 
 
 def _generate(model: Decoder, prompts, **kw):
@@ -342,19 +354,6 @@ def _generate(model: Decoder, prompts, **kw):
   strategy, x = plan_call(model, prompts, **kw)
   outputs, _, stats = engine.run(strategy, model, x)
   return outputs, stats
-
-
-def generate_continuous(model: Decoder, prompts: Sequence[Sequence[int]], *, batch_size: int = 8,
-                        **kw) -> tuple[list[list[int]], DecodeStats]:
-  """`generate` with continuous batching: `batch_size` rows decode the prompts in input order, and
-  a row that finishes takes the next waiting prompt while the others keep going. Greedy output
-  per prompt is the one `generate` gives that prompt alone. Queues of at most QUEUE_ROUNDS * rows
-  prompts a call bound the executables' buckets. Keyword arguments as `generate`'s (`speculative`
-  included), without beams."""
-  rows = min(as_int("batch_size", batch_size, min=1), len(prompts))
-  check_generate(model, prompts, continuous_rows=rows, **kw)  # every chunk's, before any runs
-  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
-                          prompts, QUEUE_ROUNDS * rows)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -391,7 +390,7 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
                   static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
   """Tokenize `texts` (`encode_prompt`, with `chat`), generate, detokenize: one string per text,
   in input order. Greedy, sampling and speculative decoding batch continuously
-  (`generate_continuous`); beams and `static_batches=True` run `generate` on chunks
+  (`generate` with a batch_size); beams and `static_batches=True` run `generate` on chunks
   of `batch_size`, sorted by length when `sort_by_length`. Every prompt is checked before anything
   runs. eos_id / pad_id default to the tokenizer's; other keyword arguments go to `generate`.
   progress: a tqdm bar over chunks (on stderr)."""

@@ -1,7 +1,7 @@
 """The decoding engine: what every strategy shares, and the one loop they all run.
 
-A strategy (greedy and sampling, beams and continuous batching in `decode.py`; `speculative.py`;
-early exit and SkipDecode in `baselines.py`) is a frozen dataclass of its static options that
+A strategy (greedy and sampling, and beams in `decode.py`; `speculative.py`; early exit and
+SkipDecode in `baselines.py`) is a frozen dataclass of its static options that
 provides `start` (its named loop state after the prefill), `step` (one iteration), `running` (the
 stop condition) and `result`. `decode_loop` runs every strategy as one `lax.while_loop`, inside
 one executable per (strategy options, model structure, argument shapes, compiler options), built
@@ -276,9 +276,11 @@ class Strategy:
 
 
 class Queued(Strategy):
-  """A strategy over a prompt queue (continuous batching: x.prompts [Q, P], x.rows [B]). Its
-  state has fields done [B] and next_prompt []; before each step, `refill` starts the next
-  waiting prompt in the first free row, while both exist."""
+  """A strategy over a prompt queue (x.prompts [Q, P], x.rows [B]). Its state has fields done
+  [B] and next_prompt []; with the static field `continuous`, before each step `refill` starts
+  the next waiting prompt in the first free row, while both exist (else every prompt has a row,
+  and no refill is compiled)."""
+  continuous: bool
 
   def refill(self, model, x: Inputs, s, b: Array, i: Array, prompt_1P: Array, pad_1: Array):
     """The state with prompt i (tokens prompt_1P [1, P], pads pad_1 [1]) started in row b."""
@@ -293,7 +295,7 @@ class Queued(Strategy):
     return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
 
   def fill_rows(self, model, x: Inputs, s):
-    if x.prompts.shape[0] == x.rows.shape[0]:  # a static batch: no prompt ever waits
+    if not self.continuous:
       return s
 
     def refill(s):

@@ -100,9 +100,8 @@ class SpeculativeState:
 
 @dataclasses.dataclass(frozen=True)
 class Speculative(engine.Queued):
-  """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]; Q = B for
-  static batches). The result is (tokens [Q, N + k + 1], accepted drafts, drafted tokens,
-  rounds)."""
+  """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]). The result is
+  (tokens [Q, N + k + 1], accepted drafts, drafted tokens, rounds)."""
   draft_skip: tuple[int, ...]
   num_draft_tokens: int     # k
   shared_cache: bool        # draft_cache == "shared"
@@ -111,6 +110,7 @@ class Speculative(engine.Queued):
   sample: bool = False
   top_k: int | None = None
   use_top_p: bool = False
+  continuous: bool = False  # prompts wait for free rows (else each has a row from the start)
 
   def _slots(self, x):
     """(Z, S): scratch slots [Z, Z + k + 1) after the committed ones; S slots a row."""
