@@ -7,10 +7,11 @@ deviceless ahead-of-time compilation and applies the same check.
   python3 -m venv /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
   pip install "jax[cuda12]==$JAX_VERSION" flax optax orbax-checkpoint safetensors gguf tqdm \
       ml_collections pytest && pip install --no-deps -e .        # ~6 GB, no GPU needed
-  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda python benchmarks/gpu_hlo.py
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda python benchmarks/gpu_hlo.py \
+      [--model smollm2]   # ~10 s for the tiny test model; ~2 min at SmolLM2-135M's shapes
 
-(JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin's version check needs a driver.) Tiny model:
-4 layers, width 32, 2 KV heads, 3 prompts of 9 tokens. Exits 1 if a case other than beam search
+(JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin's version check needs a driver.) 3 prompts of
+9 tokens, 10 new tokens; only shapes are used. Exits 1 if a case other than beam search
 copies a layer (beam search gathers the cache by parent every step, and XLA copies the result
 back into the loop's buffer: inherent to reordering).
 """
@@ -49,15 +50,19 @@ dnn_version_info { major: 9 minor: 7 }
 runtime_version { major: 12 minor: 8 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
-CFG = ModelConfig(vocab_size=97, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, d_ff=64, max_position=128)
+CONFIGS = dict(  # SmolLM2-135M's shapes (random weights: only shapes matter here)
+    tiny=ModelConfig(vocab_size=97, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2,
+                     head_dim=8, d_ff=64, max_position=128),
+    smollm2=ModelConfig(vocab_size=49152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3,
+                        head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
+                        max_position=8192, tie_embeddings=True))
 PROMPTS = [[1] * 9] * 3
 SPEC = dict(draft_ratio=2, num_draft_tokens=4)
 
 
 def cases(model):
   """name -> (strategy, Inputs, cache layer shape [B, K, S, Hd])."""
-  out = {}
+  cfg, out = model.cfg, {}
   for name, kw, rows in [
       ("greedy 2x everywhere", dict(ratio=2, mode="everywhere"), None),
       ("greedy 2x paper", dict(ratio=2), None),
@@ -74,29 +79,34 @@ def cases(model):
                                    continuous_rows=rows, **kw)
     slots = 32 + (2 * SPEC["num_draft_tokens"] + 1 if "speculative" in kw else 0)
     beams = kw.get("num_beams", 1)
-    out[name] = strategy, x, (x.rows.shape[0] * beams, CFG.num_kv_heads, slots, CFG.head_dim)
+    out[name] = strategy, x, (x.rows.shape[0] * beams, cfg.num_kv_heads, slots, cfg.head_dim)
   for name, strategy in [("early exit", baselines.EarlyExit(16, exit_every=2)),
-                         ("SkipDecode", baselines.SkipDecode(16, schedule=baselines.SkipDecodeSchedule(
-                             4, starts=(0, 3, 7), depths=(4, 3, 1))))]:
-    _, x = engine.checked_inputs(CFG, PROMPTS, max_new_tokens=10, eos_id=None, threshold=0.5)
-    out[name] = strategy, x, (4, CFG.num_kv_heads, 32, CFG.head_dim)
+                         ("SkipDecode", baselines.SkipDecode(16, schedule=baselines.skipdecode_schedule(
+                             cfg.num_layers, 2, 16)))]:
+    _, x = engine.checked_inputs(cfg, PROMPTS, max_new_tokens=10, eos_id=None, threshold=0.5)
+    out[name] = strategy, x, (4, cfg.num_kv_heads, 32, cfg.head_dim)
   return out
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", choices=tuple(CONFIGS), default="tiny")
+  p.add_argument("--cases", help="only the cases whose names contain one of these (comma-separated)")
   p.add_argument("--output", help="write the results as JSON here")
   args = p.parse_args(argv)
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
   mesh = topologies.make_mesh(topology, (1,), ("d",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype, sharding=replicated)
-  model = Decoder(CFG, rngs=nnx.Rngs(0))
+  spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), getattr(a, "dtype", None) or
+                                       jnp.asarray(a).dtype, sharding=replicated)
+  model = nnx.eval_shape(lambda: Decoder(CONFIGS[args.model], rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model)
   jitted = jax.jit(engine.decode_loop, static_argnames=("graphdef", "strategy"))
   results, failed = {}, False
   print("| case | in-place layer writes | other layer-sized ops in loops |\n|---|---|---|")
   for name, (strategy, x, layer) in cases(model).items():
+    if args.cases and not any(c in name for c in args.cases.split(",")):
+      continue
     compiled = jitted.lower(graphdef, jax.tree.map(spec, params), jax.tree.map(spec, x),
                             strategy=strategy).compile()
     in_place, others = hlo.loop_layer_ops(compiled.as_text(), layer)
@@ -106,7 +116,7 @@ def main(argv=None):
   if args.output:
     with open(args.output, "w") as f:
       json.dump(dict(device=topology.devices[0].device_kind, jax=jax.__version__,
-                     results=results), f, indent=1)
+                     model=args.model, results=results), f, indent=1)
   return int(failed)
 
 
