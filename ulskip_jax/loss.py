@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ulskip_jax import prompt_buffer
+from ulskip_jax import ops, prompt_buffer
 
 Array = jax.Array
 CAPACITY = 0.5  # default buffer slots per row, as a fraction of the row length
@@ -46,7 +46,7 @@ def _rows(x_BTD, w, targets_BT, mask_BT, tied, softcap, with_grads):
   W_DV = (w.T if tied else w).astype(x_BTD.dtype)
   x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
   z = (x_ND @ W_DV).astype(jnp.float32)
-  logits = z if softcap is None else softcap * jnp.tanh(z / softcap)
+  logits = ops.softcap(z, softcap)
   targets, mask = targets_BT.reshape(-1), mask_BT.reshape(-1)
   lse = jax.nn.logsumexp(logits, -1)
   target_logit = jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]

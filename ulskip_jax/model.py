@@ -45,7 +45,7 @@ from ulskip_jax import lora, loss
 from ulskip_jax import prompt_buffer
 # The cache's public names stay importable from here (re-exported).
 from ulskip_jax.kv_cache import KVCache, LayerCache, cache_bytes, init_cache  # noqa: F401
-from ulskip_jax.ops import dense
+from ulskip_jax.ops import dense, softcap
 from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
@@ -250,10 +250,6 @@ def alibi_slopes(num_heads: int) -> Array:
     extra = 2.0 ** (-(2.0 ** -(math.log2(2 * p2) - 3)))
     slopes += [extra ** i for i in range(1, 1 + 2 * min(p2, num_heads - p2), 2)]
   return jnp.asarray(slopes, jnp.float32)
-
-
-def softcap(x: Array, cap: float | None) -> Array:
-  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,

@@ -1,10 +1,11 @@
-"""Array operations the model and its LoRA adapters share."""
+"""Array operations the model, its LoRA adapters and the loss share."""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -16,3 +17,8 @@ def dense(x: Array, w: Array, n_in: int = 1) -> Array:
   ins, outs = w.shape[:n_in], w.shape[n_in:]
   y = x.reshape(-1, math.prod(ins)) @ w.reshape(math.prod(ins), -1).astype(x.dtype)
   return y.reshape(*x.shape[:x.ndim - n_in], *outs)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+  """cap * tanh(x / cap) (Gemma 2's logit soft cap); x itself when cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
