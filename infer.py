@@ -32,6 +32,7 @@ import os
 import re
 import string
 import sys
+from typing import Any
 
 
 class UsageError(ValueError):
@@ -109,6 +110,29 @@ def read_prompts(path: str, field: str, template: str | None) -> list[str]:
     raise UsageError(f"template {template!r} cannot be applied: {e}")
 
 
+def parse_speculative(text: str) -> dict[str, Any]:
+  """'draft_ratio=2,k=4' -> dict(draft_ratio=2.0, num_draft_tokens=4), for command lines. Keys:
+  draft_ratio, draft_skip (layers joined by '-', e.g. 1-3-5), k or num_draft_tokens, draft_cache
+  (separate | shared). One-line ValueError for anything else."""
+  parsers = dict(draft_ratio=float, num_draft_tokens=int, k=int, draft_cache=str.strip,
+                 draft_skip=lambda v: tuple(int(i) for i in v.split("-") if i.strip()))
+  out: dict[str, Any] = {}
+  for item in (t.strip() for t in text.split(",") if t.strip()):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in parsers:
+      raise ValueError(f"speculative option {key!r} is unknown: allowed are draft_ratio, "
+                       "draft_skip, k (num_draft_tokens), draft_cache")
+    try:
+      if not sep:
+        raise ValueError
+      out["num_draft_tokens" if key == "k" else key] = parsers[key](value)
+    except ValueError:
+      raise ValueError(f"speculative option {item!r} is invalid: write e.g. 'draft_ratio=2,k=4' "
+                       "or 'draft_skip=1-2,k=4,draft_cache=shared'") from None
+  return out
+
+
 def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   """[(label, generate keyword arguments)] per ratio or skip list, validated before any run."""
   from ulskip_jax import engine, skipping
@@ -121,7 +145,7 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
                        "draft's layers in --speculative, e.g. draft_ratio=2,k=4")
     from ulskip_jax import speculative
     try:
-      options = speculative.parse_speculative(args.speculative)
+      options = parse_speculative(args.speculative)
       speculative.resolve_draft(num_layers, options.get("draft_skip"), options.get("draft_ratio"))
     except ValueError as e:
       raise UsageError(f"--speculative: {e}")

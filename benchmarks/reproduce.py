@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ulskip_jax import baselines, decode, hf, plan_layers, train_lib  # noqa: E402
+from ulskip_jax import baselines, decode, engine, hf, plan_layers, train_lib  # noqa: E402
 from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
 from ulskip_jax import data as data_lib  # noqa: E402
 
@@ -394,6 +394,10 @@ def run_quality(c, base_hf, partial: bool = False) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Speed.
 
+def _compiles(*modules: str) -> int:
+  return engine.num_compiles(*(f"ulskip_jax.{m}" for m in modules))
+
+
 def _time_cases(cases, repeats, num_layers):
   """{name: tok/s, compile s, cache bytes, measured ratio (dynamic methods)}: every case warmed
   up, then `repeats` rounds taking the cases in turn; the best call counts."""
@@ -480,7 +484,7 @@ def run_speed(c) -> dict:
   s = c.speed
   L = s.layers
   rng = np.random.default_rng(0)
-  compiles_before = dict(decode=decode.num_compiles(), baselines=baselines.num_compiles())
+  compiles_before = dict(decode=_compiles("decode", "speculative"), baselines=_compiles("baselines"))
   out = dict(config=s.to_dict(), batches={})
   with tempfile.TemporaryDirectory() as tmp:
     full_dir = os.path.join(tmp, "full")
@@ -521,8 +525,8 @@ def run_speed(c) -> dict:
         res[f"transformers_r{r:g}"] = dict(tok_s=tps, threads=threads)
       out["batches"][str(batch)] = res
       log(f"speed batch {batch}: {time.perf_counter() - start:.0f} s")
-  out["stage_compiles"] = dict(decode=decode.num_compiles() - compiles_before["decode"],
-                               baselines=baselines.num_compiles() - compiles_before["baselines"])
+  out["stage_compiles"] = dict(decode=_compiles("decode", "speculative") - compiles_before["decode"],
+                               baselines=_compiles("baselines") - compiles_before["baselines"])
   return out
 
 

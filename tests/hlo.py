@@ -1,12 +1,16 @@
 """Reading compiled HLO text: the ops inside while loops that make a cache-layer-sized array.
 
-Tests call `loop_layer_ops` on the executables they build; `benchmarks/gpu_hlo.py` calls it on
-XLA:GPU executables compiled without a GPU.
+Tests call `loop_layer_ops` on the executables they build (`compile_generate`);
+`benchmarks/gpu_hlo.py` calls it on XLA:GPU executables compiled without a GPU.
 """
 
 from __future__ import annotations
 
 import re
+
+from flax import nnx
+
+from ulskip_jax import decode, engine
 
 PASS_THROUGH = ("parameter", "get-tuple-element", "tuple", "bitcast")
 IN_PLACE = re.compile(r"(dynamic-update-slice|scatter)\(")
@@ -57,3 +61,9 @@ def loop_layer_ops(text: str, layer_shape: tuple[int, ...]) -> tuple[int, list[s
       else:
         others.append(line.strip()[:300])
   return in_place, others
+
+
+def compile_generate(model, batch_size: int, prompt_len: int, **kw):
+  """The executable `decode.generate` runs for this batch size, prompt length and options."""
+  strategy, x = decode.plan_call(model, [[0] * prompt_len] * batch_size, **kw)
+  return engine.executable(strategy, *nnx.split(model), x)[0]

@@ -477,10 +477,10 @@ API_CASES = [
                                                      enumerate(API_CASES)])
 def test_generate_argument(model, kw, named):
   kw = dict(dict(prompts=[[5, 6, 7]], max_new_tokens=4, eos_id=2), **kw)
-  compiles = decode.num_compiles()
+  compiles = engine.num_compiles()
   code, err = _run(lambda: decode.generate(model, **kw))
   assert named in _one_error_line(code, err), err
-  assert decode.num_compiles() == compiles  # refused before anything was compiled
+  assert engine.num_compiles() == compiles  # refused before anything was compiled
 
 
 TEXT_CASES = [

@@ -167,27 +167,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(models):
 
 def test_one_executable_per_skip_and_bucket():
   model = tiny.tiny_model(d_ff=48)  # a structure no other test uses
-  before = decode.num_compiles()
+  before = engine.num_compiles()
   _, stats = decode.generate(model, [[1, 2, 3], [4, 5]], ratio=2, max_new_tokens=5, eos_id=None)
-  assert decode.num_compiles() == before + 1 and stats.executables_built == 1
+  assert engine.num_compiles() == before + 1 and stats.executables_built == 1
   assert stats.compile_s > 0
   # Other lengths, budget and eos in the same buckets (2 rows, 16 + 16 slots): no new executable.
   _, stats = decode.generate(model, [[1] * 12, [4, 5, 6, 7]], ratio=2, max_new_tokens=9, eos_id=7)
-  assert decode.num_compiles() == before + 1 and stats.executables_built == 0
+  assert engine.num_compiles() == before + 1 and stats.executables_built == 0
   assert stats.compile_s == 0
   decode.generate(model, [[1, 2], [3]], skip=(1,), max_new_tokens=5, eos_id=None)
-  assert decode.num_compiles() == before + 2
+  assert engine.num_compiles() == before + 2
   decode.generate(model, [[1, 2], [3]], ratio=2, max_new_tokens=5, eos_id=None)
   decode.generate(model, [[1, 2], [3]], skip=plan_layers(4, 2).skipped, max_new_tokens=5,
                   eos_id=None)
-  assert decode.num_compiles() == before + 2
+  assert engine.num_compiles() == before + 2
 
 
 def test_decode_loop_updates_the_cache_in_place(models):
   """No op in the while loop (fusions included) makes a cache-layer-sized array except in-place
   dynamic-update-slices: no per-step copy or transpose of the cache."""
   model = models["llama"][1]
-  compiled = decode.compile_generate(model, 3, 9, ratio=RATIO, mode="everywhere",
+  compiled = hlo.compile_generate(model, 3, 9, ratio=RATIO, mode="everywhere",
                                      max_new_tokens=MAX_NEW, eos_id=None)
   cfg = model.cfg
   in_place, others = hlo.loop_layer_ops(compiled.as_text(), (4, cfg.num_kv_heads, 32, cfg.head_dim))
@@ -278,13 +278,13 @@ def test_continuous_batching_equals_each_prompt_alone(models, family, kw):
 def test_continuous_batching_compiles_once_per_bucket_and_samples_per_prompt(models):
   model = models["qwen2"][1]
   kw = dict(max_new_tokens=MAX_NEW, eos_id=EOS)
-  before = decode.num_compiles()
+  before = engine.num_compiles()
   decode.generate(model, QUEUE, batch_size=2, **kw)
   # Other queue lengths, prompt lengths, budgets and eos in the same buckets: no new executable.
   for queue, max_new, eos in ((QUEUE[:5], 3, None), (QUEUE[2:] + QUEUE[:1], 7, 9)):
     _, stats = decode.generate(model, queue, batch_size=2, max_new_tokens=max_new, eos_id=eos)
     assert stats.executables_built == 0
-  assert decode.num_compiles() == before + 1
+  assert engine.num_compiles() == before + 1
   # Each prompt samples with its own keys, so the schedule (rows) does not change its tokens.
   sample = dict(kw, temperature=1.0, top_p=0.9, seed=3)
   two, _ = decode.generate(model, QUEUE, batch_size=2, **sample)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -142,3 +143,13 @@ def test_script_exits_2_without_traceback(files, tmp_path):
       capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: checkpoint")
+
+
+def test_parse_speculative():
+  assert infer.parse_speculative("draft_ratio=2,k=4") == dict(draft_ratio=2.0, num_draft_tokens=4)
+  assert infer.parse_speculative("draft_skip=1-2, num_draft_tokens=3,draft_cache=shared") == dict(
+      draft_skip=(1, 2), num_draft_tokens=3, draft_cache="shared")
+  for text, message in [("ratio=2", "'ratio' is unknown"), ("k=four", "'k=four' is invalid"),
+                        ("draft_ratio", "'draft_ratio' is invalid")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      infer.parse_speculative(text)

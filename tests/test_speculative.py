@@ -151,7 +151,7 @@ def test_loop_commits_in_place(models, draft_cache, rows):
   ([B, K, S, Hd]) is an in-place dynamic-update-slice or scatter (no per-round copy of a
   cache); the temporaries stay small."""
   model = models["llama"]
-  compiled = decode.compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
+  compiled = hlo.compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
                                      continuous_rows=rows, max_new_tokens=MAX_NEW, eos_id=None)
   cfg, B = model.cfg, rows or 4
   slots = 16 + 16 + 2 * K + 1
@@ -230,16 +230,6 @@ def test_sampling_keeps_the_full_model_distribution(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # Options and errors.
-
-def test_parse_speculative():
-  assert spec.parse_speculative("draft_ratio=2,k=4") == dict(draft_ratio=2.0, num_draft_tokens=4)
-  assert spec.parse_speculative("draft_skip=1-2, num_draft_tokens=3,draft_cache=shared") == dict(
-      draft_skip=(1, 2), num_draft_tokens=3, draft_cache="shared")
-  for text, message in [("ratio=2", "'ratio' is unknown"), ("k=four", "'k=four' is invalid"),
-                        ("draft_ratio", "'draft_ratio' is invalid")]:
-    with pytest.raises(ValueError, match=re.escape(message)):
-      spec.parse_speculative(text)
-
 
 def test_bad_arguments_raise_one_line_errors(models):
   model = models["gpt2"]

@@ -251,52 +251,43 @@ class DynamicStats(engine.DecodeStats):
     return num_layers * self.loop_steps / self.layer_steps if self.layer_steps else 1.0
 
 
-def num_compiles() -> int:
-  return engine.num_compiles(__name__)
-
-
 @flax.struct.dataclass
-class DynamicState:
-  """The loop state of early exit and SkipDecode (B rows, N new-token slots)."""
-  t: Array            # [] tokens generated so far
-  tok: Array          # [B] the last one, fed next
-  buf: Array          # [B, N] generated tokens, pad_id after EOS
-  done: Array         # [B] bool
+class DynamicState(engine.QueueState):
+  """The loop state of early exit and SkipDecode (N new-token slots)."""
+  t: Array            # [] loop steps so far, + 1
   cache: KVCache
   step_layers: Array  # [N] layers run by the step that produced token t
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dynamic(engine.Strategy):
-  """Greedy decoding whose depth a step picks (`layers`: logits, cache, layers run); the prompt
-  runs every layer (paper mode), caching the `cached` top layers any step may read. The result is
-  (tokens [B, N], layers run at each loop step [N] (index t: the step that produced token t; 0 at
-  t = 0, the prompt pass), loop steps)."""
+class _Dynamic(engine.Queued):
+  """Greedy decoding of static batches whose depth a step picks (`layers`: logits, cache, layers
+  run); the prompt runs every layer (paper mode), caching the `cached` top layers any step may
+  read. The result is (tokens [B, N], layers run at each loop step [N] (index t: the step that
+  produced token t; 0 at t = 0, the prompt pass), loop steps)."""
   max_new_slots: int
+  continuous = False
 
   def start(self, model, x):
     (B, P), N, L = x.prompts.shape, self.max_new_slots, model.cfg.num_layers
     cached_skip = tuple(range(L - self.cached(L)))
     logits, cache = engine.prefill(model, x.prompts, x.pad, P + N, skip=cached_skip,
                                    paper_mode=bool(cached_skip))
-    tok = jnp.where(x.rows, sampling.argmax(logits), x.pad_id)
-    return DynamicState(jnp.int32(1), tok, jnp.full((B, N), x.pad_id, jnp.int32).at[:, 0].set(tok),
-                        ~x.rows | (tok == x.eos_id), cache, jnp.zeros((N,), jnp.int32))
+    return DynamicState(**self.start_queue(x, sampling.argmax(logits), N), t=jnp.int32(1),
+                        cache=cache, step_layers=jnp.zeros((N,), jnp.int32))
 
   def step(self, model, x, s: DynamicState) -> DynamicState:
     slot = x.prompts.shape[1] + s.t - 1
-    positions = (slot - x.pad)[:, None]
+    positions = (s.prompt_len + s.count - 1)[:, None]
     ones = jnp.ones(positions.shape, jnp.int32)
     h = model.embed_tokens(s.tok[:, None], positions)
     cache = s.cache.write_positions(positions, ones, slot)
     logits, cache, run = self.layers(model, x, s, h, positions, ones, cache, slot)
-    tok = jnp.where(s.done, x.pad_id, sampling.argmax(logits))
-    return DynamicState(s.t + 1, tok, jax.lax.dynamic_update_slice_in_dim(s.buf, tok[:, None],
-                                                                         s.t, 1),
-                        s.done | (tok == x.eos_id), cache, s.step_layers.at[s.t].set(run))
+    s, _ = self.emit(x, s, sampling.argmax(logits)[:, None], ones[:, 0])
+    return s.replace(t=s.t + 1, cache=cache, step_layers=s.step_layers.at[s.t].set(run))
 
   def result(self, x, s: DynamicState):
-    return s.buf, s.step_layers, s.t - 1
+    return s.out, s.step_layers, s.t - 1
 
   def stats(self, cfg, x, stats, rest) -> DynamicStats:
     step_layers, loop_steps = rest
@@ -382,7 +373,7 @@ class SkipDecode(_Dynamic):
     first_cached = L - sched.depths[0]
     depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(s.t - 1)]
     kv_shape = (h.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
-    for j in range(cache.num_layers):
+    for j in range(len(cache.k)):
       def run(h, view, layer=model.layers[first_cached + j]):
         return layer(h, positions, ones, view.layer(0, slot, deferred=True))
 

@@ -34,11 +34,6 @@ Array = jax.Array
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
-def num_compiles() -> int:
-  """Executables built for greedy, sampling, beam, continuous and speculative decoding."""
-  return engine.num_compiles("ulskip_jax.decode", "ulskip_jax.speculative")
-
-
 # ----------------------------------------------------------------------------------------------
 # Token selection.
 
@@ -91,9 +86,8 @@ class Sample(engine.Queued):
                             cache=cache, cache_index=slot)
     return model.unembed(x)[:, 0], cache
 
-  def _choose(self, x: engine.Inputs, logits_RV, owner_R, count_R, out_QN):
-    """The next token of each row, whose prompt owner_R has generated count_R tokens so far."""
-    prompt_R = jnp.maximum(owner_R, 0)
+  def _choose(self, x: engine.Inputs, logits_RV, prompt_R, count_R, out_QN):
+    """The next token of each row, whose prompt prompt_R has generated count_R tokens so far."""
     if self.no_repeat_ngram_size:
       history = jnp.concatenate([x.prompts[prompt_R], out_QN[prompt_R]], 1)
       logits_RV = _ban_repeated_ngrams(logits_RV, history, x.pad[prompt_R],
@@ -109,43 +103,28 @@ class Sample(engine.Queued):
 
   def start(self, model, x):
     (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
-    filled, next_prompt = self.first_prompts(x)
-    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
-    out = jnp.full((Q, N), x.pad_id, jnp.int32)
     logits, cache = self.prefill(model, x.prompts[:B], x.pad[:B], P + N)
-    zeros = jnp.zeros_like(owner)
-    tok = jnp.where(filled, self._choose(x, logits, owner, zeros, out), x.pad_id)
-    return SampleState(step=jnp.int32(P), tok_B=tok, pos_B=P - x.pad[:B], count_B=zeros + 1,
-                       done=~filled | (tok == x.eos_id) | (x.max_new <= 1), owner=owner,
-                       next_prompt=next_prompt, cache=cache,
-                       out_QN=out.at[jnp.where(filled, owner, Q), 0].set(tok, mode="drop"))
+    zeros = jnp.zeros((B,), jnp.int32)
+    tok = self._choose(x, logits, jnp.arange(B), zeros, jnp.zeros((Q, N), jnp.int32))
+    return SampleState(**self.start_queue(x, tok, N), step=jnp.int32(P), cache=cache)
 
   def refill(self, model, x, s: SampleState, b, i, prompt_1P, pad_1) -> SampleState:
     P = x.prompts.shape[1]
     logits, prompt_cache = self.prefill(model, prompt_1P, pad_1, P)
-    tok = self._choose(x, logits, i[None], jnp.zeros((1,), jnp.int32), s.out_QN)[0]
-    return s.replace(
-        tok_B=s.tok_B.at[b].set(tok), pos_B=s.pos_B.at[b].set(P - pad_1[0]),
-        count_B=s.count_B.at[b].set(1),
-        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
-        owner=s.owner.at[b].set(i), next_prompt=i + 1, out_QN=s.out_QN.at[i, 0].set(tok),
+    tok = self._choose(x, logits, i[None], jnp.zeros((1,), jnp.int32), s.out)[0]
+    return self.start_row(x, s, b, i, tok, pad_1[0]).replace(
         cache=s.cache.insert(b, prompt_cache, (s.step - P) % (P + self.max_new_slots)))
 
   def step(self, model, x, s: SampleState) -> SampleState:
     s = self.fill_rows(model, x, s)
-    Q = x.prompts.shape[0]
-    logits, cache = self.forward(model, s.tok_B, s.pos_B, s.cache,
+    logits, cache = self.forward(model, s.tok, s.prompt_len + s.count - 1, s.cache,
                                  s.step % (x.prompts.shape[1] + self.max_new_slots))
-    live = ~s.done
-    tok = jnp.where(live, self._choose(x, logits, s.owner, s.count_B, s.out_QN), x.pad_id)
-    out = s.out_QN.at[jnp.where(live, s.owner, Q), s.count_B].set(tok, mode="drop")
-    count = s.count_B + live
-    return s.replace(step=s.step + 1, tok_B=tok, pos_B=s.pos_B + 1, count_B=count,
-                     done=s.done | (tok == x.eos_id) | (count >= x.max_new), out_QN=out,
-                     cache=cache)
+    tok = self._choose(x, logits, jnp.maximum(s.owner, 0), s.count, s.out)
+    s, _ = self.emit(x, s, tok[:, None], jnp.ones_like(tok))
+    return s.replace(step=s.step + 1, cache=cache)
 
   def result(self, x, s: SampleState):
-    return s.out_QN
+    return s.out
 
   def stats(self, cfg, x, stats, rest):
     rows = x.rows.shape[0] * getattr(self, "num_beams", 1)
@@ -154,16 +133,9 @@ class Sample(engine.Queued):
 
 
 @flax.struct.dataclass
-class SampleState:
+class SampleState(engine.QueueState):
   """The loop state of greedy decoding and sampling."""
   step: Array         # [] the global step g: the next decode step writes slot g % S
-  tok_B: Array        # [B] the token each row feeds next
-  pos_B: Array        # [B] that token's position in its prompt's sequence
-  count_B: Array      # [B] tokens the row's prompt has generated so far
-  done: Array         # [B] bool: nothing to feed (finished, unused, or no prompt yet)
-  owner: Array        # [B] the prompt index each row decodes (-1 = none)
-  next_prompt: Array  # [] prompts [0, next_prompt) have been started
-  out_QN: Array       # [Q, N] generated tokens per prompt, pad_id after EOS
   cache: KVCache      # [B] rows of S ring slots, kept layers only
 
 
@@ -301,13 +273,6 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool | None = None,
   return Sample(**common, **choice), x
 
 
-def compile_generate(model: Decoder, batch_size: int, prompt_len: int, **kw):
-  """The executable `generate` runs for this batch size, prompt length and keyword arguments
-  (built if needed), for inspecting its HLO (`as_text()`) or `memory_analysis()`."""
-  strategy, x = plan_call(model, [[0] * prompt_len] * batch_size, **kw)
-  return engine.executable(strategy, *nnx.split(model), x)[0]
-
-
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int | None, batch_size: int | None = None,
              **options) -> tuple[list[list[int]], DecodeStats]:
@@ -342,11 +307,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   kw = dict(options, max_new_tokens=max_new_tokens, eos_id=eos_id)
   if batch_size is None:
     return _generate(model, prompts, **kw)
-  batch_size = as_int("batch_size", batch_size, min=1)
-  check_generate(model, prompts, continuous_rows=batch_size, **kw)  # every chunk's, before any
-  rows = min(batch_size, len(prompts))
-  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
-                          prompts, QUEUE_ROUNDS * rows)
+  return _in_batches(model, prompts, batch_size, continuous=True, **kw)
 
 
 def _generate(model: Decoder, prompts, **kw):
@@ -354,6 +315,19 @@ def _generate(model: Decoder, prompts, **kw):
   strategy, x = plan_call(model, prompts, **kw)
   outputs, _, stats = engine.run(strategy, model, x)
   return outputs, stats
+
+
+def _in_batches(model: Decoder, prompts, batch_size, *, continuous: bool, by_length=False,
+                progress=False, **kw):
+  """`_generate` over batches, every prompt checked first: continuous batching on batch_size
+  rows (queues of QUEUE_ROUNDS * rows prompts: bounded buckets), or static batches of
+  batch_size prompts (sorted by length when `by_length`). progress: a tqdm bar (on stderr)."""
+  batch_size = as_int("batch_size", batch_size, min=1)
+  check_generate(model, prompts, continuous_rows=batch_size if continuous else None, **kw)
+  rows = min(batch_size, len(prompts)) if continuous else None
+  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
+                          prompts, QUEUE_ROUNDS * rows if continuous else batch_size,
+                          by_length=by_length, progress=progress)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -400,16 +374,9 @@ def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size
     if not isinstance(text, str):
       raise ValueError(f"texts[{i}]={text!r:.60} is not a string: give one string per prompt")
   eos_id, pad_id = special_ids(tokenizer)
-  kw.setdefault("eos_id", eos_id)
-  kw.setdefault("pad_id", pad_id)
-  batch_size = as_int("batch_size", batch_size, min=1)
-  prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
-  check_generate(model, prompts, **kw)
+  kw = dict(dict(eos_id=eos_id, pad_id=pad_id), **kw)
   continuous = not static_batches and kw.get("num_beams", 1) == 1
-  # Every prompt is checked above; each chunk runs the plan directly.
-  run = functools.partial(_generate, model, **kw,
-                          continuous_rows=min(batch_size, len(prompts)) if continuous else None)
-  ids, stats = engine.in_chunks(run, prompts, QUEUE_ROUNDS * batch_size if continuous
-                                else batch_size, by_length=sort_by_length and not continuous,
-                                progress=progress)
+  ids, stats = _in_batches(model, [encode_prompt(tokenizer, t, chat) for t in texts], batch_size,
+                           continuous=continuous, by_length=sort_by_length and not continuous,
+                           progress=progress, **kw)
   return [decode_ids(tokenizer, row) for row in ids], stats

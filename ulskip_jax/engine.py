@@ -1,12 +1,11 @@
 """The decoding engine: what every strategy shares, and the one loop they all run.
 
-A strategy (greedy and sampling, and beams in `decode.py`; `speculative.py`; early exit and
-SkipDecode in `baselines.py`) is a frozen dataclass of its static options that
-provides `start` (its named loop state after the prefill), `step` (one iteration), `running` (the
-stop condition) and `result`. `decode_loop` runs every strategy as one `lax.while_loop`, inside
-one executable per (strategy options, model structure, argument shapes, compiler options), built
-once (`run`). The engine also holds the buckets, left padding, the prefill, the traced `Inputs`,
-trimming after EOS and the stats, so adding a strategy is one class in one file.
+A strategy (greedy, sampling and beams in `decode.py`; `speculative.py`; early exit and SkipDecode
+in `baselines.py`) is a frozen dataclass of its static options with `start` (its named loop state
+after the prefill), `step`, `running` and `result`. `decode_loop` runs it as one
+`lax.while_loop` in one executable per (strategy, model structure, shapes, compiler options),
+built once. The engine holds the rest: checks, buckets, left padding, the prefill, the prompt
+queue, trimming after EOS and the stats, so adding a strategy is one class in one file.
 """
 
 from __future__ import annotations
@@ -250,46 +249,85 @@ def checked_inputs(cfg, prompts, *, rows: int | None = None, threshold: float = 
 
 
 class Strategy:
-  """A decoding strategy: a frozen dataclass of static options with a field max_new_slots (N, the
-  bucketed token budget) and a `flax.struct` state; a state with fields t (tokens so far) and
-  done [B] gets the default stop condition."""
+  """A decoding strategy: static options (max_new_slots: N, the bucketed token budget) and the
+  methods `decode_loop` calls. `result`: token rows [Q, >= N] (pad_id after EOS), or a tuple of
+  them and other arrays, which `stats` gets on the host."""
   max_new_slots: int
 
   def start(self, model, x: Inputs):
-    """The loop state after the prefill."""
     raise NotImplementedError
 
   def step(self, model, x: Inputs, s):
-    """One iteration of the loop."""
     raise NotImplementedError
 
   def running(self, x: Inputs, s) -> Array:
-    return (s.t < x.max_new) & ~jnp.all(s.done)
+    raise NotImplementedError
 
   def result(self, x: Inputs, s):
-    """Token rows [rows, >= N] (pad_id after EOS), or a tuple of them and other arrays."""
     raise NotImplementedError
 
   def stats(self, cfg, x: Inputs, stats: DecodeStats, rest: list) -> DecodeStats:
-    """The call's stats, from the engine's counts and the result's other arrays (on the host)."""
     return stats
 
 
+@flax.struct.dataclass
+class QueueState:
+  """What the state of a strategy over a prompt queue holds (B rows, Q prompts, W output slots)."""
+  out: Array          # [Q, W] each prompt's generated tokens, pad_id after EOS
+  owner: Array        # [B] the prompt each row decodes (-1 = none)
+  next_prompt: Array  # [] prompts [0, next_prompt) have been started
+  prompt_len: Array   # [B] the row's prompt length
+  count: Array        # [B] tokens the row's prompt has generated so far
+  tok: Array          # [B] the last of them: the row's next input
+  done: Array         # [B] bool: nothing to feed (finished, unused, or no prompt yet)
+
+
 class Queued(Strategy):
-  """A strategy over a prompt queue (x.prompts [Q, P], x.rows [B]). Its state has fields done
-  [B] and next_prompt []; with the static field `continuous`, before each step `refill` starts
-  the next waiting prompt in the first free row, while both exist (else every prompt has a row,
-  and no refill is compiled)."""
+  """A strategy over a prompt queue (x.prompts [Q, P], x.rows [B]) whose state extends
+  `QueueState`. With the static field `continuous`, before each step `fill_rows` starts the next
+  waiting prompt in the first free row (`refill`), while both exist; else every prompt has a row
+  from the start, and no refill is compiled."""
   continuous: bool
 
   def refill(self, model, x: Inputs, s, b: Array, i: Array, prompt_1P: Array, pad_1: Array):
-    """The state with prompt i (tokens prompt_1P [1, P], pads pad_1 [1]) started in row b."""
+    """s with prompt i (tokens prompt_1P [1, P], pads pad_1 [1]) started in row b."""
     raise NotImplementedError
 
-  def first_prompts(self, x: Inputs) -> tuple[Array, Array]:
-    """(rows given a prompt at the start [B] bool, the next prompt to start [])."""
-    filled = x.rows & (jnp.arange(x.rows.shape[0]) < x.num_prompts)
-    return filled, jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32))
+  def start_queue(self, x: Inputs, tok_B: Array, width: int) -> dict[str, Array]:
+    """The `QueueState` fields once the first B prompts have run their prefill, which chose their
+    first tokens tok_B."""
+    (Q, P), B = x.prompts.shape, x.rows.shape[0]
+    filled = x.rows & (jnp.arange(B) < x.num_prompts)
+    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
+    tok = jnp.where(filled, tok_B, x.pad_id)
+    return dict(out=jnp.full((Q, width), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0]
+                .set(tok, mode="drop"), owner=owner, prompt_len=P - x.pad[:B],
+                next_prompt=jnp.minimum(x.num_prompts, jnp.sum(x.rows, dtype=jnp.int32)),
+                count=jnp.ones_like(owner), tok=tok,
+                done=~filled | (tok == x.eos_id) | (x.max_new <= 1))
+
+  def start_row(self, x: Inputs, s, b: Array, i: Array, tok: Array, pad: Array):
+    """s with prompt i (pad pads) started in row b, its first token tok."""
+    return s.replace(out=s.out.at[i, 0].set(tok), owner=s.owner.at[b].set(i), next_prompt=i + 1,
+                     prompt_len=s.prompt_len.at[b].set(x.prompts.shape[1] - pad),
+                     count=s.count.at[b].set(1), tok=s.tok.at[b].set(tok),
+                     done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)))
+
+  def emit(self, x: Inputs, s, block_BW: Array, n_B: Array):
+    """s after each live row emits the first n_B of block_BW, cut after an EOS and at the
+    budget; and the number emitted [B]."""
+    Q, j = x.prompts.shape[0], jnp.arange(block_BW.shape[1])
+    is_eos = (block_BW == x.eos_id) & (j < n_B[:, None])
+    hit_eos = jnp.any(is_eos, 1)
+    n = jnp.where(hit_eos, leading_true(~is_eos) + 1, n_B)
+    n = jnp.where(s.done, 0, jnp.minimum(n, x.max_new - s.count))
+    block = jnp.where(j < n[:, None], block_BW, x.pad_id)
+    count = s.count + n
+    return s.replace(
+        out=s.out.at[jnp.where(s.done, Q, s.owner)[:, None], s.count[:, None] + j].set(
+            block, mode="drop"),
+        count=count, done=s.done | hit_eos | (count >= x.max_new),
+        tok=jnp.where(n > 0, block[jnp.arange(n.shape[0]), jnp.maximum(n - 1, 0)], s.tok)), n
 
   def _waiting(self, x: Inputs, s) -> Array:
     return (s.next_prompt < x.num_prompts) & jnp.any(s.done & x.rows)
@@ -308,6 +346,12 @@ class Queued(Strategy):
 
   def running(self, x: Inputs, s) -> Array:
     return jnp.any(~s.done) | self._waiting(x, s)
+
+
+def leading_true(x_BK: Array) -> Array:
+  """The number of leading True per row (a min: XLA's CPU runs it faster than a cumprod)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_BK.shape, 1)
+  return jnp.min(jnp.where(x_BK, x_BK.shape[1], iota), 1)
 
 
 def decode_loop(graphdef, params, x: Inputs, *, strategy: Strategy):
@@ -335,28 +379,19 @@ def executable(strategy: Strategy, graphdef, params, x: Inputs):
   return compiled, time.perf_counter() - start
 
 
-def trim(rows_BN, count: int, max_new_tokens: int, eos_id: int | None):
-  """(the first `count` rows' tokens, each cut before its EOS and at max_new_tokens; generated
-  tokens: each row's EOS counted, the pads after it not)."""
-  outputs, generated = [], 0
-  for row in np.asarray(rows_BN)[:count, :max_new_tokens].tolist():
-    n = row.index(eos_id) if eos_id in row else len(row)
-    outputs.append(row[:n])
-    generated += min(n + 1, len(row))
-  return outputs, generated
-
-
 def run(strategy: Strategy, model, x: Inputs):
-  """Run `strategy` (built once) on `x`: (outputs of the x.num_prompts prompts as `trim` cuts
-  them, the strategy's other results on the host, its `stats`)."""
+  """Run `strategy` (built once) on `x`: (the x.num_prompts prompts' tokens, each cut before its
+  EOS, the strategy's other results on the host, its `stats`)."""
   graphdef, params = nnx.split(model)
   compiled, compile_s = executable(strategy, graphdef, params, x)
   start = time.perf_counter()
   results = jax.device_get(compiled(params, x))
   tokens, *rest = results if isinstance(results, tuple) else (results,)
-  count = int(x.num_prompts)
-  eos_id = int(x.eos_id) if x.eos_id >= 0 else None
-  outputs, generated = trim(tokens, count, int(x.max_new), eos_id)
+  count, eos_id, outputs, generated = int(x.num_prompts), int(x.eos_id), [], 0
+  for row in np.asarray(tokens)[:count, :int(x.max_new)].tolist():
+    n = row.index(eos_id) if eos_id in row else len(row)
+    outputs.append(row[:n])
+    generated += min(n + 1, len(row))  # EOS counted, the pads after it not
   prompt_tokens = int(np.sum(x.prompts.shape[1] - np.asarray(x.pad)[:count]))
   stats = DecodeStats(prompt_tokens=prompt_tokens, generated_tokens=generated,
                       wall_s=time.perf_counter() - start, compile_s=compile_s,

@@ -63,10 +63,6 @@ class KVCache:
   v: tuple[Array, ...]
   pos: Array
 
-  @property
-  def num_layers(self) -> int:
-    return len(self.k)
-
   def write_positions(self, positions_BT: Array, segment_ids_BT: Array, index) -> KVCache:
     """Positions of the T tokens a call writes at slots [index, index + T); pads (segment 0)
     stay empty. Written once per call, before the layers, which all read them."""

@@ -72,23 +72,11 @@ class SpeculativeStats(engine.DecodeStats):
 # ----------------------------------------------------------------------------------------------
 # The strategy.
 
-def _leading_true(x_BK: Array) -> Array:
-  """The number of leading True per row (a min: XLA's CPU runs it faster than a cumprod)."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x_BK.shape, 1)
-  return jnp.min(jnp.where(x_BK, x_BK.shape[1], iota), 1)
-
-
 @flax.struct.dataclass
-class SpeculativeState:
-  """The loop state between rounds (B rows, Q queued prompts, N new-token slots, k drafts)."""
+class SpeculativeState(engine.QueueState):
+  """The loop state between rounds (k drafts; `QueueState`'s tok is the pending token, whose K/V
+  is not in the caches yet)."""
   rnd: Array                   # [] this round's number, from 1
-  out_Q: Array                 # [Q, N + k + 1] each prompt's emitted tokens, pad_id after EOS
-  owner: Array                 # [B] the prompt each row decodes (-1 = none)
-  next_prompt: Array           # [] prompts [0, next_prompt) have been started
-  prompt_len: Array            # [B] the row's prompt length
-  generated: Array             # [B] tokens emitted so far
-  done: Array                  # [B] bool
-  pending: Array               # [B] the last emitted token: its K/V is not in the caches yet
   cache: KVCache               # the full model's (verify) cache; with a shared cache, the draft's
   draft_cache: KVCache | None  # the draft's own cache (draft_cache="separate"), else None
   carry_tok: Array             # [B] separate cache: the last draft, which the draft never ran
@@ -136,14 +124,14 @@ class Speculative(engine.Queued):
     rows = jnp.arange(B)
     if not self.sample:
       target = sampling.argmax(logits_BKV)  # [B, k + 1]
-      a = _leading_true(drafts_BK == target[:, :k])
+      a = engine.leading_true(drafts_BK == target[:, :k])
       return a, target[rows, a]
     accept_rng, bonus_rng = jax.random.split(rng)
     p = jax.nn.softmax(self._filtered(x, logits_BKV), -1)  # [B, k + 1, V]
     p_draft = jnp.take_along_axis(p[:, :k], drafts_BK[..., None], -1)[..., 0]
     q_draft = jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
     u = jax.random.uniform(accept_rng, (B, k))
-    a = _leading_true(u * q_draft < p_draft)  # u < p / q, q > 0 (d was drawn from q)
+    a = engine.leading_true(u * q_draft < p_draft)  # u < p / q, q > 0 (d was drawn from q)
     # Rejected at a < k: the residual norm(max(0, p - q)); all accepted: p itself.
     q_next = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], 1)[rows, a]
     p_next = p[rows, a]
@@ -169,34 +157,23 @@ class Speculative(engine.Queued):
                                          paper_mode=False)[1]
 
   def start(self, model, x):
-    (Q, P), B = x.prompts.shape, x.rows.shape[0]
-    N, k = self.max_new_slots, self.num_draft_tokens
+    B, N, k = x.rows.shape[0], self.max_new_slots, self.num_draft_tokens
     logits, cache, draft_cache = self._prefill(model, x, x.prompts[:B], x.pad[:B],
                                                self._slots(x)[1])
-    filled, next_prompt = self.first_prompts(x)
-    tok = jnp.where(filled, self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0], x.pad_id)
+    tok = self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0]
+    q = self.start_queue(x, tok, N + k + 1)
     zeros = jnp.zeros((B,), jnp.int32)
-    owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
     return SpeculativeState(
-        rnd=jnp.int32(1), owner=owner, next_prompt=next_prompt,
-        out_Q=jnp.full((Q, N + k + 1), x.pad_id, jnp.int32).at[jnp.where(filled, owner, Q), 0].set(
-            tok, mode="drop"),
-        prompt_len=P - x.pad[:B], generated=zeros + 1,
-        done=~filled | (tok == x.eos_id) | (x.max_new <= 1), pending=tok, cache=cache,
-        draft_cache=draft_cache, carry_tok=zeros, carry_valid=zeros > 0, accepted=jnp.int32(0),
-        drafted=jnp.int32(0), last_commit=(zeros, zeros + P, zeros))
+        **q, rnd=jnp.int32(1), cache=cache, draft_cache=draft_cache, carry_tok=zeros,
+        carry_valid=zeros > 0, accepted=jnp.int32(0), drafted=jnp.int32(0),
+        last_commit=(zeros, zeros + x.prompts.shape[1], zeros))
 
   def refill(self, model, x, s: SpeculativeState, b, i, prompt_1P, pad_1) -> SpeculativeState:
     logits, cache, draft_cache = self._prefill(model, x, prompt_1P, pad_1, x.prompts.shape[1])
     tok = self._choose(x, logits, jax.random.fold_in(jax.random.fold_in(x.rng, i), 0))[0][0]
-    return s.replace(
-        out_Q=s.out_Q.at[i, 0].set(tok), owner=s.owner.at[b].set(i),
-        next_prompt=i + 1, prompt_len=s.prompt_len.at[b].set(x.prompts.shape[1] - pad_1[0]),
-        generated=s.generated.at[b].set(1),
-        done=s.done.at[b].set((tok == x.eos_id) | (x.max_new <= 1)),
-        pending=s.pending.at[b].set(tok), cache=s.cache.insert(b, cache, 0),
-        draft_cache=None if draft_cache is None else s.draft_cache.insert(b, draft_cache, 0),
-        carry_valid=s.carry_valid.at[b].set(False))
+    return self.start_row(x, s, b, i, tok, pad_1[0]).replace(
+        cache=s.cache.insert(b, cache, 0), carry_valid=s.carry_valid.at[b].set(False),
+        draft_cache=None if draft_cache is None else s.draft_cache.insert(b, draft_cache, 0))
 
   def _draft(self, model, x, s: SpeculativeState, cache, pos0, rng):
     """k draft tokens [B, k], their distributions [B, k, V] (None when greedy), the caches."""
@@ -205,13 +182,13 @@ class Speculative(engine.Queued):
     kept = kept_layers(model.cfg.num_layers, self.draft_skip)
     run = functools.partial(self._run, model, skip=self.draft_skip)
     if self.shared_cache:
-      logits, dcache = run(s.pending[:, None], pos0[:, None], cache.kept_view(kept), Z)
+      logits, dcache = run(s.tok[:, None], pos0[:, None], cache.kept_view(kept), Z)
       first_slot = Z
     else:  # first step: [carried last draft, pending] at scratch slots Z, Z + 1
-      logits, dcache = run(jnp.stack([s.carry_tok, s.pending], 1),
+      logits, dcache = run(jnp.stack([s.carry_tok, s.tok], 1),
                            pos0[:, None] + jnp.array([-1, 0], jnp.int32), s.draft_cache, Z,
                            segment_ids_BT=jnp.stack([s.carry_valid.astype(jnp.int32),
-                                                     jnp.ones_like(s.pending)], 1))
+                                                     jnp.ones_like(s.tok)], 1))
       first_slot = Z + 1
     tok, q = self._choose(x, logits[:, -1], jax.random.fold_in(rng, 0))
     drafts = jnp.zeros((B, k), jnp.int32).at[:, 0].set(tok)
@@ -231,53 +208,40 @@ class Speculative(engine.Queued):
   def step(self, model, x, s: SpeculativeState) -> SpeculativeState:
     P, k = x.prompts.shape[1], self.num_draft_tokens
     Z = self._slots(x)[0]
-    B = x.rows.shape[0]
-    rows, steps = jnp.arange(B), jnp.arange(k + 1, dtype=jnp.int32)
+    steps = jnp.arange(k + 1, dtype=jnp.int32)
     # The previous round's verify commit, done here rather than right after its verify pass:
     # there, between the pass's in-place write and the commit's, attention reads the cache, and
     # XLA copied every verify layer twice a round (test_speculative checks the HLO).
-    s = s.replace(cache=s.cache.commit(Z, k + 1, jnp.zeros_like(rows), *s.last_commit))
+    s = s.replace(cache=s.cache.commit(Z, k + 1, jnp.zeros_like(s.count), *s.last_commit))
     s = self.fill_rows(model, x, s)
     round_rng = jax.random.fold_in(x.rng, s.rnd)
-    pos0 = s.prompt_len + s.generated - 1  # the pending token's position
-    committed = s.generated - 1            # generated tokens whose K/V is in the verify cache
+    pos0 = s.prompt_len + s.count - 1  # the pending token's position
+    committed = s.count - 1            # generated tokens whose K/V is in the verify cache
     drafts, qs, cache, draft_cache = self._draft(model, x, s, s.cache, pos0,
                                                  jax.random.fold_in(round_rng, 0))
-    logits, cache = self._run(model, jnp.concatenate([s.pending[:, None], drafts], 1),
+    logits, cache = self._run(model, jnp.concatenate([s.tok[:, None], drafts], 1),
                               pos0[:, None] + steps, cache, Z, ())
     a, bonus = self._accept(x, logits, drafts, qs, jax.random.fold_in(round_rng, 1))
-    # Emitted: the a accepted drafts, then the full model's token; cut after EOS and the budget.
+    # Emitted: the a accepted drafts, then the full model's token.
     block = jnp.where(steps[None] < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
-    count = a + 1
-    is_eos = (block == x.eos_id) & (steps[None] < count[:, None])
-    hit_eos = jnp.any(is_eos, 1)
-    count = jnp.where(hit_eos, _leading_true(~is_eos) + 1, count)
-    count = jnp.where(s.done, 0, jnp.minimum(count, x.max_new - s.generated))
-    block = jnp.where(steps[None] < count[:, None], block, x.pad_id)
+    live = ~s.done
+    s, count = self.emit(x, s, block, a + 1)
     # Commit: the verify cache keeps pending + the emitted drafts (count entries, the last emitted
     # token becomes the next pending one; done at the start of the next round); the draft cache
     # keeps the same tokens, those it has run.
-    carry_tok, carry_valid = s.carry_tok, s.carry_valid
     if not self.shared_cache:
-      carry_int = carry_valid.astype(jnp.int32)
-      draft_count = jnp.where(s.done, 0, carry_int + jnp.minimum(count, k))
-      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry_int, draft_count,
-                                       P + committed - carry_int, pos0 - carry_int)
-      carry_valid, carry_tok = (count == k + 1) & ~s.done, drafts[:, k - 1]
-    generated = s.generated + count
+      carry = s.carry_valid.astype(jnp.int32)
+      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry, jnp.where(live, carry + jnp.minimum(
+          count, k), 0), P + committed - carry, pos0 - carry)
+      s = s.replace(carry_valid=(count == k + 1) & live, carry_tok=drafts[:, k - 1])
     return s.replace(
-        rnd=s.rnd + 1, generated=generated,
-        out_Q=s.out_Q.at[jnp.where(s.owner >= 0, s.owner, x.prompts.shape[0])[:, None],
-                         s.generated[:, None] + steps].set(block, mode="drop"),
-        done=s.done | hit_eos | (generated >= x.max_new),
-        pending=jnp.where(count > 0, block[rows, jnp.maximum(count - 1, 0)], s.pending),
-        cache=cache, draft_cache=draft_cache, carry_tok=carry_tok, carry_valid=carry_valid,
+        rnd=s.rnd + 1, cache=cache, draft_cache=draft_cache,
         accepted=s.accepted + jnp.sum(jnp.minimum(a, count)),
-        drafted=s.drafted + jnp.sum(jnp.where(s.done, 0, k)),
+        drafted=s.drafted + jnp.sum(jnp.where(live, k, 0)),
         last_commit=(count, P + committed, pos0))
 
   def result(self, x, s: SpeculativeState):
-    return s.out_Q, s.accepted, s.drafted, s.rnd - 1
+    return s.out, s.accepted, s.drafted, s.rnd - 1
 
   def stats(self, cfg, x, stats, rest) -> SpeculativeStats:
     accepted, drafted, rounds = (int(a) for a in rest)
@@ -333,26 +297,3 @@ def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=N
                      "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
   return dict(draft_skip=draft_skip, num_draft_tokens=num_draft_tokens,
               shared_cache=o["draft_cache"] == "shared", paper_mode=mode == "paper")
-
-
-def parse_speculative(text: str) -> dict[str, Any]:
-  """'draft_ratio=2,k=4' -> dict(draft_ratio=2.0, num_draft_tokens=4), for command lines. Keys:
-  draft_ratio, draft_skip (layers joined by '-', e.g. 1-3-5), k or num_draft_tokens, draft_cache
-  (separate | shared). One-line ValueError for anything else."""
-  parsers = dict(draft_ratio=float, num_draft_tokens=int, k=int, draft_cache=str.strip,
-                 draft_skip=lambda v: tuple(int(i) for i in v.split("-") if i.strip()))
-  out: dict[str, Any] = {}
-  for item in (t.strip() for t in text.split(",") if t.strip()):
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if key not in parsers:
-      raise ValueError(f"speculative option {key!r} is unknown: allowed are draft_ratio, "
-                       "draft_skip, k (num_draft_tokens), draft_cache")
-    try:
-      if not sep:
-        raise ValueError
-      out["num_draft_tokens" if key == "k" else key] = parsers[key](value)
-    except ValueError:
-      raise ValueError(f"speculative option {item!r} is invalid: write e.g. 'draft_ratio=2,k=4' "
-                       "or 'draft_skip=1-2,k=4,draft_cache=shared'") from None
-  return out
