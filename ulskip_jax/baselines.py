@@ -342,10 +342,8 @@ class EarlyExit(_Dynamic):
           conf = jnp.max(jax.nn.softmax(exit_logits, -1), -1)
           return jnp.all((conf >= x.threshold) | s.done), exit_logits
 
-        now, exit_logits = jax.lax.cond(exited, lambda h, lg: (jnp.array(True), lg), confidence,
-                                        h, logits)
-        logits = jnp.where(exited, logits, exit_logits)
-        exited = now
+        exited, logits = jax.lax.cond(exited, lambda h, lg: (jnp.array(True), lg), confidence,
+                                      h, logits)
     logits = jax.lax.cond(exited, lambda h, lg: lg, lambda h, lg: model.unembed(h)[:, 0], h,
                           logits)
     return logits, cache, layers_run
@@ -371,7 +369,7 @@ class SkipDecode(_Dynamic):
   def layers(self, model, x, s, h, positions, ones, cache: KVCache, slot):
     sched, L = self.schedule, model.cfg.num_layers
     first_cached = L - sched.depths[0]
-    depth = jnp.asarray(sched.depths, jnp.int32)[sched.level(s.t - 1)]
+    depth = sched.depth(s.t - 1)
     kv_shape = (h.shape[0], model.cfg.num_kv_heads, 1, model.cfg.head_dim)
     for j in range(len(cache.k)):
       def run(h, view, layer=model.layers[first_cached + j]):
@@ -386,12 +384,10 @@ class SkipDecode(_Dynamic):
     return model.unembed(h)[:, 0], cache, depth
 
 
-def _generate(model: Decoder, prompts, method: _Dynamic, *, max_new_tokens: int, eos_id, pad_id,
-              threshold: float = 0.0):
+def _generate(model: Decoder, prompts, method: _Dynamic, **kw):
   """(ids per prompt, stats, layers run per loop step [N]) for a dynamic method."""
-  _, x = engine.checked_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                               pad_id=pad_id, threshold=threshold)
-  outputs, (step_layers, _), stats = engine.run(method, model, x)
+  outputs, (step_layers, _), stats = engine.run(
+      method, model, engine.checked_inputs(model.cfg, prompts, **kw)[1])
   return outputs, stats, np.asarray(step_layers)
 
 

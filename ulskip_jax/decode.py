@@ -1,15 +1,11 @@
-"""Batched decoding with a static skip plan: greedy and sampling (`Sample`, over static batches
-or continuously: a finished row takes the next prompt), beam search (`Beam`), and the public
-`generate`, which also runs speculative decoding (`speculative.Speculative`). Each strategy is a
-frozen dataclass of static options with its named state and its step on `engine.decode_loop`:
-one call of `generate` runs ONE compiled executable, a batched prefill and a `lax.while_loop`
-until every row has finished or the budget is spent; the cache is created inside it, so XLA
-updates it in place.
+"""Greedy decoding and sampling (`Sample`, over static batches or continuously: a finished row
+takes the next prompt), beam search (`Beam`) and the public `generate`, which also runs
+speculative decoding (`speculative.Speculative`). One call of `generate` runs ONE compiled
+executable (`engine.decode_loop`): a batched prefill and a `lax.while_loop` until every prompt has
+finished or spent its budget; the cache is created inside it, so XLA updates it in place.
 
-Shapes: B rows, P prompt slots, N new-token slots (bucketed: `engine.checked_inputs`),
-S = P + N cache slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded (pads
-masked), so all rows write one slot index per step. A prompt whose length + max_new_tokens exceeds
-the model's position limit is refused in one line, never truncated.
+Shapes: B rows, P prompt slots, N new-token slots (`engine.checked_inputs` buckets them),
+S = P + N cache slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded.
 """
 
 from __future__ import annotations
@@ -34,9 +30,6 @@ Array = jax.Array
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
 
 
-# ----------------------------------------------------------------------------------------------
-# Token selection.
-
 def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, cur_R: Array,
                          n: int) -> Array:
   """-inf on every token that would repeat an n-gram of buf[r, first_valid_r:cur_r] (prompt
@@ -54,9 +47,6 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
   banned = jnp.zeros(logits_RV.shape, bool).at[jnp.arange(R)[:, None], windows[..., -1]].max(match)
   return jnp.where(banned, -jnp.inf, logits_RV)
 
-
-# ----------------------------------------------------------------------------------------------
-# The strategies.
 
 @dataclasses.dataclass(frozen=True)
 class Sample(engine.Queued):
@@ -97,9 +87,9 @@ class Sample(engine.Queued):
     # A key per (prompt, token): a prompt samples the same tokens whichever row or step runs it.
     keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(x.rng, i), c))(
         prompt_R, count_R)
-    return jax.vmap(lambda lg, key: sampling.select(
-        lg, key, sample=True, temperature=x.temperature, top_k=self.top_k,
-        top_p=x.top_p if self.use_top_p else None))(logits_RV, keys)
+    return jax.vmap(lambda lg, key: jax.random.categorical(key, sampling.filtered_logits(
+        lg, x.temperature, self.top_k, x.top_p if self.use_top_p else None)))(
+            logits_RV, keys).astype(jnp.int32)
 
   def start(self, model, x):
     (Q, P), B, N = x.prompts.shape, x.rows.shape[0], self.max_new_slots
@@ -311,7 +301,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
 
 def _generate(model: Decoder, prompts, **kw):
-  """`generate` of `plan_call`'s strategy."""
   strategy, x = plan_call(model, prompts, **kw)
   outputs, _, stats = engine.run(strategy, model, x)
   return outputs, stats
@@ -320,8 +309,7 @@ def _generate(model: Decoder, prompts, **kw):
 def _in_batches(model: Decoder, prompts, batch_size, *, continuous: bool, by_length=False,
                 progress=False, **kw):
   """`_generate` over batches, every prompt checked first: continuous batching on batch_size
-  rows (queues of QUEUE_ROUNDS * rows prompts: bounded buckets), or static batches of
-  batch_size prompts (sorted by length when `by_length`). progress: a tqdm bar (on stderr)."""
+  rows, or static batches of batch_size prompts. progress: a tqdm bar (on stderr)."""
   batch_size = as_int("batch_size", batch_size, min=1)
   check_generate(model, prompts, continuous_rows=batch_size if continuous else None, **kw)
   rows = min(batch_size, len(prompts)) if continuous else None
@@ -362,12 +350,10 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 def generate_text(model: Decoder, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
                   progress: bool = False, sort_by_length: bool = True, chat: bool = False,
                   static_batches: bool = False, **kw) -> tuple[list[str], DecodeStats]:
-  """Tokenize `texts` (`encode_prompt`, with `chat`), generate, detokenize: one string per text,
-  in input order. Greedy, sampling and speculative decoding batch continuously
-  (`generate` with a batch_size); beams and `static_batches=True` run `generate` on chunks
-  of `batch_size`, sorted by length when `sort_by_length`. Every prompt is checked before anything
-  runs. eos_id / pad_id default to the tokenizer's; other keyword arguments go to `generate`.
-  progress: a tqdm bar over chunks (on stderr)."""
+  """Tokenize `texts` (`encode_prompt`, with `chat`), `generate` on batch_size rows, detokenize:
+  one string per text, in input order. Greedy, sampling and speculative decoding batch
+  continuously; beams and `static_batches=True` run static batches, sorted by length when
+  `sort_by_length`. eos_id / pad_id default to the tokenizer's. progress: a tqdm bar."""
   if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
     raise ValueError(f"texts={texts!r:.60} is not a list of strings: give one string per prompt")
   for i, text in enumerate(texts):

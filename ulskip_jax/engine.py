@@ -32,8 +32,7 @@ Array = jax.Array
 MIN_BUCKET = 16
 QUEUE_ROUNDS = 32  # prompts per row in one continuous-batching call
 
-# Compiled executables: module level, so that every call with the same model structure and bucket
-# reuses one. Keys start with the strategy's "module.ClassName".
+# Every call with the same strategy, model structure and buckets reuses one executable.
 EXECUTABLES: dict[tuple, Any] = {}
 
 # XLA options for every executable built here. Tests of tiny models set fast-compile options
@@ -56,8 +55,7 @@ class DecodeStats:
   calls: int = 0
 
   def __add__(self, other: DecodeStats) -> DecodeStats:
-    """Counts and times add up and cache sizes take the larger, in the richer of the two types
-    (a subclass's extra fields count 0 on a plain DecodeStats)."""
+    """Counts and times add up, cache sizes take the larger; a subclass's fields count 0 here."""
     rich = self if isinstance(self, type(other)) else other
     merge = lambda name: (max if name.endswith("cache_bytes") else operator.add)(
         getattr(self, name, 0), getattr(other, name, 0))
@@ -79,8 +77,7 @@ class DecodeStats:
 
 
 def num_compiles(*modules: str) -> int:
-  """Executables built so far by the strategies of these modules (e.g. "ulskip_jax.decode"), or
-  by all."""
+  """Executables built so far by the strategies of these modules (e.g. "ulskip_jax.decode")."""
   return sum(1 for key in EXECUTABLES if not modules or key[0].rsplit(".", 1)[0] in modules)
 
 
@@ -127,7 +124,8 @@ _TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_tex
 def check_prompts(cfg, prompts, max_new_tokens: int) -> list[np.ndarray]:
   """The prompts as int32 arrays, each checked: token ids (not text), not empty, every id in
   [0, vocab_size) (a larger id reads past the embedding, a negative one wraps), and room for
-  max_new_tokens after it. Lists, tuples and integer arrays (numpy or JAX) are accepted."""
+  max_new_tokens (checked) after it. Lists, tuples and integer arrays (numpy or JAX) are
+  accepted."""
   if isinstance(prompts, (str, bytes)):
     raise ValueError(f"prompts={prompts[:40]!r} is text: {_TEXT_HINT}")
   if getattr(prompts, "ndim", 2) != 2 or not hasattr(prompts, "__len__"):
@@ -135,9 +133,7 @@ def check_prompts(cfg, prompts, max_new_tokens: int) -> list[np.ndarray]:
                      "token ids")
   if not len(prompts):
     raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-  max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
-  V = cfg.vocab_size
-  checked = []
+  V, checked = cfg.vocab_size, []
   for i, p in enumerate(prompts):
     if isinstance(p, (str, bytes)):
       raise ValueError(f"prompt {i} is text ({p[:40]!r}): {_TEXT_HINT}")
@@ -373,10 +369,9 @@ def executable(strategy: Strategy, graphdef, params, x: Inputs):
   if key in EXECUTABLES:
     return EXECUTABLES[key], 0.0
   start = time.perf_counter()
-  jitted = jax.jit(decode_loop, static_argnames=("graphdef", "strategy"))
-  compiled = jitted.lower(graphdef, params, x, strategy=strategy).compile(dict(COMPILER_OPTIONS))
-  EXECUTABLES[key] = compiled
-  return compiled, time.perf_counter() - start
+  EXECUTABLES[key] = jax.jit(decode_loop, static_argnames=("graphdef", "strategy")).lower(
+      graphdef, params, x, strategy=strategy).compile(dict(COMPILER_OPTIONS))
+  return EXECUTABLES[key], time.perf_counter() - start
 
 
 def run(strategy: Strategy, model, x: Inputs):
@@ -404,8 +399,8 @@ def in_chunks(fn, prompts: Sequence, size: int, *, by_length: bool = False,
   """`fn(chunk) -> (outputs, stats)` over chunks of `size` prompts, sorted by length first when
   `by_length` (less padding, fewer prompt buckets): (outputs in input order, summed stats).
   progress: a tqdm bar over the chunks (on stderr)."""
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if by_length else list(
-      range(len(prompts)))
+  order = range(len(prompts))
+  order = sorted(order, key=lambda i: len(prompts[i])) if by_length else order
   chunks = [order[i:i + size] for i in range(0, len(order), size)]
   if progress:
     from tqdm import tqdm

@@ -1,18 +1,16 @@
 """The KV cache: one writer for its arrays, so attention and the decoders never index them.
 
-Shapes: B rows, K key/value heads, S slots, Hd head width, T tokens written by one call.
+`KVCache` holds K and V per kept layer, [B, K, S, Hd] (B rows, K heads, S slots, Hd head width:
+the layout both attention matmuls read; with the slot axis outside the head axis XLA on CPU
+transposed whole layers every step), and each slot's token position, [B, S] (-1 = empty).
+Positions are per row and mask attention: a query at position p sees the slots with
+0 <= pos <= p, in any order. So rows hold prompts of different lengths, accept different numbers
+of speculative tokens or start at different steps (`insert`), while a call still writes one slot
+range shared by all rows: a dynamic_update_slice that XLA does in place in a while loop.
 
-`KVCache` holds K and V per kept layer, [B, K, S, Hd] (the layout both attention matmuls read;
-with the slot axis outside the head axis XLA on CPU transposed whole layers every decode step),
-and each slot's token position, [B, S] (-1 = empty). Positions are per row and are what masks
-attention: a query at position p sees the slots with 0 <= pos <= p, in any order. So rows hold
-prompts of different lengths, accept different numbers of speculative tokens, or start at
-different steps (continuous batching's ring, `insert`), while a call still writes one slot range
-shared by all rows: a dynamic_update_slice that XLA does in place in a while loop.
-
-Attention gets a `LayerCache` per kept layer (`KVCache.layer`). A deferred one (`deferred=True`)
-only reads, and hands the call's K/V back for the caller to `write` after a `lax.cond` (a branch
-that wrote the cache made XLA copy every cache layer it touches on every step).
+Attention gets a `LayerCache` per kept layer (`KVCache.layer`). A deferred one only reads, and
+hands the call's K/V back for the caller to `write` after a `lax.cond` (a branch that wrote the
+cache made XLA copy every cache layer it touches on every step).
 """
 
 from __future__ import annotations
@@ -39,9 +37,8 @@ class LayerCache:
   deferred: bool = flax.struct.field(pytree_node=False, default=False)
 
   def attend_inputs(self, k_BKTD: Array, v_BKTD: Array, positions_BT: Array):
-    """(keys, values [B, K, S', Hd], key positions [B, S'], mask [B, T, S'], written) for
-    queries at positions_BT whose own K/V are k, v. written: the layer with them written, or for
-    a deferred layer the pair (k, v) to `KVCache.write` later."""
+    """(keys, values [B, K, S', Hd], key positions [B, S'], mask [B, T, S'], written) for T
+    queries whose own K/V are k, v. written: the layer with them written (deferred: (k, v))."""
     visible = lambda pos: (pos[:, None, :] >= 0) & (pos[:, None, :] <= positions_BT[:, :, None])
     if not self.deferred:
       k = jax.lax.dynamic_update_slice_in_dim(self.k, k_BKTD.astype(self.k.dtype), self.index, 2)
@@ -73,7 +70,7 @@ class KVCache:
     return LayerCache(self.k[j], self.v[j], self.pos, index, deferred)
 
   def with_layers(self, layers) -> KVCache:
-    """The cache holding these written `LayerCache`s, one per kept layer, in order."""
+    """The cache holding these written `LayerCache`s, one per kept layer."""
     return self.replace(k=tuple(x.k for x in layers), v=tuple(x.v for x in layers))
 
   def with_layer(self, j: int, layer: LayerCache) -> KVCache:
@@ -149,13 +146,9 @@ def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                  pos=jnp.full((batch, max_len), -1, jnp.int32))
 
 
+@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
 def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                 dtype: Any = None) -> int:
   """Bytes `init_cache` would allocate, computed from shapes only."""
-  return _cache_bytes(cfg, batch, max_len, tuple(skip), dtype)
-
-
-@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
-def _cache_bytes(cfg, batch, max_len, skip, dtype) -> int:
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, skip, dtype))
+  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, tuple(skip), dtype))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

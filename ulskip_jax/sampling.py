@@ -34,12 +34,3 @@ def filtered_logits(logits: Array, temperature: Array, top_k: int | None = None,
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), -1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
-
-
-def select(logits: Array, rng: Array, *, sample: bool, temperature: Array, top_k: int | None = None,
-           top_p: Array | None = None) -> Array:
-  """Greedy argmax, or a draw from `filtered_logits` (int32 tokens of shape logits.shape[:-1])."""
-  if not sample:
-    return argmax(logits)
-  filtered = filtered_logits(logits, temperature, top_k, top_p)
-  return jax.random.categorical(rng, filtered, -1).astype(jnp.int32)

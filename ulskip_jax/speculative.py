@@ -5,21 +5,20 @@ a full-depth prefill, then rounds that draft k tokens with the kept layers, veri
 full-depth pass over [pending token, drafts], and per row accept the longest agreeing prefix plus
 the full model's own next token. Greedy: a draft is accepted when it is the full model's argmax,
 so the output is full-model greedy decoding token for token. Sampling: speculative sampling
-(Leviathan et al. 2023), accept d ~ q with probability min(1, p(d) / q(d)), else sample
+(Leviathan et al. 2023): accept d ~ q with probability min(1, p(d) / q(d)), else draw from
 norm(max(0, p - q)).
 
 Draft caches (`draft_cache`; only acceptance differs): "shared" (default) drafts in the full
 model's cache, writing kept-layer K/V into scratch slots the verify pass overwrites (Draft &
-Verify; LayerSkip). "separate" gives the n kept layers their own cache, holding the K/V the draft
+Verify; LayerSkip). "separate" gives the kept layers their own cache, holding the K/V the draft
 gave each token (the ULS sub-model as fine-tuned); an accepted last draft never ran through the
 draft, so it opens the next round.
 
 Rows accept different numbers of tokens, so each row's cache is compacted: P + N + k committed
-slots, then k + 1 scratch slots that every pass writes at one shared index; attention masks by
-per-slot positions, and `KVCache.commit` moves each row's accepted entries to its next committed
-slots. Rows keep their own lengths, so continuous batching comes free (`KVCache.insert`).
-Positions fed to the model are clamped to the position limit (a draft past a row's budget may
-run beyond it); no query whose output is used sees a clamped slot.
+slots, then k + 1 scratch slots that every pass writes at one shared index, and `KVCache.commit`
+moves each row's accepted entries to its next committed slots. Positions fed to the model are
+clamped to the position limit (a draft past a row's budget may run beyond it); no query whose
+output is used sees a clamped slot.
 """
 
 from __future__ import annotations
@@ -161,10 +160,9 @@ class Speculative(engine.Queued):
     logits, cache, draft_cache = self._prefill(model, x, x.prompts[:B], x.pad[:B],
                                                self._slots(x)[1])
     tok = self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0]
-    q = self.start_queue(x, tok, N + k + 1)
     zeros = jnp.zeros((B,), jnp.int32)
     return SpeculativeState(
-        **q, rnd=jnp.int32(1), cache=cache, draft_cache=draft_cache, carry_tok=zeros,
+        **self.start_queue(x, tok, N + k + 1), rnd=jnp.int32(1), cache=cache, draft_cache=draft_cache, carry_tok=zeros,
         carry_valid=zeros > 0, accepted=jnp.int32(0), drafted=jnp.int32(0),
         last_commit=(zeros, zeros + x.prompts.shape[1], zeros))
 
