@@ -270,8 +270,8 @@ class Evaluator:
     return math.exp(min(loss / max(tokens, 1.0), 50.0))
 
   def decode(self, model, fn, **kw):
-    ids, stats = baselines.generate_batched(fn, model, self.prompts,
-                                            batch_size=self.c.eval.batch_size, **self.gen_kw, **kw)
+    ids, stats = engine.in_chunks(lambda chunk: fn(model, chunk, **self.gen_kw, **kw),
+                                  self.prompts, self.c.eval.batch_size, by_length=True)
     hyps = [self.tok.decode(x).strip() for x in ids]
     import sacrebleu
     return dict(bleu=sacrebleu.corpus_bleu(hyps, [self.refs]).score,
@@ -431,8 +431,9 @@ def run_speed_trained(c, base_hf, quality) -> dict:
     prompts = ev.prompts[:max(batch, c.speed.min_prompts)]
 
     def gen(fn, model, **kw):
-      return lambda: baselines.generate_batched(fn, model, prompts, batch_size=batch,
-                                                **{**ev.gen_kw, "eos_id": None}, **kw)
+      return lambda: engine.in_chunks(
+          lambda chunk: fn(model, chunk, **{**ev.gen_kw, "eos_id": None}, **kw), prompts, batch,
+          by_length=True)
     cases = {"full": gen(decode.generate, multi)}
     for r in c.ratios:
       cases[f"uls_r{r:g}"] = gen(decode.generate, multi, ratio=r)
@@ -484,7 +485,7 @@ def run_speed(c) -> dict:
   s = c.speed
   L = s.layers
   rng = np.random.default_rng(0)
-  compiles_before = dict(decode=_compiles("decode", "speculative"), baselines=_compiles("baselines"))
+  before = _compiles("decode", "speculative"), _compiles("baselines")
   out = dict(config=s.to_dict(), batches={})
   with tempfile.TemporaryDirectory() as tmp:
     full_dir = os.path.join(tmp, "full")
@@ -525,8 +526,8 @@ def run_speed(c) -> dict:
         res[f"transformers_r{r:g}"] = dict(tok_s=tps, threads=threads)
       out["batches"][str(batch)] = res
       log(f"speed batch {batch}: {time.perf_counter() - start:.0f} s")
-  out["stage_compiles"] = dict(decode=_compiles("decode", "speculative") - compiles_before["decode"],
-                               baselines=_compiles("baselines") - compiles_before["baselines"])
+  out["stage_compiles"] = dict(decode=_compiles("decode", "speculative") - before[0],
+                               baselines=_compiles("baselines") - before[1])
   return out
 
 

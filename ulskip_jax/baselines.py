@@ -262,9 +262,8 @@ class DynamicState(engine.QueueState):
 @dataclasses.dataclass(frozen=True)
 class _Dynamic(engine.Queued):
   """Greedy decoding of static batches whose depth a step picks (`layers`: logits, cache, layers
-  run); the prompt runs every layer (paper mode), caching the `cached` top layers any step may
-  read. The result is (tokens [B, N], layers run at each loop step [N] (index t: the step that
-  produced token t; 0 at t = 0, the prompt pass), loop steps)."""
+  run) after a full-depth prompt that caches the `cached` top layers. The result is (tokens
+  [B, N], layers run by the step that produced token t [N] (0 at t = 0: the prompt), steps)."""
   max_new_slots: int
   continuous = False
 
@@ -329,8 +328,8 @@ class EarlyExit(_Dynamic):
 
       if seg[0] == 0:  # no exit point before: the plain cached Block, as in decode.generate
         for l in seg:
-          h, written = model.layers[l](h, positions, ones, cache.layer(l, slot))
-          cache = cache.with_layer(l, written)
+          h, w = model.layers[l](h, positions, ones, cache.layer(l, slot))
+          cache = cache.merge_view(KVCache((w.k,), (w.v,), w.pos), (l,))
       else:
         h, new = jax.lax.cond(exited, fill, run, h, cache.kept_view(seg))
         for l, (kn, vn) in zip(seg, new):
@@ -353,13 +352,10 @@ class EarlyExit(_Dynamic):
 class SkipDecode(_Dynamic):
   """The step's top layers; the cache holds the top depths[0] layers (all any level runs).
 
-  Each cached layer sits in its own two-way `lax.cond` (run it, or skip it) on `l >= L - depth`:
-  with depth from the schedule's few levels that is the same set of static paths as a
-  `lax.switch` over the levels' skip tuples, but a switch whose branches share the cache
-  operands made XLA copy the cache layers some branches leave unread on every step (seen in the
-  HLO), while per-layer conds read only their own layer (deferred: the write follows the cond).
-  A skipped layer writes zeros into this token's slot: no later token runs that layer (monotone
-  schedule), so nothing reads them.
+  Each cached layer sits in its own `lax.cond` (run it or skip it; deferred: the write follows).
+  A `lax.switch` over the levels' skip tuples takes the same paths, but its branches share the
+  cache operands, and XLA copied the layers some branches leave unread on every step. A skipped
+  layer writes zeros into this token's slot: no later token runs that layer (monotone schedule).
   """
   schedule: SkipDecodeSchedule | None = None
 
@@ -414,13 +410,6 @@ def skipdecode_generate(model: Decoder, prompts: Sequence[Sequence[int]], *,
                    pad_id=pad_id)[:2]
 
 
-def generate_batched(fn, model, prompts, *, batch_size: int, **kw):
-  """`fn` (one of the generate functions) over `prompts` in chunks, sorted by length (order
-  restored); returns (ids per prompt, summed stats)."""
-  return engine.in_chunks(lambda chunk: fn(model, chunk, **kw), prompts, batch_size,
-                          by_length=True)
-
-
 def tune_threshold(model: Decoder, prompts, target_ratio: float, *, batch_size: int,
                    exit_every: int = 2, iterations: int = 8, **kw) -> tuple[float, float]:
   """Search the confidence threshold until early exit's measured ratio on `prompts` (at this
@@ -432,9 +421,9 @@ def tune_threshold(model: Decoder, prompts, target_ratio: float, *, batch_size: 
   L = model.cfg.num_layers
 
   def ratio(threshold):
-    _, stats = generate_batched(early_exit_generate, model, prompts, batch_size=batch_size,
-                                threshold=threshold, exit_every=exit_every, **kw)
-    return stats.ratio(L)
+    run = lambda chunk: early_exit_generate(model, chunk, threshold=threshold,
+                                            exit_every=exit_every, **kw)
+    return engine.in_chunks(run, prompts, batch_size, by_length=True)[1].ratio(L)
 
   best = (0.0, ratio(0.0))
   if best[1] <= target_ratio:

@@ -50,12 +50,11 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
 
 @dataclasses.dataclass(frozen=True)
 class Sample(engine.Queued):
-  """Greedy (sample=False) or sampling over a prompt queue (x.prompts [Q, P], x.rows [B]): a
-  static batch gives each prompt a row, continuous batching refills rows. The result is the new
-  tokens [Q, N] of every prompt. The cache is a ring of S = P + N slots: step g writes every
-  row's token at slot g % S (one shared dynamic_update_slice), and a prompt started at step g
-  occupies slots [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other;
-  attention masks by the positions in `cache.pos`, so slot order does not matter."""
+  """Greedy (sample=False) or sampling over a prompt queue; the result is each prompt's new
+  tokens [Q, N]. The cache is a ring of S = P + N slots: step g writes every row's token at slot
+  g % S (one shared dynamic_update_slice), and a prompt started at step g occupies slots
+  [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other; attention masks
+  by the positions in `cache.pos`, so slot order does not matter."""
   skip: tuple[int, ...]
   paper_mode: bool          # prompt through all layers, response through the kept ones
   max_new_slots: int        # N, the bucketed token budget
@@ -333,17 +332,15 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
 
 def decode_ids(tokenizer, ids: Sequence[int]) -> str:
   """Text of `ids` without special tokens, for either tokenizer kind."""
-  if hasattr(tokenizer, "bos_id"):
-    return tokenizer.decode(ids)
-  return tokenizer.decode(ids, skip_special_tokens=True)
+  return tokenizer.decode(ids, **({} if hasattr(tokenizer, "bos_id") else
+                                  dict(skip_special_tokens=True)))
 
 
 def special_ids(tokenizer) -> tuple[int | None, int]:
   """(eos_id, pad_id) of either tokenizer kind; pad falls back to eos, then 0."""
   if hasattr(tokenizer, "eos_id"):
     return tokenizer.eos_id, tokenizer.pad_id
-  eos = tokenizer.eos_token_id
-  pad = tokenizer.pad_token_id
+  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
   return eos, pad if pad is not None else eos if eos is not None else 0
 
 

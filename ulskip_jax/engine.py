@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from ulskip_jax.checks import as_choice, as_float, as_int
@@ -43,9 +44,8 @@ COMPILER_OPTIONS: dict[str, Any] = {}
 @dataclasses.dataclass
 class DecodeStats:
   """Counts and timings of one or more `generate` calls (add them with `+`). generated_tokens:
-  the tokens the model produced, each row's EOS included, dummy rows and the pads after EOS not.
-  wall_s: the execution time (host to device, run, back to lists), without compile_s, the time
-  spent building executables. cache_bytes: the largest KV cache allocated (kept layers only)."""
+  the tokens the model produced, each prompt's EOS included. wall_s: the execution time (host to
+  device and back), without compile_s. cache_bytes: the largest KV cache allocated."""
   prompt_tokens: int = 0
   generated_tokens: int = 0
   wall_s: float = 0.0
@@ -290,8 +290,7 @@ class Queued(Strategy):
     raise NotImplementedError
 
   def start_queue(self, x: Inputs, tok_B: Array, width: int) -> dict[str, Array]:
-    """The `QueueState` fields once the first B prompts have run their prefill, which chose their
-    first tokens tok_B."""
+    """The `QueueState` fields after the prefill of the first B prompts (first tokens tok_B)."""
     (Q, P), B = x.prompts.shape, x.rows.shape[0]
     filled = x.rows & (jnp.arange(B) < x.num_prompts)
     owner = jnp.where(filled, jnp.arange(B, dtype=jnp.int32), -1)
@@ -402,9 +401,7 @@ def in_chunks(fn, prompts: Sequence, size: int, *, by_length: bool = False,
   order = range(len(prompts))
   order = sorted(order, key=lambda i: len(prompts[i])) if by_length else order
   chunks = [order[i:i + size] for i in range(0, len(order), size)]
-  if progress:
-    from tqdm import tqdm
-    chunks = tqdm(chunks, desc="batches", unit="batch")
+  chunks = tqdm.tqdm(chunks, desc="batches", unit="batch") if progress else chunks
   outputs, stats = [None] * len(prompts), DecodeStats()
   for chunk in chunks:
     ids, chunk_stats = fn([prompts[i] for i in chunk])

@@ -73,12 +73,6 @@ class KVCache:
     """The cache holding these written `LayerCache`s, one per kept layer."""
     return self.replace(k=tuple(x.k for x in layers), v=tuple(x.v for x in layers))
 
-  def with_layer(self, j: int, layer: LayerCache) -> KVCache:
-    """The cache with kept layer j replaced by the written `layer`."""
-    k, v = list(self.k), list(self.v)
-    k[j], v[j] = layer.k, layer.v
-    return self.replace(k=tuple(k), v=tuple(v))
-
   def write(self, j: int, k_BKTD: Array, v_BKTD: Array, index) -> KVCache:
     """Layer j's K/V of T tokens at slots [index, index + T) (a deferred layer's write)."""
     put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x.astype(a.dtype), index, 2)

@@ -162,9 +162,9 @@ class Speculative(engine.Queued):
     tok = self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0]
     zeros = jnp.zeros((B,), jnp.int32)
     return SpeculativeState(
-        **self.start_queue(x, tok, N + k + 1), rnd=jnp.int32(1), cache=cache, draft_cache=draft_cache, carry_tok=zeros,
-        carry_valid=zeros > 0, accepted=jnp.int32(0), drafted=jnp.int32(0),
-        last_commit=(zeros, zeros + x.prompts.shape[1], zeros))
+        **self.start_queue(x, tok, N + k + 1), rnd=jnp.int32(1), cache=cache,
+        draft_cache=draft_cache, carry_tok=zeros, carry_valid=zeros > 0, accepted=jnp.int32(0),
+        drafted=jnp.int32(0), last_commit=(zeros, zeros + x.prompts.shape[1], zeros))
 
   def refill(self, model, x, s: SpeculativeState, b, i, prompt_1P, pad_1) -> SpeculativeState:
     logits, cache, draft_cache = self._prefill(model, x, prompt_1P, pad_1, x.prompts.shape[1])
