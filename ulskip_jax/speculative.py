@@ -229,8 +229,9 @@ class Speculative(engine.Queued):
     # keeps the same tokens, those it has run.
     if not self.shared_cache:
       carry = s.carry_valid.astype(jnp.int32)
-      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry, jnp.where(live, carry + jnp.minimum(
-          count, k), 0), P + committed - carry, pos0 - carry)
+      draft_count = jnp.where(live, carry + jnp.minimum(count, k), 0)
+      draft_cache = draft_cache.commit(Z, k + 1, 1 - carry, draft_count, P + committed - carry,
+                                       pos0 - carry)
       s = s.replace(carry_valid=(count == k + 1) & live, carry_tok=drafts[:, k - 1])
     return s.replace(
         rnd=s.rnd + 1, cache=cache, draft_cache=draft_cache,
