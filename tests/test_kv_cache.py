@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests import tiny
-from ulskip_jax.kv_cache import KVCache, init_cache
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
 
 
 def _filled(cfg, B=2, S=8, skip=()):
@@ -46,3 +46,10 @@ def test_reorder_views_and_ring_insert():
   np.testing.assert_array_equal(ring.pos[1], [2, -1, -1, -1, -1, -1, 0, 1])
   np.testing.assert_array_equal(ring.k[0][1][:, 6], prompt.k[0][0][:, 0])
   np.testing.assert_array_equal(ring.pos[0], cache.pos[0])
+
+
+def test_cache_bytes_is_what_init_cache_allocates():
+  cfg = tiny.tiny_config()
+  for skip, dtype in [((), None), ([1, 2], None), ((1,), jnp.bfloat16)]:
+    arrays = jax.tree.leaves(init_cache(cfg, 3, 20, tuple(skip), dtype))
+    assert cache_bytes(cfg, 3, 20, skip, dtype) == sum(a.nbytes for a in arrays)

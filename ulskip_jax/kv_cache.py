@@ -15,7 +15,6 @@ cache made XLA copy every cache layer it touches on every step).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -140,9 +139,9 @@ def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                  pos=jnp.full((batch, max_len), -1, jnp.int32))
 
 
-@functools.lru_cache  # an eval_shape takes ~10 ms of host time: too much for every decode call
 def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                 dtype: Any = None) -> int:
-  """Bytes `init_cache` would allocate, computed from shapes only."""
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, tuple(skip), dtype))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  """Bytes `init_cache` would allocate: K and V of the kept layers, and the int32 positions."""
+  n = len(kept_layers(cfg.num_layers, tuple(skip)))
+  itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+  return batch * max_len * (2 * n * cfg.num_kv_heads * cfg.head_dim * itemsize + 4)
