@@ -143,10 +143,8 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
     if args.skip is not None or args.ratio is not None:
       raise UsageError("--speculative with --ratio/--skip: the full model verifies; give the "
                        "draft's layers in --speculative, e.g. draft_ratio=2,k=4")
-    from ulskip_jax import speculative
     try:
       options = parse_speculative(args.speculative)
-      speculative.resolve_draft(num_layers, options.get("draft_skip"), options.get("draft_ratio"))
     except ValueError as e:
       raise UsageError(f"--speculative: {e}")
     return [("spec", dict(speculative=options))]

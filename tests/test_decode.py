@@ -216,7 +216,7 @@ def test_ratio_keeps_the_global_layers_of_a_local_global_model():
   with_globals = plan_layers(8, 2, keep=(3, 4)).skipped
   assert with_globals != plan_layers(8, 2).skipped  # plain ULS drops both global layers
   assert engine.check_options(cfg, ratio=2, max_new_tokens=4)["skip"] == with_globals
-  assert speculative.resolve_draft(8, None, 2, windows) == with_globals
+  assert speculative.check(cfg, dict(draft_ratio=2))["draft_skip"] == with_globals
   assert engine.check_options(cfg, skip=(1, 2), max_new_tokens=4)["skip"] == (1, 2)
 
 

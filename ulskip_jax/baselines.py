@@ -268,7 +268,7 @@ class _Dynamic(engine.Queued):
   continuous = False
 
   def start(self, model, x):
-    (B, P), N, L = x.prompts.shape, self.max_new_slots, model.cfg.num_layers
+    P, N, L = x.prompts.shape[1], self.max_new_slots, model.cfg.num_layers
     cached_skip = tuple(range(L - self.cached(L)))
     logits, cache = engine.prefill(model, x.prompts, x.pad, P + N, skip=cached_skip,
                                    paper_mode=bool(cached_skip))

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import flax.struct
-from flax import nnx
 
 from ulskip_jax import engine, sampling
 from ulskip_jax import speculative as speculative_lib

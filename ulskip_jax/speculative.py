@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -259,15 +258,6 @@ class Speculative(engine.Queued):
 OPTION_KEYS = ("draft_skip", "draft_ratio", "num_draft_tokens", "draft_cache")
 
 
-def resolve_draft(num_layers: int, draft_skip: Sequence[int] | None, draft_ratio: float | None,
-                  windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
-  """The draft's skipped layers: `draft_ratio` -> the ULS plan (`engine.resolve_skip`, windows
-  included); `draft_skip` as given."""
-  if draft_skip is None and draft_ratio is None:
-    raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
-  return engine.resolve_skip(num_layers, draft_skip, draft_ratio, windows)
-
-
 def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=None, ratio=None,
           num_beams=1, no_repeat_ngram_size=0, **_) -> dict[str, Any]:
   """`Speculative`'s draft options from `speculative` (keys OPTION_KEYS), checked along with the
@@ -286,9 +276,13 @@ def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=N
     raise ValueError(f"num_beams={num_beams} / no_repeat_ngram_size={no_repeat_ngram_size} with "
                      "speculative is unsupported: speculative decoding is greedy or sampling")
   as_choice("mode", mode, ("paper", "everywhere"))
-  o = dict(dict(num_draft_tokens=4, draft_cache="shared"), **speculative)
-  draft_skip = resolve_draft(cfg.num_layers, o.get("draft_skip"), o.get("draft_ratio"),
-                             cfg.attention_windows)
+  o = dict(dict(num_draft_tokens=4, draft_cache="shared", draft_skip=None, draft_ratio=None),
+           **speculative)
+  if o["draft_skip"] is None and o["draft_ratio"] is None:
+    raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
+  # The ULS plan of draft_ratio keeps a local/global model's global layers (`engine.resolve_skip`).
+  draft_skip = engine.resolve_skip(cfg.num_layers, o["draft_skip"], o["draft_ratio"],
+                                   cfg.attention_windows)
   num_draft_tokens = as_int("num_draft_tokens", o["num_draft_tokens"], 1, engine.MIN_BUCKET)
   as_choice("draft_cache", o["draft_cache"], DRAFT_CACHES)
   if o["draft_cache"] == "shared" and mode != "paper":
