@@ -331,8 +331,9 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
 
 def decode_ids(tokenizer, ids: Sequence[int]) -> str:
   """Text of `ids` without special tokens, for either tokenizer kind."""
-  return tokenizer.decode(ids, **({} if hasattr(tokenizer, "bos_id") else
-                                  dict(skip_special_tokens=True)))
+  if hasattr(tokenizer, "bos_id"):
+    return tokenizer.decode(ids)
+  return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def special_ids(tokenizer) -> tuple[int | None, int]:
