@@ -500,7 +500,9 @@ def test_two_processes_preempted_together_then_match_one(children):
   _assert_losses_match(_losses(hosts), _losses(children.root / "one"), range(5, NUM_STEPS + 1),
                        OTHER_MESH_TOL)
   saved = sorted(int(p) for p in os.listdir(hosts / "checkpoints") if p.isdigit())
-  assert saved == [16, 20, 24], saved
+  # The multiples of 4 and the step both hosts saved (JAX's preemption service picks it, later
+  # on a busy machine), the latest 3 kept.
+  assert saved == sorted({*range(4, NUM_STEPS + 1, 4), stopped[0]})[-3:], (saved, stopped)
   # Each host wrote its half of every parameter: one process reads the whole of them back.
   model, _ = train_lib.load_for_inference(str(hosts))
   trained = np.load(children.root / "final_params.npz")  # the one-process run's
