@@ -17,6 +17,9 @@ Environment:
                                   state is initialised, to check that params are really sharded
   ULSKIP_TEST_FINAL_PARAMS=PATH   write the last step's params as .npz (keys: their key paths),
                                   to compare with what the checkpoint gives back
+  ULSKIP_TEST_STEP_DELAY_S=S      each step's state and metrics become ready S seconds later
+                                  (a host callback that sleeps, values unchanged): a tiny
+                                  model's step with a large model's compute time
 """
 
 import json
@@ -33,6 +36,7 @@ import tensorboardX  # noqa: E402,F401  (its writer imports torch whenever it ca
 del sys.modules["torch"]  # others (datasets) must see torch as not imported, not as broken
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
@@ -45,8 +49,19 @@ def _patch_trainer():
   pause_at = int(os.environ.get("ULSKIP_TEST_PAUSE_AT", "-1"))
   shardings_path = os.environ.get("ULSKIP_TEST_SHARDINGS")
   params_path = os.environ.get("ULSKIP_TEST_FINAL_PARAMS")
+  delay_s = float(os.environ.get("ULSKIP_TEST_STEP_DELAY_S", "0"))
   trainer = train_lib.Trainer
   original_step, original_init_state, original_save = trainer.step, trainer.init_state, trainer.save
+
+  @jax.jit
+  def delayed(out):
+    sleep = lambda loss: (time.sleep(delay_s), np.zeros((), np.float32))[1]
+    zero = jax.pure_callback(sleep, jax.ShapeDtypeStruct((), jnp.float32), out[1]["loss"])
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), out)  # x + 0: the same values
+
+  if delay_s:
+    trainer.step = lambda self, *args, step=original_step: delayed(step(self, *args))
+    original_step = trainer.step
 
   guard = ckpt_lib.PreemptionGuard
   original_on_sigterm, original_on_sigint = guard._on_sigterm, guard._on_sigint
