@@ -225,7 +225,7 @@ def test_threshold_search_resolves_low_confidences():
   V, L = 4096, 12
 
   def ratio(t):  # exits deepen as the threshold rises through log-uniform confidences [1/V, .05]
-    frac = min(max(np.log(t * V) / np.log(0.05 * V), 0.0), 1.0)
+    frac = min(np.log(max(t * V, 1.0)) / np.log(0.05 * V), 1.0)
     return L / (2 + 10 * frac)
 
   for target in (2.0, 3.0, 5.0):
