@@ -144,7 +144,7 @@ class Speculative(engine.Queued):
                             segment_ids_BT=segment_ids_BT, cache=cache, cache_index=index)
     return model.unembed(h), cache
 
-  def _prefill(self, model, x, prompts, pad, num_slots):
+  def _prefill(self, model, prompts, pad, num_slots):
     """(first tokens' logits, verify cache, draft cache or None) of left-padded prompts."""
     logits, cache = engine.prefill(model, prompts, pad, num_slots, skip=(), paper_mode=False)
     if self.shared_cache:
@@ -156,8 +156,7 @@ class Speculative(engine.Queued):
 
   def start(self, model, x):
     B, N, k = x.rows.shape[0], self.max_new_slots, self.num_draft_tokens
-    logits, cache, draft_cache = self._prefill(model, x, x.prompts[:B], x.pad[:B],
-                                               self._slots(x)[1])
+    logits, cache, draft_cache = self._prefill(model, x.prompts[:B], x.pad[:B], self._slots(x)[1])
     tok = self._choose(x, logits, jax.random.fold_in(x.rng, 0))[0]
     zeros = jnp.zeros((B,), jnp.int32)
     return SpeculativeState(
@@ -166,7 +165,7 @@ class Speculative(engine.Queued):
         drafted=jnp.int32(0), last_commit=(zeros, zeros + x.prompts.shape[1], zeros))
 
   def refill(self, model, x, s: SpeculativeState, b, i, prompt_1P, pad_1) -> SpeculativeState:
-    logits, cache, draft_cache = self._prefill(model, x, prompt_1P, pad_1, x.prompts.shape[1])
+    logits, cache, draft_cache = self._prefill(model, prompt_1P, pad_1, x.prompts.shape[1])
     tok = self._choose(x, logits, jax.random.fold_in(jax.random.fold_in(x.rng, i), 0))[0][0]
     return self.start_row(x, s, b, i, tok, pad_1[0]).replace(
         cache=s.cache.insert(b, cache, 0), carry_valid=s.carry_valid.at[b].set(False),
