@@ -1,13 +1,32 @@
 """Test-wide settings. Tiny models make XLA's CPU compile time dominate a test's run time, and
-optimisation level 0 compiles about 3x faster, so every test (and every subprocess a test starts,
-which inherits the environment) uses it; numerics are unchanged at the tolerances tested."""
+optimisation level 0 compiles about 3x faster, so every test on the CPU (and every subprocess a
+test starts, which inherits the environment) uses it; numerics are unchanged at the tolerances
+tested. On a GPU or TPU the compiler keeps its defaults: the tests then check what users run."""
 
+import importlib.metadata
 import os
+import re
 
 import pytest
 
 _FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# JAX's accelerator plugins (jax-cuda12-plugin, jax-rocm7-plugin, libtpu, ...): with one
+# installed, JAX runs on its device rather than the CPU by default.
+_ACCELERATOR_PLUGIN = re.compile(r"jax[-_](cuda|rocm)\d*[-_]plugin|libtpu(-nightly)?", re.I)
+
+
+def _on_cpu() -> bool:
+  """Whether JAX will run on the CPU, decided without initialising a backend (flags must be set
+  before that): JAX_PLATFORMS when set, else whether an accelerator plugin is installed (one with
+  no device present leaves the flags off: slower compiles, the same results)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(_ACCELERATOR_PLUGIN.fullmatch(d.metadata["Name"] or "")
+                 for d in importlib.metadata.distributions())
+
+
+if _on_cpu() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests import tiny
+from tests import tiny, tolerance
 from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
 
 
@@ -27,7 +27,7 @@ def test_deferred_layer_cache_attends_like_the_written_one():
   cache = cache.write_positions(positions, ones, 5)
   y, written = model.layers[0](x, positions, ones, cache.layer(0, 5))
   y_deferred, (k, v) = model.layers[0](x, positions, ones, cache.layer(0, 5, deferred=True))
-  np.testing.assert_allclose(y_deferred, y, atol=1e-5)
+  np.testing.assert_allclose(y_deferred, y, **tolerance.close(1e-5))
   np.testing.assert_array_equal(cache.write(0, k, v, 5).k[0], written.k)
 
 

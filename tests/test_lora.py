@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from flax.nnx import traversals
 
-from tests import tiny
+from tests import tiny, tolerance
 from ulskip_jax import config_check, hf, lora, train_lib
 from ulskip_jax.model import Decoder, kept_layers
 
@@ -134,7 +134,7 @@ def test_merged_equals_unmerged(run):
             full_depth_BT=jnp.asarray(batch["full_depth"]))
   tokens = jnp.asarray(batch["tokens"])
   np.testing.assert_allclose(np.asarray(tiny.jit_call(merged)(tokens, **kw)),
-                             np.asarray(tiny.jit_call(model)(tokens, **kw)), atol=1e-5, rtol=0)
+                             np.asarray(tiny.jit_call(model)(tokens, **kw)), **tolerance.close(1e-5))
 
 
 def test_resume_equals_uninterrupted(run, tmp_path, capsys):

@@ -12,6 +12,7 @@ from ulskip_jax import Decoder, init_cache, plan_layers
 from ulskip_jax.model import cache_bytes
 
 from tiny import jit_call, tiny_config, tiny_model
+import tolerance
 
 TOL = 2e-5
 
@@ -54,7 +55,7 @@ def test_skipping_a_layer_equals_deleting_it(overrides):
   fwd, tokens = jit_call(model), _tokens()
   for skip in [(1,), (1, 2), (0, 3)]:
     want = jit_call(_delete_layers(model, skip))(tokens)
-    np.testing.assert_allclose(fwd(tokens, skip=skip), want, atol=TOL)
+    np.testing.assert_allclose(fwd(tokens, skip=skip), want, **tolerance.close(TOL))
   np.testing.assert_allclose(fwd(tokens, skip=()), fwd(tokens), atol=0)
 
 
@@ -66,10 +67,10 @@ def test_cached_decode_equals_full_forward(pos, skip):
   tokens = _tokens(T=12)
   want = fwd(tokens, skip=skip)
   got = _cached_logits(fwd, tokens, skip, 5, init_cache(model.cfg, 2, 16, skip))
-  np.testing.assert_allclose(got, want, atol=TOL)
+  np.testing.assert_allclose(got, want, **tolerance.close(TOL))
   # An empty cache equals no cache.
   np.testing.assert_allclose(fwd(tokens, skip=skip, cache=init_cache(model.cfg, 2, 12, skip))[0],
-                             want, atol=TOL)
+                             want, **tolerance.close(TOL))
 
 
 def test_paper_mode_prompt_at_full_depth_response_skips():
@@ -79,12 +80,12 @@ def test_paper_mode_prompt_at_full_depth_response_skips():
   full_depth = jnp.broadcast_to(jnp.arange(12) < P, (2, 12))
   got = fwd(tokens, skip=skip, full_depth_BT=full_depth)
   # The prompt sees exactly the full model; the response differs from both full and skipped.
-  np.testing.assert_allclose(got[:, :P], fwd(tokens)[:, :P], atol=TOL)
-  assert not np.allclose(got[:, P:], fwd(tokens)[:, P:], atol=1e-3)
-  assert not np.allclose(got[:, P:], fwd(tokens, skip=skip)[:, P:], atol=1e-3)
+  np.testing.assert_allclose(got[:, :P], fwd(tokens)[:, :P], **tolerance.close(TOL))
+  assert not np.allclose(got[:, P:], fwd(tokens)[:, P:], **tolerance.close(1e-3))
+  assert not np.allclose(got[:, P:], fwd(tokens, skip=skip)[:, P:], **tolerance.close(1e-3))
   # Cached: prefill at full depth writes KV for kept layers only, then decode skips.
   cached = _cached_logits(fwd, tokens, skip, P, init_cache(model.cfg, 2, 12, skip), True)
-  np.testing.assert_allclose(cached, got, atol=TOL)
+  np.testing.assert_allclose(cached, got, **tolerance.close(TOL))
 
 
 def test_packed_segments_equal_separate_sequences():
@@ -95,8 +96,8 @@ def test_packed_segments_equal_separate_sequences():
   seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 3])
   pos = jnp.asarray([list(range(6)) + list(range(5)) + [0] * 3])
   got = fwd(packed, positions_BT=pos, segment_ids_BT=seg, skip=(2,))
-  np.testing.assert_allclose(got[:, :6], fwd(a, skip=(2,)), atol=TOL)
-  np.testing.assert_allclose(got[:, 6:11], fwd(b, skip=(2,)), atol=TOL)
+  np.testing.assert_allclose(got[:, :6], fwd(a, skip=(2,)), **tolerance.close(TOL))
+  np.testing.assert_allclose(got[:, 6:11], fwd(b, skip=(2,)), **tolerance.close(TOL))
 
 
 # Gemma 3's switches, with a window (3) shorter than the sequences and the packed segments.
@@ -111,20 +112,20 @@ def test_local_global_layers_cached_packed_and_paper_mode():
   fwd, tokens, skip, P = jit_call(model), _tokens(T=12), (1,), 5
   # Windows change the result (so the checks below see them), then cached == full forward.
   no_window = jit_call(tiny_model(**{**LOCAL_GLOBAL, "attention_windows": None}))
-  assert not np.allclose(fwd(tokens), no_window(tokens), atol=1e-3)
+  assert not np.allclose(fwd(tokens), no_window(tokens), **tolerance.close(1e-3))
   for full_depth in (None, True):
     want = fwd(tokens, skip=skip, full_depth_BT=None if full_depth is None else
                jnp.broadcast_to(jnp.arange(12) < P, (2, 12)))
     got = _cached_logits(fwd, tokens, skip, P, init_cache(model.cfg, 2, 16, skip), full_depth)
-    np.testing.assert_allclose(got, want, atol=TOL)
+    np.testing.assert_allclose(got, want, **tolerance.close(TOL))
   # The window counts positions, which restart in each packed segment.
   a, b = _tokens(1, 6, seed=2), _tokens(1, 5, seed=3)
   packed = jnp.concatenate([a, b], 1)
   pos = jnp.asarray([list(range(6)) + list(range(5))])
   seg = jnp.asarray([[1] * 6 + [2] * 5])
   got = fwd(packed, positions_BT=pos, segment_ids_BT=seg, skip=skip)
-  np.testing.assert_allclose(got[:, :6], fwd(a, skip=skip), atol=TOL)
-  np.testing.assert_allclose(got[:, 6:], fwd(b, skip=skip), atol=TOL)
+  np.testing.assert_allclose(got[:, :6], fwd(a, skip=skip), **tolerance.close(TOL))
+  np.testing.assert_allclose(got[:, 6:], fwd(b, skip=skip), **tolerance.close(TOL))
 
 
 def test_one_compile_per_skip_tuple():
@@ -165,7 +166,7 @@ def test_remat_and_bf16():
     return jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, skip=(1,)).sum()))(state)
   g1, g2 = grads(model), grads(remat)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(x, y, **tolerance.close(1e-4, 1e-4))
   bf16 = tiny_model(dtype="bfloat16")
   np.testing.assert_allclose(jit_call(bf16)(tokens), jit_call(model)(tokens), atol=0.15)
 

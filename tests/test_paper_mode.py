@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from tiny import tiny_model
+import tolerance
 from ulskip_jax import data as data_lib
 from ulskip_jax import prompt_buffer, train_lib
 
@@ -93,10 +94,10 @@ def test_losses_and_gradients_equal_the_whole_row_computation(overrides):
     assert bool(buffer.fits) == fits
     want_loss, want_grads = mean_loss_and_grads(params, batch, None)
     loss, grads = mean_loss_and_grads(params, batch, CAPACITY)
-    np.testing.assert_allclose(float(loss), float(want_loss), atol=TOL, rtol=0)
+    np.testing.assert_allclose(float(loss), float(want_loss), **tolerance.close(TOL))
     for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
       got = functools.reduce(lambda t, k: t[k.key], path, grads)
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0,
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tolerance.close(TOL),
                                  err_msg=f"fits={fits} {jax.tree_util.keystr(path)}")
 
 
@@ -115,7 +116,7 @@ def test_alibi_and_a_prompt_after_a_response_give_the_whole_row_logits():
 
   for full_depth in (batch["full_depth"], late_prompt):
     np.testing.assert_allclose(logits(params, full_depth, CAPACITY),
-                               logits(params, full_depth, None), atol=TOL, rtol=0)
+                               logits(params, full_depth, None), **tolerance.close(TOL))
   assert not bool(prompt_buffer.plan(late_prompt, batch["segment_ids"], CAPACITY).fits)
 
 
@@ -132,8 +133,8 @@ def test_accumulated_step_equals_the_whole_row_step_and_counts_overflowing_rows(
   want, want_metrics = step(state, batch, SKIP, prompt_capacity=None)
   got, metrics = step(state, batch, SKIP, prompt_capacity=CAPACITY)
   assert int(metrics["prompt_overflow_rows"]) == 1 and "prompt_overflow_rows" not in want_metrics
-  np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), atol=TOL, rtol=0)
+  np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), **tolerance.close(TOL))
   for path, a in jax.tree_util.tree_leaves_with_path(want["params"]):
     b = functools.reduce(lambda t, k: t[k.key], path, got["params"])
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL, rtol=0,
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), **tolerance.close(TOL),
                                err_msg=jax.tree_util.keystr(path))

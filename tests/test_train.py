@@ -36,6 +36,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
+import tolerance
 from ulskip_jax import data as data_lib
 from ulskip_jax import gguf_io, hf, train_lib
 from ulskip_jax.model import Decoder
@@ -310,7 +311,7 @@ def test_paper_mode_loss_is_response_cross_entropy_with_prompt_at_full_depth():
                            static_argnums=(1, 3, 4))
   (paper_sum, count), paper_grads = sums_and_grads(params, graphdef, batch, skip, True)
   assert int(count) == want_count
-  np.testing.assert_allclose(float(paper_sum), want_sum, rtol=1e-5)
+  np.testing.assert_allclose(float(paper_sum), want_sum, **tolerance.close(rtol=1e-5))
 
   (everywhere_sum, _), everywhere_grads = sums_and_grads(params, graphdef, batch, skip, False)
   assert abs(float(everywhere_sum) - float(paper_sum)) > 1e-3 * want_count
@@ -355,12 +356,13 @@ def test_gradient_accumulation_gives_the_same_update():
                                       num_steps=1)
   assert metrics_two["tokens"] == metrics_one["tokens"] == float(batch["loss_mask"].sum())
   for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(metrics_two[key], metrics_one[key], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(metrics_two[key], metrics_one[key], err_msg=key,
+                               **tolerance.close(rtol=1e-6))
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one),
                                                           jax.tree.leaves(params)))
   assert moved > 1e-2, "the update did not move the parameters: the comparison is vacuous"
   for path, a in jax.tree_util.tree_leaves_with_path(one):
-    np.testing.assert_allclose(np.asarray(_leaf(two, path)), np.asarray(a), atol=1e-6, rtol=0,
+    np.testing.assert_allclose(np.asarray(_leaf(two, path)), np.asarray(a), **tolerance.close(1e-6),
                                err_msg=jax.tree_util.keystr(path))
 
 
