@@ -1,8 +1,8 @@
 """Continuous against static batching: generated tokens/s of `generate_text` on a workload whose
 output lengths spread, with greedy outputs compared prompt by prompt.
 
-  python benchmarks/continuous_batching.py                      # SmolLM2-135M, batch 16, ~8 min
-  python benchmarks/continuous_batching.py --quick              # a tiny random model, ~1 min
+  python -m benchmarks.continuous_batching                      # SmolLM2-135M, batch 16, ~8 min
+  python -m benchmarks.continuous_batching --quick              # a tiny random model, ~1 min
 
 The workload: the 64 KJV test verses (`examples/kjv_test64.txt`, in file order) as chat prompts
 asking for a modern-English rewrite, greedy, up to --max-new-tokens tokens with the model's EOS,
@@ -19,9 +19,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ulskip_jax import decode, hf  # noqa: E402
+from ulskip_jax import decode, hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "Rewrite this King James verse in modern English.\nKJV: {}"
@@ -42,11 +40,11 @@ def parse_args(argv=None):
 
 def load_model(args):
   if args.quick:
-    from tests import tiny
+    from ulskip_jax import testing
     import tempfile
     folder = tempfile.mkdtemp()
-    tiny.save_hf_model("llama", folder)
-    tokenizer = tiny.save_tiny_tokenizer(folder)
+    testing.save_hf_model("llama", folder)
+    tokenizer = testing.save_tiny_tokenizer(folder)
     return hf.from_pretrained(folder)[0], tokenizer, False
   model, tokenizer = hf.from_pretrained(args.checkpoint)
   return model, tokenizer, bool(getattr(tokenizer, "chat_template", None))
@@ -65,7 +63,7 @@ def main(argv=None):
     texts = [TEMPLATE.format(line.strip()) for line in f if line.strip()]
   if args.quick:
     texts = texts[:24]
-  lines = [f"`python benchmarks/continuous_batching.py {' '.join(argv or sys.argv[1:])}`".strip(),
+  lines = [f"`python -m benchmarks.continuous_batching {' '.join(argv or sys.argv[1:])}`".strip(),
            "", f"{len(texts)} prompts, batch {args.batch_size}, max_new_tokens "
            f"{args.max_new_tokens}, greedy, EOS, chat={chat}, mode {args.mode}.", "",
            "| ratio | batching | generated tokens | wall s | CPU s | load (1 min) "

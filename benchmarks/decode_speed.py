@@ -1,9 +1,9 @@
 """Decode speed of ULS plans: tokens/s per ratio and batch, against the byte-count ceiling and
 against transformers' `generate` on the same weights.
 
-  python benchmarks/decode_speed.py            # 24 layers, d_model 1024: ~12 min on 2 busy cores
-  python benchmarks/decode_speed.py --quick    # 24 layers, d_model 256: ~2 min
-  python benchmarks/decode_speed.py --checkpoint smollm2 --dtype bfloat16   # a real model
+  python -m benchmarks.decode_speed            # 24 layers, d_model 1024: ~12 min on 2 busy cores
+  python -m benchmarks.decode_speed --quick    # 24 layers, d_model 256: ~2 min
+  python -m benchmarks.decode_speed --checkpoint smollm2 --dtype bfloat16   # a real model
 
 Greedy decoding of `--new-tokens` tokens after random `--prompt-len`-token prompts (no EOS, so
 every row generates the full budget). Generated tokens/s is timed over whole `generate` calls
@@ -23,16 +23,13 @@ import argparse
 import math
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ulskip_jax import decode, engine, hf, plan_layers  # noqa: E402
-from ulskip_jax.model import cache_bytes  # noqa: E402
+from ulskip_jax import decode, engine, hf, plan_layers
+from ulskip_jax.model import cache_bytes
 
 
 def parse_args(argv=None):

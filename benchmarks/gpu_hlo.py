@@ -1,5 +1,5 @@
 """XLA:GPU's decode executables, compiled without a GPU: does any while loop copy or transpose a
-KV-cache layer? The tests check this on XLA:CPU (`tests/hlo.py`); XLA:GPU assigns layouts
+KV-cache layer? The tests check this on XLA:CPU (`testing.loop_layer_ops`); XLA:GPU assigns layouts
 differently (it transposed whole cache layers around continuous batching's refill loop, a
 per-step copy XLA:CPU does not make), so this compiles every strategy for an H100 with JAX's
 deviceless ahead-of-time compilation and applies the same check.
@@ -7,7 +7,7 @@ deviceless ahead-of-time compilation and applies the same check.
   python3 -m venv /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
   pip install "jax[cuda12]==$JAX_VERSION" flax optax orbax-checkpoint safetensors gguf tqdm \
       ml_collections pytest && pip install --no-deps -e .        # ~6 GB, no GPU needed
-  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda python benchmarks/gpu_hlo.py \
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda python -m benchmarks.gpu_hlo \
       [--model smollm2]   # ~10 s for the tiny test model; ~2 min at SmolLM2-135M's shapes
 
 (JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin's version check needs a driver.) 3 prompts of
@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental import topologies
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-
-from tests import hlo  # noqa: E402
-from ulskip_jax import baselines, decode, engine  # noqa: E402
-from ulskip_jax.model import Decoder, ModelConfig  # noqa: E402
+from ulskip_jax import baselines, decode, engine
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.testing import loop_layer_ops
 
 # An H100 SXM's device description (XLA's GpuTargetConfig text proto).
 H100 = """
@@ -109,7 +106,7 @@ def main(argv=None):
       continue
     compiled = jitted.lower(graphdef, jax.tree.map(spec, params), jax.tree.map(spec, x),
                             strategy=strategy).compile()
-    in_place, others = hlo.loop_layer_ops(compiled.as_text(), layer)
+    in_place, others = loop_layer_ops(compiled.as_text(), layer)
     results[name] = dict(in_place=in_place, others=len(others), first_other=others[:1])
     print(f"| {name} | {in_place} | {len(others)} |")
     failed |= bool(others) and not name.startswith("beam")

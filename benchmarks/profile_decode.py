@@ -1,6 +1,6 @@
 """Where a decode step's time goes: an XLA profile of greedy decoding, op by op.
 
-  python benchmarks/profile_decode.py --checkpoint smollm2 --batch 1 --dtype float32
+  python -m benchmarks.profile_decode --checkpoint smollm2 --batch 1 --dtype float32
 
 One `generate` call (compiled first) runs under `jax.profiler.trace`; the trace's per-op events
 inside the executable are summed by kind (weight matmuls, attention over the cache, the
@@ -19,7 +19,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
@@ -27,8 +26,6 @@ DUMP = tempfile.mkdtemp(prefix="ulskip_hlo_")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
                            " --xla_dump_hlo_module_re=.*generate.*|.*_fn.*").strip()
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,7 +1,7 @@
 """ULS against early exit, SkipDecode and contiguous / random static skipping, with transformers as
 the speed reference: one command, markdown tables and plots in benchmarks/results/.
 
-  python benchmarks/reproduce.py --config configs/reproduce_smollm2.py [--quick] [--stages ...]
+  python -m benchmarks.reproduce --config configs/reproduce_smollm2.py [--quick] [--stages ...]
 
 Stages: base, zero_shot, ft, quality, speed_trained, speed (see the config's docstring). Each stage's output is
 cached under the config's workdir (checkpoints, HF exports, JSON), so a re-run redoes only what is
@@ -26,7 +26,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -1,8 +1,8 @@
 """Self-speculative decoding against full-depth decoding and plain ULS: tokens/s and acceptance.
 
-  python benchmarks/speculative.py --checkpoint runs/bible_multi            # ~5 min, 2 CPU cores
-  python benchmarks/speculative.py --checkpoint runs/bible_multi --quick    # ~1.5 min
-  python benchmarks/speculative.py --quick                                  # random weights
+  python -m benchmarks.speculative --checkpoint runs/bible_multi            # ~5 min, 2 CPU cores
+  python -m benchmarks.speculative --checkpoint runs/bible_multi --quick    # ~1.5 min
+  python -m benchmarks.speculative --quick                                  # random weights
 
 For each batch size, greedy decoding of the same prompts (held-out Bible verses in the checkpoint's
 prompt template; random tokens for random weights) by: the full model; plain ULS at each draft
@@ -26,7 +26,7 @@ rarely agrees with the full model: its acceptance and speed say little about a t
 same acceptance, with the weight bytes of a bigger model, for this CPU's weight-bandwidth-bound
 regime; the 3.5M-parameter checkpoint itself fits in the L3 cache. --balance first times a
 weight-streaming matmul per row count: where verifying B (k + 1) rows stops being nearly free.
-Measured results and their reading: README.md, "Lossless speed".
+Measured results: benchmarks/results/smollm2/speculative*.md.
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ulskip_jax import decode, plan_layers  # noqa: E402
+from ulskip_jax import decode, plan_layers
 
 TEMPLATE = "KJV: {source}\nWEB:"  # configs/base.py's, for Hugging Face folders
 

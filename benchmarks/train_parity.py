@@ -1,8 +1,8 @@
 """Skip-aware training on 8 simulated devices against 1, and the step time of skip-aware steps.
 
-  python benchmarks/train_parity.py                 # ~6 min on 2 busy CPU cores
-  python benchmarks/train_parity.py --quick         # 5 parity steps, 3 timed rounds: ~3 min
-  python benchmarks/train_parity.py --d-model 192   # the wider model bible_2x used to have
+  python -m benchmarks.train_parity                 # ~6 min on 2 busy CPU cores
+  python -m benchmarks.train_parity --quick         # 5 parity steps, 3 timed rounds: ~3 min
+  python -m benchmarks.train_parity --d-model 192   # the wider model bible_2x used to have
 
 Both parts use the model, seq_len and batch size of configs/bible_2x.py (12 layers, d_model 128,
 4 heads, 2 KV heads, a BPE vocabulary of 4096; 16 rows of 96 tokens) on Bible batches, with
@@ -57,7 +57,6 @@ def parse_args(argv=None):
 
 
 def bible_2x_config(args, batch_size: int):
-  sys.path.insert(0, REPO)
   from configs import bible_2x
   c = bible_2x.get_config()
   c.batch_size = batch_size or c.batch_size

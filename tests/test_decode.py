@@ -17,7 +17,8 @@ import pytest
 import torch
 from flax import nnx
 
-from tests import hlo, tiny
+from ulskip_jax.testing import compile_generate, loop_layer_ops
+from ulskip_jax import testing as tiny
 from ulskip_jax import decode, engine, hf, plan_layers, speculative
 from ulskip_jax.model import ModelConfig, cache_bytes
 
@@ -187,10 +188,10 @@ def test_decode_loop_updates_the_cache_in_place(models):
   """No op in the while loop (fusions included) makes a cache-layer-sized array except in-place
   dynamic-update-slices: no per-step copy or transpose of the cache."""
   model = models["llama"][1]
-  compiled = hlo.compile_generate(model, 3, 9, ratio=RATIO, mode="everywhere",
+  compiled = compile_generate(model, 3, 9, ratio=RATIO, mode="everywhere",
                                      max_new_tokens=MAX_NEW, eos_id=None)
   cfg = model.cfg
-  in_place, others = hlo.loop_layer_ops(compiled.as_text(), (4, cfg.num_kv_heads, 32, cfg.head_dim))
+  in_place, others = loop_layer_ops(compiled.as_text(), (4, cfg.num_kv_heads, 32, cfg.head_dim))
   assert not others, others[:2]
   assert in_place >= 2 * 2  # K and V of both kept layers are written in place
   memory = compiled.memory_analysis()
@@ -305,5 +306,5 @@ def test_continuous_batching_updates_the_cache_in_place(models):
   texts = [v.as_text() for k, v in engine.EXECUTABLES.items() if k not in before]
   assert texts
   for text in texts:  # S = 16 + 16 slots
-    in_place, others = hlo.loop_layer_ops(text, (2, cfg.num_kv_heads, 32, cfg.head_dim))
+    in_place, others = loop_layer_ops(text, (2, cfg.num_kv_heads, 32, cfg.head_dim))
     assert in_place and not others, others[:2]

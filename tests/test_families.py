@@ -14,7 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
-import tiny
+from ulskip_jax import testing as tiny
 import tolerance
 from ulskip_jax import decode, hf, lora
 from ulskip_jax.model import Decoder

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-import tiny
+from ulskip_jax import testing as tiny
 import tolerance
 from ulskip_jax import hf
 from ulskip_jax.skipping import plan_layers

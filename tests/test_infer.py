@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import infer
-from tests import tiny
+from ulskip_jax import testing as tiny
 from ulskip_jax import decode, engine, hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests import tiny, tolerance
+from tests import tolerance
+from ulskip_jax import testing as tiny
 from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +19,12 @@ import pytest
 from flax import nnx
 from flax.nnx import traversals
 
-from tests import tiny, tolerance
+from tests import tolerance
+from ulskip_jax import testing as tiny
 from ulskip_jax import config_check, hf, lora, train_lib
 from ulskip_jax.model import Decoder, kept_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402
 
 STEPS = 3

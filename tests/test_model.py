@@ -11,7 +11,7 @@ from flax import nnx
 from ulskip_jax import Decoder, init_cache, plan_layers
 from ulskip_jax.model import cache_bytes
 
-from tiny import jit_call, tiny_config, tiny_model
+from ulskip_jax.testing import jit_call, tiny_config, tiny_model
 import tolerance
 
 TOL = 2e-5

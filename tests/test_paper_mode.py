@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from tiny import tiny_model
+from ulskip_jax.testing import tiny_model
 import tolerance
 from ulskip_jax import data as data_lib
 from ulskip_jax import prompt_buffer, train_lib

@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from tiny import save_hf_model, save_tiny_tokenizer
+from ulskip_jax.testing import save_hf_model, save_tiny_tokenizer
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 

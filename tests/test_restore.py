@@ -8,7 +8,6 @@ comes back keyed '0', '1', '10', '11', ..., '2', ...: string order and numeric o
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -16,12 +15,11 @@ import pytest
 from flax import nnx
 
 import infer
-from tests import tiny
+from ulskip_jax import testing as tiny
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import decode, hf, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402
 
 LAYERS = 12

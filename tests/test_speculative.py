@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tests import hlo, tiny
+from ulskip_jax.testing import compile_generate, loop_layer_ops
+from ulskip_jax import testing as tiny
 from tests.test_decode import FAST_COMPILE, PROMPTS, QUEUE, _eos_with_spread
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
@@ -151,11 +152,11 @@ def test_loop_commits_in_place(models, draft_cache, rows):
   ([B, K, S, Hd]) is an in-place dynamic-update-slice or scatter (no per-round copy of a
   cache); the temporaries stay small."""
   model = models["llama"]
-  compiled = hlo.compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
+  compiled = compile_generate(model, 3, 9, speculative=dict(SPEC, draft_cache=draft_cache),
                                      continuous_rows=rows, max_new_tokens=MAX_NEW, eos_id=None)
   cfg, B = model.cfg, rows or 4
   slots = 16 + 16 + 2 * K + 1
-  in_place, others = hlo.loop_layer_ops(compiled.as_text(),
+  in_place, others = loop_layer_ops(compiled.as_text(),
                                         (B, cfg.num_kv_heads, slots, cfg.head_dim))
   assert not others, others[:2]
   assert in_place >= 2 * (4 + 2)  # K and V of every verify and draft layer

@@ -43,7 +43,6 @@ from ulskip_jax.model import Decoder
 from ulskip_jax.skipping import plan_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from configs import tiny  # noqa: E402
 
 NUM_STEPS = 24

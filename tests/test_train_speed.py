@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import tiny
+from ulskip_jax import testing as tiny
 import tolerance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -30,7 +30,6 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.modules["torch"] = None  # `import torch` raises ImportError, as where it is not installed
 import tensorboardX  # noqa: E402,F401  (its writer imports torch whenever it can)
 del sys.modules["torch"]  # others (datasets) must see torch as not imported, not as broken

@@ -1,19 +1,34 @@
-"""Tiny models for tests: random Hugging Face (torch) models per family, and tiny NNX configs.
+"""Shared helpers for tests and benchmarks: tiny models, and a check of compiled HLO.
 
-Every family gets 4 layers, width 32, 4 query heads and (where the family allows) 2 KV heads, so a
-test runs in seconds. Weights are random but seeded; biases and norm parameters are randomised too,
-so a parity test fails if any of them is dropped or transposed.
+Tiny models: random Hugging Face (torch) models per family, and tiny NNX configs. Every family
+gets 4 layers, width 32, 4 query heads and (where the family allows) 2 KV heads, so a test runs in
+seconds. Weights are random but seeded; biases and norm parameters are randomised too, so a
+parity test fails if any of them is dropped or transposed. torch and transformers (the `test`
+extra) are imported by the functions that need them, so the HLO check runs without them.
+
+HLO: the ops inside while loops that make a cache-layer-sized array. Tests call `loop_layer_ops`
+on the executables they build (`compile_generate`); `benchmarks/gpu_hlo.py` calls it on XLA:GPU
+executables compiled without a GPU.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import re
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
+import jax
 from flax import nnx
 
+from ulskip_jax import decode, engine
 from ulskip_jax.model import Decoder, ModelConfig
+
+if TYPE_CHECKING:
+  import transformers
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models.
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "bloom")
 # Families with their own tests (test_families.py), so the files above stay fast: Qwen3 with an
@@ -27,6 +42,7 @@ VOCAB = 97
 
 
 def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig:
+  import transformers
   common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -79,6 +95,8 @@ def hf_config(family: str, num_layers: int = 4) -> transformers.PretrainedConfig
 
 def hf_model(family: str, num_layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
   """A random torch model of `family` in f32 eval mode, every parameter randomised."""
+  import torch
+  import transformers
   torch.manual_seed(seed)
   cfg = hf_config(family, num_layers)
   model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -100,6 +118,7 @@ def save_hf_model(family: str, path, num_layers: int = 4, seed: int = 0) -> tran
 
 def torch_logits(model, tokens, mask=None, positions=None):
   """transformers' logits (numpy) without a cache, optionally left-padded by `mask`."""
+  import torch
   kwargs = dict(use_cache=False)
   if mask is not None:
     kwargs["attention_mask"] = torch.tensor(mask)
@@ -111,6 +130,7 @@ def torch_logits(model, tokens, mask=None, positions=None):
 
 def pruned_torch(model, kept):
   """A copy of `model` whose layer list holds only `kept`, renumbered for the cache."""
+  import torch
   pruned = copy.deepcopy(model)
   holder, name = (pruned.model, "layers") if hasattr(pruned, "model") else (pruned.transformer, "h")
   layers = [getattr(holder, name)[i] for i in kept]
@@ -128,6 +148,7 @@ def pruned_torch(model, kept):
 
 def torch_generate(torch_model, prompts, max_new_tokens: int, eos_id: int):
   """transformers' greedy generate on a left-padded batch; new tokens per row, cut before EOS."""
+  import torch
   P = max(len(p) for p in prompts)
   ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
   mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
@@ -152,6 +173,7 @@ def tiny_model(seed: int = 0, **overrides) -> Decoder:
 def save_tiny_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
   """A word-level tokenizer over VOCAB words ("w0" .. "w96", plus the specials), saved to path."""
   import tokenizers
+  import transformers
   vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
   vocab.update({f"w{i}": i for i in range(3, VOCAB)})
   word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w3"))
@@ -166,9 +188,6 @@ def save_tiny_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
 
 def jit_call(model: Decoder):
   """model(tokens, **kw) under one jax.jit (skip static): eager op-by-op runs are slow to start."""
-  import functools
-
-  import jax
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, static_argnames=("skip", "paper_prefill"))
@@ -183,3 +202,63 @@ def jit_call(model: Decoder):
       kw["full_depth_BT"] = full_depth_BT
     return call(state, tokens, skip=tuple(skip), paper_prefill=paper_prefill, **kw)
   return wrapped
+
+
+# ----------------------------------------------------------------------------------------------
+# HLO: cache-layer copies in compiled loops.
+
+PASS_THROUGH = ("parameter", "get-tuple-element", "tuple", "bitcast")
+IN_PLACE = re.compile(r"(dynamic-update-slice|scatter)\(")
+
+
+def computations(text: str) -> dict[str, list[str]]:
+  """Computation name -> its instruction lines."""
+  comps, lines = {}, None
+  for line in text.splitlines():
+    header = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+    if header:
+      lines = comps.setdefault(header.group(1), [])
+    elif lines is not None and line.strip() != "}":
+      lines.append(line)
+  return comps
+
+
+def reachable(comps: dict[str, list[str]], root: str) -> set[str]:
+  """The computations `root` calls, directly or not (fusions, loops, conditions), and itself."""
+  seen, todo = set(), [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      todo += [t for t in re.findall(r"%[\w.\-]+", line) if t in comps]
+  return seen
+
+
+def loop_layer_ops(text: str, layer_shape: tuple[int, ...]) -> tuple[int, list[str]]:
+  """(in-place writes, other ops) among the ops in while-loop bodies whose result has the dims
+  of a cache layer, `layer_shape` ([B, K, S, Hd]), in any order: a copy or a transpose of a layer
+  is one of the others. In place: a dynamic-update-slice or scatter, or a fusion holding one."""
+  comps = computations(text)
+  loops = set(re.findall(r"body=(%[\w.\-]+)", text))
+  assert loops, "no while loop in the HLO"
+  in_place, others = 0, []
+  for name in set().union(*(reachable(comps, body) for body in loops)):
+    for line in comps[name]:
+      op = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+      dims = op and op.group(1) and [int(d) for d in op.group(1).split(",")]
+      if not dims or sorted(dims) != sorted(layer_shape) or op.group(2) in PASS_THROUGH:
+        continue
+      fused = re.search(r"calls=(%[\w.\-]+)", line) if op.group(2) == "fusion" else None
+      if IN_PLACE.search(line) or (fused and any(map(IN_PLACE.search, comps[fused.group(1)]))):
+        in_place += 1
+      else:
+        others.append(line.strip()[:300])
+  return in_place, others
+
+
+def compile_generate(model, batch_size: int, prompt_len: int, **kw):
+  """The executable `decode.generate` runs for this batch size, prompt length and options."""
+  strategy, x = decode.plan_call(model, [[0] * prompt_len] * batch_size, **kw)
+  return engine.executable(strategy, *nnx.split(model), x)[0]
