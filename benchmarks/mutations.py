@@ -42,6 +42,7 @@ class Mutation:
   new: str
   tests: tuple[str, ...]  # test files (or node ids) expected to fail
   why: str                # the bug, in words
+  also: tuple[tuple[str, str, str], ...] = ()  # more (path, old, new) patches of the same bug
 
 
 MUTATIONS = [
@@ -106,30 +107,27 @@ MUTATIONS = [
              "if self.window is not None and kv is None:  # positions, not slots",
              ("tests/test_windowed_decode.py",),
              "cached decoding (every strategy) attends beyond the sliding window"),
-    Mutation("refill_drops_draft_carry_reset", "ulskip_jax/speculative.py",
-             "cache=s.cache.insert(b, cache, 0), carry_valid=s.carry_valid.at[b].set(False),",
-             "cache=s.cache.insert(b, cache, 0),",
+    Mutation("sliding_window_edge_decode", "ulskip_jax/model.py",
+             "k_pos[:, None, :] > positions_BT[:, :, None] - self.window",
+             "k_pos[:, None, :] >= positions_BT[:, :, None] - self.window",
              ("tests/test_windowed_decode.py",),
-             "a refilled row keeps the previous prompt's carried draft (separate draft cache)"),
+             "a sliding window one key wider than the model's (as above, the new test's view)"),
     Mutation("lora_scale_sqrt_rank", "ulskip_jax/lora.py",
              "self.scale, self.dropout = alpha / rank, dropout",
              "self.scale, self.dropout = alpha / rank ** 0.5, dropout",
-             ("tests/test_lora_reference.py",),
-             "adapters scaled by alpha / sqrt(rank) (rsLoRA) while merging uses alpha / rank"),
-    Mutation("lora_merge_and_adapter_scale_alpha", "ulskip_jax/lora.py",
-             "self.scale, self.dropout = alpha / rank, dropout",
-             "self.scale, self.dropout = alpha, dropout",
-             ("tests/test_lora_reference.py",),
-             "adapters scaled by alpha alone"),
+             ("tests/test_lora_reference.py::test_adapters_equal_hand_merged_weights",),
+             "adapters and merging both scale by alpha / sqrt(rank) (rsLoRA), not alpha / rank",
+             also=(("ulskip_jax/lora.py", "params = merge_params(params, cfg.lora_alpha / cfg.lora_rank)",
+                    "params = merge_params(params, cfg.lora_alpha / cfg.lora_rank ** 0.5)"),)),
     Mutation("lora_dropout_keeps_with_p", "ulskip_jax/lora.py",
              "jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)",
              "jax.random.bernoulli(key, self.dropout, x.shape)",
-             ("tests/test_lora_reference.py",),
+             ("tests/test_lora_reference.py::test_dropout_zeroes_p_of_the_inputs_and_rescales_the_rest",),
              "LoRA dropout keeps inputs with probability p instead of 1 - p"),
     Mutation("lora_dropout_never_on", "ulskip_jax/train_lib.py",
              "dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None",
              "dropout_seed=None",
-             ("tests/test_lora_reference.py",),
+             ("tests/test_lora_reference.py::test_trainer_steps_apply_dropout",),
              "the trainer never passes a dropout key: LoRA dropout is off in training"),
     Mutation("beam_prefill_full_depth", "ulskip_jax/decode.py",
              "    logits, cache = self.prefill(model, x.prompts, x.pad, P + N)\n"
@@ -174,21 +172,21 @@ def site_packages() -> pathlib.Path:
   return pathlib.Path(gguf.__file__).resolve().parents[1]
 
 
-def apply(m: Mutation, root: pathlib.Path, site_root: pathlib.Path) -> None:
-  """Patch the copy (or, for SITE paths, a copy of the package under site_root)."""
-  if m.path.startswith(SITE):
-    rel = pathlib.Path(m.path[len(SITE):])
-    package = rel.parts[0]
-    if not (site_root / package).exists():
-      shutil.copytree(site_packages() / package, site_root / package)
-    target = site_root / rel
-  else:
-    target = root / m.path
-  text = target.read_text()
-  if text.count(m.old) != 1:
-    raise ValueError(f"{m.name}: the patch's old text occurs {text.count(m.old)} times in "
-                     f"{m.path} (the code moved on: update the mutation)")
-  target.write_text(text.replace(m.old, m.new))
+def apply(m: Mutation, root: pathlib.Path, site_root: pathlib.Path | None) -> None:
+  """Patch the copy at root (a SITE path: a copy of its package under site_root)."""
+  for path, old, new in ((m.path, m.old, m.new), *m.also):
+    if path.startswith(SITE):
+      rel = pathlib.Path(path[len(SITE):])
+      if not (site_root / rel.parts[0]).exists():
+        shutil.copytree(site_packages() / rel.parts[0], site_root / rel.parts[0])
+      target = site_root / rel
+    else:
+      target = root / path
+    text = target.read_text()
+    if text.count(old) != 1:
+      raise ValueError(f"{m.name}: the patch's old text occurs {text.count(old)} times in {path} "
+                       "(the code moved on: update the mutation)")
+    target.write_text(text.replace(old, new))
 
 
 def run_tests(tests, root: pathlib.Path, site_root: pathlib.Path | None, timeout: int):
@@ -246,7 +244,9 @@ def main(argv=None) -> int:
     for m in chosen:
       work = pathlib.Path(tmp) / m.name
       shutil.copytree(clean, work)
-      site_root = pathlib.Path(tmp) / (m.name + ".site") if m.path.startswith(SITE) else None
+      paths = [m.path] + [path for path, _, _ in m.also]
+      site_root = (pathlib.Path(tmp) / (m.name + ".site")
+                   if any(p.startswith(SITE) for p in paths) else None)
       try:
         apply(m, work, site_root)
         outcome, seconds, tail = run_tests(m.tests, work, site_root, args.timeout)
