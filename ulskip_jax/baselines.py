@@ -46,6 +46,7 @@ import optax
 from flax import nnx
 
 from ulskip_jax import engine, sampling
+from ulskip_jax import loss as loss_lib
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
 
@@ -104,7 +105,7 @@ def early_exit_loss_sums(params, graphdef, batch, exit_every: int):
 
   def at_exit(l, x):
     if l in points:
-      total.append((l + 1) * model.xent_sums(x, batch["targets"], mask)[0])
+      total.append((l + 1) * loss_lib.model_xent_sums(model, x, batch["targets"], mask)[0])
 
   # Every token runs every layer (the prompt is full depth anyway).
   masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
@@ -218,7 +219,7 @@ def skipdecode_loss_sums(params, graphdef, batch, schedule: SkipDecodeSchedule):
   depth_BT = jnp.where(response_index(batch) >= 0, schedule.depth(response_index(batch)), L)
   x = masked_hidden(model, batch["tokens"], batch["positions"], batch["segment_ids"],
                     lambda l, x: l >= L - depth_BT)
-  return model.xent_sums(x, batch["targets"], batch["loss_mask"])
+  return loss_lib.model_xent_sums(model, x, batch["targets"], batch["loss_mask"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ulskip_jax import lora, loss
+from ulskip_jax import lora
 from ulskip_jax import prompt_buffer
 # The cache's public names stay importable from here (re-exported).
 from ulskip_jax.kv_cache import KVCache, LayerCache, cache_bytes, init_cache  # noqa: F401
@@ -464,16 +464,6 @@ class Decoder(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits = dense(x, w).astype(jnp.float32)
     return softcap(logits, self.cfg.final_softcap)
-
-  def xent_sums(self, x_BTD: Array, targets_BT: Array, mask_BT: Array,
-                capacity: int | None = None) -> tuple[Array, Array]:
-    """(summed cross-entropy of `unembed(x_BTD)` over the masked tokens, their count), by
-    `loss.xent_sums`: the logits of the masked tokens only (a buffer of `capacity` slots per row;
-    None = whole rows), none of them kept for the backward pass."""
-    tied = self.cfg.tie_embeddings
-    return loss.xent_sums(self.final_norm(x_BTD), self.embed[...] if tied else self.lm_head[...],
-                          targets_BT, mask_BT, tied=tied, softcap=self.cfg.final_softcap,
-                          capacity=capacity)
 
   def hidden(self, tokens_BT, *, skip=(), positions_BT=None, segment_ids_BT=None,
              full_depth_BT=None, full_depth_capacity: int | None = None,

@@ -92,7 +92,7 @@ def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, fr
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
   prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
   prompt_fits: the batch is known to fit that buffer (`Decoder.hidden`'s full_depth_fits).
-  The logits are those of the response tokens only (`Decoder.xent_sums`, a buffer of
+  The logits are those of the response tokens only (`loss.model_xent_sums`, a buffer of
   `loss.CAPACITY` of each row).
   """
   model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
@@ -102,7 +102,7 @@ def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, fr
                       full_depth_capacity=prompt_capacity, full_depth_fits=prompt_fits,
                       dropout_key=dropout_key)
   capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, x.shape[1])
-  return model.xent_sums(x, batch["targets"], batch["loss_mask"], capacity)
+  return loss_lib.model_xent_sums(model, x, batch["targets"], batch["loss_mask"], capacity)
 
 
 def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
