@@ -140,6 +140,16 @@ MUTATIONS = [
              "    rows = jnp.arange(B).repeat(nb)",
              ("tests/test_beam_skip.py",),
              "beam search prefills every prompt at full depth (paper mode) even in 'everywhere'"),
+    Mutation("verify_commit_right_after_verify", "ulskip_jax/speculative.py",
+             "    s = s.replace(cache=s.cache.commit(Z, k + 1, jnp.zeros_like(s.count), *s.last_commit))\n",
+             "",
+             ("tests/test_hlo_default.py",),
+             "the verify commit moved back to right after the verify pass (same tokens; XLA then "
+             "copies the verify cache between the pass's write and the commit's)",
+             also=(("ulskip_jax/speculative.py",
+                    "        rnd=s.rnd + 1, cache=cache, draft_cache=draft_cache,",
+                    "        rnd=s.rnd + 1, draft_cache=draft_cache,\n"
+                    "        cache=cache.commit(Z, k + 1, jnp.zeros_like(count), count, P + committed, pos0),"),)),
     Mutation("q4k_high_scale_bits", "site:gguf/quants.py",
              "(m_d & 0x0F) | ((d >> 2) & 0x30)", "(m_d & 0x0F) | ((d >> 4) & 0x30)",
              ("tests/test_gguf_kquants.py",),
