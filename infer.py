@@ -56,8 +56,8 @@ def load_model(path: str, step: int | None = None):
       model, tokenizer = hf.from_pretrained(path)
       template = None
     else:
-      from ulskip_jax import train_lib
-      model, tokenizer, config = train_lib.load_for_inference(path, step, with_config=True)
+      from ulskip_jax import checkpoint
+      model, tokenizer, config = checkpoint.load_for_inference(path, step, with_config=True)
       template = config.get("data", {}).get("template")
   except UsageError:
     raise

@@ -120,7 +120,7 @@ def run_base(c) -> str:
   start = time.perf_counter()
   train_lib.train_and_evaluate(t, workdir)
   log(f"base: {c.base_steps} steps in {time.perf_counter() - start:.0f} s")
-  model, tok = train_lib.load_for_inference(workdir)
+  model, tok = ckpt_lib.load_for_inference(workdir)
   hf.save_pretrained(model, export, tokenizer=tok.hf)
   return export
 
@@ -232,7 +232,7 @@ def run_ft(c, base_hf) -> dict:
 # Quality.
 
 def load_workdir_model(workdir):
-  model, _ = train_lib.load_for_inference(workdir)
+  model, _ = ckpt_lib.load_for_inference(workdir)
   return model
 
 

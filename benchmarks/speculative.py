@@ -18,7 +18,7 @@ seconds, the steadier figure on a shared machine. Acceptance = accepted drafts /
 runs as many passes as its slowest row needs). KV MiB: the caches allocated (speculative: the
 full-depth verify cache + the draft's kept-layer cache).
 
---checkpoint takes a Hugging Face folder or a training workdir (`train_lib.load_for_inference`);
+--checkpoint takes a Hugging Face folder or a training workdir (`checkpoint.load_for_inference`);
 without one, a random model of the bible_2x shape (12 layers, d_model 128), on which the draft
 rarely agrees with the full model: its acceptance and speed say little about a trained model.
 
@@ -93,8 +93,8 @@ def load(args):
     model, tokenizer = hf.from_pretrained(path)
     template = TEMPLATE
   else:
-    from ulskip_jax import train_lib
-    model, tokenizer, config = train_lib.load_for_inference(os.path.abspath(path),
+    from ulskip_jax import checkpoint
+    model, tokenizer, config = checkpoint.load_for_inference(os.path.abspath(path),
                                                             with_config=True)
     template = config.get("data", {}).get("template", TEMPLATE)
   import ml_collections

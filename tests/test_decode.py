@@ -20,7 +20,8 @@ from flax import nnx
 from ulskip_jax.testing import compile_generate, loop_layer_ops
 from ulskip_jax import testing as tiny
 from ulskip_jax import decode, engine, hf, plan_layers, speculative
-from ulskip_jax.model import ModelConfig, cache_bytes
+from ulskip_jax.kv_cache import cache_bytes
+from ulskip_jax.model import ModelConfig
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 3]]  # lengths 4, 9, 2
 MAX_NEW = 10

@@ -21,8 +21,10 @@ from flax.nnx import traversals
 
 from tests import tolerance
 from ulskip_jax import testing as tiny
+from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check, hf, lora, train_lib
-from ulskip_jax.model import Decoder, kept_layers
+from ulskip_jax.model import Decoder
+from ulskip_jax.skipping import kept_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 from configs import tiny as tiny_config  # noqa: E402
@@ -156,7 +158,7 @@ def test_resume_equals_uninterrupted(run, tmp_path, capsys):
 def test_inference_and_export_get_the_merged_model(run, tmp_path):
   model = nnx.merge(run["trainer"].graphdef, run["final"]["params"])
   merged = _params(lora.merge(model))
-  restored, _ = train_lib.load_for_inference(str(run["workdir"]))
+  restored, _ = ckpt_lib.load_for_inference(str(run["workdir"]))
   assert restored.cfg.lora_rank == 0
   _assert_equal(_params(restored), merged)
   hf.save_pretrained(model, tmp_path / "full")

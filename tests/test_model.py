@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ulskip_jax import Decoder, init_cache, plan_layers
-from ulskip_jax.model import cache_bytes
+from ulskip_jax.kv_cache import cache_bytes
 
 from ulskip_jax.testing import jit_call, tiny_config, tiny_model
 import tolerance

@@ -64,7 +64,7 @@ def trained(tmp_path_factory):
 
 def test_workdir_restores_the_trained_params_exactly(trained):
   workdir, model, _, _ = trained
-  restored, _ = train_lib.load_for_inference(str(workdir))
+  restored, _ = ckpt_lib.load_for_inference(str(workdir))
   assert restored.cfg == model.cfg and restored.cfg.num_layers == LAYERS
   _assert_same_params(_params(restored), _params(model))
 
@@ -73,15 +73,15 @@ def test_a_step_folder_and_an_explicit_step_restore_the_same(trained):
   workdir, model, _, _ = trained
   step_folder = workdir / "checkpoints" / "3"
   for path, step in ((step_folder, None), (workdir, 3), (workdir / "checkpoints", 3)):
-    restored, _ = train_lib.load_for_inference(str(path), step)
+    restored, _ = ckpt_lib.load_for_inference(str(path), step)
     _assert_same_params(_params(restored), _params(model))
   with pytest.raises(ckpt_lib.CheckpointError, match="step 7 not in"):
-    train_lib.load_for_inference(str(workdir), 7)
+    ckpt_lib.load_for_inference(str(workdir), 7)
 
 
 def test_save_pretrained_of_a_workdir_equals_the_trained_model(trained, tmp_path):
   workdir, model, _, _ = trained
-  restored, _ = train_lib.load_for_inference(str(workdir))
+  restored, _ = ckpt_lib.load_for_inference(str(workdir))
   hf.save_pretrained(restored, tmp_path / "hf")
   reloaded, _ = hf.from_pretrained(tmp_path / "hf")
   _assert_same_params(_params(reloaded), _params(model))
@@ -112,7 +112,7 @@ def test_a_workdir_started_from_an_hf_folder_keeps_its_layers(tmp_path):
   config = _run_config(**{"model.init_from": str(folder), "optim.lr": 0.0, "num_steps": 2,
                           "skip.full_depth_steps": 2})
   train_lib.train_and_evaluate(config, str(tmp_path / "run"))
-  restored, _ = train_lib.load_for_inference(str(tmp_path / "run"))
+  restored, _ = ckpt_lib.load_for_inference(str(tmp_path / "run"))
   base, _ = hf.from_pretrained(folder)
   _assert_same_params(_params(restored), _params(base))
 

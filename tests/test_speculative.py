@@ -22,7 +22,7 @@ from ulskip_jax import testing as tiny
 from tests.test_decode import FAST_COMPILE, PROMPTS, QUEUE, _eos_with_spread
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
-from ulskip_jax.model import cache_bytes
+from ulskip_jax.kv_cache import cache_bytes
 
 MAX_NEW = 10
 K = 4  # draft tokens a round (k > 2 runs the inner draft loop)

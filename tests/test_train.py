@@ -38,6 +38,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import tolerance
 from ulskip_jax import data as data_lib
+from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import gguf_io, hf, train_lib
 from ulskip_jax.model import Decoder
 from ulskip_jax.skipping import plan_layers
@@ -442,7 +443,7 @@ def test_a_step_a_save_waits_for_keeps_its_time_in_tokens_per_s(children):
 def test_load_for_inference_matches_the_trained_params(children):
   children.result("one")
   workdir = children.root / "one"
-  model, tok = train_lib.load_for_inference(str(workdir))
+  model, tok = ckpt_lib.load_for_inference(str(workdir))
   trained = np.load(children.root / "final_params.npz")
   tokenizer = data_lib.Tokenizer.load(str(workdir / "tokenizer"))
   model_cfg = train_lib.model_config(tiny.get_config(), tokenizer.vocab_size)
@@ -514,7 +515,7 @@ def test_two_processes_preempted_together_then_match_one(children):
   # latest 3 kept.
   assert saved == sorted({*range(4, NUM_STEPS + 1, 4), stopped[0]})[-3:], (saved, stopped)
   # Each host wrote its half of every parameter: one process reads the whole of them back.
-  model, _ = train_lib.load_for_inference(str(hosts))
+  model, _ = ckpt_lib.load_for_inference(str(hosts))
   trained = np.load(children.root / "final_params.npz")  # the one-process run's
   for path, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
     assert x.shape == trained[jax.tree_util.keystr(path)].shape and np.isfinite(x).all()

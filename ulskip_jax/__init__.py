@@ -10,8 +10,9 @@ _logging.getLogger("transformers").addFilter(
 from ulskip_jax.decode import generate, generate_text
 from ulskip_jax.gguf_io import smollm2_path
 from ulskip_jax.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
-from ulskip_jax.model import Decoder, KVCache, ModelConfig, cache_bytes, init_cache, kept_layers
-from ulskip_jax.skipping import SkipPlan, plan_layers
+from ulskip_jax.kv_cache import KVCache, cache_bytes, init_cache
+from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import SkipPlan, kept_layers, plan_layers
 
 __all__ = ["Decoder", "KVCache", "ModelConfig", "SkipPlan", "cache_bytes", "config_from_hf",
            "config_to_hf", "from_pretrained", "generate", "generate_text", "init_cache",

@@ -28,6 +28,9 @@ An unreadable step raises CheckpointError naming the earlier steps, and the user
 with --config.checkpoint.resume_step=N (infer.py: --step N): silently training on from an older
 step is a choice we leave to the caller, who can pass `fallback=True` to walk back to the newest
 readable step.
+
+Inference: `load_for_inference(workdir)` is (model, tokenizer) from a workdir, its checkpoints/
+folder or one step folder, with LoRA adapters folded in; it needs nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from ulskip_jax import data as data_lib
+from ulskip_jax import lora
+from ulskip_jax.model import Decoder, ModelConfig
 
 PyTree = Any
 
@@ -353,6 +361,66 @@ def restore_params(
     return InferenceCheckpoint(params, meta, ckpt.tokenizer_dir(meta['step']))
   finally:
     ckpt.close()
+
+
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """(checkpoints folder, step) for a workdir, its `checkpoints/` folder or one step folder."""
+  path = os.path.abspath(path)  # Orbax rejects relative paths
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), step
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # a step folder
+    if step is not None and step != int(name):
+      raise ValueError(f"step {step} was given with step folder {path}: give one or the other")
+    return os.path.dirname(path), int(name)
+  return path, step
+
+
+def model_config_from_meta(meta: dict, dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig a checkpoint's meta records (JSON: tuples came back as lists)."""
+  fields = dict(meta["model_config"])
+  if dtype:
+    fields["dtype"] = dtype
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
+  if "lora_targets" in fields:
+    fields["lora_targets"] = tuple(fields["lora_targets"])
+  return ModelConfig(**fields)
+
+
+def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
+                       with_config: bool = False):
+  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
+
+  A LoRA run's adapters come back folded into the base weights (`lora.merge`): the model has no
+  adapters and runs at the base model's cost.
+  `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
+  against the model's own abstract state (built from the config the checkpoint records), so
+  the tree keeps its structure and key types: layer i comes back as layer i.
+  The tokenizer formats prompts as training did (chat format if the run used it).
+  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
+  prompt template.
+  """
+  directory, step = checkpoint_location(workdir, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {}
+
+  def target(meta):
+    abstract["model"] = nnx.eval_shape(
+        lambda: Decoder(model_config_from_meta(meta, dtype), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract["model"], nnx.Param))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+
+  restored = restore_params(directory, step, params_target=target)
+  model = abstract["model"]
+  nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
+  nnx.update(model, state)
+  model = lora.merge(model)
+  chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
+  tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
+  if with_config:
+    return model, tok, restored.meta.get("config", {})
+  return model, tok
 
 
 class PreemptionGuard:

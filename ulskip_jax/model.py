@@ -43,8 +43,7 @@ from flax import nnx
 
 from ulskip_jax import lora
 from ulskip_jax import prompt_buffer
-# The cache's public names stay importable from here (re-exported).
-from ulskip_jax.kv_cache import KVCache, LayerCache, cache_bytes, init_cache  # noqa: F401
+from ulskip_jax.kv_cache import KVCache, LayerCache
 from ulskip_jax.ops import dense, softcap
 from ulskip_jax.skipping import kept_layers
 
