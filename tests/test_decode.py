@@ -7,6 +7,7 @@ structure compiles each executable once for the whole file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -136,8 +137,8 @@ def test_eos_stops_rows(models):
 def test_beam_search_with_one_beam_is_greedy(models):
   model = models["llama"][1]
   greedy, _ = decode.generate(model, PROMPTS, max_new_tokens=MAX_NEW, eos_id=EOS)
-  beam, _ = decode._generate(model, PROMPTS, beam_search=True, num_beams=1,
-                             max_new_tokens=MAX_NEW, eos_id=EOS)
+  strategy, x = decode.plan_call(model, PROMPTS, num_beams=2, max_new_tokens=MAX_NEW, eos_id=EOS)
+  beam, _, _ = engine.run(dataclasses.replace(strategy, num_beams=1), model, x)
   assert beam == greedy
 
 

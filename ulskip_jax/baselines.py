@@ -21,7 +21,7 @@ SkipDecode (Del Corro et al. 2023). One depth schedule for the whole batch: deco
 the TOP `depth(s)` layers, and depth never grows with s. A token skips only lower layers, and
 every later token skips at least the same ones, so each layer a token attends in is one that all
 earlier tokens ran: the cache never has a hole. The schedule has a few levels (static skip
-tuples), and one executable serves every step (`_skipdecode_step`).
+tuples), and one executable serves every step (`SkipDecode`: each layer under a `lax.cond`).
 
 Training (equal budget to ULS fine-tuning, see benchmarks/reproduce.py):
   * early exit: cross-entropy at every exit point, weighted by depth (CALM's weights), shared head;

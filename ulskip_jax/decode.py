@@ -237,13 +237,11 @@ def check_generate(model: Decoder, prompts=None, **kw) -> None:
   plan_call(model, [[0]] if prompts is None else prompts, **kw)
 
 
-def plan_call(model: Decoder, prompts, *, beam_search: bool | None = None,
-              continuous_rows: int | None = None, speculative: dict | None = None,
+def plan_call(model: Decoder, prompts, *, continuous_rows: int | None = None, speculative: dict | None = None,
               **kw) -> tuple[engine.Strategy, engine.Inputs]:
   """Validate the prompts and options; return the strategy (`speculative.Speculative` with
   `speculative`, else `Beam` or `Sample`) and its `Inputs`: with continuous_rows, that many rows
-  decode a queue of the prompts, else each prompt has a row. beam_search: by default when
-  num_beams > 1 (a test runs it with one beam)."""
+  decode a queue of the prompts, else each prompt has a row."""
   draft = None if speculative is None else speculative_lib.check(model.cfg, speculative, **kw)
   o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
   choice = dict(max_new_slots=o["max_new_slots"], sample=o["sample"], top_k=o["top_k"],
@@ -252,7 +250,7 @@ def plan_call(model: Decoder, prompts, *, beam_search: bool | None = None,
     return speculative_lib.Speculative(**draft, **choice), x
   common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
                 no_repeat_ngram_size=o["no_repeat_ngram_size"])
-  if o["num_beams"] > 1 if beam_search is None else beam_search:
+  if o["num_beams"] > 1:
     if continuous_rows:
       raise ValueError(f"num_beams={o['num_beams']} with continuous batching is unsupported: "
                        "beam search runs static batches (generate)")

@@ -134,10 +134,6 @@ class ModelConfig:
     if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar == self.head_dim:
       object.__setattr__(self, "query_pre_attn_scalar", None)
 
-  @property
-  def kv_groups(self) -> int:
-    return self.num_heads // self.num_kv_heads
-
   def uses_rope(self, layer: int) -> bool:
     return self.pos == "rope" and (self.rope_layers is None or self.rope_layers[layer])
 
@@ -560,7 +556,3 @@ def _skipped_layer(layer: Block, x, positions, segment_ids, full_depth, buffer, 
   # The fallback is rematerialised: jax's cond keeps the residuals of both branches for the
   # backward pass, and whole-row activations would cost the buffer's saving in memory.
   return jax.lax.cond(buffer.fits, compact, jax.checkpoint(masked), state, x)
-
-
-def param_count(model: Decoder) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
