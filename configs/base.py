@@ -84,6 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # gate: gated MLPs only
   c.optim.lora.train_norms = False  # also train the norm scales (and LayerNorm biases)
 
+  # Distillation (docs/distillation.md): the skipped path's loss on response tokens becomes
+  # alpha * KL(teacher || student) + (1 - alpha) * CE, the teacher at full depth, no gradient.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""        # "" = off (CE) | "self" (these weights, this step) | "init" (the
+                                # frozen model.init_from weights) | a workdir, HF folder or .gguf
+  c.distill.alpha = 0.5         # weight of the KL term, in [0, 1]
+  c.distill.temperature = 1.0   # softmax temperature of the KL (> 0); the KL is scaled by T^2
+  c.distill.sandwich = False    # teacher "self": CE at full depth + KD of the smallest sub-model
+                                # (largest ratio) and one other drawn ratio, one step
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500      # steps
   c.checkpoint.keep = 3

@@ -293,6 +293,14 @@ CONFIG_CASES = [
     ({"optim.lora.targets": ("qkv",)}, "optim.lora.targets=('qkv',) has 'qkv', which is unknown: "
                                        "allowed are 'q', 'k', 'v', 'o', 'gate', 'up', 'down'"),
     ({"optim.lora.alpha": 0.0}, "optim.lora.alpha=0.0"),
+    ({"distill.teacher": "self", "distill.alpha": 1.5}, "distill.alpha=1.5"),
+    ({"distill.teacher": "self", "distill.alpha": -0.1}, "distill.alpha=-0.1"),
+    ({"distill.teacher": "self", "distill.temperature": 0.0}, "distill.temperature=0.0"),
+    ({"distill.teacher": "self", "distill.temperature": -1.0}, "distill.temperature=-1.0"),
+    ({"distill.teacher": "/missing/teacher"}, "distill.teacher='/missing/teacher' cannot be used"),
+    ({"distill.teacher": "init"}, "distill.teacher='init' needs model.init_from"),
+    ({"distill.sandwich": True, "distill.teacher": ""}, "distill.sandwich=True needs "
+     "distill.teacher='self'"),
 ]
 
 
@@ -334,6 +342,23 @@ def test_workdir_not_writable(inputs, case):
   assert str(workdir) in line, line
   assert ("is a file" if case == "a_file" else "cannot be created") in line, line
   assert _snapshot(inputs) == before and (case == "a_file" or not workdir.exists())
+
+
+def test_a_teacher_of_another_architecture_or_vocabulary(root, hf_folder):
+  """A teacher folder of another width, or of the student's architecture and another
+  vocabulary, is refused by name in one line, from its config alone."""
+  from ulskip_jax import hf
+  other_vocab = root / "teacher_other_vocab"
+  hf.save_pretrained(tiny.tiny_model(seed=1, max_position=128, vocab_size=50), other_vocab)
+  tiny.save_tiny_tokenizer(other_vocab)
+  for overrides, named in (
+      ({"distill.teacher": str(hf_folder), "model.d_model": 64}, "d_model=32 (student: 64)"),
+      ({"distill.teacher": str(other_vocab), "model.init_from": str(hf_folder)},
+       "vocab_size=50 (student: 97)")):
+    code, err = _run(lambda: config_check.validate_run(_config(**overrides), str(root / "fresh")))
+    assert f"distill.teacher={overrides['distill.teacher']!r}" in _one_error_line(code, err)
+    assert named in err, err
+  assert not (root / "fresh").exists()
 
 
 def test_a_config_that_is_no_run_config(root):

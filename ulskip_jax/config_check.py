@@ -213,6 +213,10 @@ FIELDS: dict[str, Callable] = {
     "optim.lora.dropout": _float(0, 1, max_open=True),
     "optim.lora.targets": lora.check_targets,
     "optim.lora.train_norms": _bool,
+    "distill.teacher": _str,
+    "distill.alpha": _float(0, 1),
+    "distill.temperature": _float(0, min_open=True),
+    "distill.sandwich": _bool,
     "checkpoint.every": _int(1),
     "checkpoint.keep": _optional(_int(1)),
     "checkpoint.async_save": _bool,
@@ -241,6 +245,7 @@ def validate_run(config, workdir: str) -> None:
     _check_lora_targets(config, hf_model)
     _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None))
     _check_mesh(config)
+    _check_distill(config, hf_model)
     _check_workdir(config, workdir, hf_model)
   except ConfigError:
     raise
@@ -359,6 +364,52 @@ def _check_mesh(config) -> None:
     sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   except ValueError as e:
     raise ValueError(f"mesh.shape={tuple(config.mesh.shape)} is invalid here: {e}") from None
+
+
+def _check_distill(config, hf_model) -> None:
+  """The teacher exists and is of the student's architecture and vocabulary (read from its
+  config.json, GGUF metadata or checkpoint meta: no weights)."""
+  d = config.distill
+  if d.sandwich and d.teacher != "self":
+    raise ValueError(f"distill.sandwich=True needs distill.teacher='self' (the step's own "
+                     f"full-depth forward is the teacher), not {d.teacher!r}")
+  if d.teacher in ("", "self"):
+    return
+  if d.teacher == "init":
+    if not config.model.init_from:
+      raise ValueError("distill.teacher='init' needs model.init_from (the frozen weights it "
+                       "names are the teacher)")
+    return
+  steps = checkpoint_steps(os.path.join(d.teacher, "checkpoints"))
+  try:
+    if steps:
+      meta_file = os.path.join(d.teacher, "checkpoints", str(steps[-1]), "meta", "metadata")
+      with open(meta_file, encoding="utf-8") as f:
+        teacher = json.load(f)["model_config"]
+    else:
+      from ulskip_jax import hf
+      teacher = dataclasses.asdict(hf.config_from_hf(hf.read_config(d.teacher)[0]))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"distill.teacher={d.teacher!r} cannot be used: {e}; give 'self', 'init', "
+                     "a training workdir, a Hugging Face folder or a .gguf file") from None
+  if hf_model is not None:
+    student = dataclasses.asdict(hf_model)
+  else:  # trained from scratch: the vocabulary is the run's tokenizer's, known later
+    student = {k: v for k, v in config.model.items() if k != "init_from"}
+  check_teacher(d.teacher, student, teacher)
+
+
+def check_teacher(path: str, student: Mapping, teacher: Mapping) -> None:
+  """One line naming each field where the teacher's ModelConfig (a dict) differs from the
+  student's in architecture or vocabulary (dtypes, remat and adapters may differ)."""
+  names = [f.name for f in dataclasses.fields(ModelConfig)
+           if f.name not in _RUNTIME_FIELDS and not f.name.startswith("lora_")]
+  differ = [n for n in names if n in student and n in teacher
+            and _plain(student[n]) != _plain(teacher[n])]
+  if differ:
+    detail = ", ".join(f"{n}={teacher[n]!r} (student: {_plain(student[n])!r})" for n in differ)
+    raise ValueError(f"distill.teacher={path!r} is not the student's architecture: {detail}; "
+                     "give a teacher of the student's architecture and vocabulary")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ on a buffer of `skip.prompt_capacity` x seq_len prompt tokens per row (`prompt_b
 micro-batch with a row over it runs them on whole rows instead (same result, full cost), and the
 step counts such rows (`prompt_overflow_rows`).
 
+Distillation (`distill.teacher` set, docs/distillation.md): the skipped path's loss on response
+tokens is alpha * KL(teacher || student) + (1 - alpha) * CE (`loss.distill_sums`), the teacher a
+full-depth forward under stop-gradient: of the same weights ("self"), of the frozen
+`model.init_from` weights ("init") or of another model of the same architecture (a path). The
+sandwich step (`distill.sandwich`) trains full depth on CE and, against that same forward, the
+smallest sub-model and one drawn ratio on the distillation loss.
+
 With LoRA (`optim.lora.rank` > 0) the step differentiates and updates only the trainable subset
 (`lora.split`: adapters, and norms with `optim.lora.train_norms`); the optimizer state is built
 for that subset alone, and the frozen weights pass through the step untouched.
@@ -85,35 +92,84 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
   return tx
 
 
-def loss_sums(params, graphdef, batch, skip: tuple[int, ...], paper: bool, *, frozen=None,
-              dropout_key=None, prompt_capacity: int | None = None, prompt_fits: bool = False):
-  """Summed token cross-entropy over response tokens, and their count (f32 whatever the dtype).
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """The distillation loss of a run (static: part of the step's executable)."""
+  alpha: float         # weight of the KL term; 1 - alpha on the task's cross-entropy
+  temperature: float   # softmax temperature of both distributions in the KL
+  sandwich: bool = False  # skip is a tuple of sub-model skips distilled from the step's full depth
+  teacher_graphdef: Any = None  # the teacher's graphdef; None = the student's own weights
 
-  params: the whole model's, or with `frozen` the trainable part (`lora.split`).
-  prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
-  prompt_fits: the batch is known to fit that buffer (`Decoder.hidden`'s full_depth_fits).
-  The logits are those of the response tokens only (`loss.model_xent_sums`, a buffer of
-  `loss.CAPACITY` of each row).
-  """
-  model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
+
+def distill_spec(config: ml_collections.ConfigDict, teacher_graphdef=None) -> Distill | None:
+  """The run's Distill (None when `distill.teacher` is empty: cross-entropy only)."""
+  d = config.distill
+  if not d.teacher:
+    return None
+  return Distill(alpha=float(d.alpha), temperature=float(d.temperature), sandwich=d.sandwich,
+                 teacher_graphdef=teacher_graphdef)
+
+
+def _hidden(model, batch, skip, paper, prompt_capacity, prompt_fits, dropout_key):
   x, _ = model.hidden(batch["tokens"], skip=skip, positions_BT=batch["positions"],
                       segment_ids_BT=batch["segment_ids"],
                       full_depth_BT=batch["full_depth"] if paper else None,
                       full_depth_capacity=prompt_capacity, full_depth_fits=prompt_fits,
                       dropout_key=dropout_key)
-  capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, x.shape[1])
-  return loss_lib.model_xent_sums(model, x, batch["targets"], batch["loss_mask"], capacity)
+  return x
 
 
-def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, optimizer,
-               paper: bool, accum_steps: int, split_params=lora.split_none,
-               dropout_seed: int | None = None, prompt_capacity: int | None = None):
+def loss_sums(params, graphdef, batch, skip: tuple, paper: bool, *, frozen=None,
+              dropout_key=None, prompt_capacity: int | None = None, prompt_fits: bool = False,
+              distill: Distill | None = None, teacher_params=None):
+  """Summed token loss over response tokens, and their count (f32 whatever the dtype).
+
+  params: the whole model's, or with `frozen` the trainable part (`lora.split`).
+  prompt_capacity: paper mode's buffer slots per row (`Decoder.hidden`); None = whole rows.
+  prompt_fits: the batch is known to fit that buffer (`Decoder.hidden`'s full_depth_fits).
+  distill: None = cross-entropy. Else the distillation loss against a full-depth teacher: the
+  same weights (teacher_params None), or `teacher_params` of `distill.teacher_graphdef`. With
+  `distill.sandwich`, skip is a tuple of skip tuples: cross-entropy at full depth plus the
+  distillation loss of each of those sub-models against that full-depth forward.
+  The logits are those of the response tokens only (`loss.model_xent_sums`, a buffer of
+  `loss.CAPACITY` of each row).
+  """
+  model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
+  capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, batch["tokens"].shape[1])
+  targets, mask = batch["targets"], batch["loss_mask"]
+  if distill is not None and distill.sandwich:
+    x_full = _hidden(model, batch, (), paper, None, False, dropout_key)
+    total, count = loss_lib.model_xent_sums(model, x_full, targets, mask, capacity)
+    for sub_skip in skip:
+      x = _hidden(model, batch, sub_skip, paper, prompt_capacity, prompt_fits, dropout_key)
+      total += loss_lib.model_distill_sums(model, x, model, x_full, targets, mask,
+                                           alpha=distill.alpha, temperature=distill.temperature,
+                                           capacity=capacity)[0]
+    return total, count
+  x = _hidden(model, batch, skip, paper, prompt_capacity, prompt_fits, dropout_key)
+  if distill is None:
+    return loss_lib.model_xent_sums(model, x, targets, mask, capacity)
+  if teacher_params is None:  # in-place: no gradient enters the teacher's forward
+    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(lora.combine(params, frozen or {})))
+  else:
+    teacher = nnx.merge(distill.teacher_graphdef, teacher_params)
+  teacher_x = _hidden(teacher, batch, (), False, None, False, None)
+  return loss_lib.model_distill_sums(model, x, teacher, teacher_x, targets, mask,
+                                     alpha=distill.alpha, temperature=distill.temperature,
+                                     capacity=capacity)
+
+
+def train_step(state: dict, batch: dict, skip: tuple, teacher_params=None, *, graphdef,
+               optimizer, paper: bool, accum_steps: int, split_params=lora.split_none,
+               dropout_seed: int | None = None, prompt_capacity: int | None = None,
+               distill: Distill | None = None):
   """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens.
 
   split_params: params -> (trainable, frozen); only the trainable part gets gradients and
   updates, and `state["opt_state"]` is the optimizer's state for it. dropout_seed: LoRA dropout
   on, with keys from (seed, step, micro-batch), so a resumed run draws the same masks.
-  prompt_capacity: see `loss_sums`.
+  prompt_capacity, distill, teacher_params: see `loss_sums` (skip is a tuple of skip tuples
+  with `distill.sandwich`).
   """
   trainable, frozen = split_params(state["params"])
 
@@ -125,7 +181,8 @@ def train_step(state: dict, batch: dict, skip: tuple[int, ...], *, graphdef, opt
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), i)
     value_and_grads = lambda capacity, fits: jax.value_and_grad(loss_sums, has_aux=True)(
         trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
-        prompt_capacity=capacity, prompt_fits=fits)
+        prompt_capacity=capacity, prompt_fits=fits, distill=distill,
+        teacher_params=teacher_params)
     if paper and skip and prompt_capacity is not None and prompt_capacity < mb["tokens"].shape[1]:
       # One cond around the whole gradient, outside autodiff: the model's cond per skipped layer
       # inside it would cost each layer's zero cotangents and operand copies.
@@ -160,34 +217,48 @@ def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool,
   return dict(loss_sum=loss, tokens=count)
 
 
-def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple[int, ...]:
+def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple:
   """The static skip tuple of a step: full depth first, then the ratio (or one drawn per step).
   windows: the model's attention_windows (a local/global model keeps its global layers).
 
-  The draw depends only on (seed, step), so a resumed run repeats the same sequence.
+  With `distill.sandwich`, a tuple of skip tuples: the smallest sub-model's (the largest ratio),
+  then, when there are other ratios, one drawn from them (ratio-1 plans skip nothing and are left
+  out). The draw depends only on (seed, step), so a resumed run repeats the same sequence.
   """
+  ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
+  plan = lambda ratio: plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed,
+                                   keep=tuple(config.skip.keep), windows=windows).skipped
+  rng = np.random.default_rng([config.seed, step])
+  if config.distill.sandwich:
+    if step < config.skip.full_depth_steps:
+      return ()
+    others = [r for r in ratios if r != max(ratios)]
+    drawn = (others[rng.integers(len(others))],) if others else ()
+    return tuple(s for s in dict.fromkeys(map(plan, (max(ratios),) + drawn)) if s)
   if step < config.skip.full_depth_steps:
     return ()
-  ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
-  ratio = ratios[np.random.default_rng([config.seed, step]).integers(len(ratios))]
-  return plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed,
-                     keep=tuple(config.skip.keep), windows=windows).skipped
+  return plan(ratios[rng.integers(len(ratios))])
 
 
 def tree_bytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def memory_bytes(abstract_params, optimizer: optax.GradientTransformation, split_params) -> dict:
-  """Bytes of the parameters, one gradient and the optimizer state of a run, from shapes only.
+def memory_bytes(abstract_params, optimizer: optax.GradientTransformation, split_params,
+                 teacher_params=None) -> dict:
+  """Bytes of the parameters, one gradient and the optimizer state of a run, from shapes only;
+  with a distillation teacher kept beside them, its parameters too.
 
   Gradients and optimizer state cover the trainable part (`split_params(params)[0]`). Global
   sizes: a sharded run holds its share on each device. Gradient accumulation adds one more
   gradient-sized buffer; activations are not counted.
   """
   trainable, _ = split_params(abstract_params)
-  return dict(params=tree_bytes(abstract_params), grads=tree_bytes(trainable),
-              opt_state=tree_bytes(jax.eval_shape(optimizer.init, trainable)))
+  out = dict(params=tree_bytes(abstract_params), grads=tree_bytes(trainable),
+             opt_state=tree_bytes(jax.eval_shape(optimizer.init, trainable)))
+  if teacher_params is not None:
+    out["teacher"] = tree_bytes(teacher_params)
+  return out
 
 
 def peak_bytes(device=None) -> int | None:
@@ -207,9 +278,10 @@ def _size(n: int | None) -> str:
 
 
 def memory_line(memory: dict, peak: int | None) -> str:
+  teacher = f", teacher {_size(memory['teacher'])}" if "teacher" in memory else ""
   return (f"memory (from shapes): params {_size(memory['params'])}, grads "
-          f"{_size(memory['grads'])}, optimizer state {_size(memory['opt_state'])}; peak in use "
-          f"{_size(peak)}")
+          f"{_size(memory['grads'])}, optimizer state {_size(memory['opt_state'])}{teacher}; "
+          f"peak in use {_size(peak)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +332,28 @@ def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None):
   return lora.combine(adapters, jax.device_put(base_params, base_sh))
 
 
+def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig, base=None):
+  """(graphdef, params) of the run's distillation teacher, or None for "self" (or off).
+
+  "init": `base`, the (graphdef, params) of the model.init_from weights. Otherwise a training
+  workdir (its latest checkpoint, adapters merged) or what `hf.from_pretrained` reads. Raises a
+  one-line ValueError when its architecture or vocabulary differs from the student's.
+  """
+  path = config.distill.teacher
+  if path in ("", "self"):
+    return None
+  if path == "init":
+    return base
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    model, _ = load_for_inference(path, dtype=config.model.dtype)
+  else:
+    from ulskip_jax import hf
+    model, _ = hf.from_pretrained(path, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype)
+  config_check.check_teacher(path, dataclasses.asdict(student), dataclasses.asdict(model.cfg))
+  return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
 def with_shardings(abstract_tree, shardings):
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                       abstract_tree, shardings)
@@ -275,13 +369,14 @@ class Trainer:
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
     self.pairs = data_lib.load_pairs(config.data)
-    self.base_params, base_tokenizer = None, None
+    self.base_params, base_tokenizer, base = None, None, None
     if config.model.init_from:
       from ulskip_jax import hf
       base, base_tokenizer = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
                                                 param_dtype=config.model.param_dtype)
       self.model_cfg = dataclasses.replace(base.cfg, **lora.model_fields(config.optim.lora))
       self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+      base = nnx.graphdef(base), self.base_params
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
     if not config.model.init_from:
       self.model_cfg = model_config(config, self.tok.vocab_size)
@@ -296,6 +391,14 @@ class Trainer:
     self.optimizer = make_optimizer(config.optim, config.num_steps)
     self.split_params = param_split(config.optim)
     self.paper = config.skip.mode == "paper"  # config_check.validate_run checked the values
+    teacher = load_teacher(config, self.model_cfg, base)
+    self.teacher_params, self.teacher_sh = None, None
+    if teacher is not None:
+      self.teacher_sh = shd.param_shardings(nnx.state(nnx.merge(*teacher), nnx.Param), self.mesh,
+                                            tuple(tuple(r) for r in config.mesh.rules))
+      # A copy: the student starts from these same arrays, and the step donates its state.
+      self.teacher_params = jax.device_put(teacher[1], self.teacher_sh, may_alias=False)
+    self.distill = distill_spec(config, teacher and teacher[0])
     self.prompt_capacity = prompt_buffer.capacity_for(config.skip.prompt_capacity,
                                                       config.data.seq_len)
     n_proc = jax.process_count()
@@ -328,7 +431,8 @@ class Trainer:
 
   def memory(self) -> dict:
     """Bytes of params, gradients and optimizer state of this run, from shapes."""
-    return memory_bytes(self.abstract_params, self.optimizer, self.split_params)
+    return memory_bytes(self.abstract_params, self.optimizer, self.split_params,
+                        self.teacher_params)
 
   def _opt_shardings(self, params):
     """Shardings of the optimizer state for (trainable) `params`."""
@@ -344,7 +448,7 @@ class Trainer:
         train_step, graphdef=self.graphdef, optimizer=self.optimizer, paper=self.paper,
         accum_steps=self.config.optim.accum_steps, split_params=self.split_params,
         dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None,
-        prompt_capacity=self.prompt_capacity)
+        prompt_capacity=self.prompt_capacity, distill=self.distill)
 
     def counted(*args):  # runs only when jit traces, i.e. once per compiled executable
       self.num_compiles += 1
@@ -352,7 +456,7 @@ class Trainer:
 
     self._train_step = jax.jit(
         counted,
-        static_argnums=2, in_shardings=(state_sh, self.batch_sh),
+        static_argnums=2, in_shardings=(state_sh, self.batch_sh, self.teacher_sh),
         out_shardings=(state_sh, shd.replicated(self.mesh)), donate_argnums=0)
     return state
 
@@ -379,7 +483,7 @@ class Trainer:
   def step(self, state, local_batch, step: int):
     skip = skip_for_step(self.config, self.model_cfg.num_layers, step,
                          self.model_cfg.attention_windows)
-    return self._train_step(state, self.global_batch(local_batch), skip)
+    return self._train_step(state, self.global_batch(local_batch), skip, self.teacher_params)
 
   def evaluate(self, params, ratios) -> dict:
     """Validation loss (per response token) and perplexity per ratio."""
@@ -553,10 +657,13 @@ def _log_metrics(pending, log, bar, config, t0) -> dict:
     raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}: lower optim.lr or check data")
   bar.update(1)
   now = time.perf_counter()
-  m["tokens_per_s"] = m["tokens"] / max(now - t0[0], 1e-9)  # response tokens this step
+  seconds = max(now - t0[0], 1e-9)
+  m["tokens_per_s"] = config.batch_size * config.data.seq_len / seconds  # every row's tokens
+  m["response_tokens_per_s"] = m["tokens"] / seconds  # the loss tokens
   t0[0] = now
   if (step + 1) % config.log_every == 0 or step == 0:
-    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+    bar.set_postfix({"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}",
+                     "response tok/s": f"{m['response_tokens_per_s']:.0f}"})
     log.scalars(step + 1, m)
   return {"train_loss": m["loss"], "step": step + 1}
 
@@ -620,3 +727,66 @@ def _truncate_log(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
       f.writelines(keep)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference side.
+
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """(checkpoints folder, step) for a workdir, its `checkpoints/` folder or one step folder."""
+  path = os.path.abspath(path)  # Orbax rejects relative paths
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), step
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # a step folder
+    if step is not None and step != int(name):
+      raise ValueError(f"step {step} was given with step folder {path}: give one or the other")
+    return os.path.dirname(path), int(name)
+  return path, step
+
+
+def model_config_from_meta(meta: dict, dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig a checkpoint's meta records (JSON: tuples came back as lists)."""
+  fields = dict(meta["model_config"])
+  if dtype:
+    fields["dtype"] = dtype
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
+  if "lora_targets" in fields:
+    fields["lora_targets"] = tuple(fields["lora_targets"])
+  return ModelConfig(**fields)
+
+
+def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
+                       with_config: bool = False):
+  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
+
+  A LoRA run's adapters come back folded into the base weights (`lora.merge`): the model has no
+  adapters and runs at the base model's cost.
+  `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
+  against the model's own abstract state (built from the config the checkpoint records), so
+  the tree keeps its structure and key types: layer i comes back as layer i.
+  The tokenizer formats prompts as training did (chat format if the run used it).
+  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
+  prompt template.
+  """
+  directory, step = checkpoint_location(workdir, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {}
+
+  def target(meta):
+    abstract["model"] = nnx.eval_shape(
+        lambda: Decoder(model_config_from_meta(meta, dtype), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract["model"], nnx.Param))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+
+  restored = ckpt_lib.restore_params(directory, step, params_target=target)
+  model = abstract["model"]
+  nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
+  nnx.update(model, state)
+  model = lora.merge(model)
+  chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
+  tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
+  if with_config:
+    return model, tok, restored.meta.get("config", {})
+  return model, tok
