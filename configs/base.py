@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"     # compute dtype; the loss is always f32
   c.model.param_dtype = "float32"
   c.model.remat = False         # rematerialise each layer in the backward pass
+  c.model.attention_impl = "einsum"  # einsum | xla | cudnn (NVIDIA, bf16/f16) | auto: cudnn
+                                     # where it fits, else einsum (docs/accelerators.md)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "bible"       # bible (offline) | hf | tfds

@@ -24,13 +24,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, get_args
 
-from ulskip_jax import lora
+import jax
+
+from ulskip_jax import attention, lora
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
 from ulskip_jax.skipping import STRATEGIES, plan_layers
 
 # ModelConfig fields that change no saved array: a resumed run may change them.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 class ConfigError(ValueError):
@@ -169,6 +171,7 @@ FIELDS: dict[str, Callable] = {
     "model.dtype": _choice(*DTYPES),
     "model.param_dtype": _choice(*DTYPES),
     "model.remat": _bool,
+    "model.attention_impl": _choice(*get_args(attention.AttentionImpl)),
     # ModelConfig fields configs/base.py leaves at their defaults; a config may set them.
     "model.qkv_bias": _bool,
     "model.out_bias": _bool,
@@ -245,6 +248,7 @@ def validate_run(config, workdir: str) -> None:
     _check_lora_targets(config, hf_model)
     _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None))
     _check_mesh(config)
+    _check_attention(config, hf_model)
     _check_distill(config, hf_model)
     _check_workdir(config, workdir, hf_model)
   except ConfigError:
@@ -351,13 +355,18 @@ def _check_plans(config, num_layers: int, windows=None) -> None:
                        f"(skip.strategy={s.strategy!r}{keep}): {e}") from None
 
 
-def _check_mesh(config) -> None:
-  """The mesh against the devices, where that is safe: asking JAX for its devices before
-  jax.distributed.initialize would break a multi-process start."""
+def _multi_process(config) -> bool:
+  """Whether the run starts jax.distributed: asking JAX for its devices before
+  jax.distributed.initialize would break the start, so device checks wait for the run."""
   dist = config.distributed
   cluster = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS")
-  if dist.coordinator_address or dist.num_processes > 1 or (
-      dist.auto and any(k in os.environ for k in cluster)):
+  return bool(dist.coordinator_address or dist.num_processes > 1 or (
+      dist.auto and any(k in os.environ for k in cluster)))
+
+
+def _check_mesh(config) -> None:
+  """The mesh against the devices, where that is safe (`_multi_process`)."""
+  if _multi_process(config):
     return
   from ulskip_jax import sharding
   try:
@@ -414,6 +423,23 @@ def check_teacher(path: str, student: Mapping, teacher: Mapping) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The workdir.
+
+def _check_attention(config, hf_model) -> None:
+  """An explicit model.attention_impl computes the model's attention (`attention.unfit_reason`),
+  and "cudnn" has a GPU, where asking is safe."""
+  m = config.model
+  # A model from the run config has no soft cap: its head width, positions and dtype decide.
+  cfg = dataclasses.replace(hf_model, dtype=m.dtype) if hf_model else ModelConfig(
+      vocab_size=1, num_layers=1, d_model=1, num_heads=1, num_kv_heads=1,
+      head_dim=m.head_dim, d_ff=1, pos=m.pos, dtype=m.dtype)
+  reason = attention.unfit_reason(cfg, m.attention_impl)
+  if reason is None and m.attention_impl == "cudnn" and not _multi_process(config):
+    if jax.default_backend() != "gpu":
+      reason = f"cuDNN's fused attention needs an NVIDIA GPU (the backend is {jax.default_backend()})"
+  if reason:
+    raise ValueError(f"model.attention_impl={m.attention_impl!r} cannot compute this model's "
+                     f"attention: {reason}; use 'einsum' or 'auto'")
+
 
 def _check_workdir(config, workdir: str, hf_model) -> None:
   if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):

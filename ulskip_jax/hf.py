@@ -53,7 +53,7 @@ from ulskip_jax.skipping import kept_layers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Fields that change no computation: never compared between a model and a config.json.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,14 +41,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ulskip_jax import lora
+from ulskip_jax import attention, lora
 from ulskip_jax import prompt_buffer
 from ulskip_jax.kv_cache import KVCache, LayerCache
 from ulskip_jax.ops import dense, softcap
 from ulskip_jax.skipping import kept_layers
 
 Array = jax.Array
-NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give zeros, not NaN
 DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 # RMSNorm (Llama) | RMSNorm scaled by (1 + w), w stored zero-centred (Gemma) | LayerNorm (GPT-2)
 NormKind = Literal["rms", "rms_plus_one", "layer"]
@@ -97,6 +96,8 @@ class ModelConfig:
   dtype: str = "float32"         # compute dtype
   param_dtype: str = "float32"
   remat: bool = False            # rematerialise each layer in the backward pass
+  # einsum | xla | cudnn | auto: how attention is computed (`attention.py`); never the result
+  attention_impl: attention.AttentionImpl = "einsum"
   lora_rank: int = 0             # LoRA adapters (lora.py) of this rank; 0 = none
   lora_alpha: float = 16.0       # adapter scale alpha / rank
   lora_dropout: float = 0.0      # on each adapter's input, when the call passes a dropout key
@@ -104,7 +105,8 @@ class ModelConfig:
 
   def __post_init__(self):
     allowed = dict(norm=get_args(NormKind), mlp=get_args(MLPKind), act=get_args(Activation),
-                   pos=get_args(Positions), dtype=DTYPES, param_dtype=DTYPES)
+                   pos=get_args(Positions), dtype=DTYPES, param_dtype=DTYPES,
+                   attention_impl=get_args(attention.AttentionImpl))
     for field, values in allowed.items():
       if getattr(self, field) not in values:
         raise ValueError(f"{field}={getattr(self, field)!r} is unknown: allowed are {values}")
@@ -247,24 +249,6 @@ def alibi_slopes(num_heads: int) -> Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
-def attend(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
-           bias_HTS: Array | None = None, scale_dim: float | None = None,
-           cap: float | None = None) -> Array:
-  """Grouped-query attention: query head h reads KV head h // G. Softmax in f32.
-
-  Logits are scaled by scale_dim ** -0.5 (None = Hd), then soft-capped at `cap` (None = not)."""
-  B, T, H, Hd = q_BTHD.shape
-  K = k_BKSD.shape[1]
-  q = q_BTHD.reshape(B, T, K, H // K, Hd)
-  logits = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD).astype(jnp.float32)
-  logits = softcap(logits / math.sqrt(scale_dim or Hd), cap)
-  if bias_HTS is not None:  # ALiBi, [B, H, T, S] -> [B, K, G, T, S]
-    logits = logits + bias_HTS.reshape(B, K, H // K, T, -1)
-  logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BKSD.dtype)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD).reshape(B, T, H, Hd)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int):
     D, H, K, Hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -313,16 +297,16 @@ class Attention(nnx.Module):
     return y
 
   def __call__(self, q_BTHD, q_pos_BT, k_BKSD, v_BKSD, k_pos_BS, mask_BTS,
-               dropout_key=None) -> Array:
-    """Attention of projected queries over keys/values at positions k_pos, then out-projection."""
+               dropout_key=None, causal: bool = False) -> Array:
+    """Attention of projected queries over keys/values at positions k_pos, then out-projection.
+    causal: the keys are the queries' own chunk and the mask is causal (`attention.attend`)."""
     bias = None
     if self.cfg.pos == "alibi":
       # BLOOM adds slope * key_position; slope * (key - query) differs by a per-query constant,
       # which softmax ignores, and stays small for long sequences.
       rel = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)
       bias = alibi_slopes(self.cfg.num_heads)[None, :, None, None] * rel[:, None]
-    out = attend(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias, self.cfg.query_pre_attn_scalar,
-                 self.cfg.attn_softcap)
+    out = attention.attend(self.cfg, q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias, causal)
     return self.project_out(out, dropout_key)
 
 
@@ -409,7 +393,7 @@ class Block(nnx.Module):
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
     if self.window is not None:  # positions, not slots: packed segments restart at 0
       mask = mask & (k_pos[:, None, :] > positions_BT[:, :, None] - self.window)
-    attn_out = self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key)
+    attn_out = self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key, kv is None)
     if hasattr(self, "attn_post_norm"):
       attn_out = self.attn_post_norm(attn_out)
     x = x_BTD + attn_out

@@ -374,7 +374,9 @@ class Trainer:
       from ulskip_jax import hf
       base, base_tokenizer = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
                                                 param_dtype=config.model.param_dtype)
-      self.model_cfg = dataclasses.replace(base.cfg, **lora.model_fields(config.optim.lora))
+      self.model_cfg = dataclasses.replace(base.cfg, remat=config.model.remat,
+                                           attention_impl=config.model.attention_impl,
+                                           **lora.model_fields(config.optim.lora))
       self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
       base = nnx.graphdef(base), self.base_params
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
