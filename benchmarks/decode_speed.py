@@ -49,6 +49,8 @@ def parse_args(argv=None):
   p.add_argument("--ratios", default="1,2,3,5")
   p.add_argument("--modes", default="everywhere,paper")
   p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
+  p.add_argument("--attention-impl", default="einsum",
+                 help="the random model's model.attention_impl: einsum | xla | cudnn | auto")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--min-seconds", type=float, default=20.0,
                  help="repeat short cases until the timed rounds last this long")
@@ -71,7 +73,8 @@ def random_model(args):
   cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
                     num_heads=args.heads, num_kv_heads=args.kv_heads,
                     head_dim=args.d_model // args.heads, d_ff=args.d_ff, max_position=1024,
-                    dtype=args.dtype, param_dtype=args.dtype)
+                    dtype=args.dtype, param_dtype=args.dtype,
+                    attention_impl=args.attention_impl)
   return Decoder(cfg, rngs=nnx.Rngs(0))  # eager: jitting a 7B init compiled for minutes on a GPU
 
 

@@ -1,33 +1,42 @@
 """XLA:GPU's decode executables, compiled without a GPU: does any while loop copy or transpose a
 KV-cache layer? The tests check this on XLA:CPU (`testing.loop_layer_ops`); XLA:GPU assigns layouts
 differently (it transposed whole cache layers around continuous batching's refill loop, a
-per-step copy XLA:CPU does not make), so this compiles every strategy for an H100 with JAX's
-deviceless ahead-of-time compilation and applies the same check.
+per-step copy XLA:CPU does not make), so this compiles every decoding loop we ship (each
+`decode.generate` strategy, the baselines, speculative decoding's draft and verify loop, the
+serving engine's `slots.decode_steps`) for an H100 with JAX's deviceless ahead-of-time
+compilation, at XLA's default settings, and applies the same check. Every decoding change reruns
+it (docs/accelerators.md); the counts live in benchmarks/results/gpu/gpu_hlo.md.
 
-  python3 -m venv /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
-  pip install "jax[cuda12]==$JAX_VERSION" flax optax orbax-checkpoint safetensors gguf tqdm \
-      ml_collections pytest && pip install --no-deps -e .        # ~6 GB, no GPU needed
-  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda python -m benchmarks.gpu_hlo \
-      [--model smollm2]   # ~10 s for the tiny test model; ~2 min at SmolLM2-135M's shapes
+  python3 -m venv /tmp/gpu_venv
+  /tmp/gpu_venv/bin/pip install "jax[cuda12]==$JAX_VERSION" "flax==$FLAX_VERSION" optax \
+      orbax-checkpoint safetensors gguf tqdm ml_collections     # ~3 GB of wheels, no GPU needed
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu,cuda /tmp/gpu_venv/bin/python \
+      -m benchmarks.gpu_hlo [--model smollm2] [--attention einsum,cudnn] [--output FILE.json]
 
-(JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin's version check needs a driver.) 3 prompts of
-9 tokens, 10 new tokens; only shapes are used. Exits 1 if a case other than beam search
-copies a layer (beam search gathers the cache by parent every step, and XLA copies the result
-back into the loop's buffer: inherent to reordering).
+(JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin's version check needs a driver; run from the
+repository root, which `python -m` puts on the path.) 3 prompts of 9 tokens, 10 new tokens; only
+shapes are used. Each case compiles once per attention implementation of --attention: einsum
+in float32 (the default model), or cuDNN's fused attention in bfloat16 (the dtypes it takes),
+whose executables also report their fused-attention calls. Exits 1 if a case other than beam
+search copies a layer (beam search gathers the cache by parent every step, and XLA copies the result back into
+the loop's buffer: inherent to reordering).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
 
-from ulskip_jax import baselines, decode, engine
+from ulskip_jax import baselines, decode, engine, plan_layers, slots
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.testing import loop_layer_ops
 
@@ -57,9 +66,15 @@ PROMPTS = [[1] * 9] * 3
 SPEC = dict(draft_ratio=2, num_draft_tokens=4)
 
 
+ATTENTION = dict(einsum="float32", cudnn="bfloat16")  # implementation -> its compute dtype
+FUSED_CALL = 'custom_call_target="__cudnn$fmha'
+
+
 def cases(model):
-  """name -> (strategy, Inputs, cache layer shape [B, K, S, Hd])."""
+  """name -> (lower: (graphdef, params spec, spec of a pytree) -> jax Lowered, cache layer shape
+  [B, K, S, Hd])."""
   cfg, out = model.cfg, {}
+  loop = jax.jit(engine.decode_loop, static_argnames=("graphdef", "strategy"))
   for name, kw, rows in [
       ("greedy 2x everywhere", dict(ratio=2, mode="everywhere"), None),
       ("greedy 2x paper", dict(ratio=2), None),
@@ -74,42 +89,69 @@ def cases(model):
        2)]:
     strategy, x = decode.plan_call(model, PROMPTS, max_new_tokens=10, eos_id=None,
                                    continuous_rows=rows, **kw)
-    slots = 32 + (2 * SPEC["num_draft_tokens"] + 1 if "speculative" in kw else 0)
+    slots_ = 32 + (2 * SPEC["num_draft_tokens"] + 1 if "speculative" in kw else 0)
     beams = kw.get("num_beams", 1)
-    out[name] = strategy, x, (x.rows.shape[0] * beams, cfg.num_kv_heads, slots, cfg.head_dim)
+    out[name] = (functools.partial(_lower_loop, loop, strategy, x),
+                 (x.rows.shape[0] * beams, cfg.num_kv_heads, slots_, cfg.head_dim))
   for name, strategy in [("early exit", baselines.EarlyExit(16, exit_every=2)),
                          ("SkipDecode", baselines.SkipDecode(16, schedule=baselines.skipdecode_schedule(
                              cfg.num_layers, 2, 16)))]:
     _, x = engine.checked_inputs(cfg, PROMPTS, max_new_tokens=10, eos_id=None, threshold=0.5)
-    out[name] = strategy, x, (4, cfg.num_kv_heads, 32, cfg.head_dim)
+    out[name] = (functools.partial(_lower_loop, loop, strategy, x),
+                 (4, cfg.num_kv_heads, 32, cfg.head_dim))
+  # The serving engine: 4 steps of every row of a pool of 4 rows x 32 slots, at ratio 2.
+  plan = slots.Plan(skip=plan_layers(cfg.num_layers, 2).skipped, paper_mode=True, eos_id=-1,
+                    pad_id=0)
+  state = jax.eval_shape(lambda: slots.init_state(cfg, 4, 32, plan.skip, plan.pad_id))
+  steps = jax.jit(slots.decode_steps, static_argnames=("graphdef", "plan", "steps"),
+                  donate_argnames="state")
+  out["serving: slots.decode_steps 2x"] = (
+      lambda graphdef, params, spec: steps.lower(graphdef, params, spec(state),
+                                                 spec(jnp.zeros((4,), bool)), plan=plan, steps=4),
+      (4, cfg.num_kv_heads, 32, cfg.head_dim))
   return out
+
+
+def _lower_loop(loop, strategy, x, graphdef, params, spec):
+  return loop.lower(graphdef, params, spec(x), strategy=strategy)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", choices=tuple(CONFIGS), default="tiny")
   p.add_argument("--cases", help="only the cases whose names contain one of these (comma-separated)")
+  p.add_argument("--attention", default="einsum",
+                 help=f"attention implementations to compile (comma-separated), among "
+                      f"{tuple(ATTENTION)}; einsum is the default model's")
   p.add_argument("--output", help="write the results as JSON here")
   args = p.parse_args(argv)
+  impls = args.attention.split(",")
+  if not set(impls) <= set(ATTENTION):
+    p.error(f"--attention={args.attention!r}: allowed are {tuple(ATTENTION)}")
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
   mesh = topologies.make_mesh(topology, (1,), ("d",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), getattr(a, "dtype", None) or
-                                       jnp.asarray(a).dtype, sharding=replicated)
-  model = nnx.eval_shape(lambda: Decoder(CONFIGS[args.model], rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(model)
-  jitted = jax.jit(engine.decode_loop, static_argnames=("graphdef", "strategy"))
-  results, failed = {}, False
-  print("| case | in-place layer writes | other layer-sized ops in loops |\n|---|---|---|")
-  for name, (strategy, x, layer) in cases(model).items():
-    if args.cases and not any(c in name for c in args.cases.split(",")):
-      continue
-    compiled = jitted.lower(graphdef, jax.tree.map(spec, params), jax.tree.map(spec, x),
-                            strategy=strategy).compile()
-    in_place, others = loop_layer_ops(compiled.as_text(), layer)
-    results[name] = dict(in_place=in_place, others=len(others), first_other=others[:1])
-    print(f"| {name} | {in_place} | {len(others)} |")
-    failed |= bool(others) and not name.startswith("beam")
+  to_spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), getattr(a, "dtype", None) or
+                                           jnp.asarray(a).dtype, sharding=replicated)
+  spec = lambda tree: jax.tree.map(to_spec, tree)
+  results, failed = {impl: {} for impl in impls}, False
+  for impl in impls:
+    cfg = dataclasses.replace(CONFIGS[args.model], attention_impl=impl, dtype=ATTENTION[impl])
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    print(f"\n{impl} attention, {cfg.dtype}\n| case | in-place layer writes | other layer-sized ops "
+          "in loops | fused attention calls |\n|---|---|---|---|")
+    for name, (lower, layer) in cases(model).items():
+      if args.cases and not any(c in name for c in args.cases.split(",")):
+        continue
+      start = time.perf_counter()
+      text = lower(graphdef, spec(params), spec).compile().as_text()
+      in_place, others = loop_layer_ops(text, layer)
+      results[impl][name] = dict(in_place=in_place, others=len(others), first_other=others[:1],
+                                 fused_attention=text.count(FUSED_CALL),
+                                 compile_s=round(time.perf_counter() - start, 1))
+      print(f"| {name} | {in_place} | {len(others)} | {text.count(FUSED_CALL)} |", flush=True)
+      failed |= bool(others) and not name.startswith("beam")
   if args.output:
     with open(args.output, "w") as f:
       json.dump(dict(device=topology.devices[0].device_kind, jax=jax.__version__,
