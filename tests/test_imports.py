@@ -1,6 +1,7 @@
-"""Inference does not import training: decoding from a training workdir, and the Python API, load
-neither the trainer (`train_lib`, its logger) nor the training loss, checked on the import graph of
-a fresh interpreter (`python -X importtime`).
+"""Inference does not import training: `infer.py` decoding from a training workdir (which imports
+the whole Python API, `import ulskip_jax`, on the way) loads neither the trainer (`train_lib`, its
+logger) nor the training loss, checked on the import graph of a fresh interpreter
+(`python -X importtime`).
 
 optax is the exception we cannot remove: `flax.nnx` imports it itself (for `nnx.Optimizer`), so the
 check is that optax comes in through flax and through nothing of ours.
@@ -74,7 +75,3 @@ def test_infer_on_a_workdir_imports_no_training(tmp_path):
   assert len((tmp_path / "out.r2.txt").read_text().splitlines()) == 2  # it did decode
   assert "ulskip_jax.checkpoint" in {name for _, name in rows}
   _assert_no_training(rows)
-
-
-def test_the_python_api_imports_no_training():
-  _assert_no_training(_imports("-c", "import ulskip_jax; from ulskip_jax import checkpoint"))
