@@ -6,8 +6,8 @@
 
 --checkpoint is what infer.py takes (a Hugging Face folder, a .gguf file, 'smollm2', a training
 workdir or a step folder). Each ratio gets its own rows (--batch-size of them) and its model name:
-NAME at ratio 1 (full depth), NAME@2x at ratio 2, ...; a request picks one by `model`, or by the
-extra body field `skip_ratio`. Every executable is built before the server listens. Ctrl-C or
+NAME at ratio 1 (full depth), NAME@2x at ratio 2, ..., and with --speculative NAME@lossless; a
+request picks one by `model`, or by the extra body field `skip_ratio` (a ratio or "lossless"). Every executable is built before the server listens. Ctrl-C or
 SIGTERM: in-flight requests get --drain-seconds to finish, then the rest are cancelled.
 See docs/serving.md.
 """
@@ -27,7 +27,10 @@ def parse_args(argv):
   p.add_argument("--step", type=int, help="checkpoint step of a training workdir")
   p.add_argument("--ratios", default="1", help="speedup ratios to serve, comma-separated "
                  "(ULS plans; 1 = full depth), e.g. 1,2")
-  p.add_argument("--batch-size", type=int, default=8, help="rows per ratio")
+  p.add_argument("--speculative", help="also serve NAME@lossless: self-speculative decoding, "
+                 "the full model verifying the ULS sub-model's drafts (greedy), e.g. "
+                 "'draft_ratio=2,k=4' (as infer.py's --speculative)")
+  p.add_argument("--batch-size", type=int, default=8, help="rows per plan")
   p.add_argument("--max-seq-len", type=int, help="positions a row holds (prompt + max_tokens - "
                  "1; default the model's, at most 2048)")
   p.add_argument("--steps-per-call", type=int, default=4, help="decode steps between the "
@@ -45,6 +48,7 @@ def parse_args(argv):
 
 def run(args) -> None:
   from ulskip_jax import server, skipping
+  from ulskip_jax import speculative as speculative_lib
   for flag in ("batch_size", "steps_per_call", "max_tokens", "port"):
     if getattr(args, flag) < 1:
       raise infer.UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
@@ -52,6 +56,10 @@ def run(args) -> None:
     ratios = skipping.parse_ratios(args.ratios)
   except ValueError as e:
     raise infer.UsageError(f"--ratios: {e}") from None
+  try:
+    speculative = None if args.speculative is None else infer.parse_speculative(args.speculative)
+  except ValueError as e:
+    raise infer.UsageError(f"--speculative: {e}") from None
   model, tokenizer, _ = infer.load_model(args.checkpoint, args.step)
   limit = model.cfg.max_position
   if args.max_seq_len is not None and not 1 <= args.max_seq_len <= limit:
@@ -62,8 +70,14 @@ def run(args) -> None:
       skipping.plan_layers(model.cfg.num_layers, ratio)
     except ValueError as e:
       raise infer.UsageError(f"--ratios: {e}") from None
+  if speculative is not None:
+    try:
+      speculative_lib.check(model.cfg, speculative)
+    except ValueError as e:
+      raise infer.UsageError(f"--speculative: {e}") from None
   name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-  server.serve(model, tokenizer, model_name=name, ratios=ratios, rows=args.batch_size,
+  server.serve(model, tokenizer, model_name=name, ratios=ratios, speculative=speculative,
+               rows=args.batch_size,
                num_slots=args.max_seq_len, steps=args.steps_per_call, host=args.host,
                port=args.port, default_max_tokens=args.max_tokens, drain_s=args.drain_seconds)
 

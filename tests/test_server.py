@@ -49,12 +49,13 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-  """(base url, process) of a server at ratios 1 and 2, 4 rows each; its output goes to a file
+  """(base url, process) of a server at ratios 1 and 2 and lossless, 4 rows each; its output goes to a file
   (a pipe nobody reads could fill and block it)."""
   port = free_port()
   log = open(tmp_path_factory.mktemp("server") / "log.txt", "w+")
   proc = subprocess.Popen(
       [sys.executable, "serve.py", "--checkpoint", str(folder), "--ratios", "1,2",
+       "--speculative", "draft_ratio=2,k=3",
        "--batch-size", "4", "--max-seq-len", str(SLOTS), "--steps-per-call", "3", "--port",
        str(port), "--served-model-name", NAME, "--max-tokens", "8", "--drain-seconds", "20"],
       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -118,7 +119,7 @@ def test_models_health_and_metrics(server):
   url, _ = server
   assert httpx.get(url + "/health").json() == {"status": "ok"}
   ids = [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="-").models.list()]
-  assert ids == [NAME, NAME + "@2x"]
+  assert ids == [NAME, NAME + "@2x", NAME + "@lossless"]
   m = metrics(url)
   assert m[f'ulskip_running_rows{{plan="{NAME}@2x"}}'] == 0
   assert "ulskip_tokens_per_second" in m
@@ -126,7 +127,7 @@ def test_models_health_and_metrics(server):
 
 def test_sixteen_concurrent_greedy_requests_equal_generate_alone(server, reference):
   """Mixed plans (by name and by skip_ratio), lengths, streaming and not, completions and chat:
-  each answer is `generate`'s for that prompt alone at that plan."""
+  each answer is `generate`'s for that prompt alone at that plan (lossless: at full depth)."""
   url, _ = server
   model, tok = reference
   client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-")
@@ -134,10 +135,11 @@ def test_sixteen_concurrent_greedy_requests_equal_generate_alone(server, referen
   cases = []
   for i in range(16):
     words = " ".join(f"w{rng.randrange(3, tiny.VOCAB)}" for _ in range(rng.randrange(1, 9)))
-    ratio, max_tokens = (1, 2)[i % 2], rng.randrange(2, SLOTS - 8)
-    how = dict(model=NAME + "@2x") if ratio == 2 and i % 4 == 1 else dict(
+    ratio, max_tokens = (1, 2, "lossless")[i % 3], rng.randrange(2, SLOTS - 8)
+    suffix = "@lossless" if ratio == "lossless" else f"@{ratio}x"
+    how = dict(model=NAME + suffix) if ratio != 1 and i % 2 else dict(
         model=NAME, extra_body=dict(skip_ratio=ratio))
-    cases.append((words, ratio, max_tokens, i % 3 == 0, i % 5 == 0, how))
+    cases.append((words, ratio, max_tokens, i % 4 == 0, i % 5 == 0, how))
 
   async def ask(words, ratio, max_tokens, stream, chat, how):
     kw = dict(how, max_tokens=max_tokens, temperature=0, stream=stream)
@@ -165,7 +167,7 @@ def test_sixteen_concurrent_greedy_requests_equal_generate_alone(server, referen
   for (words, ratio, max_tokens, stream, chat, _), (text, used) in zip(cases, answers):
     prompt = decode.encode_prompt(tok, words, chat=chat)
     [ids], _ = decode.generate(model, [prompt], max_new_tokens=max_tokens, eos_id=2,
-                               ratio=ratio)
+                               ratio=1 if ratio == "lossless" else ratio)
     assert text == decode.decode_ids(tok, ids), (words, ratio, stream, chat)
     assert used == min(len(ids) + 1, max_tokens)  # the EOS that ended it is counted
   assert any(len(text.split()) >= 4 for text, _ in answers)
@@ -205,6 +207,7 @@ def test_stop_strings_seed_and_usage(server):
     ('{"model": "tinyllm", "prompt": "w5", "skip_ratio": 3}', 400, "skip_ratio"),
     ('{"model": "tinyllm@2x", "prompt": "w5", "skip_ratio": 1}', 400, "skip_ratio"),
     ('{"model": "tinyllm"}', 400, "prompt"),
+    ('{"model": "tinyllm@lossless", "prompt": "w5", "temperature": 0.5}', 400, "temperature"),
 ])
 def test_bad_requests_get_the_openai_error_shape(server, body, status, param):
   url, _ = server
@@ -236,9 +239,10 @@ def test_many_clients_with_cancellations_leak_no_rows(server):
 
   async def one(client, i):
     kind = rng.choice(["ok", "ok", "stream", "cancel", "cancel_stream", "bad"])
-    body = dict(model=rng.choice([NAME, NAME + "@2x"]), max_tokens=rng.randrange(1, 9),
+    model = rng.choice([NAME, NAME + "@2x", NAME + "@lossless"])
+    body = dict(model=model, max_tokens=rng.randrange(1, 9),
                 prompt=" ".join(f"w{rng.randrange(3, 97)}" for _ in range(rng.randrange(1, 8))),
-                temperature=rng.choice([0, 0.8]), seed=i)
+                temperature=0 if model.endswith("lossless") else rng.choice([0, 0.8]), seed=i)
     if kind == "bad":
       body["prompt"] = "w5 " * 30
       r = await client.post("/v1/completions", json=body)

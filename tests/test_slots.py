@@ -1,6 +1,7 @@
-"""The serving engine (`slots.SlotPool`): requests started into rows while others decode give
-what `generate` gives each prompt alone, nothing is compiled after the warm-up, a stopped row
-frees its slot, and a seeded request samples the same tokens whatever runs beside it."""
+"""The serving engine (`slots.SlotPool`, `slots.SpeculativePool`): requests started into rows
+while others decode give what `generate` gives each prompt alone (the lossless pool: full depth),
+nothing is compiled after the warm-up, a stopped row frees its slot, and a seeded request
+samples the same tokens whatever runs beside it."""
 
 from __future__ import annotations
 
@@ -44,15 +45,18 @@ def pools(model):
   return out
 
 
-def serve(pool, requests, stop_after=None):
+def serve(pool, requests, stop_after=None, per_step=None):
   """Runs (prompt, max_new, options) requests through the pool, starting each in the first free
   row as soon as one frees up (so most start while others decode): their tokens, cut at EOS.
-  stop_after: {request: n} stops that request once it has n tokens."""
+  stop_after: {request: n} stops that request once it has n tokens. per_step: start at most
+  this many requests between two steps (so rows that have never held one start later)."""
   out, owner, waiting = [[] for _ in requests], {}, list(range(len(requests)))
   stop_after = stop_after or {}
   while waiting or owner:
+    started = 0
     for row in range(pool.rows):
-      if row not in owner and waiting:
+      if row not in owner and waiting and started < (per_step or pool.rows):
+        started += 1
         i = waiting.pop(0)
         prompt, max_new, options = requests[i]
         out[i].append(pool.start(row, prompt, max_new=max_new, **options))
@@ -65,8 +69,18 @@ def serve(pool, requests, stop_after=None):
       out[i] += tokens[row][emitted[row]].tolist()
       if done[row]:
         del owner[row]
-  assert not np.any(~pool.state.done), "a row still decodes with no request"
+  done = pool.state.spec.done if hasattr(pool.state, "spec") else pool.state.done
+  assert np.all(done), "a row still decodes with no request"
   return [o[:o.index(EOS)] if EOS in o else o for o in out]
+
+
+@pytest.fixture(scope="module")
+def lossless(model):
+  pool = slots.SpeculativePool(model, draft_skip=engine.resolve_skip(4, None, 2),
+                               num_draft_tokens=3, rows=ROWS, num_slots=SLOTS, eos_id=EOS,
+                               steps=2)
+  pool.warm_up()
+  return pool
 
 
 @pytest.mark.parametrize("ratio", [1, 2])
@@ -79,6 +93,23 @@ def test_rows_started_while_others_decode_equal_generate_alone(model, pools, rat
           for p, m in zip(PROMPTS, MAX_NEW)]
   assert got == want
   assert sum(map(len, got)) > 3 * len(got)  # not all cut short by an early EOS
+
+
+def test_lossless_rows_started_while_others_decode_equal_full_depth_generate(model, lossless):
+  before = slots.num_compiles()
+  requests = [(p, m, {}) for p, m in zip(PROMPTS, MAX_NEW)]
+  order = [0, 3, 1, 2, 4, 5, 6, 7]
+  # First, on the fresh pool: one start a step puts prompt 3, whose bucket is all SLOTS slots,
+  # in a row that has been stepped without a request.
+  staggered = serve(lossless, [requests[i] for i in order], per_step=1)
+  got = serve(lossless, requests)
+  assert slots.num_compiles() == before, "an executable was built after the warm-up"
+  want = [decode.generate(model, [p], max_new_tokens=m, eos_id=EOS)[0][0]
+          for p, m in zip(PROMPTS, MAX_NEW)]
+  assert got == want
+  assert staggered == [want[i] for i in order]
+  with pytest.raises(ValueError, match="temperature=0.5: the lossless plan decodes greedily"):
+    lossless.start(0, PROMPTS[0], max_new=4, temperature=0.5)
 
 
 def test_the_plans_differ(pools):

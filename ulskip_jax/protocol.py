@@ -57,7 +57,7 @@ class Sampling(BaseModel):
   model_config = ConfigDict(extra="ignore")
   model: str
   max_tokens: int | None = Field(None, ge=1)
-  temperature: float = Field(1.0, ge=0, le=2)
+  temperature: float | None = Field(None, ge=0, le=2)  # None: 1, or 0 for the lossless plan
   top_p: float = Field(1.0, gt=0, le=1)
   stop: str | list[str] | None = None
   seed: int | None = None

@@ -6,8 +6,8 @@ ever waits for a compile. The scheduler (`Scheduler`, a thread: JAX calls block)
 requests, free the rows of cancelled ones, start waiting requests in free rows (prefill first:
 a request's first token is its own prefill away), then run one `decode_steps` call of each pool
 with live rows and hand the new tokens to their requests' asyncio queues. The HTTP side
-(FastAPI) tokenizes, picks the plan from the model name ("NAME", "NAME@2x") or the `skip_ratio`
-field, detokenizes incrementally and applies stop strings; a client that disconnects (or a
+(FastAPI) tokenizes, picks the plan from the model name ("NAME", "NAME@2x", "NAME@lossless")
+or the `skip_ratio` field, detokenizes incrementally and applies stop strings; a client that disconnects (or a
 stop string) cancels its request, whose row the scheduler frees before its next step.
 """
 
@@ -31,13 +31,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ulskip_jax import decode, engine, protocol, slots
+from ulskip_jax import speculative as speculative_lib
 from ulskip_jax.protocol import RequestError
 
 log = logging.getLogger("ulskip_jax.server")
 
 
-def plan_name(model_name: str, ratio: float) -> str:
-  """'smollm2' at full depth, 'smollm2@2x' at ratio 2."""
+LOSSLESS = "lossless"
+
+
+def plan_name(model_name: str, ratio: float | str) -> str:
+  """'smollm2' at full depth, 'smollm2@2x' at ratio 2, 'smollm2@lossless'."""
+  if ratio == LOSSLESS:
+    return f"{model_name}@{LOSSLESS}"
   return model_name if ratio == 1 else f"{model_name}@{ratio:g}x"
 
 
@@ -245,7 +251,7 @@ class ServerState:
   model_name: str
   tokenizer: object
   pools: dict[str, slots.SlotPool]
-  ratios: dict[float, str]
+  ratios: dict[float | str, str]  # skip_ratio -> plan name
   scheduler: Scheduler
   metrics: Metrics
   default_max_tokens: int
@@ -260,10 +266,11 @@ def resolve_plan(state: ServerState, body: protocol.Sampling) -> str:
   if body.skip_ratio is None:
     return body.model
   ratio = body.skip_ratio
-  plan = state.ratios.get(ratio) if not isinstance(ratio, str) else None
+  plan = state.ratios.get(ratio)
   if plan is None:
     raise RequestError(f"skip_ratio={ratio!r} is not served: available are "
-                       + ", ".join(f"{r:g}" for r in state.ratios), "skip_ratio")
+                       + ", ".join(repr(r) if isinstance(r, str) else f"{r:g}"
+                                   for r in state.ratios), "skip_ratio")
   if body.model != state.model_name and body.model != plan:
     raise RequestError(f"skip_ratio={ratio!r} contradicts model={body.model!r}: give one of "
                        "them", "skip_ratio")
@@ -291,8 +298,13 @@ def make_request(state: ServerState, body: protocol.Sampling, prompt: list[int],
     pool.check_request(len(prompt), max_new)
   except ValueError as e:
     raise RequestError(str(e), "max_tokens") from None
+  lossless = isinstance(pool, slots.SpeculativePool)
+  temperature = body.temperature if body.temperature is not None else 0.0 if lossless else 1.0
+  if lossless and temperature > 0:
+    raise RequestError(f"temperature={temperature:g}: {plan} decodes greedily (the full model's "
+                       "argmax); give temperature 0 or leave it out", "temperature")
   loop = asyncio.get_running_loop()
-  return Request(plan=plan, prompt=prompt, max_new=max_new, temperature=body.temperature,
+  return Request(plan=plan, prompt=prompt, max_new=max_new, temperature=temperature,
                  top_p=body.top_p, seed=random.getrandbits(32) if body.seed is None else body.seed,
                  loop=loop, events=asyncio.Queue())
 
@@ -430,28 +442,39 @@ def create_app(state: ServerState) -> fastapi.FastAPI:
   return app
 
 
-def build_pools(model, tokenizer, *, model_name: str, ratios: list[float], rows: int,
-                num_slots: int, steps: int) -> tuple[dict[str, slots.SlotPool], dict]:
-  """A pool per ratio (named by `plan_name`), sharing the model's weights."""
+def build_pools(model, tokenizer, *, model_name: str, ratios: list[float],
+                speculative: dict | None, rows: int, num_slots: int,
+                steps: int) -> tuple[dict[str, slots.SlotPool], dict]:
+  """A pool per ratio and one for `speculative` (draft options as `generate`'s; the shared
+  draft cache only), named by `plan_name`, sharing the model's weights; and skip_ratio -> name."""
   eos_id, pad_id = decode.special_ids(tokenizer)
+  common = dict(rows=rows, num_slots=num_slots, eos_id=eos_id, pad_id=pad_id, steps=steps)
   pools, names = {}, {}
   for ratio in ratios:
     skip = engine.resolve_skip(model.cfg.num_layers, None, ratio, model.cfg.attention_windows)
-    name = plan_name(model_name, ratio)
-    names[float(ratio)] = name
-    pools[name] = slots.SlotPool(model, skip=skip, rows=rows, num_slots=num_slots, eos_id=eos_id,
-                                 pad_id=pad_id, steps=steps)
+    names[float(ratio)] = plan_name(model_name, ratio)
+    pools[names[float(ratio)]] = slots.SlotPool(model, skip=skip, **common)
+  if speculative is not None:
+    draft = speculative_lib.check(model.cfg, speculative)
+    if not draft["shared_cache"]:
+      raise ValueError("speculative draft_cache='separate' is not served: the lossless plan "
+                       "drafts in the shared cache (draft_cache=shared)")
+    names[LOSSLESS] = plan_name(model_name, LOSSLESS)
+    pools[names[LOSSLESS]] = slots.SpeculativePool(
+        model, draft_skip=draft["draft_skip"], num_draft_tokens=draft["num_draft_tokens"],
+        **common)
   return pools, names
 
 
-def serve(model, tokenizer, *, model_name: str, ratios: list[float], rows: int = 8,
+def serve(model, tokenizer, *, model_name: str, ratios: list[float],
+          speculative: dict | None = None, rows: int = 8,
           num_slots: int | None = None, steps: int = 4, host: str = "127.0.0.1",
           port: int = 8000, default_max_tokens: int = 256, drain_s: float = 10.0) -> None:
   """Builds and warms up a pool per ratio, then serves until SIGINT / SIGTERM: in-flight
   requests get drain_s seconds to finish, the rest are cancelled."""
   num_slots = num_slots or min(model.cfg.max_position, 2048)
-  pools, names = build_pools(model, tokenizer, model_name=model_name, ratios=ratios, rows=rows,
-                             num_slots=num_slots, steps=steps)
+  pools, names = build_pools(model, tokenizer, model_name=model_name, ratios=ratios,
+                             speculative=speculative, rows=rows, num_slots=num_slots, steps=steps)
   for name, pool in pools.items():
     seconds = pool.warm_up()
     log.warning("%s: %d rows x %d slots, prompt buckets %s, built in %.1f s", name, rows,

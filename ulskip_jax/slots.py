@@ -38,6 +38,7 @@ from flax import nnx
 from ulskip_jax import engine, sampling
 from ulskip_jax.decode import Sample
 from ulskip_jax.kv_cache import KVCache, init_cache
+from ulskip_jax.speculative import Speculative, SpeculativeState
 
 Array = jax.Array
 
@@ -240,4 +241,133 @@ class SlotPool:
     self.state, tokens, emitted = _compiled(decode_steps, static, *args)(*args[1:])
     self._stop[:] = False
     tokens, emitted, done = jax.device_get((tokens, emitted, self.state.done))
+    return tokens, emitted, done
+
+
+# ----------------------------------------------------------------------------------------------
+# Lossless: self-speculative decoding (`speculative.Speculative`) over the same kind of rows.
+
+@flax.struct.dataclass
+class SpeculativeSlots:
+  """The rows of a lossless pool: `speculative.Speculative`'s loop state, one request a row
+  (row b writes its tokens to out[b]), and each row's budget."""
+  spec: SpeculativeState
+  max_new: Array  # [B] int32
+
+
+def _queue_inputs(prompts, pad, max_new, plan: Plan) -> engine.Inputs:
+  """The `engine.Inputs` a `Speculative` step reads for one row per request: greedy, so the
+  key and the sampling fields are unused."""
+  return engine.Inputs(prompts=prompts, pad=pad, rows=jnp.ones(prompts.shape[:1], bool),
+                       num_prompts=jnp.int32(prompts.shape[0]), max_new=max_new,
+                       eos_id=jnp.int32(plan.eos_id), pad_id=jnp.int32(plan.pad_id),
+                       rng=jax.random.key_data(jax.random.key(0)),
+                       temperature=jnp.float32(1), top_p=jnp.float32(1),
+                       length_penalty=jnp.float32(1), threshold=jnp.float32(0))
+
+
+def init_speculative(cfg, strategy: Speculative, rows: int, num_slots: int,
+                     pad_id: int) -> SpeculativeSlots:
+  """Every row free. Row layout (`speculative.py`): the prompt at [0, P), generated tokens from
+  num_slots on, then k committed spares and k + 1 scratch slots."""
+  k = strategy.num_draft_tokens
+  zeros = lambda: jnp.zeros((rows,), jnp.int32)
+  # count 1 in a free row, as `engine.Queued.start_queue` has it: with 0 a round would commit
+  # its (empty) tokens at slot num_slots - 1, where a prompt started later may end.
+  spec = SpeculativeState(
+      out=jnp.full((rows, strategy.max_new_slots + k + 1), pad_id, jnp.int32),
+      owner=jnp.arange(rows, dtype=jnp.int32), next_prompt=jnp.int32(0), prompt_len=zeros(),
+      count=zeros() + 1, tok=zeros() + pad_id, done=jnp.ones((rows,), bool), rnd=jnp.int32(1),
+      cache=init_cache(cfg, rows, 2 * num_slots + 2 * k + 1), draft_cache=None,
+      carry_tok=zeros(), carry_valid=jnp.zeros((rows,), bool), accepted=jnp.int32(0),
+      drafted=jnp.int32(0), last_commit=(zeros(), zeros() + num_slots, zeros()))
+  return SpeculativeSlots(spec=spec, max_new=zeros())
+
+
+def start_speculative_row(graphdef, params, state: SpeculativeSlots, prompt_1P: Array,
+                          prompt_len: Array, row: Array, max_new: Array, *, plan: Plan,
+                          strategy: Speculative) -> tuple[SpeculativeSlots, Array]:
+  """`start_row` for a lossless pool (greedy): `Speculative.refill` into `row`. The row's
+  pending commit (its last request's) is dropped first: it would move that request's scratch
+  K/V into the new one's slots."""
+  model = nnx.merge(graphdef, params)
+  P = prompt_1P.shape[1]
+  pad_1 = P - prompt_len[None]
+  count, dest, first = state.spec.last_commit
+  spec = state.spec.replace(last_commit=(count.at[row].set(0), dest, first))
+  spec = strategy.refill(model, _queue_inputs(prompt_1P, pad_1, max_new, plan), spec, row, row,
+                         prompt_1P, pad_1)
+  return SpeculativeSlots(spec=spec, max_new=state.max_new.at[row].set(max_new)), spec.tok[row]
+
+
+def speculative_steps(graphdef, params, state: SpeculativeSlots, stop_B: Array, *, plan: Plan,
+                      strategy: Speculative, steps: int) -> SpeculativeSlots:
+  """Rows in stop_B marked done, then up to `steps` rounds (draft k, verify) of every row."""
+  model = nnx.merge(graphdef, params)
+  B, S = state.max_new.shape[0], strategy.max_new_slots
+  x = _queue_inputs(jnp.zeros((B, S), jnp.int32), jnp.zeros((B,), jnp.int32), state.max_new,
+                    plan)
+  start = (jnp.int32(0), state.spec.replace(done=state.spec.done | stop_B))
+  _, spec = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(~c[1].done),
+                               lambda c: (c[0] + 1, strategy.step(model, x, c[1])), start)
+  return state.replace(spec=spec)
+
+
+class SpeculativePool(SlotPool):
+  """A lossless pool: the full model's greedy tokens, drafted by the ULS sub-model of
+  `draft_skip` and verified k at a time (`speculative.Speculative`, shared cache). Greedy only:
+  its rows share one verify pass, whose sampling settings are the executable's."""
+
+  def __init__(self, model, *, draft_skip: tuple[int, ...], num_draft_tokens: int = 4,
+               rows: int, num_slots: int, eos_id: int | None, pad_id: int = 0, steps: int = 4):
+    super().__init__(model, skip=(), rows=rows, num_slots=num_slots, eos_id=eos_id,
+                     pad_id=pad_id, steps=steps)
+    self.strategy = Speculative(draft_skip=tuple(draft_skip), num_draft_tokens=num_draft_tokens,
+                                shared_cache=True, paper_mode=True, max_new_slots=num_slots)
+    self.state = init_speculative(self.cfg, self.strategy, rows, num_slots, self.plan.pad_id)
+    self._read = np.zeros((rows,), np.int64)  # tokens of each row's out already handed out
+
+  def _static(self, **kw):
+    return dict(plan=self.plan, strategy=self.strategy, **kw)
+
+  def _start_args(self, P: int):
+    s = np.zeros((), np.int32)
+    return (self.graphdef, self.params, self.state, np.zeros((1, P), np.int32), s, s, s)
+
+  def warm_up(self) -> float:
+    start = time.perf_counter()
+    for P in self.buckets:
+      _compiled(start_speculative_row, self._static(), *self._start_args(P))
+    _compiled(speculative_steps, self._static(steps=self.steps), self.graphdef, self.params,
+              self.state, self._stop)
+    return time.perf_counter() - start
+
+  def start(self, row: int, prompt: list[int], *, max_new: int, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0) -> int:
+    if temperature > 0:
+      raise ValueError(f"temperature={temperature:g}: the lossless plan decodes greedily (the "
+                       "full model's argmax); give temperature 0")
+    self.check_request(len(prompt), max_new)
+    P = next(b for b in self.buckets if b >= len(prompt))
+    prompt_1P = np.full((1, P), self.plan.pad_id, np.int32)
+    prompt_1P[0, P - len(prompt):] = prompt
+    args = (self.graphdef, self.params, self.state, prompt_1P, np.int32(len(prompt)),
+            np.int32(row), np.int32(max_new))
+    self.state, tok = _compiled(start_speculative_row, self._static(), *args)(*args[1:])
+    self._stop[row], self._read[row] = False, 1
+    return int(tok)
+
+  def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    args = (self.graphdef, self.params, self.state, self._stop)
+    self.state = _compiled(speculative_steps, self._static(steps=self.steps), *args)(*args[1:])
+    self._stop[:] = False
+    out, count, done = jax.device_get((self.state.spec.out, self.state.spec.count,
+                                       self.state.spec.done))
+    new = np.maximum(count - self._read, 0)
+    width = max(1, int(new.max()))
+    j = np.arange(width)
+    emitted = j[None] < new[:, None]
+    index = np.minimum(self._read[:, None] + j[None], out.shape[1] - 1)
+    tokens = np.where(emitted, np.take_along_axis(out, index, 1), self.plan.pad_id)
+    self._read = np.maximum(self._read, count)
     return tokens, emitted, done
