@@ -117,6 +117,20 @@ def test_bfloat16_xla_attention_within_bfloat16_rounding_of_einsum():
   assert (np.asarray(got).argmax(-1) == np.asarray(want).argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")
+def test_cudnn_attention_within_bfloat16_rounding_of_einsum():
+  """cuDNN's kernel (reading the cache's layout) through the model and through cached decoding,
+  in bfloat16 (the dtypes it takes); the CPU cannot run it (`benchmarks/gpu_checks.sh`)."""
+  overrides = dict(dtype="bfloat16", attention_windows=(3, None, 3, None))
+  einsum_model = tiny_model(**overrides)
+  cudnn_model = tiny_model(**overrides, attention_impl="cudnn")
+  einsum, cudnn = jit_call(einsum_model), jit_call(cudnn_model)
+  tokens, close = _tokens(), tolerance.close(0.15, dtype="bfloat16")
+  np.testing.assert_allclose(cudnn(tokens), einsum(tokens), **close)
+  cached = _cached_logits(cudnn, cudnn_model.cfg, tokens, (1,))
+  np.testing.assert_allclose(cached, einsum(tokens, skip=(1,)), **close)
+
+
 def test_auto_is_the_einsum_path_without_cudnn():
   if jax.default_backend() == "gpu":
     pytest.skip("auto picks cuDNN on an NVIDIA GPU")

@@ -6,9 +6,9 @@
   * "xla": `jax.nn.dot_product_attention(implementation="xla")`, JAX's own attention in plain XLA.
     It computes what "einsum" does on any backend, so the tests check the arguments the fused
     kernel gets (mask, GQA, scale, bias) on a CPU.
-  * "cudnn": the same call with implementation="cudnn": cuDNN's fused flash attention (NVIDIA
-    GPUs; bfloat16 or float16; head width a multiple of 8, at most 128, or 256 on Hopper and
-    later).
+  * "cudnn": cuDNN's fused flash attention, the kernel behind the same call with
+    implementation="cudnn", given K and V in the cache's layout (NVIDIA GPUs; bfloat16 or
+    float16; head width a multiple of 8, at most 128, or 256 on Hopper and later).
   * "auto": "cudnn" where the model runs on an NVIDIA GPU and fits it, else "einsum" (the reason
     is logged once).
 An explicit "xla" or "cudnn" the model cannot use is an error (`unfit_reason`), not a silent
@@ -31,6 +31,11 @@ import jax.numpy as jnp
 from absl import logging
 
 from ulskip_jax.ops import softcap
+
+try:  # JAX's cuDNN call, whose layout argument its public one lacks (`_cudnn_attention`)
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+except ImportError:  # moved in a later JAX: the public call, which transposes K and V
+  cudnn_fmha = None
 
 Array = jax.Array
 AttentionImpl = Literal["einsum", "xla", "cudnn", "auto"]
@@ -94,11 +99,25 @@ def attend(cfg, q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
   if impl == "einsum":
     return _einsum_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias_BHTS, scale_dim,
                              cfg.attn_softcap)
+  if impl == "cudnn" and cudnn_fmha is not None:
+    return _cudnn_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS, scale_dim, causal)
   # The call's layout is [B, S, K, Hd]; the cache keeps [B, K, S, Hd] (`kv_cache.py`).
   k_BSKD, v_BSKD = k_BKSD.transpose(0, 2, 1, 3), v_BKSD.transpose(0, 2, 1, 3)
   return jax.nn.dot_product_attention(
       q_BTHD, k_BSKD, v_BSKD, bias=bias_BHTS, mask=mask_BTS[:, None],
       scale=1.0 / math.sqrt(scale_dim), is_causal=causal, implementation=impl)
+
+
+def _cudnn_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS, scale_dim, causal):
+  """cuDNN's fused attention reading K and V in the cache's own layout, [B, K, S, Hd] (cuDNN's
+  BNSH). Given [B, S, K, Hd], as `jax.nn.dot_product_attention` takes them, XLA:GPU transposed
+  every cache layer on every step of continuous batching's and speculative decoding's loops
+  (benchmarks/gpu_hlo.py); only the small query is transposed here."""
+  out_BHTD = cudnn_fmha.dot_product_attention(
+      q_BTHD.transpose(0, 2, 1, 3), k_BKSD, v_BKSD, mask=mask_BTS[:, None],
+      scale=1.0 / math.sqrt(scale_dim), qkv_layout="BNTH",
+      mask_type=cudnn_fmha.MaskType.CAUSAL if causal else cudnn_fmha.MaskType.NO_MASK)
+  return out_BHTD.transpose(0, 2, 1, 3)
 
 
 def _einsum_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS, bias_BHTS, scale_dim, cap):
