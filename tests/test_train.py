@@ -424,6 +424,20 @@ def test_loss_decreases(children):
   assert last < first - 0.5, f"loss went from {first:.3f} to {last:.3f} in {NUM_STEPS} steps"
 
 
+def test_tokens_per_s_counts_every_token_and_response_tokens_apart(children):
+  """tokens_per_s: every row's tokens (batch x seq_len) per second, what the step processed;
+  response_tokens_per_s: the loss tokens among them (it was the only rate, named tokens/s)."""
+  children.result("one")
+  cfg = tiny.get_config()
+  with open(children.root / "one" / "log.jsonl") as f:
+    records = [r for r in map(json.loads, f) if "tokens_per_s" in r]
+  assert records
+  for r in records:
+    assert 0 < r["tokens"] < cfg.batch_size * cfg.data.seq_len, r
+    np.testing.assert_allclose(r["response_tokens_per_s"] / r["tokens_per_s"],
+                               r["tokens"] / (cfg.batch_size * cfg.data.seq_len), rtol=1e-6)
+
+
 def test_a_step_a_save_waits_for_keeps_its_time_in_tokens_per_s(children):
   """A save (every 4 steps, and the last) waits for its step: that wait is the step's compute,
   not a pause, so its tokens/s is like the others' (it was taken for a pause: the last step of
