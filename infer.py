@@ -158,9 +158,10 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
         engine.resolve_skip(num_layers, skip, None)
         runs.append(("skip" + "-".join(map(str, skip)), dict(skip=skip)))
     else:
+      calibrated = skipping.workdir_plan(args.checkpoint, num_layers)  # the run's plan.json
       for ratio in skipping.parse_ratios(args.ratio or "1"):
-        skipping.plan_layers(num_layers, ratio)
-        runs.append((f"r{ratio:g}", dict(ratio=ratio)))
+        plan = calibrated.plan(ratio) if calibrated else skipping.plan_layers(num_layers, ratio)
+        runs.append((f"r{ratio:g}", dict(skip=plan.skipped) if calibrated else dict(ratio=ratio)))
   except ValueError as e:
     raise UsageError(str(e))
   return runs

@@ -61,7 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.skip.ratio = 2.0            # target speedup r: keep int(L / r) layers
   c.skip.ratios = ()            # if set, one ratio drawn per step from these (multi-ratio)
   c.skip.strategy = "uls"
-  c.skip.keep = ()              # layers every plan keeps (strategy uls), e.g. Gemma's global ones
+  c.skip.keep = ()              # layers every plan keeps (uls, calibrated), e.g. Gemma's globals
+  # strategy "calibrated" (ulskip_jax/calibrate.py): a plan chosen on the training data, kept in
+  # the workdir as plan.json; or this plan.json ("" = calibrate on the first start).
+  c.skip.plan_file = ""
+  c.skip.calibration_method = "kl_greedy"  # kl_greedy (greedy KL removal) | block_influence
+  c.skip.calibration_tokens = 1024  # response tokens of training text the calibration scores
+  c.skip.calibration_keep_ends = True  # calibrated plans never skip the first and last layers
   c.skip.mode = "paper"         # paper: prompt at full depth | everywhere
   c.skip.full_depth_steps = 0   # first steps at full depth (base-model training from scratch)
   # Paper mode: skipped layers run on a buffer of this fraction of seq_len prompt tokens per row

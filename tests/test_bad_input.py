@@ -239,7 +239,14 @@ CONFIG_CASES = [
     ({"skip.ratio": 3.0}, "skip.ratio=3.0"),  # keeps 1 of 4 layers: ULS keeps first and last
     ({"skip.strategy": "foo"}, "skip.strategy='foo'"),
     ({"skip.keep": (1, "x")}, "skip.keep[1]='x'"),
-    ({"skip.keep": (1,), "skip.strategy": "top"}, "keep works with strategy='uls' only"),
+    ({"skip.keep": (1,), "skip.strategy": "top"},
+     "keep works with strategy='uls' or 'calibrated' only"),
+    ({"skip.calibration_tokens": 0}, "skip.calibration_tokens=0 is out of range"),
+    ({"skip.calibration_method": "angular"}, "skip.calibration_method='angular' is unknown"),
+    ({"skip.strategy": "calibrated"}, "skip.strategy='calibrated' needs model.init_from"),
+    ({"skip.strategy": "calibrated", "skip.plan_file": "/missing/plan.json"},
+     "skip.plan_file '/missing/plan.json' cannot be used: plan file /missing/plan.json cannot be "
+     "read"),
     ({"skip.keep": (1, 2)}, "skip.keep=(1, 2)): keep=(1, 2) with the first and last layers is "
      "4 layers but the ratio keeps n=2"),
     ({"skip.ratios": (1.0, "x")}, "skip.ratios[1]='x'"),
@@ -311,6 +318,25 @@ def test_config_value(root, inputs, overrides, named):
   code, err = _run(lambda: config_check.validate_run(_config(**overrides), str(root / "fresh")))
   assert named in _one_error_line(code, err), err
   assert not (root / "fresh").exists() and _snapshot(inputs) == before
+
+
+def test_a_plan_file_for_another_depth(root, inputs, hf_folder, tmp_path):
+  """A calibrated plan for 6 layers, given to a 4-layer run or found beside a 4-layer model."""
+  from ulskip_jax import skipping
+  plan = skipping.LayerScores(6, "kl_greedy", (None, 0, 1, 2, 3, None))
+  skipping.write_plan(str(tmp_path / "plan.json"), plan)
+  code, err = _run(lambda: config_check.validate_run(_config(**{
+      "skip.strategy": "calibrated", "skip.plan_file": str(tmp_path / "plan.json")}),
+      str(root / "fresh")))
+  assert "is for 6 layers but the model has 4" in _one_error_line(code, err), err
+  shutil.copytree(hf_folder, tmp_path / "hf")
+  skipping.write_plan(str(tmp_path / "hf" / "plan.json"), plan)
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = infer.main(["--checkpoint", str(tmp_path / "hf"), "--input", str(inputs / "in.txt"),
+                       "--output", str(tmp_path / "out.txt"), "--ratio", "2", "--no-progress"])
+  assert "is for 6 layers but the model has 4" in _one_error_line(code, err.getvalue())
+  assert not (tmp_path / "out.txt").exists()
 
 
 def test_init_from_is_a_model_folder_not_a_tokenizer_folder(root, inputs):

@@ -34,7 +34,8 @@ def test_uls_plan_properties(lr):
 
 
 @settings(max_examples=300, deadline=None)
-@given(layers_and_ratio(), st.sampled_from([s for s in STRATEGIES if not s.startswith("uls")]),
+@given(layers_and_ratio(), st.sampled_from([s for s in STRATEGIES
+                                            if not s.startswith("uls") and s != "calibrated"]),
        st.integers(0, 10))
 def test_baseline_plans_keep_n_sorted_layers(lr, strategy, seed):
   L, r = lr
@@ -135,7 +136,7 @@ def test_local_global_models_keep_their_global_layers():
     (dict(keep=(1.5,)), r"keep index 1.5 is out of range"),
     (dict(keep=(3, 3)), r"keep=\(3, 3\) has duplicate indices"),
     (dict(keep="5"), r"keep='5' is invalid"),
-    (dict(keep=(5,), strategy="top"), r"keep works with strategy='uls' only"),
+    (dict(keep=(5,), strategy="top"), r"keep works with strategy='uls' or 'calibrated' only"),
 ])
 def test_keep_errors(kwargs, match):
   with pytest.raises(ValueError, match=match) as error:
@@ -148,3 +149,38 @@ def test_num_kept_and_parse_ratios():
   assert parse_ratios("1,2, 5") == [1.0, 2.0, 5.0]
   with pytest.raises(ValueError, match="ratios='a,b'"):
     parse_ratios("a,b")
+
+
+@settings(max_examples=300, deadline=None)
+@given(layers_and_ratio(min_kept=2), st.data())
+def test_calibrated_plans_skip_the_lowest_scores_nested(lr, data):
+  L, r = lr
+  if L < 3:
+    return
+  scores = [None] + data.draw(st.lists(st.integers(0, 5), min_size=L - 2, max_size=L - 2)) + [None]
+  n = int(L / r)
+  keep = data.draw(st.lists(st.integers(1, L - 2), unique=True, max_size=max(n - 2, 0)))
+  plan = plan_layers(L, r, "calibrated", scores=scores, keep=keep)
+  assert len(plan.kept) == n and {0, L - 1, *keep} <= set(plan.kept)
+  free = [i for i in range(1, L - 1) if i not in keep]
+  # The skipped are the lowest scores, the lower index first on ties.
+  assert list(plan.skipped) == sorted(sorted(free, key=lambda i: (scores[i], i))[:L - n])
+  smaller = plan_layers(L, 1 + (r - 1) / 2, "calibrated", scores=scores, keep=keep)
+  assert set(smaller.skipped) <= set(plan.skipped)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), r"strategy='calibrated' needs scores"),
+    (dict(scores=[0.0] * 5), r"give one number \(or None = never skipped\) per layer, 6 in all"),
+    (dict(scores=[None, 1, float("nan"), 0, 0, None]), r"scores\[2\]=nan is invalid"),
+    (dict(scores=[None, 1, "a", 0, 0, None]), r"scores\[2\]='a' is invalid"),
+    (dict(scores=[None, 1, 2, None, None, None]), r"ratio keeps n=3 of 6 layers, but the scores "
+     r"let only 2 be skipped \(None = never, nor keep\): allowed is ratio <= 1.5$"),
+    (dict(scores=[None, 1, 2, 3, 4, None], keep=(1, 2)), r"let only 2 be skipped"),
+    (dict(scores=[0] * 6, strategy="uls"), r"scores given with strategy='uls'"),
+])
+def test_calibrated_plan_errors(kwargs, match):
+  kwargs = dict(dict(strategy="calibrated"), **kwargs)
+  with pytest.raises(ValueError, match=match) as error:
+    plan_layers(6, 2, **kwargs)
+  assert "\n" not in str(error.value)

@@ -29,7 +29,8 @@ import jax
 from ulskip_jax import attention, lora
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
-from ulskip_jax.skipping import STRATEGIES, plan_layers
+from ulskip_jax.skipping import (CALIBRATION_METHODS, PLAN_FILE, STRATEGIES, plan_layers,
+                                 read_plan)
 
 # ModelConfig fields that change no saved array: a resumed run may change them.
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
@@ -199,6 +200,10 @@ FIELDS: dict[str, Callable] = {
     "skip.ratios": _ratios,
     "skip.strategy": _choice(*STRATEGIES),
     "skip.keep": _layer_indices,
+    "skip.plan_file": _str,
+    "skip.calibration_method": _choice(*CALIBRATION_METHODS),
+    "skip.calibration_tokens": _int(1),
+    "skip.calibration_keep_ends": _bool,
     "skip.mode": _choice("paper", "everywhere"),
     "skip.full_depth_steps": _int(0),
     "skip.prompt_capacity": _float(0, 1, min_open=True),
@@ -246,7 +251,7 @@ def validate_run(config, workdir: str) -> None:
     num_layers, max_position, hf_model = _model_shape(config)
     _check_relations(config, max_position)
     _check_lora_targets(config, hf_model)
-    _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None))
+    _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None), workdir)
     _check_mesh(config)
     _check_attention(config, hf_model)
     _check_distill(config, hf_model)
@@ -339,16 +344,21 @@ def _check_lora_targets(config, hf_model) -> None:
                      "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
 
 
-def _check_plans(config, num_layers: int, windows=None) -> None:
-  """The skip plan of every ratio the run trains or evaluates, at the model's depth."""
+def _check_plans(config, num_layers: int, windows=None, workdir=None) -> None:
+  """The skip plan of every ratio the run trains or evaluates, at the model's depth; a calibrated
+  run's plan file (the workdir's plan.json, else skip.plan_file) or what calibration needs."""
   s = config.skip
   used = ([(f"skip.ratios[{i}]", r) for i, r in enumerate(s.ratios)] if len(s.ratios)
           else [("skip.ratio", s.ratio)])
   used += [(f"eval_ratios[{i}]", r) for i, r in enumerate(config.eval_ratios)]
+  plan = _calibrated_plan(config, num_layers, workdir) if s.strategy == "calibrated" else None
   for key, ratio in used:
     try:
-      plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
-                  windows=windows)
+      if plan is not None:
+        plan.plan(ratio)
+      else:
+        plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
+                    windows=windows, scores=_placeholder_scores(config, num_layers))
     except ValueError as e:
       keep = f", skip.keep={tuple(s.keep)}" if len(s.keep) else ""
       raise ValueError(f"{key}={ratio!r} cannot be planned on the model's {num_layers} layers "
@@ -362,6 +372,30 @@ def _multi_process(config) -> bool:
   cluster = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS")
   return bool(dist.coordinator_address or dist.num_processes > 1 or (
       dist.auto and any(k in os.environ for k in cluster)))
+
+
+def _calibrated_plan(config, num_layers: int, workdir):
+  """The plan file a calibrated run will use, read and checked; None when it will calibrate."""
+  s = config.skip
+  in_workdir = workdir and os.path.join(str(workdir), PLAN_FILE)
+  for key, path in (("the workdir's plan", in_workdir), ("skip.plan_file", s.plan_file)):
+    if path and (key == "skip.plan_file" or os.path.isfile(path)):
+      try:
+        return read_plan(path, num_layers)
+      except ValueError as e:
+        raise ValueError(f"{key} {path!r} cannot be used: {e}") from None
+  if not config.model.init_from:
+    raise ValueError("skip.strategy='calibrated' needs model.init_from (a trained model to "
+                     "calibrate) or skip.plan_file (a plan.json)")
+  return None
+
+
+def _placeholder_scores(config, num_layers: int):
+  """Calibration's never-skipped layers (None), for checking that a ratio can be planned."""
+  if config.skip.strategy != "calibrated":
+    return None
+  ends = {0, num_layers - 1} if config.skip.calibration_keep_ends else set()
+  return [None if i in ends else 0.0 for i in range(num_layers)]
 
 
 def _check_mesh(config) -> None:

@@ -35,18 +35,33 @@ ModelConfig.attention_windows) keep their global layers by default: they are the
 read beyond the window, and plain ULS drops them wholesale (Gemma 3 1B, globals 5 11 17 23 of 26:
 two kept at 2x, one at 3x, none at 5x), so every response token past the window would lose the
 prompt's start. When they do not all fit beside the first and last, an even spread of them does.
+
+A calibrated plan ("calibrated") is chosen from data instead of a formula: `calibrate.py` scores
+each layer on calibration text (lower = skipped first) and the plan skips the L - n lowest-scored
+layers. The scores, their method and the calibration data's hash live in a readable `plan.json`
+(`LayerScores`, `read_plan` / `write_plan`); a training run keeps it in its workdir, and training,
+evaluation and infer.py take every plan from it, so nothing re-plans a calibrated run from the
+ratio. Scores are nested by construction (the plan at 3x skips the 2x plan's layers and more), so
+one file serves every ratio it reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
 import numbers
+import os
 import random as _random
 from collections.abc import Sequence
 
 from ulskip_jax.checks import as_float, as_int
 
-STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", "random")
+STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", "random",
+              "calibrated")
+PLAN_FILE = "plan.json"  # a calibrated run's plan, in its workdir
+CALIBRATION_METHODS = ("kl_greedy", "block_influence")  # how calibrate.py scores layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +176,37 @@ def default_keep(windows: Sequence[int | None] | None, n: int) -> tuple[int, ...
   return tuple(extra)
 
 
+def _check_scores(L: int, scores) -> list[float | None]:
+  if scores is None:
+    raise ValueError("strategy='calibrated' needs scores (one per layer, lower = skipped first): "
+                     "calibrate.calibrate or read_plan gives them")
+  if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) or len(scores) != L:
+    raise ValueError(f"scores={scores!r:.80} is invalid: give one number (or None = never "
+                     f"skipped) per layer, {L} in all")
+  for i, v in enumerate(scores):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                          or not math.isfinite(v)):
+      raise ValueError(f"scores[{i}]={v!r} is invalid: each score is a finite number or None "
+                       "(never skipped)")
+  return [None if v is None else float(v) for v in scores]
+
+
+def _calibrated(L: int, n: int, scores: list[float | None], keep: list[int]) -> list[int]:
+  """Skips the L - n lowest-scored layers (the lower index first on ties), never a kept one."""
+  removable = sorted((v, i) for i, v in enumerate(scores) if v is not None and i not in keep)
+  if L - n > len(removable):
+    raise ValueError(f"ratio keeps n={n} of {L} layers, but the scores let only {len(removable)} "
+                     f"be skipped (None = never, nor keep): allowed is ratio <= "
+                     f"{L / (L - len(removable)):g}")
+  skipped = {i for _, i in removable[:L - n]}
+  return [i for i in range(L) if i not in skipped]
+
+
 def plan_layers(num_layers: int, ratio: float | None = None,
                 strategy: str | Sequence[int] = "uls", seed: int | None = None,
                 keep: Sequence[int] = (),
-                windows: Sequence[int | None] | None = None) -> SkipPlan:
+                windows: Sequence[int | None] | None = None,
+                scores: Sequence[float | None] | None = None) -> SkipPlan:
   """Which layers to keep for speedup `ratio` on a `num_layers` decoder.
 
   strategy:
@@ -176,17 +218,24 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     "every_other":   keep every k-th layer from 0, k = L // n (LayerDrop-style strided pruning; the
                      last layer is not forced).
     "random":        n layers drawn with `seed`.
+    "calibrated":    skip the L - n layers with the lowest `scores` (`calibrate.py`).
     a sequence of ints: the skipped layer indices themselves (`ratio` must then be None).
-  keep: layers the plan keeps whatever the ratio (strategy "uls" only; see the module docstring).
+  keep: layers the plan keeps whatever the ratio (strategies "uls" and "calibrated"; see the
+    module docstring).
   windows: the model's per-layer sliding windows (ModelConfig.attention_windows); with strategy
     "uls" and no keep, a model mixing windowed and global layers keeps its global layers
     (`default_keep`). None (or a model that does not mix them) changes nothing.
+  scores: strategy "calibrated" only: one score per layer, lower = skipped first, None = never
+    skipped (the calibration's first and last layers).
   """
   L = _check_num_layers(num_layers)
   keep = _check_keep(L, keep)
-  if keep and strategy != "uls":
+  if keep and strategy not in ("uls", "calibrated"):
     raise ValueError(f"keep={tuple(keep)} given with strategy={strategy!r}: keep works with "
-                     "strategy='uls' only")
+                     "strategy='uls' or 'calibrated' only")
+  if scores is not None and strategy != "calibrated":
+    raise ValueError(f"scores given with strategy={strategy!r}: scores are for "
+                     "strategy='calibrated' only")
   if isinstance(strategy, (bytes, numbers.Number)) or not isinstance(strategy, (str, Sequence)):
     raise ValueError(f"strategy={strategy!r} is invalid: give a strategy name ("
                      f"{', '.join(STRATEGIES)}) or a list of skipped indices")
@@ -219,10 +268,121 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     kept = list(range(start)) + list(range(start + L - n, L))
   elif strategy == "every_other":
     kept = list(range(0, L, L // n))[:n]
+  elif strategy == "calibrated":
+    kept = _calibrated(L, n, _check_scores(L, scores), keep)
   else:  # random
     kept = sorted(_random.Random(seed).sample(range(L), n))
   kept_set = set(kept)
   return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept_set), strategy)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScores:
+  """A calibrated plan's record, what plan.json holds: one score per layer and their origin."""
+  num_layers: int
+  method: str                       # how the scores were made (calibrate.METHODS)
+  scores: tuple[float | None, ...]  # per layer: lower = skipped first; None = never skipped
+  keep: tuple[int, ...] = ()        # layers every plan keeps, besides the None-scored ones
+  # The calibration data and run: token count, sha256 of the token arrays, source, seconds.
+  calibration: dict = dataclasses.field(default_factory=dict, hash=False)
+
+  def plan(self, ratio) -> SkipPlan:
+    return plan_layers(self.num_layers, ratio, "calibrated", keep=self.keep, scores=self.scores)
+
+
+def write_plan(path: str, layer_scores: LayerScores, ratios: Sequence[float] = ()) -> None:
+  """plan.json at `path` (atomically), listing the plan of each of `ratios` for the reader."""
+  record = dict(strategy="calibrated", num_layers=layer_scores.num_layers,
+                method=layer_scores.method, scores=list(layer_scores.scores),
+                keep=list(layer_scores.keep),
+                plans={f"{r:g}": dict(kept=list(p.kept), skipped=list(p.skipped))
+                       for r in ratios for p in [layer_scores.plan(r)]},
+                calibration=layer_scores.calibration)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(_readable_json(record))
+  os.replace(tmp, path)
+
+
+def _readable_json(record: dict) -> str:
+  """One line per key, and per entry of a dict value (a plan, a calibration fact)."""
+  def item(key, value, indent):
+    if isinstance(value, dict) and value:
+      inner = ",\n".join(item(k, v, indent + "  ") for k, v in value.items())
+      return f"{indent}{json.dumps(key)}: {{\n{inner}\n{indent}}}"
+    return f"{indent}{json.dumps(key)}: {json.dumps(value)}"
+  return "{\n" + ",\n".join(item(k, v, "  ") for k, v in record.items()) + "\n}\n"
+
+
+def read_plan(path: str, num_layers: int | None = None) -> LayerScores:
+  """The LayerScores of a plan.json, checked (and against the model's depth when given); its
+  listed plans must follow from its scores (edit the scores, not the plans)."""
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise ValueError(f"plan file {path} cannot be read: {e.strerror}") from None
+  layer_scores = _read_plan(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+  if num_layers is not None and layer_scores.num_layers != num_layers:
+    raise ValueError(f"plan file {path} is for {layer_scores.num_layers} layers but the model has "
+                     f"{num_layers}: calibrate this model, or give a plan file made for it")
+  return layer_scores
+
+
+@functools.lru_cache(maxsize=8)
+def _read_plan(path: str, mtime_ns: int, size: int) -> LayerScores:
+  """Parsed once per file version (the training loop asks every step)."""
+  del mtime_ns, size  # the cache key: a rewritten file is read again
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"plan file {path} is not a plan.json: {e}") from None
+  if not isinstance(record, dict) or record.get("strategy") != "calibrated":
+    raise ValueError(f"plan file {path} is not a calibrated plan: it needs "
+                     "\"strategy\": \"calibrated\" with num_layers, method and scores")
+  try:
+    L = _check_num_layers(record.get("num_layers"))
+    layer_scores = LayerScores(L, str(record.get("method", "")),
+                               tuple(_check_scores(L, record.get("scores"))),
+                               tuple(_check_keep(L, record.get("keep", []))),
+                               dict(record.get("calibration", {})))
+    for ratio, listed in dict(record.get("plans", {})).items():
+      if list(layer_scores.plan(float(ratio)).skipped) != list(listed.get("skipped", [])):
+        raise ValueError(f"plans[{ratio!r}] does not follow from the scores: edit the scores "
+                         "(lower = skipped first), not the plans")
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f"plan file {path} is invalid: {e}") from None
+  return layer_scores
+
+
+def workdir_plan(path: str, num_layers: int | None = None) -> LayerScores | None:
+  """The plan.json of a model folder or training workdir (or of the workdir above a step folder
+  `WORKDIR/checkpoints/N`), checked against the model's depth; None where there is none."""
+  if not os.path.isdir(path):
+    return None
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  folders = [path] + ([os.path.dirname(parent)] if os.path.basename(parent) == "checkpoints"
+                      else [])
+  for folder in folders:
+    candidate = os.path.join(folder, PLAN_FILE)
+    if os.path.isfile(candidate):
+      return read_plan(candidate, num_layers)
+  return None
+
+
+def plan_for(config, num_layers: int, ratio: float, windows=None) -> SkipPlan:
+  """A run config's plan at `ratio`: a calibrated run's from its skip.plan_file, the others from
+  plan_layers with the config's strategy, seed and keep."""
+  s = config.skip
+  if s.strategy == "calibrated":
+    if not s.plan_file:
+      raise ValueError("skip.strategy='calibrated' needs skip.plan_file: the training run writes "
+                       "its workdir's plan.json (calibrate.resolve_plan)")
+    return read_plan(s.plan_file, num_layers).plan(ratio)
+  return plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
+                     windows=windows)
 
 
 def parse_ratios(text: str) -> list[float]:

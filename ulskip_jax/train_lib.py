@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ulskip_jax import calibrate
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check
 from ulskip_jax import data as data_lib
@@ -51,7 +52,7 @@ from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
-from ulskip_jax.skipping import plan_layers
+from ulskip_jax.skipping import plan_for
 
 PyTree = Any
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -226,8 +227,7 @@ def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple:
   out). The draw depends only on (seed, step), so a resumed run repeats the same sequence.
   """
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
-  plan = lambda ratio: plan_layers(num_layers, ratio, config.skip.strategy, seed=config.seed,
-                                   keep=tuple(config.skip.keep), windows=windows).skipped
+  plan = lambda ratio: plan_for(config, num_layers, ratio, windows).skipped
   rng = np.random.default_rng([config.seed, step])
   if config.distill.sandwich:
     if step < config.skip.full_depth_steps:
@@ -382,6 +382,9 @@ class Trainer:
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
     if not config.model.init_from:
       self.model_cfg = model_config(config, self.tok.vocab_size)
+    # A calibrated run plans from its workdir's plan.json (calibrated here on the first start).
+    self.config = calibrate.resolve_plan(config, workdir, self.model_cfg, self.base_params,
+                                         self.tok, self.pairs["train"])
     self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
     abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.graphdef(abstract)
@@ -492,9 +495,8 @@ class Trainer:
     cfg = self.config
     out = {}
     for ratio in ratios:
-      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
-                         keep=tuple(cfg.skip.keep),
-                         windows=self.model_cfg.attention_windows).skipped
+      skip = plan_for(cfg, self.model_cfg.num_layers, ratio,
+                      self.model_cfg.attention_windows).skipped
       batches = data_lib.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
@@ -522,9 +524,8 @@ class Trainer:
     model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
-      skip = plan_layers(self.model_cfg.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed,
-                         keep=tuple(cfg.skip.keep),
-                         windows=self.model_cfg.attention_windows).skipped
+      skip = plan_for(cfg, self.model_cfg.num_layers, ratio,
+                      self.model_cfg.attention_windows).skipped
       ids, _ = decode.generate(model, prompts, skip=skip, max_new_tokens=cfg.eval_max_new_tokens,
                                eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                                mode=cfg.skip.mode)
