@@ -18,8 +18,8 @@ repository root, which `python -m` puts on the path.) 3 prompts of 9 tokens, 10 
 shapes are used. Each case compiles once per attention implementation of --attention: einsum
 in float32 (the default model), or cuDNN's fused attention in bfloat16 (the dtypes it takes),
 whose executables also report their fused-attention calls. Exits 1 if a case other than beam
-search copies a layer (beam search gathers the cache by parent every step, and XLA copies the result back into
-the loop's buffer: inherent to reordering).
+search copies a layer (beam search gathers the cache by parent every step, and XLA copies the
+result back into the loop's buffer: inherent to reordering).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def main(argv=None):
     cfg = dataclasses.replace(CONFIGS[args.model], attention_impl=impl, dtype=ATTENTION[impl])
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
-    print(f"\n{impl} attention, {cfg.dtype}\n| case | in-place layer writes | other layer-sized ops "
-          "in loops | fused attention calls |\n|---|---|---|---|")
+    print(f"\n{impl} attention, {cfg.dtype}\n| case | in-place layer writes | other layer-sized "
+          "ops in loops | fused attention calls |\n|---|---|---|---|")
     for name, (lower, layer) in cases(model).items():
       if args.cases and not any(c in name for c in args.cases.split(",")):
         continue
