@@ -61,7 +61,7 @@ MUTATIONS = [
     # The six that issue 29 found caught.
     Mutation("generated_position_off_by_one", "ulskip_jax/decode.py",
              "s.prompt_len + s.count - 1, s.cache", "s.prompt_len + s.count, s.cache",
-             ("tests/test_decode.py",),
+             ("tests/test_decode.py::test_cached_greedy_equals_recompute",),
              "each generated token is fed at the next position"),
     Mutation("speculative_residual", "ulskip_jax/speculative.py",
              "residual = jnp.maximum(p_next - q_next, 0.0)", "residual = p_next",
@@ -70,21 +70,28 @@ MUTATIONS = [
     Mutation("draft_never_runs", "ulskip_jax/speculative.py",
              "jax.lax.fori_loop(1, k, step, (drafts, qs, dcache))",
              "jax.lax.fori_loop(1, 1, step, (drafts, qs, dcache))",
-             ("tests/test_speculative.py",),
+             ("tests/test_speculative.py::test_full_depth_draft_accepts_every_token",),
              "the draft loop never runs: drafts 2..k stay token 0 (still lossless)"),
     Mutation("old_layer_order_restore", "ulskip_jax/checkpoint.py",
              "restore_params(directory, step, params_target=target)",
              "restore_params(directory, step, params_target=None)",
-             ("tests/test_restore.py",),
-             "restore without the model's abstract state: layers '10' < '2' shuffle"),
+             ("tests/test_restore.py::test_a_hundred_and_one_layers_come_back_in_order",),
+             "restore without the model's abstract state, then merge the leaves in their "
+             "flattened order: string keys put layer '10' before '2' (the bug b2512de fixed)",
+             also=(("ulskip_jax/checkpoint.py",
+                    "  nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)\n"
+                    "  nnx.update(model, state)\n",
+                    "  state = nnx.state(model, nnx.Param)\n"
+                    "  nnx.update(model, jax.tree.unflatten(jax.tree.structure(state),\n"
+                    "                                       jax.tree.leaves(restored.params)))\n"),)),
     Mutation("norm_epsilon_ignored", "ulskip_jax/model.py",
              "self.kind, self.eps = cfg.norm, cfg.norm_eps", "self.kind, self.eps = cfg.norm, 1e-3",
-             ("tests/test_hf.py",),
+             ("tests/test_hf.py::test_full_depth_logits_match_torch",),
              "the norms use a fixed epsilon, not the config's"),
     Mutation("sliding_window_edge", "ulskip_jax/model.py",
              "k_pos[:, None, :] > positions_BT[:, :, None] - self.window",
              "k_pos[:, None, :] >= positions_BT[:, :, None] - self.window",
-             ("tests/test_families.py",),
+             ("tests/test_families.py::test_full_depth_logits_match_torch",),
              "a sliding window one key wider than the model's"),
     # One for each test written for issue 29.
     Mutation("speculative_ignores_top_p", "ulskip_jax/speculative.py",
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     copy_tree(clean)
     check_copy_imports_itself(clean)
     if not args.no_baseline:
-      files = sorted({t.split("::")[0] for m in chosen for t in m.tests})
+      files = sorted({t for m in chosen for t in m.tests})
       outcome, seconds, tail = run_tests(files, clean, None, args.timeout * 2)
       print(f"baseline (unmutated) {outcome} in {seconds:.0f} s", flush=True)
       if outcome != "escaped":  # i.e. the unmutated tests did not all pass
