@@ -1,12 +1,12 @@
 """Load on the OpenAI server: Poisson arrivals of chat requests at several rates, per plan.
 
-  python -m benchmarks.serve_load --checkpoint smollm2 --ratios 1,2 --rates 0.5,1,2 \
-      --requests 24 --output benchmarks/results/smollm2/serve_load   # starts serve.py itself
+  python -m benchmarks.serve_load --checkpoint smollm2 --ratios 1,2 --rates 0.25,0.5,1 \
+      --requests 12 --output benchmarks/results/smollm2/serve_load   # starts serve.py itself
   python -m benchmarks.serve_load --url http://127.0.0.1:8000 --models smollm2,smollm2@2x ...
 
-The workload: chat requests asking to rewrite 1 to 4 consecutive KJV verses
-(`examples/kjv_test64.txt`) in one of a few instructions, so prompts spread from about 40 to 250
-tokens; greedy, streamed, up to --max-tokens tokens each. For each plan (model name) and rate,
+The workload: chat requests asking to rewrite 1 to 3 consecutive KJV verses
+(`examples/kjv_test64.txt`) in one of a few instructions, so prompts spread from about 50 to 200
+tokens (SmolLM2's chat template included); greedy, streamed, up to --max-tokens tokens each. For each plan (model name) and rate,
 --requests requests arrive with exponential gaps (seeded), each on its own connection. Per run:
 generated tokens/s (all completion tokens over the first arrival to the last finish), p50 / p99
 time to first token (arrival to the first content chunk) and p50 / p99 inter-token latency
@@ -41,7 +41,7 @@ def prompts(n: int, seed: int) -> list[str]:
   rng = random.Random(seed)
   out = []
   for _ in range(n):
-    start, count = rng.randrange(len(verses) - 4), rng.choice([1, 1, 2, 3, 4])
+    start, count = rng.randrange(len(verses) - 3), rng.choice([1, 1, 2, 2, 3])
     out.append(rng.choice(INSTRUCTIONS) + "\n" + " ".join(verses[start:start + count]))
   return out
 
@@ -94,6 +94,7 @@ def start_server(args) -> tuple[str, subprocess.Popen]:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   cmd = [sys.executable, "serve.py", "--checkpoint", args.checkpoint, "--ratios", args.ratios,
+         *(["--speculative", args.speculative] if args.speculative else []),
          "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
          "--steps-per-call", str(args.steps_per_call), "--port", str(port)]
   proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -106,6 +107,15 @@ def start_server(args) -> tuple[str, subprocess.Popen]:
         return url, proc
     except httpx.HTTPError:
       time.sleep(1)
+
+
+def server_cpu_s(proc) -> float:
+  """The server process's user + system CPU seconds so far (Linux), 0 without one."""
+  if proc is None:
+    return 0.0
+  with open(f"/proc/{proc.pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def table(runs: list[dict]) -> str:
@@ -144,12 +154,14 @@ def main(argv=None) -> None:
   p.add_argument("--models", help="model names to load, comma-separated (default: all served)")
   p.add_argument("--checkpoint", default="smollm2")
   p.add_argument("--ratios", default="1,2")
+  p.add_argument("--speculative", default="draft_ratio=2,k=4", help="the lossless plan's "
+                 "drafts ('' for none)")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--max-seq-len", type=int, default=512)
+  p.add_argument("--max-seq-len", type=int, default=384)
   p.add_argument("--steps-per-call", type=int, default=4)
-  p.add_argument("--rates", default="0.5,1,2", help="request rates (req/s), comma-separated")
-  p.add_argument("--requests", type=int, default=24, help="requests per (model, rate)")
-  p.add_argument("--max-tokens", type=int, default=64)
+  p.add_argument("--rates", default="0.25,0.5,1", help="request rates (req/s), comma-separated")
+  p.add_argument("--requests", type=int, default=12, help="requests per (model, rate)")
+  p.add_argument("--max-tokens", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", help="OUTPUT.json / .md / .png")
   args = p.parse_args(argv)
@@ -162,7 +174,10 @@ def main(argv=None) -> None:
     runs = []
     for model in models:
       for rate in (float(r) for r in args.rates.split(",")):
+        cpu = server_cpu_s(proc)
         runs.append(asyncio.run(run_rate(url, model, texts, rate, args.max_tokens, args.seed)))
+        if proc is not None:
+          runs[-1]["server_cpu_s"] = server_cpu_s(proc) - cpu
         print(table(runs[-1:]).splitlines()[-1], flush=True)
   finally:
     if proc is not None:
@@ -170,8 +185,10 @@ def main(argv=None) -> None:
       proc.wait()
   print(table(runs))
   if args.output:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
     meta = dict(args=vars(args), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                load_average=os.getloadavg())
+                commit=commit, load_average_after=os.getloadavg())
     with open(args.output + ".json", "w") as f:
       json.dump(dict(meta, runs=runs), f, indent=2)
     with open(args.output + ".md", "w") as f:

@@ -208,6 +208,7 @@ def test_stop_strings_seed_and_usage(server):
     ('{"model": "tinyllm@2x", "prompt": "w5", "skip_ratio": 1}', 400, "skip_ratio"),
     ('{"model": "tinyllm"}', 400, "prompt"),
     ('{"model": "tinyllm@lossless", "prompt": "w5", "temperature": 0.5}', 400, "temperature"),
+    ('{"model": "tinyllm", "prompt": "w5", "logprobs": 2}', 400, "logprobs"),
 ])
 def test_bad_requests_get_the_openai_error_shape(server, body, status, param):
   url, _ = server

@@ -1,7 +1,7 @@
 """The OpenAI API's request and response objects, as far as this server speaks it.
 
 Requests are pydantic models (unknown fields are ignored, as OpenAI's clients send some that do
-not apply); responses and stream chunks are the dicts the API documents, so the `openai` client
+not apply, but the known ones this server does not implement are refused: `UNSUPPORTED`); responses and stream chunks are the dicts the API documents, so the `openai` client
 parses them. Every error is `error_body`'s shape with the offending field in `param`. The
 scheduling lives in `server.py`; this module knows nothing of models or rows.
 """
@@ -46,6 +46,11 @@ def validation_error(e: pydantic.ValidationError | Any) -> RequestError:
   return RequestError(f"{param or 'body'}{shown}: {first.get('msg', 'invalid')}", param)
 
 
+# OpenAI fields this server does not implement; a request that sets one is refused.
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty",
+               "best_of", "echo", "suffix", "tools", "functions", "response_format")
+
+
 class StreamOptions(BaseModel):
   include_usage: bool = False
 
@@ -65,6 +70,18 @@ class Sampling(BaseModel):
   stream: bool = False
   stream_options: StreamOptions | None = None
   skip_ratio: float | Literal["lossless"] | None = None
+
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _supported(cls, data):
+    """Fields that would change the answer if honoured are refused rather than ignored."""
+    if isinstance(data, dict):
+      for name in UNSUPPORTED:
+        if data.get(name) not in (None, False, 0, [], {}, "none", "auto"):
+          raise pydantic.ValidationError.from_exception_data(cls.__name__, [dict(
+              type="value_error", loc=(name,), input=data[name],
+              ctx=dict(error=f"{name} is not supported by this server"))])
+    return data
 
   @pydantic.field_validator("n")
   @classmethod

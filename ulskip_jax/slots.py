@@ -19,7 +19,9 @@ attention masks by the positions the cache keeps per slot, so slot order does no
 
 A plan runs the prompt at full depth (paper mode) and the generated tokens through its kept
 layers, as `decode.generate(..., ratio=r)` does, so a greedy request gets the tokens `generate`
-gives its prompt alone.
+gives its prompt alone. `SpeculativePool` is the lossless plan: `speculative.Speculative`'s
+rounds (draft k with the sub-model, verify at full depth, commit per row) over the same kind of
+host-started rows, giving the full model's greedy tokens.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Plan:
 
   @property
   def sample(self) -> Sample:
-    """The greedy strategy whose prefill and one-token forward the pool runs."""
+    """The greedy strategy whose prefill and one-token forward the pool runs (neither reads
+    its max_new_slots)."""
     return Sample(skip=self.skip, paper_mode=self.paper_mode, max_new_slots=engine.MIN_BUCKET)
 
 
