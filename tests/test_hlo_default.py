@@ -25,7 +25,6 @@ cfg = model.cfg
 spec = dict(draft_ratio=2, num_draft_tokens=4, draft_cache="separate")
 cases = {  # name: (generate options, rows B, cache slots S)
     "greedy": (dict(ratio=2, mode="everywhere"), 4, 32),
-    "sampling_continuous": (dict(ratio=2, temperature=0.7, top_p=0.9, continuous_rows=2), 2, 32),
     "speculative": (dict(speculative=spec, continuous_rows=2), 2, 41),
 }
 out = {}
