@@ -345,7 +345,7 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig, base=N
   if path == "init":
     return base
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    model, _ = load_for_inference(path, dtype=config.model.dtype)
+    model, _ = ckpt_lib.load_for_inference(path, dtype=config.model.dtype)
   else:
     from ulskip_jax import hf
     model, _ = hf.from_pretrained(path, dtype=config.model.dtype,
@@ -730,66 +730,3 @@ def _truncate_log(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
       f.writelines(keep)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference side.
-
-def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
-  """(checkpoints folder, step) for a workdir, its `checkpoints/` folder or one step folder."""
-  path = os.path.abspath(path)  # Orbax rejects relative paths
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), step
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # a step folder
-    if step is not None and step != int(name):
-      raise ValueError(f"step {step} was given with step folder {path}: give one or the other")
-    return os.path.dirname(path), int(name)
-  return path, step
-
-
-def model_config_from_meta(meta: dict, dtype: str | None = None) -> ModelConfig:
-  """The ModelConfig a checkpoint's meta records (JSON: tuples came back as lists)."""
-  fields = dict(meta["model_config"])
-  if dtype:
-    fields["dtype"] = dtype
-  if fields.get("rope_scaling") is not None:
-    fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
-  if "lora_targets" in fields:
-    fields["lora_targets"] = tuple(fields["lora_targets"])
-  return ModelConfig(**fields)
-
-
-def load_for_inference(workdir: str, step: int | None = None, dtype: str | None = None,
-                       with_config: bool = False):
-  """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
-
-  A LoRA run's adapters come back folded into the base weights (`lora.merge`): the model has no
-  adapters and runs at the base model's cost.
-  `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
-  against the model's own abstract state (built from the config the checkpoint records), so
-  the tree keeps its structure and key types: layer i comes back as layer i.
-  The tokenizer formats prompts as training did (chat format if the run used it).
-  with_config=True adds the run config (a dict) the checkpoint was trained with, e.g. for its
-  prompt template.
-  """
-  directory, step = checkpoint_location(workdir, step)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {}
-
-  def target(meta):
-    abstract["model"] = nnx.eval_shape(
-        lambda: Decoder(model_config_from_meta(meta, dtype), rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(abstract["model"], nnx.Param))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-
-  restored = ckpt_lib.restore_params(directory, step, params_target=target)
-  model = abstract["model"]
-  nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), restored.params)
-  nnx.update(model, state)
-  model = lora.merge(model)
-  chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
-  tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
-  if with_config:
-    return model, tok, restored.meta.get("config", {})
-  return model, tok
