@@ -39,3 +39,16 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fast_engine_compile():
+  """The engine's own executables take compiler options of their own (`engine.COMPILER_OPTIONS`,
+  not XLA_FLAGS): the same fast settings for a module's decoding tests, restored after it."""
+  from ulskip_jax import engine
+  saved = dict(engine.COMPILER_OPTIONS)
+  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
+                                 xla_llvm_disable_expensive_passes=True)
+  yield
+  engine.COMPILER_OPTIONS.clear()
+  engine.COMPILER_OPTIONS.update(saved)

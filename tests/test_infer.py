@@ -11,21 +11,14 @@ import sys
 import pytest
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, hf
+from ulskip_jax import decode, hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
           "w30"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,14 @@ import pytest
 
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, hf
+from ulskip_jax import decode, hf
 
 # Lengths out of order, so that the length-sorted order differs from the input order everywhere.
 INPUTS = ["w5 w6 w7 w8 w9 w10 w11", "w4", "w12 w13 w14", "w30 w31 w32 w33 w34", "w20 w21"]
 MAX_NEW = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")

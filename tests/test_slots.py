@@ -18,14 +18,7 @@ PROMPTS = [RNG.integers(3, tiny.VOCAB, size=n).tolist() for n in (4, 9, 2, 20, 5
 MAX_NEW = [10, 5, 12, 13, 9, 3, 11, 6]  # prompt 3 fills all SLOTS: 20 + 13 - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")
