@@ -6,7 +6,7 @@
 Paper mode: the chat prompt runs all 30 layers, the response only the 15 kept ones (ULS plan
 0 2 4 6 8 10 12 15 17 19 21 23 25 27 29), loss on the response and its end-of-turn token.
 Embeddings frozen (as the ULS authors do). The quick start (`smollm2_quick.py`) is this recipe
-at 1.5x for 20 steps. Results: README (Quick start).
+at 1.5x for 20 steps. Results: benchmarks/results/smollm2/quick_start.md.
 """
 
 from configs import base

@@ -3,7 +3,7 @@
   python train.py --config configs/smollm2_2x_long.py --workdir runs/smollm2_2x_long
 
 Evaluates validation loss and BLEU (32 validation verses, greedy) at 1x and 2x every 50 steps,
-so `log.jsonl` holds the curve. Time and results: see README (Quick start, "more steps").
+so `log.jsonl` holds the curve. Time and results: benchmarks/results/smollm2/quick_start.md.
 """
 
 from configs import smollm2_2x

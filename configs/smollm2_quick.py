@@ -6,7 +6,7 @@
 The recipe of `smollm2_2x.py` sized to the 10-minute quick start: 20 steps, and ratio 1.5 (20 of
 30 layers kept: 0 2 3 5 6 8 9 11 12 14 15 17 18 20 21 23 24 26 27 29), the ratio whose output
 became readable within that budget (2x needs about 100 steps: `smollm2_2x_long.py`). Paper
-mode: the chat prompt runs all 30 layers, the response the 20 kept ones. Time and results: README.
+mode: the chat prompt runs all 30 layers, the response the 20 kept ones. Time and results: benchmarks/results/smollm2/quick_start.md.
 """
 
 from configs import smollm2_2x
