@@ -4,7 +4,7 @@
 
 Steps 0-399 train the 12-layer base model at full depth (standing in for a pretrained checkpoint);
 steps 400-599 fine-tune it skip-aware at 2x in paper mode (prompt at full depth, response through
-the 6 kept layers, loss on the response). Expected on the 2-core CPU: benchmarks/results/smollm2/quick_start.md.
+the 6 kept layers, loss on the response). A smoke run: it cannot translate (docs/training.md).
 """
 
 from configs import base
