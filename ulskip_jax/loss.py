@@ -59,15 +59,20 @@ def _rows(x_BTD, w, targets_BT, mask_BT, tied, softcap, with_grads):
   sums = jnp.sum((lse - target_logit) * mask), jnp.sum(mask)
   if not with_grads:
     return sums
-  # d loss / d logits = (softmax - one-hot) * mask; through the soft cap, times 1 - tanh^2.
+  # d loss / d logits = (softmax - one-hot) * mask.
   one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
   g = (jnp.exp(logits - lse[:, None]) - one_hot) * mask[:, None]
+  return sums, _input_grads(g, logits, softcap, x_BTD, x_ND, w, W_DV, tied)
+
+
+def _input_grads(g, logits, softcap, x_BTD, x_ND, w, W_DV, tied):
+  """(dx, dw) from g = d loss / d (soft-capped) logits, through the soft cap (1 - tanh^2)."""
   if softcap is not None:
     g = g * (1 - jnp.square(logits / softcap))
   g = g.astype(x_BTD.dtype)
   dx = (g @ W_DV.T).reshape(x_BTD.shape)
   dw = g.T @ x_ND if tied else x_ND.T @ g
-  return sums, (dx, dw.astype(w.dtype))
+  return dx, dw.astype(w.dtype)
 
 
 def _run(rows, x_BTD, w, per_token, mask_BT, capacity, with_grads):
@@ -154,13 +159,7 @@ def _distill_rows(x_BTD, w, teacher_x_BTD, targets_BT, mask_BT, *, teacher_w, ti
   sums = jnp.sum(per_token * mask), jnp.sum(mask)
   if not with_grads:
     return sums
-  g = g * mask[:, None]
-  if softcap is not None:
-    g = g * (1 - jnp.square(logits / softcap))
-  g = g.astype(x_BTD.dtype)
-  dx = (g @ W_DV.T).reshape(x_BTD.shape)
-  dw = g.T @ x_ND if tied else x_ND.T @ g
-  return sums, (dx, dw.astype(w.dtype))
+  return sums, _input_grads(g * mask[:, None], logits, softcap, x_BTD, x_ND, w, W_DV, tied)
 
 
 def _distill_run(x_BTD, w, teacher_x_BTD, teacher_w, targets_BT, mask_BT, tied, softcap,
