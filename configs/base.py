@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (rounded up to 8); a micro-batch with a longer prompt share runs them on whole rows (same
   # result, full-depth cost). 1.0 = always whole rows.
   c.skip.prompt_capacity = 0.75
+  # The buffer or whole rows (same losses and gradients): "auto" = the buffer where its saved
+  # work outweighs its gathers and scatters on this platform (`prompt_buffer.choose`, decided at
+  # startup from the shapes; a small model on a GPU takes whole rows) | "on" | "off".
+  c.skip.prompt_buffer = "auto"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4

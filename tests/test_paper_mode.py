@@ -2,7 +2,9 @@
 
 Every batch is packed rows of several segments. "fits" has every row's prompt tokens within the
 buffer's 16 slots, "overflows" has one row of 22, so the two sides of the capacity edge take the
-two branches of the model's lax.cond; both must give the whole-row losses and gradients.
+two branches of the model's lax.cond; both must give the whole-row losses and gradients. A run
+takes the buffer or whole rows by `prompt_buffer.choose` (skip.prompt_buffer): whole rows where
+the buffer costs more than it saves, with the same training either way.
 """
 
 import functools
@@ -17,7 +19,8 @@ from flax import nnx
 from ulskip_jax.testing import tiny_model
 import tolerance
 from ulskip_jax import data as data_lib
-from ulskip_jax import prompt_buffer, train_lib
+from ulskip_jax import config_check, prompt_buffer, train_lib
+from ulskip_jax.model import ModelConfig
 
 SKIP = (1, 2)
 CAPACITY = 16
@@ -26,6 +29,10 @@ ROW = 32
 FITS = [[(5, 4), (6, 3), (4, 5)], [(8, 6), (7, 5)], [(3, 2)]]
 OVERFLOWS = [[(5, 4), (6, 3), (4, 5)], [(12, 2), (10, 3)], [(3, 2)]]
 TOL = 1e-5
+SMOLLM2 = ModelConfig(vocab_size=49152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3,
+                      head_dim=64, d_ff=1536, tie_embeddings=True)
+WIDE = ModelConfig(vocab_size=32000, num_layers=4, d_model=2048, num_heads=16, num_kv_heads=8,
+                   head_dim=128, d_ff=5632)  # benchmarks/train_speed.py --wide
 
 
 def _batch(rows, seed=0):
@@ -138,3 +145,57 @@ def test_accumulated_step_equals_the_whole_row_step_and_counts_overflowing_rows(
     b = functools.reduce(lambda t, k: t[k.key], path, got["params"])
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), **tolerance.close(TOL),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_takes_whole_rows_where_the_buffer_costs_more_than_it_saves():
+  """The quick start's shape (SmolLM2, 8 x 128, 88 slots): the buffer made an H200's paper-mode
+  step slower than full depth and the CPU's faster (benchmarks/results/gpu/h200.md,
+  benchmarks/results/smollm2/train_speed.md); a wide model's matmuls pay for it on a GPU too."""
+  slots = prompt_buffer.capacity_for(0.6875, 128)
+  quick = dict(cfg=SMOLLM2, rows=8, seq_len=128)
+  assert prompt_buffer.choose("auto", slots, platform="gpu", **quick).capacity is None
+  assert prompt_buffer.choose("auto", slots, platform="tpu", **quick).capacity is None
+  assert prompt_buffer.choose("auto", slots, platform="cpu", **quick).capacity == slots
+  wide = prompt_buffer.choose("auto", prompt_buffer.capacity_for(0.6875, 512), WIDE, rows=32,
+                              seq_len=512, platform="gpu")
+  assert wide.capacity == 352 and wide.saved_s > 5 * wide.cost_s
+  # More rows per device amortise the buffer's fixed cost: past some batch it pays on a GPU.
+  pays = [prompt_buffer.choose("auto", slots, SMOLLM2, rows, 128, "gpu").capacity is not None
+          for rows in (8, 16, 32, 64, 128)]
+  assert pays == sorted(pays) and pays[-1], pays
+  # "on" and "off" overrule the estimate; a buffer as long as the row is whole rows anyway.
+  assert prompt_buffer.choose("on", slots, platform="gpu", **quick).capacity == slots
+  assert prompt_buffer.choose("off", slots, platform="cpu", **quick).capacity is None
+  assert prompt_buffer.choose("on", 128, platform="cpu", **quick).capacity is None
+  assert "whole rows" in prompt_buffer.choose("auto", slots, platform="gpu", **quick).line()
+
+
+def test_a_bad_prompt_buffer_is_one_line_before_any_work(tmp_path):
+  from configs import tiny as tiny_run
+  config = tiny_run.get_config()
+  config.skip.prompt_buffer = "always"
+  with pytest.raises(ValueError, match=r"^skip.prompt_buffer='always' is unknown: allowed are "
+                                       r"'auto', 'on', 'off'$"):
+    config_check.validate_run(config, str(tmp_path))
+
+
+def test_the_auto_choice_trains_as_the_buffer_does_and_says_so(tmp_path, monkeypatch, capsys):
+  """Two steps of the tiny run with the buffer forced on, and with "auto" weighed at a GPU's
+  rates (whole rows): the startup line says which, the step ran it (only a buffer counts
+  overflowing rows), and the second step's loss (after one update) is the same."""
+  import json
+  from configs import tiny as tiny_run
+  results = {}
+  for mode, rates in (("on", "cpu"), ("auto", "gpu")):
+    monkeypatch.setitem(prompt_buffer.DEVICES, "cpu", prompt_buffer.DEVICES[rates])
+    config = tiny_run.get_config()
+    config.num_steps, config.skip.prompt_buffer = 2, mode
+    loss = train_lib.train_and_evaluate(config, str(tmp_path / mode))["train_loss"]
+    with open(tmp_path / mode / "log.jsonl") as f:
+      logged = [json.loads(line) for line in f]
+    line = [l for l in capsys.readouterr().out.splitlines()
+            if l.startswith("paper mode: skipped layers on")]
+    results[mode] = loss, line, all("prompt_overflow_rows" in m for m in logged)
+  assert "a buffer of 48 slots/row" in results["on"][1][0] and results["on"][2], results["on"]
+  assert "whole rows" in results["auto"][1][0] and not results["auto"][2], results["auto"]
+  np.testing.assert_allclose(results["auto"][0], results["on"][0], **tolerance.close(TOL))

@@ -26,7 +26,7 @@ from typing import Any, Callable, get_args
 
 import jax
 
-from ulskip_jax import attention, lora
+from ulskip_jax import attention, lora, prompt_buffer
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
 from ulskip_jax.skipping import (CALIBRATION_METHODS, PLAN_FILE, STRATEGIES, plan_layers,
@@ -207,6 +207,7 @@ FIELDS: dict[str, Callable] = {
     "skip.mode": _choice("paper", "everywhere"),
     "skip.full_depth_steps": _int(0),
     "skip.prompt_capacity": _float(0, 1, min_open=True),
+    "skip.prompt_buffer": _choice(*prompt_buffer.MODES),
     "optim.lr": _float(0),
     "optim.final_lr_fraction": _float(0, 1),
     "optim.warmup_steps": _int(0),

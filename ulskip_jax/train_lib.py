@@ -9,7 +9,8 @@ Paper mode (the default): the prompt runs every layer and response tokens only t
 the loss is on response tokens only. "everywhere" mode skips on every token. Skipped layers run
 on a buffer of `skip.prompt_capacity` x seq_len prompt tokens per row (`prompt_buffer.py`); a
 micro-batch with a row over it runs them on whole rows instead (same result, full cost), and the
-step counts such rows (`prompt_overflow_rows`).
+step counts such rows (`prompt_overflow_rows`). Where the buffer cannot pay (`skip.prompt_buffer`,
+`prompt_buffer.choose`, decided at startup), every micro-batch runs them on whole rows.
 
 Distillation (`distill.teacher` set, docs/distillation.md): the skipped path's loss on response
 tokens is alpha * KL(teacher || student) + (1 - alpha) * CE (`loss.distill_sums`), the teacher a
@@ -404,8 +405,14 @@ class Trainer:
       # A copy: the student starts from these same arrays, and the step donates its state.
       self.teacher_params = jax.device_put(teacher[1], self.teacher_sh, may_alias=False)
     self.distill = distill_spec(config, teacher and teacher[0])
-    self.prompt_capacity = prompt_buffer.capacity_for(config.skip.prompt_capacity,
-                                                      config.data.seq_len)
+    # Decided from one device's micro-batch: the buffer's saving and its fixed cost are per device.
+    batch_shards = math.prod(self.mesh.shape.get(a, 1) for a in shd.BATCH_AXES)
+    self.prompt_choice = prompt_buffer.choose(
+        config.skip.prompt_buffer,
+        prompt_buffer.capacity_for(config.skip.prompt_capacity, config.data.seq_len),
+        self.model_cfg, rows=max(1, config.batch_size // config.optim.accum_steps // batch_shards),
+        seq_len=config.data.seq_len, platform=jax.default_backend())
+    self.prompt_capacity = self.prompt_choice.capacity
     n_proc = jax.process_count()
     if config.batch_size % (n_proc * config.optim.accum_steps):
       raise ValueError(f"batch_size={config.batch_size} must be divisible by process count "
@@ -588,6 +595,8 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
     log.text(memory_line(trainer.memory(), peak_bytes()))
+    if trainer.paper:
+      log.text(trainer.prompt_choice.line())
     if start == config.num_steps:
       log.text(f"nothing to train: {workdir} is at step {start} = num_steps")
   from tqdm import tqdm
