@@ -39,7 +39,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import tolerance
 from ulskip_jax import data as data_lib
 from ulskip_jax import checkpoint as ckpt_lib
-from ulskip_jax import gguf_io, hf, train_lib
+from ulskip_jax import config_schema, gguf_io, hf, train_lib
 from ulskip_jax.model import Decoder
 from ulskip_jax.skipping import plan_layers
 
@@ -274,7 +274,7 @@ def _tiny_model_config(**overrides):
   c = tiny.get_config()
   for k, v in overrides.items():
     setattr(c.model, k, v)
-  return train_lib.model_config(c, vocab_size=97)
+  return config_schema.model_config(c, vocab_size=97)
 
 
 @functools.cache
@@ -460,7 +460,7 @@ def test_load_for_inference_matches_the_trained_params(children):
   model, tok = ckpt_lib.load_for_inference(str(workdir))
   trained = np.load(children.root / "final_params.npz")
   tokenizer = data_lib.Tokenizer.load(str(workdir / "tokenizer"))
-  model_cfg = train_lib.model_config(tiny.get_config(), tokenizer.vocab_size)
+  model_cfg = config_schema.model_config(tiny.get_config(), tokenizer.vocab_size)
   assert model.cfg == model_cfg
   graphdef, loaded = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.tree_util.tree_map_with_path(
@@ -669,7 +669,8 @@ def _check_run_config(name, cfg, workdir):
 
   if cfg.data.source != "bible":  # hub / TFDS data: no network here, check the models only
     # From scratch (the run config's fields), and from an init_from folder (its config.json).
-    for model_cfg in (train_lib.model_config(cfg, vocab_size=97), hf.config_from_hf(TINY_BLOOM)):
+    for model_cfg in (config_schema.model_config(cfg, vocab_size=97),
+                      hf.config_from_hf(TINY_BLOOM)):
       nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
     train_lib.make_optimizer(cfg.optim, cfg.num_steps)
     return

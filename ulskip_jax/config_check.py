@@ -19,227 +19,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import string
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, get_args
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import jax
 
-from ulskip_jax import attention, lora, prompt_buffer
-from ulskip_jax.checks import as_choice, as_float, as_int
-from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
-from ulskip_jax.skipping import (CALIBRATION_METHODS, PLAN_FILE, STRATEGIES, plan_layers,
-                                 read_plan)
-
-# ModelConfig fields that change no saved array: a resumed run may change them.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
+from ulskip_jax import attention, config_schema, lora
+from ulskip_jax.config_schema import ARCHITECTURE_FIELDS
+from ulskip_jax.model import ModelConfig
+from ulskip_jax.skipping import PLAN_FILE, plan_layers, read_plan
 
 
 class ConfigError(ValueError):
   """A run config value (or the workdir) is unusable; the message is one line for the user."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Field checks: each takes (key path, value) and raises ValueError naming both.
-
-def _int(min=None, max=None) -> Callable:
-  return lambda key, v: as_int(key, v, min, max)
-
-
-def _float(min=None, max=None, **open_bounds) -> Callable:
-  return lambda key, v: as_float(key, v, min, max, **open_bounds)
-
-
-def _choice(*choices) -> Callable:
-  return lambda key, v: as_choice(key, v, choices)
-
-
-def _bool(key: str, v) -> None:
-  if not isinstance(v, bool):
-    raise ValueError(f"{key}={v!r} is invalid: it must be True or False")
-
-
-def _str(key: str, v) -> None:
-  if not isinstance(v, str):
-    raise ValueError(f"{key}={v!r} is invalid: it must be a string")
-
-
-def _name(key: str, v) -> None:
-  _str(key, v)
-  if not v.strip():
-    raise ValueError(f"{key}={v!r} is empty: give a field name")
-
-
-def _layer_indices(key: str, v) -> None:
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of layer indices, e.g. (5, 11)")
-  for i, index in enumerate(v):
-    as_int(f"{key}[{i}]", index, min=0)
-
-
-def _optional(check: Callable) -> Callable:
-  return lambda key, v: None if v is None else check(key, v)
-
-
-def _ratios(key: str, v) -> None:
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of numbers >= 1, e.g. (1, 2)")
-  for i, r in enumerate(v):
-    as_float(f"{key}[{i}]", r, min=1)
-
-
-def _files(key: str, v) -> None:
-  if not isinstance(v, (str, Mapping)):
-    raise ValueError(f"{key}={v!r} is invalid: give a path, 'split=path,...' or a dict of them")
-
-
-def _template(key: str, v) -> None:
-  _str(key, v)
-  try:
-    list(string.Formatter().parse(v))  # an unmatched brace
-    from ulskip_jax import data  # its TEMPLATE_FIELDS are the allowed ones
-    data.check_template(v)
-  except ValueError as e:
-    raise ValueError(f"{key}={v!r} is invalid: {e}") from None
-
-
-def _rope_scaling(key: str, v) -> None:
-  if v is not None and not isinstance(v, Mapping):
-    raise ValueError(f"{key}={v!r} is invalid: give None or a dict, e.g. "
-                     "dict(rope_type='llama3', factor=8.0, ...)")
-
-
-def _rope_layers(key: str, v) -> None:
-  if v is not None and (isinstance(v, (str, bytes)) or not isinstance(v, Sequence)
-                        or not all(isinstance(x, (bool, int)) and x in (0, 1) for x in v)):
-    raise ValueError(f"{key}={v!r} is invalid: give None or one bool per layer (True = RoPE)")
-
-
-def _mesh_shape(key: str, v) -> None:
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of ints, e.g. (-1, 1, 1)")
-  for i, s in enumerate(v):
-    if as_int(f"{key}[{i}]", s) < 1 and s != -1:
-      raise ValueError(f"{key}={tuple(v)} is invalid: each size is >= 1, or -1 (the remaining "
-                       "devices)")
-  if list(v).count(-1) > 1:
-    raise ValueError(f"{key}={tuple(v)} has more than one -1: at most one axis takes the "
-                     "remaining devices")
-
-
-def _axes(key: str, v) -> None:
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(
-      isinstance(a, str) for a in v):
-    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of axis names")
-
-
-def _rules(key: str, v) -> None:
-  ok = not isinstance(v, (str, bytes)) and isinstance(v, Sequence) and all(
-      isinstance(r, Sequence) and len(r) == 2 and isinstance(r[0], str)
-      and (r[1] is None or isinstance(r[1], str)) for r in v)
-  if not ok:
-    raise ValueError(f"{key}={v!r} is invalid: it must be a tuple of (logical axis, mesh axis or "
-                     "None) pairs")
-
-
-FIELDS: dict[str, Callable] = {
-    "seed": _int(0, 2**32 - 1),
-    "num_steps": _int(1),
-    "batch_size": _int(1),
-    "log_every": _int(1),
-    "progress_bar": _bool,
-    "eval_every": _int(0),
-    "eval_batches": _int(1),
-    "eval_ratios": _ratios,
-    "eval_bleu_examples": _int(0),
-    "eval_max_new_tokens": _int(1),
-    "model.init_from": _str,
-    "model.num_layers": _int(1),
-    "model.d_model": _int(1),
-    "model.num_heads": _int(1),
-    "model.num_kv_heads": _int(1),
-    "model.head_dim": _int(1),
-    "model.d_ff": _int(1),
-    "model.norm": _choice(*get_args(NormKind)),
-    "model.norm_eps": _float(0, min_open=True),
-    "model.mlp": _choice(*get_args(MLPKind)),
-    "model.act": _choice(*get_args(Activation)),
-    "model.pos": _choice(*get_args(Positions)),
-    "model.max_position": _int(1),
-    "model.rope_theta": _float(0, min_open=True),
-    "model.tie_embeddings": _bool,
-    "model.dtype": _choice(*DTYPES),
-    "model.param_dtype": _choice(*DTYPES),
-    "model.remat": _bool,
-    "model.attention_impl": _choice(*get_args(attention.AttentionImpl)),
-    # ModelConfig fields configs/base.py leaves at their defaults; a config may set them.
-    "model.qkv_bias": _bool,
-    "model.out_bias": _bool,
-    "model.mlp_bias": _bool,
-    "model.embed_norm": _bool,
-    "model.rope_scaling": _rope_scaling,
-    "model.rope_layers": _rope_layers,
-    "model.qk_norm": _bool,
-    "data.source": _choice("bible", "hf", "tfds"),
-    "data.cache_dir": _str,
-    "data.hf_name": _str,
-    "data.hf_config": _str,
-    "data.hf_files": _files,
-    "data.tfds_name": _str,
-    "data.tfds_data_dir": _str,
-    "data.source_field": _name,
-    "data.target_field": _name,
-    "data.max_examples": _int(0),
-    "data.template": _template,
-    "data.chat": _bool,
-    "data.seq_len": _int(2),
-    "data.pack": _bool,
-    "data.vocab_size": _int(1),
-    "skip.ratio": _float(1),
-    "skip.ratios": _ratios,
-    "skip.strategy": _choice(*STRATEGIES),
-    "skip.keep": _layer_indices,
-    "skip.plan_file": _str,
-    "skip.calibration_method": _choice(*CALIBRATION_METHODS),
-    "skip.calibration_tokens": _int(1),
-    "skip.calibration_keep_ends": _bool,
-    "skip.mode": _choice("paper", "everywhere"),
-    "skip.full_depth_steps": _int(0),
-    "skip.prompt_capacity": _float(0, 1, min_open=True),
-    "skip.prompt_buffer": _choice(*prompt_buffer.MODES),
-    "optim.lr": _float(0),
-    "optim.final_lr_fraction": _float(0, 1),
-    "optim.warmup_steps": _int(0),
-    "optim.weight_decay": _float(0),
-    "optim.b1": _float(0, 1, max_open=True),
-    "optim.b2": _float(0, 1, max_open=True),
-    "optim.clip_norm": _float(0, min_open=True),
-    "optim.accum_steps": _int(1),
-    "optim.freeze_embeddings": _bool,
-    "optim.lora.rank": _int(0),
-    "optim.lora.alpha": _float(0, min_open=True),
-    "optim.lora.dropout": _float(0, 1, max_open=True),
-    "optim.lora.targets": lora.check_targets,
-    "optim.lora.train_norms": _bool,
-    "distill.teacher": _str,
-    "distill.alpha": _float(0, 1),
-    "distill.temperature": _float(0, min_open=True),
-    "distill.sandwich": _bool,
-    "checkpoint.every": _int(1),
-    "checkpoint.keep": _optional(_int(1)),
-    "checkpoint.async_save": _bool,
-    "checkpoint.resume": _bool,
-    "checkpoint.resume_step": _int(0),
-    "mesh.axes": _axes,
-    "mesh.shape": _mesh_shape,
-    "mesh.rules": _rules,
-    "distributed.coordinator_address": _str,
-    "distributed.num_processes": _int(1),
-    "distributed.process_id": _int(0),
-    "distributed.auto": _bool,
-}
-_GROUPS = {key.rsplit(".", n)[0] for key in FIELDS for n in range(1, key.count(".") + 1)}
+# Each key's check, from the schema (configs/base.py is its defaults).
+FIELDS: dict[str, Callable] = {path: key.check for path, key in config_schema.KEYS.items()}
+_GROUPS = config_schema.groups()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,12 +49,13 @@ def validate_run(config, workdir: str) -> None:
     _check_fields(config)
     num_layers, max_position, hf_model = _model_shape(config)
     _check_relations(config, max_position)
-    _check_lora_targets(config, hf_model)
-    _check_plans(config, num_layers, getattr(hf_model, "attention_windows", None), workdir)
+    model = _run_model(config, hf_model)
+    _check_lora_targets(config, model)
+    _check_plans(config, num_layers, model.attention_windows, workdir)
     _check_mesh(config)
-    _check_attention(config, hf_model)
-    _check_distill(config, hf_model)
-    _check_workdir(config, workdir, hf_model)
+    _check_attention(config, model)
+    _check_distill(config, hf_model, model)
+    _check_workdir(config, workdir, hf_model, model)
   except ConfigError:
     raise
   except ValueError as e:
@@ -299,6 +98,17 @@ def _model_shape(config) -> tuple[int, int, Any]:
   return model_cfg.num_layers, model_cfg.max_position, model_cfg
 
 
+def _run_model(config, hf_model) -> ModelConfig:
+  """The ModelConfig the run will build (`config_schema.model_config`); from scratch its
+  vocabulary is the tokenizer's, known later (1 here, and never compared)."""
+  if hf_model is not None:
+    return config_schema.model_config(config, base=hf_model)
+  try:
+    return config_schema.model_config(config, vocab_size=1)
+  except ValueError as e:  # fields that constrain each other, e.g. one window per layer
+    raise ValueError(f"model.{e}") from None
+
+
 def _check_relations(config, max_position: int) -> None:
   m, d = config.model, config.data
   if not m.init_from and m.num_heads % m.num_kv_heads:
@@ -337,9 +147,9 @@ def _check_relations(config, max_position: int) -> None:
                      f"{tuple(config.mesh.axes)}")
 
 
-def _check_lora_targets(config, hf_model) -> None:
+def _check_lora_targets(config, model: ModelConfig) -> None:
   """LoRA on, the targets name a projection the model has (a plain MLP has no gate)."""
-  targets, mlp = config.optim.lora.targets, (hf_model or config.model).mlp
+  targets, mlp = config.optim.lora.targets, model.mlp
   if config.optim.lora.rank and mlp == "plain" and set(targets) <= {"gate"}:
     raise ValueError(f"optim.lora.targets={tuple(targets)!r} names no projection of this model: "
                      "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
@@ -370,9 +180,8 @@ def _multi_process(config) -> bool:
   """Whether the run starts jax.distributed: asking JAX for its devices before
   jax.distributed.initialize would break the start, so device checks wait for the run."""
   dist = config.distributed
-  cluster = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS")
-  return bool(dist.coordinator_address or dist.num_processes > 1 or (
-      dist.auto and any(k in os.environ for k in cluster)))
+  return bool(dist.coordinator_address or dist.num_processes > 1
+              or config_schema.auto_distributed(dist))
 
 
 def _calibrated_plan(config, num_layers: int, workdir):
@@ -410,7 +219,7 @@ def _check_mesh(config) -> None:
     raise ValueError(f"mesh.shape={tuple(config.mesh.shape)} is invalid here: {e}") from None
 
 
-def _check_distill(config, hf_model) -> None:
+def _check_distill(config, hf_model, model: ModelConfig) -> None:
   """The teacher exists and is of the student's architecture and vocabulary (read from its
   config.json, GGUF metadata or checkpoint meta: no weights)."""
   d = config.distill
@@ -436,19 +245,16 @@ def _check_distill(config, hf_model) -> None:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"distill.teacher={d.teacher!r} cannot be used: {e}; give 'self', 'init', "
                      "a training workdir, a Hugging Face folder or a .gguf file") from None
-  if hf_model is not None:
-    student = dataclasses.asdict(hf_model)
-  else:  # trained from scratch: the vocabulary is the run's tokenizer's, known later
-    student = {k: v for k, v in config.model.items() if k != "init_from"}
+  student = dataclasses.asdict(model)
+  if hf_model is None:  # trained from scratch: the vocabulary is the run's tokenizer's, known later
+    del student["vocab_size"]
   check_teacher(d.teacher, student, teacher)
 
 
 def check_teacher(path: str, student: Mapping, teacher: Mapping) -> None:
   """One line naming each field where the teacher's ModelConfig (a dict) differs from the
   student's in architecture or vocabulary (dtypes, remat and adapters may differ)."""
-  names = [f.name for f in dataclasses.fields(ModelConfig)
-           if f.name not in _RUNTIME_FIELDS and not f.name.startswith("lora_")]
-  differ = [n for n in names if n in student and n in teacher
+  differ = [n for n in ARCHITECTURE_FIELDS if n in student and n in teacher
             and _plain(student[n]) != _plain(teacher[n])]
   if differ:
     detail = ", ".join(f"{n}={teacher[n]!r} (student: {_plain(student[n])!r})" for n in differ)
@@ -459,15 +265,11 @@ def check_teacher(path: str, student: Mapping, teacher: Mapping) -> None:
 # ----------------------------------------------------------------------------------------------
 # The workdir.
 
-def _check_attention(config, hf_model) -> None:
+def _check_attention(config, model: ModelConfig) -> None:
   """An explicit model.attention_impl computes the model's attention (`attention.unfit_reason`),
   and "cudnn" has a GPU, where asking is safe."""
   m = config.model
-  # A model from the run config has no soft cap: its head width, positions and dtype decide.
-  cfg = dataclasses.replace(hf_model, dtype=m.dtype) if hf_model else ModelConfig(
-      vocab_size=1, num_layers=1, d_model=1, num_heads=1, num_kv_heads=1,
-      head_dim=m.head_dim, d_ff=1, pos=m.pos, dtype=m.dtype)
-  reason = attention.unfit_reason(cfg, m.attention_impl)
+  reason = attention.unfit_reason(model, m.attention_impl)
   if reason is None and m.attention_impl == "cudnn" and not _multi_process(config):
     if jax.default_backend() != "gpu":
       reason = f"cuDNN's fused attention needs an NVIDIA GPU (the backend is {jax.default_backend()})"
@@ -476,7 +278,7 @@ def _check_attention(config, hf_model) -> None:
                      f"attention: {reason}; use 'einsum' or 'auto'")
 
 
-def _check_workdir(config, workdir: str, hf_model) -> None:
+def _check_workdir(config, workdir: str, hf_model, model: ModelConfig) -> None:
   if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
     raise ValueError(f"workdir={workdir!r} is invalid: give a folder path")
   workdir = str(workdir)
@@ -496,7 +298,7 @@ def _check_workdir(config, workdir: str, hf_model) -> None:
     raise ValueError(f"num_steps={config.num_steps} is below step {step}, where workdir "
                      f"{workdir} resumes: nothing would be trained; raise num_steps, pick an "
                      "earlier checkpoint with checkpoint.resume_step=N, or use a new --workdir")
-  _check_same_model(config, workdir, step, hf_model)
+  _check_same_model(config, workdir, step, hf_model, model)
 
 
 def _check_writable(workdir: str) -> None:
@@ -526,7 +328,7 @@ def checkpoint_steps(directory: str) -> list[int]:
                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
-def _check_same_model(config, workdir: str, step: int, hf_model) -> None:
+def _check_same_model(config, workdir: str, step: int, hf_model, model: ModelConfig) -> None:
   """The model the checkpoint holds is the one the config describes (restoring other shapes
   would fail as an 'unreadable' checkpoint, which it is not)."""
   meta_file = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
@@ -536,14 +338,10 @@ def _check_same_model(config, workdir: str, step: int, hf_model) -> None:
   except (OSError, ValueError, KeyError, TypeError):
     return  # unreadable meta: the restore reports it, with the earlier steps to pick from
   _check_same_adapters(config, workdir, step, saved)
-  names = [f.name for f in dataclasses.fields(ModelConfig)
-           if f.name not in _RUNTIME_FIELDS and not f.name.startswith("lora_")]
-  if hf_model is not None:
-    source = f"model.init_from={config.model.init_from!r}"
-    wanted = {n: getattr(hf_model, n) for n in names}
-  else:
-    source = None
-    wanted = {n: config.model[n] for n in names if n in config.model and n != "vocab_size"}
+  # From scratch, the vocabulary is the tokenizer's, saved in the workdir.
+  names = [n for n in ARCHITECTURE_FIELDS if hf_model is not None or n != "vocab_size"]
+  source = hf_model and f"model.init_from={config.model.init_from!r}"
+  wanted = {n: getattr(model, n) for n in names}
   differ = [n for n, v in wanted.items() if n in saved and _plain(v) != _plain(saved[n])]
   if not differ:
     return

@@ -30,10 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import string
-import urllib.parse
-import urllib.request
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -41,6 +38,8 @@ import pythonbible
 import sacrebleu
 import tokenizers
 import transformers
+
+from ulskip_jax import hub
 
 SPLITS = ('train', 'validation', 'test')
 SOURCES = ('bible', 'hf', 'tfds')
@@ -73,8 +72,6 @@ BIBLE_CACHE_FILE = 'bible_kjv_web_v1.jsonl'
 
 # Share of train carved off for each of validation / test when a dataset lacks that split.
 HOLDOUT_FRACTION = 0.05
-# A reachable hub answers in milliseconds; datasets' own retries take ~25 s to give up.
-HUB_PROBE_TIMEOUT_S = 3.0
 
 # WEB puts headings that belong to no verse (Psalm titles, "BOOK II", the Hebrew letters of
 # Psalm 119) at the end of the previous verse, after a run of spaces; KJV has none of them.
@@ -234,9 +231,11 @@ def _load_hf(data_cfg: Any) -> dict[str, list[dict[str, str]]]:
 def _load_hf_hub(datasets: Any, name: str, config: str | None) -> Any:
   # datasets reads HF_DATASETS_OFFLINE / HF_HUB_OFFLINE once, at import: ask it, not os.environ.
   if not datasets.config.HF_HUB_OFFLINE and not os.path.exists(name):
-    reason = _hub_unreachable_reason()
-    if reason:
-      raise DataError(_hub_offline_message(name, reason))
+    try:
+      hub.probe()  # datasets' own retries take ~25 s to give up
+    except OSError as e:
+      host, port = hub.first_hop()
+      raise DataError(_hub_offline_message(name, f'{host}:{port}: {e}')) from None
   try:
     return datasets.load_dataset(name, config)
   except ConnectionError as e:  # Offline mode without a cached copy lands here.
@@ -249,20 +248,6 @@ def _hub_offline_message(name: str, reason: str) -> str:
       'point data.hf_files at local json/jsonl/csv/parquet files, set HF_DATASETS_OFFLINE=1 '
       f'to use a cached copy, or use the offline config {OFFLINE_CONFIG}'
   )
-
-
-def _hub_unreachable_reason() -> str | None:
-  import huggingface_hub
-
-  endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-  if endpoint.scheme in urllib.request.getproxies():
-    return None  # Behind a proxy a direct connection proves nothing; let datasets try.
-  port = endpoint.port or (443 if endpoint.scheme == 'https' else 80)
-  try:
-    socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-  except OSError as e:
-    return f'{endpoint.hostname}:{port}: {e}'
-  return None
 
 
 def _data_files(files: Any) -> str | dict[str, str]:

@@ -35,9 +35,6 @@ import json
 import math
 import os
 import re
-import socket
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +44,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ulskip_jax import families, gguf_io, lora
+from ulskip_jax import families, gguf_io, hub, lora
+from ulskip_jax.config_schema import RUNTIME_FIELDS
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import kept_layers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Fields that change no computation: never compared between a model and a config.json.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 def _architecture(cfg: ModelConfig) -> dict:
   """The fields that define the computation (what a config.json must reproduce exactly)."""
   out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-         if f.name not in _RUNTIME_FIELDS}
+         if f.name not in RUNTIME_FIELDS}
   if cfg.pos != "learned":
     del out["max_position"]
   if cfg.pos != "rope":
@@ -253,12 +249,8 @@ def _download(repo_id: str) -> Path:
   if (huggingface_hub.constants.HF_HUB_OFFLINE
       or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")):
     raise _offline_hint(repo_id, "HF_HUB_OFFLINE is set")
-  # huggingface_hub's HTTP client has no timeout (and retries), so an unreachable hub would hang:
-  # a 3 s TCP connect to the hub (or the proxy) decides first.
-  url = urllib.parse.urlparse(urllib.request.getproxies().get("https")
-                              or huggingface_hub.constants.ENDPOINT)
   try:
-    socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    hub.probe()  # huggingface_hub's HTTP client has no timeout: an unreachable hub would hang
     files = huggingface_hub.HfApi().list_repo_files(repo_id)
   except Exception as error:  # DNS, refused, timeout, unknown repo: all end the same way
     first_line = (str(error).strip().splitlines() or [""])[0]

@@ -46,7 +46,7 @@ from flax import nnx
 
 from ulskip_jax import calibrate
 from ulskip_jax import checkpoint as ckpt_lib
-from ulskip_jax import config_check
+from ulskip_jax import config_check, config_schema
 from ulskip_jax import data as data_lib
 from ulskip_jax import lora
 from ulskip_jax import loss as loss_lib
@@ -56,19 +56,10 @@ from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_for
 
 PyTree = Any
-MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure functions.
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  kw = {k: v for k, v in config.model.items() if k in MODEL_FIELDS}
-  kw["vocab_size"] = vocab_size
-  if kw.get("rope_scaling") is not None:
-    kw["rope_scaling"] = tuple(sorted(dict(kw["rope_scaling"]).items()))
-  return ModelConfig(**kw, **lora.model_fields(config.optim.lora))
-
 
 def param_split(optim: ml_collections.ConfigDict):
   """params -> (trainable, frozen) for the run: everything trainable unless LoRA is on."""
@@ -292,8 +283,7 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
   """jax.distributed from explicit flags, or from the environment on TPU pods / SLURM."""
   if dist.coordinator_address:
     jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
-  elif dist.auto and any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
-                                                     "JAX_COORDINATOR_ADDRESS")):
+  elif config_schema.auto_distributed(dist):
     jax.distributed.initialize()
 
 
@@ -375,14 +365,12 @@ class Trainer:
       from ulskip_jax import hf
       base, base_tokenizer = hf.from_pretrained(config.model.init_from, dtype=config.model.dtype,
                                                 param_dtype=config.model.param_dtype)
-      self.model_cfg = dataclasses.replace(base.cfg, remat=config.model.remat,
-                                           attention_impl=config.model.attention_impl,
-                                           **lora.model_fields(config.optim.lora))
+      self.model_cfg = config_schema.model_config(config, base=base.cfg)
       self.base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
       base = nnx.graphdef(base), self.base_params
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
     if not config.model.init_from:
-      self.model_cfg = model_config(config, self.tok.vocab_size)
+      self.model_cfg = config_schema.model_config(config, self.tok.vocab_size)
     # A calibrated run plans from its workdir's plan.json (calibrated here on the first start).
     self.config = calibrate.resolve_plan(config, workdir, self.model_cfg, self.base_params,
                                          self.tok, self.pairs["train"])
