@@ -13,7 +13,8 @@ for JSONL, any other field of the record. Output has one line per input line, in
 newlines inside a generation are replaced by spaces and each line is stripped. With several
 ratios (or skip lists) each gets its own file: out.txt -> out.r2.txt, out.r5.txt.
 
-Per ratio it prints generated tokens/s, (prompt + generated) tokens/s (what the ULS paper
+Per ratio it prints the plan the decoder ran (strategy, kept layers; a speculative run's
+drafting plan too), generated tokens/s, (prompt + generated) tokens/s (what the ULS paper
 reports), wall and compile time, KV cache bytes, and BLEU + chrF (sacrebleu; `--metric rouge`
 for ROUGE-1/2/L F1) when references are given. Greedy and sampled decoding batch continuously
 (a row that finishes takes the next prompt; `--static-batches` decodes fixed, length-sorted
@@ -134,8 +135,9 @@ def parse_speculative(text: str) -> dict[str, Any]:
 
 
 def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
-  """[(label, generate keyword arguments)] per ratio or skip list, validated before any run."""
-  from ulskip_jax import engine, skipping
+  """[(label, generate keyword arguments)] per ratio or skip list (a calibrated workdir's: its
+  plan), the lists checked here, the rest with every option in `run` before any run."""
+  from ulskip_jax import skipping
   runs = []
   if args.skip is not None and args.ratio is not None:
     raise UsageError("--ratio and --skip both given: pass one or the other")
@@ -155,13 +157,13 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
           raise ValueError(f"--skip {args.skip!r} is invalid: give comma-separated layer indices, "
                            "e.g. 1,3,5 (several lists separated by ';')")
         skip = tuple(int(i) for i in text.split(","))
-        engine.resolve_skip(num_layers, skip, None)
-        runs.append(("skip" + "-".join(map(str, skip)), dict(skip=skip)))
+        runs.append(("skip" + "-".join(map(str, skip)),
+                     dict(skip=skipping.as_plan(num_layers, skip))))
     else:
       calibrated = skipping.workdir_plan(args.checkpoint, num_layers)  # the run's plan.json
       for ratio in skipping.parse_ratios(args.ratio or "1"):
-        plan = calibrated.plan(ratio) if calibrated else skipping.plan_layers(num_layers, ratio)
-        runs.append((f"r{ratio:g}", dict(skip=plan.skipped) if calibrated else dict(ratio=ratio)))
+        runs.append((f"r{ratio:g}", dict(skip=calibrated.plan(ratio)) if calibrated
+                     else dict(ratio=ratio)))
   except ValueError as e:
     raise UsageError(str(e))
   return runs
@@ -281,7 +283,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
   check_args(args)
-  from ulskip_jax import decode, engine
+  from ulskip_jax import decode
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
   runs = parse_runs(args, model.cfg.num_layers)
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -313,16 +315,15 @@ def run(args) -> dict:
     hyps = [" ".join(h.splitlines()).strip() for h in hyps]
     path = output_path(args.output, label, len(runs) > 1)
     _write(path, "".join(h + "\n" for h in hyps))
-    skip = engine.resolve_skip(model.cfg.num_layers, plan.get("skip"), plan.get("ratio"),
-                               model.cfg.attention_windows)
-    result = dict(label=label, output=path, skip=list(skip),
-                  kept_layers=model.cfg.num_layers - len(skip), **stats.as_dict())
+    ran = stats.plan  # what the decoder ran, not the flags re-resolved
+    result = dict(label=label, output=path, skip=list(ran.skipped), kept_layers=len(ran.kept),
+                  **stats.as_dict())
     if refs is not None:
       result.update(score(hyps, refs, args.metric))
     summary["runs"].append(result)
     metrics = "".join(f", {k} {result[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2",
                                                           "rougeL") if k in result)
-    print(f"{label}: {result['kept_layers']}/{model.cfg.num_layers} layers, "
+    print(f"{label}: {ran}, "
           f"{stats.generated_tokens_per_s:.1f} generated tok/s, "
           f"{stats.total_tokens_per_s:.1f} (prompt + generated) tok/s, wall {stats.wall_s:.2f} s, "
           f"compile {stats.compile_s:.2f} s, KV cache {stats.cache_bytes / 2**20:.2f} MiB"
@@ -335,8 +336,8 @@ def run(args) -> dict:
 def _speculation(stats) -> str:
   if not hasattr(stats, "acceptance_rate"):
     return ""
-  return (f", drafts accepted {stats.acceptance_rate:.1%} ({stats.accepted_tokens}/"
-          f"{stats.drafted_tokens}), {stats.verify_passes} verify passes")
+  return (f", drafted by {stats.draft_plan}, drafts accepted {stats.acceptance_rate:.1%} "
+          f"({stats.accepted_tokens}/{stats.drafted_tokens}), {stats.verify_passes} verify passes")
 
 
 def _write(path: str, text: str) -> None:

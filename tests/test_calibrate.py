@@ -184,8 +184,9 @@ def test_training_and_infer_take_a_calibrated_run_plan_from_its_workdir(tmp_path
   write_plan(str(path), edited, (2,))
   assert train_lib.skip_for_step(trainer.config, RUN_LAYERS, 1) == (1, 2, 3)
   args = argparse.Namespace(skip=None, ratio="1,2", speculative=None, checkpoint=str(workdir))
-  assert infer.parse_runs(args, RUN_LAYERS) == [("r1", dict(skip=())),
-                                                ("r2", dict(skip=(1, 2, 3)))]
+  runs = infer.parse_runs(args, RUN_LAYERS)
+  assert [(label, run["skip"].skipped, run["skip"].strategy) for label, run in runs] == [
+      ("r1", (), "calibrated"), ("r2", (1, 2, 3), "calibrated")]
   # The plan file can seed another run; a plan for another depth is refused before any work.
   other = _run_config(folder, **{"skip.plan_file": str(path)})
   config_check.validate_run(other, str(tmp_path / "run2"))

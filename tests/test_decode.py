@@ -218,9 +218,9 @@ def test_ratio_keeps_the_global_layers_of_a_local_global_model():
                     head_dim=8, d_ff=32, attention_windows=windows)
   with_globals = plan_layers(8, 2, keep=(3, 4)).skipped
   assert with_globals != plan_layers(8, 2).skipped  # plain ULS drops both global layers
-  assert engine.check_options(cfg, ratio=2, max_new_tokens=4)["skip"] == with_globals
-  assert speculative.check(cfg, dict(draft_ratio=2))["draft_skip"] == with_globals
-  assert engine.check_options(cfg, skip=(1, 2), max_new_tokens=4)["skip"] == (1, 2)
+  assert engine.check_options(cfg, ratio=2, max_new_tokens=4).plan.skipped == with_globals
+  assert speculative.check(cfg, dict(draft_ratio=2))["draft"].skipped == with_globals
+  assert engine.check_options(cfg, skip=(1, 2), max_new_tokens=4).plan.skipped == (1, 2)
 
 
 def test_bad_arguments_raise_one_line_errors(models):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, slots
+from ulskip_jax import decode, skipping, slots
 
 EOS = 2
 ROWS, SLOTS, STEPS = 4, 32, 3
@@ -31,7 +31,7 @@ def pools(model):
   """ratio -> a warmed-up pool (built once for the file)."""
   out = {}
   for ratio in (1, 2):
-    pool = slots.SlotPool(model, skip=engine.resolve_skip(4, None, ratio), rows=ROWS,
+    pool = slots.SlotPool(model, skip=skipping.resolve(4, ratio=ratio), rows=ROWS,
                           num_slots=SLOTS, eos_id=EOS, steps=STEPS)
     pool.warm_up()
     out[ratio] = pool
@@ -69,7 +69,7 @@ def serve(pool, requests, stop_after=None, per_step=None):
 
 @pytest.fixture(scope="module")
 def lossless(model):
-  pool = slots.SpeculativePool(model, draft_skip=engine.resolve_skip(4, None, 2),
+  pool = slots.SpeculativePool(model, draft_skip=skipping.resolve(4, ratio=2),
                                num_draft_tokens=3, rows=ROWS, num_slots=SLOTS, eos_id=EOS,
                                steps=2)
   pool.warm_up()

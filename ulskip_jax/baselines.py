@@ -267,6 +267,7 @@ class _Dynamic(engine.Queued):
   [B, N], layers run by the step that produced token t [N] (0 at t = 0: the prompt), steps)."""
   max_new_slots: int
   continuous = False
+  plan = None  # the depth varies per step: no one plan (`DynamicStats.ratio` reports it)
 
   def start(self, model, x):
     P, N, L = x.prompts.shape[1], self.max_new_slots, model.cfg.num_layers

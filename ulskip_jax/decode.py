@@ -4,14 +4,13 @@ speculative decoding (`speculative.Speculative`). One call of `generate` runs ON
 executable (`engine.decode_loop`): a batched prefill and a `lax.while_loop` until every prompt has
 finished or spent its budget; the cache is created inside it, so XLA updates it in place.
 
-Shapes: B rows, P prompt slots, N new-token slots (`engine.checked_inputs` buckets them),
+Shapes: B rows, P prompt slots, N new-token slots (`engine.inputs` buckets them),
 S = P + N cache slots, V vocabulary, R = B * num_beams beam rows. Prompts are left padded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -24,6 +23,7 @@ from ulskip_jax.engine import QUEUE_ROUNDS, DecodeStats
 from ulskip_jax.checks import as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import Decoder
+from ulskip_jax.skipping import SkipPlan
 
 Array = jax.Array
 NEG = -1.0e9  # Hugging Face's "impossible" beam score; finite so sums stay ordered
@@ -47,6 +47,15 @@ def _ban_repeated_ngrams(logits_RV: Array, buf_RL: Array, first_valid_R: Array, 
   return jnp.where(banned, -jnp.inf, logits_RV)
 
 
+def one_token(model: Decoder, plan: SkipPlan, tokens_R: Array, positions_R: Array, cache: KVCache,
+              slot: Array) -> tuple[Array, KVCache]:
+  """One token per row through the plan's kept layers, its K/V written at `slot`: logits [R, V]
+  and the updated cache."""
+  x, cache = model.hidden(tokens_R[:, None], skip=plan, positions_BT=positions_R[:, None],
+                          cache=cache, cache_index=slot)
+  return model.unembed(x)[:, 0], cache
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample(engine.Queued):
   """Greedy (sample=False) or sampling over a prompt queue; the result is each prompt's new
@@ -54,7 +63,7 @@ class Sample(engine.Queued):
   g % S (one shared dynamic_update_slice), and a prompt started at step g occupies slots
   [g - P, g) % S, so the P + N - 1 slots of its life never wrap onto each other; attention masks
   by the positions in `cache.pos`, so slot order does not matter."""
-  skip: tuple[int, ...]
+  plan: SkipPlan            # the layers the generated tokens run
   paper_mode: bool          # prompt through all layers, response through the kept ones
   max_new_slots: int        # N, the bucketed token budget
   sample: bool = False
@@ -64,15 +73,8 @@ class Sample(engine.Queued):
   continuous: bool = False  # prompts wait for free rows (else each has a row from the start)
 
   def prefill(self, model: Decoder, prompts, pad, num_slots: int) -> tuple[Array, KVCache]:
-    return engine.prefill(model, prompts, pad, num_slots, skip=self.skip,
+    return engine.prefill(model, prompts, pad, num_slots, skip=self.plan,
                           paper_mode=self.paper_mode)
-
-  def forward(self, model: Decoder, tokens_R: Array, positions_R: Array, cache: KVCache,
-              slot: Array) -> tuple[Array, KVCache]:
-    """One token per row through the kept layers: logits [R, V] and the updated cache."""
-    x, cache = model.hidden(tokens_R[:, None], skip=self.skip, positions_BT=positions_R[:, None],
-                            cache=cache, cache_index=slot)
-    return model.unembed(x)[:, 0], cache
 
   def _choose(self, x: engine.Inputs, logits_RV, prompt_R, count_R, out_QN):
     """The next token of each row, whose prompt prompt_R has generated count_R tokens so far."""
@@ -105,8 +107,8 @@ class Sample(engine.Queued):
 
   def step(self, model, x, s: SampleState) -> SampleState:
     s = self.fill_rows(model, x, s)
-    logits, cache = self.forward(model, s.tok, s.prompt_len + s.count - 1, s.cache,
-                                 s.step % (x.prompts.shape[1] + self.max_new_slots))
+    logits, cache = one_token(model, self.plan, s.tok, s.prompt_len + s.count - 1, s.cache,
+                              s.step % (x.prompts.shape[1] + self.max_new_slots))
     tok = self._choose(x, logits, jnp.maximum(s.owner, 0), s.count, s.out)
     s, _ = self.emit(x, s, tok[:, None], jnp.ones_like(tok))
     return s.replace(step=s.step + 1, cache=cache)
@@ -115,9 +117,8 @@ class Sample(engine.Queued):
     return s.out
 
   def stats(self, cfg, x, stats, rest):
-    rows = x.rows.shape[0] * getattr(self, "num_beams", 1)
     return dataclasses.replace(stats, cache_bytes=cache_bytes(
-        cfg, rows, x.prompts.shape[1] + self.max_new_slots, self.skip))
+        cfg, x.rows.shape[0], x.prompts.shape[1] + self.max_new_slots, self.plan))
 
 
 @flax.struct.dataclass
@@ -128,8 +129,9 @@ class SampleState(engine.QueueState):
 
 
 @dataclasses.dataclass(frozen=True)
-class Beam(Sample):
-  """Beam search with Hugging Face's semantics (transformers' vectorised `_beam_search`).
+class Beam(engine.Strategy):
+  """Beam search with Hugging Face's semantics (transformers' vectorised `_beam_search`), over a
+  static batch (a prompt per row, num_beams cache rows each).
 
   Each step keeps the top 2 * num_beams continuations of all beams; those ending in EOS (or at the
   budget) that rank in the first num_beams become finished hypotheses scored
@@ -137,8 +139,12 @@ class Beam(Sample):
   run on. `early_stopping`: True stops a row once it has num_beams finished hypotheses; False and
   "never" use Hugging Face's heuristics. The result is the best finished hypothesis' tokens.
   """
+  plan: SkipPlan            # the layers the generated tokens run
+  paper_mode: bool          # prompt through all layers, response through the kept ones
+  max_new_slots: int        # N, the bucketed token budget
   num_beams: int = 2
   early_stopping: bool | str = True
+  no_repeat_ngram_size: int = 0
 
   def _select_beams(self, model, x: engine.Inputs, logits_RV, s: BeamState) -> BeamState:
     (B, P), nb, V = x.prompts.shape, self.num_beams, model.cfg.vocab_size
@@ -186,7 +192,8 @@ class Beam(Sample):
     (B, P), nb, N = x.prompts.shape, self.num_beams, self.max_new_slots
     prompt_buf = jnp.concatenate([x.prompts, jnp.full((B, N), x.pad_id, jnp.int32)], 1)
     run_seq = jnp.repeat(prompt_buf[:, None], nb, 1)                 # [B, nb, P + N]
-    logits, cache = self.prefill(model, x.prompts, x.pad, P + N)
+    logits, cache = engine.prefill(model, x.prompts, x.pad, P + N, skip=self.plan,
+                                   paper_mode=self.paper_mode)
     rows = jnp.arange(B).repeat(nb)  # the prompt ran once a row: its beams copy it
     logits, cache = logits[rows], cache.reorder(rows)
     return self._select_beams(model, x, logits, BeamState(
@@ -198,8 +205,8 @@ class Beam(Sample):
   def step(self, model, x, s: BeamState) -> BeamState:
     cache = s.cache.reorder(s.parents)  # each beam takes its parent's K/V
     slot = x.prompts.shape[1] + s.t - 1
-    logits, cache = self.forward(model, s.run_seq[:, :, slot].reshape(-1),
-                                 slot - jnp.repeat(x.pad, self.num_beams), cache, slot)
+    logits, cache = one_token(model, self.plan, s.run_seq[:, :, slot].reshape(-1),
+                              slot - jnp.repeat(x.pad, self.num_beams), cache, slot)
     return self._select_beams(model, x, logits, s.replace(cache=cache))
 
   def running(self, x, s: BeamState):
@@ -207,6 +214,11 @@ class Beam(Sample):
 
   def result(self, x, s: BeamState):
     return s.fin_seq[:, 0, x.prompts.shape[1]:]  # the best (finished ones are sorted by score)
+
+  def stats(self, cfg, x, stats, rest):
+    return dataclasses.replace(stats, cache_bytes=cache_bytes(
+        cfg, x.rows.shape[0] * self.num_beams, x.prompts.shape[1] + self.max_new_slots,
+        self.plan))
 
 
 @flax.struct.dataclass
@@ -227,36 +239,46 @@ class BeamState:
 # ----------------------------------------------------------------------------------------------
 # The public API.
 
-def check_generate(model: Decoder, prompts=None, **kw) -> None:
+def check_generate(model: Decoder, prompts=None, **kw) -> engine.Strategy:
   """Raises the one-line ValueError `generate(model, prompts, **kw)` would, running nothing; with
-  prompts=None, for a one-token prompt (e.g. to check options before any input is read)."""
+  prompts=None, for a one-token prompt (e.g. to check options before any input is read). Returns
+  the strategy `generate` would run (its `plan` is the plan the tokens run)."""
   if prompts is None and as_int("max_new_tokens", kw.get("max_new_tokens"), min=1) >= (
       model.cfg.max_position):
     raise ValueError(f"max_new_tokens={kw['max_new_tokens']} leaves no room for a prompt: the "
                      f"model allows {model.cfg.max_position} positions in all")
-  plan_call(model, [[0]] if prompts is None else prompts, **kw)
+  return plan_call(model, [[0]] if prompts is None else prompts, **kw)[0]
 
 
-def plan_call(model: Decoder, prompts, *, continuous_rows: int | None = None, speculative: dict | None = None,
-              **kw) -> tuple[engine.Strategy, engine.Inputs]:
-  """Validate the prompts and options; return the strategy (`speculative.Speculative` with
-  `speculative`, else `Beam` or `Sample`) and its `Inputs`: with continuous_rows, that many rows
-  decode a queue of the prompts, else each prompt has a row."""
-  draft = None if speculative is None else speculative_lib.check(model.cfg, speculative, **kw)
-  o, x = engine.checked_inputs(model.cfg, prompts, rows=continuous_rows, **kw)
-  choice = dict(max_new_slots=o["max_new_slots"], sample=o["sample"], top_k=o["top_k"],
-                use_top_p=o["top_p"] is not None, continuous=bool(continuous_rows))
+def strategy_for(cfg, *, continuous: bool = False, speculative: dict | None = None,
+                 **kw) -> tuple[engine.Strategy, engine.Options]:
+  """The options checked (`engine.check_options`: the plan resolved once) and the strategy that
+  runs them: `speculative.Speculative` with `speculative`, else `Beam` or `Sample` (over a prompt
+  queue that waits for free rows when `continuous`)."""
+  draft = None if speculative is None else speculative_lib.check(cfg, speculative, **kw)
+  o = engine.check_options(cfg, **kw)
+  choice = dict(max_new_slots=o.max_new_slots, sample=o.sample, top_k=o.top_k,
+                use_top_p=o.top_p is not None, continuous=continuous)
   if draft is not None:
-    return speculative_lib.Speculative(**draft, **choice), x
-  common = dict(skip=o["skip"], paper_mode=o["mode"] == "paper" and bool(o["skip"]),
-                no_repeat_ngram_size=o["no_repeat_ngram_size"])
-  if o["num_beams"] > 1:
-    if continuous_rows:
-      raise ValueError(f"num_beams={o['num_beams']} with continuous batching is unsupported: "
+    return speculative_lib.Speculative(**draft, **choice), o
+  if o.num_beams > 1:
+    if continuous:
+      raise ValueError(f"num_beams={o.num_beams} with continuous batching is unsupported: "
                        "beam search runs static batches (generate)")
-    return Beam(**common, max_new_slots=o["max_new_slots"], num_beams=o["num_beams"],
-                early_stopping=o["early_stopping"]), x
-  return Sample(**common, **choice), x
+    return Beam(plan=o.plan, paper_mode=o.paper_mode, max_new_slots=o.max_new_slots,
+                num_beams=o.num_beams, early_stopping=o.early_stopping,
+                no_repeat_ngram_size=o.no_repeat_ngram_size), o
+  return Sample(plan=o.plan, paper_mode=o.paper_mode,
+                no_repeat_ngram_size=o.no_repeat_ngram_size, **choice), o
+
+
+def plan_call(model: Decoder, prompts, *, continuous_rows: int | None = None,
+              **kw) -> tuple[engine.Strategy, engine.Inputs]:
+  """`strategy_for` and the checked prompts as its `Inputs`: with continuous_rows, that many
+  rows decode a queue of the prompts, else each prompt has a row."""
+  strategy, o = strategy_for(model.cfg, continuous=bool(continuous_rows), **kw)
+  prompts = engine.check_prompts(model.cfg, prompts, o.max_new_tokens)
+  return strategy, engine.inputs(o, prompts, rows=continuous_rows)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -271,8 +293,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     takes the next waiting prompt (each prompt's greedy output is unchanged), in calls of at most
     QUEUE_ROUNDS * rows prompts, which bounds the executables' buckets. Not for beam search.
   options (`engine.check_options` checks them, with their defaults):
-  skip / ratio: an explicit skipped-layer tuple, or a speedup ratio for the ULS plan
-    (`plan_layers(L, ratio).skipped`); neither = full depth; both = ValueError.
+  skip / ratio: a `SkipPlan` (e.g. `plan_layers(...)`, a calibrated plan) or an explicit
+    skipped-layer tuple, or a speedup ratio for the ULS plan (`plan_layers(L, ratio)`, keeping a
+    local/global model's global layers); neither = full depth; both = ValueError. The stats'
+    `plan` is the plan that ran.
   mode: "paper" (default) runs the prompt through all layers (K/V kept for the kept layers only)
     and the generated tokens through the kept layers; "everywhere" skips the same layers for both.
   pad_id: the filler token (0).
@@ -292,30 +316,32 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   """
   kw = dict(options, max_new_tokens=max_new_tokens, eos_id=eos_id)
   if batch_size is None:
-    return _generate(model, prompts, **kw)
+    strategy, x = plan_call(model, prompts, **kw)
+    outputs, _, stats = engine.run(strategy, model, x)
+    return outputs, stats
   return _in_batches(model, prompts, batch_size, continuous=True, **kw)
-
-
-def _generate(model: Decoder, prompts, **kw):
-  strategy, x = plan_call(model, prompts, **kw)
-  outputs, _, stats = engine.run(strategy, model, x)
-  return outputs, stats
 
 
 def _in_batches(model: Decoder, prompts, batch_size, *, continuous: bool, by_length=False,
                 progress=False, **kw):
-  """`_generate` over batches, every prompt checked first: continuous batching on batch_size
-  rows, or static batches of batch_size prompts. progress: a tqdm bar (on stderr)."""
+  """One strategy over batches, the options and every prompt checked once first: continuous
+  batching on batch_size rows, or static batches of batch_size prompts. progress: a tqdm bar (on
+  stderr)."""
   batch_size = as_int("batch_size", batch_size, min=1)
-  check_generate(model, prompts, continuous_rows=batch_size if continuous else None, **kw)
+  strategy, o = strategy_for(model.cfg, continuous=continuous, **kw)
+  prompts = engine.check_prompts(model.cfg, prompts, o.max_new_tokens)
   rows = min(batch_size, len(prompts)) if continuous else None
-  return engine.in_chunks(functools.partial(_generate, model, continuous_rows=rows, **kw),
-                          prompts, QUEUE_ROUNDS * rows if continuous else batch_size,
+
+  def run(chunk):
+    outputs, _, stats = engine.run(strategy, model, engine.inputs(o, chunk, rows=rows))
+    return outputs, stats
+
+  return engine.in_chunks(run, prompts, QUEUE_ROUNDS * rows if continuous else batch_size,
                           by_length=by_length, progress=progress)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
-  """Prompt ids of `text`. A `ulskip_jax.data.Tokenizer` encodes as in training (its own chat
+  """Prompt ids of `text`. A `ulskip_jax.tokenizer.Tokenizer` encodes as in training (its own chat
   setting; `chat` is ignored). A Hugging Face tokenizer adds its own special tokens (BOS for Llama,
   none for GPT-2), or with `chat` wraps the text as a user turn of its chat template."""
   if hasattr(tokenizer, "prompt_ids"):

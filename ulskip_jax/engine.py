@@ -27,7 +27,7 @@ from flax import nnx
 
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.kv_cache import init_cache
-from ulskip_jax.skipping import plan_layers
+from ulskip_jax.skipping import SkipPlan, resolve
 
 Array = jax.Array
 MIN_BUCKET = 16
@@ -45,7 +45,9 @@ COMPILER_OPTIONS: dict[str, Any] = {}
 class DecodeStats:
   """Counts and timings of one or more `generate` calls (add them with `+`). generated_tokens:
   the tokens the model produced, each prompt's EOS included. wall_s: the execution time (host to
-  device and back), without compile_s. cache_bytes: the largest KV cache allocated."""
+  device and back), without compile_s. cache_bytes: the largest KV cache allocated. plan: the
+  layers the generated tokens ran (the strategy's own, not re-derived; None for per-step depth,
+  or for a sum over different plans)."""
   prompt_tokens: int = 0
   generated_tokens: int = 0
   wall_s: float = 0.0
@@ -53,12 +55,20 @@ class DecodeStats:
   cache_bytes: int = 0
   executables_built: int = 0
   calls: int = 0
+  plan: SkipPlan | None = None
 
   def __add__(self, other: DecodeStats) -> DecodeStats:
-    """Counts and times add up, cache sizes take the larger; a subclass's fields count 0 here."""
+    """Counts and times add up, cache sizes take the larger, a plan stays if both ran it (or one
+    side is an empty sum: calls 0); a subclass's fields count 0 (plans None) here."""
     rich = self if isinstance(self, type(other)) else other
-    merge = lambda name: (max if name.endswith("cache_bytes") else operator.add)(
-        getattr(self, name, 0), getattr(other, name, 0))
+
+    def merge(name):
+      if name.endswith("plan"):
+        a, b = getattr(self, name, None), getattr(other, name, None)
+        return b if not self.calls else a if not other.calls or a == b else None
+      return (max if name.endswith("cache_bytes") else operator.add)(
+          getattr(self, name, 0), getattr(other, name, 0))
+
     return type(rich)(**{f.name: merge(f.name) for f in dataclasses.fields(rich)})
 
   @property
@@ -86,10 +96,10 @@ def bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], paper_mode: bool):
-  """Run left-padded prompts, filling a fresh cache of `num_slots` slots for the kept layers:
-  (last-position logits [B, V], cache). paper_mode: the prompt runs every layer (only the kept
-  ones keep K/V); otherwise it skips the same layers as the generated tokens."""
+def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: SkipPlan, paper_mode: bool):
+  """Run left-padded prompts, filling a fresh cache of `num_slots` slots for the plan's kept
+  layers: (last-position logits [B, V], cache). paper_mode: the prompt runs every layer (only the
+  kept ones keep K/V); otherwise it skips the same layers as the generated tokens."""
   B, P = prompt_BP.shape
   positions = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
   cache = init_cache(model.cfg, B, num_slots, skip)
@@ -101,22 +111,6 @@ def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: tuple[int, ...], p
 
 # ----------------------------------------------------------------------------------------------
 # Checked prompts and options (every strategy's), before anything is built or run.
-
-def resolve_skip(num_layers: int, skip: Sequence[int] | None, ratio: float | None,
-                 windows: Sequence[int | None] | None = None) -> tuple[int, ...]:
-  """`ratio` -> the ULS plan's skipped layers (a model mixing sliding-window and global layers,
-  `windows` = its cfg.attention_windows, keeps its global layers, as in training); `skip` as
-  given; neither -> full depth."""
-  if skip is not None and ratio is not None:
-    raise ValueError(f"skip={tuple(skip)} and ratio={ratio!r} both given: pass one or the other")
-  if ratio is not None:
-    return plan_layers(num_layers, ratio, windows=windows).skipped
-  if skip is None:
-    return ()
-  if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
-    raise ValueError(f"skip={skip!r} is invalid: give a list of layer indices, e.g. (1, 3)")
-  return plan_layers(num_layers, strategy=tuple(skip)).skipped if len(skip) else ()
-
 
 _TEXT_HINT = "give token ids (e.g. tokenizer.encode(text)), or call generate_text with strings"
 
@@ -162,16 +156,48 @@ def check_prompts(cfg, prompts, max_new_tokens: int) -> list[np.ndarray]:
   return checked
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """`generate`'s options but the prompts, checked once (`check_options`), as plain Python
+  values: numpy scalars work and NaN never reaches a comparison that would silently be False."""
+  plan: SkipPlan                 # the layers the generated tokens run (skip / ratio resolved)
+  max_new_tokens: int
+  eos_id: int | None             # None: rows never stop early
+  pad_id: int
+  mode: str                      # "paper": the prompt at full depth; "everywhere": it skips too
+  temperature: float             # 0 = greedy
+  top_k: int | None
+  top_p: float | None
+  num_beams: int
+  no_repeat_ngram_size: int
+  seed: int
+  length_penalty: float
+  early_stopping: bool | str     # True, False or "never" (beam search)
+
+  @property
+  def sample(self) -> bool:
+    return self.temperature > 0
+
+  @property
+  def paper_mode(self) -> bool:
+    """The prompt runs every layer; full depth has nothing to skip, so it is plain decoding."""
+    return self.mode == "paper" and bool(self.plan.skipped)
+
+  @property
+  def max_new_slots(self) -> int:
+    """N, the bucketed token budget (a static shape)."""
+    return bucket(self.max_new_tokens, MIN_BUCKET)
+
+
 def check_options(cfg, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
                   pad_id=0, mode="paper", temperature=0.0, top_k=None, top_p=None, num_beams=1,
                   no_repeat_ngram_size=0, seed=0, length_penalty=1.0,
-                  early_stopping=True) -> dict[str, Any]:
+                  early_stopping=True) -> Options:
   """Every option of `generate` but the prompts, checked (one-line ValueErrors naming the
-  option, its value and what is allowed) and returned as plain Python values, so numpy scalars
-  work and NaN never reaches a comparison that would silently be False."""
+  option, its value and what is allowed): the one place a call's plan is resolved."""
   V = cfg.vocab_size
   as_choice("mode", mode, ("paper", "everywhere"))
-  skip = resolve_skip(cfg.num_layers, skip, ratio, cfg.attention_windows)
+  plan = resolve(cfg.num_layers, skip=skip, ratio=ratio, windows=cfg.attention_windows)
   max_new_tokens = as_int("max_new_tokens", max_new_tokens, min=1)
   eos_id = None if eos_id is None else as_int("eos_id", eos_id, 0, V - 1)
   pad_id = as_int("pad_id", pad_id, 0, V - 1)
@@ -191,10 +217,10 @@ def check_options(cfg, *, skip=None, ratio=None, max_new_tokens, eos_id=None,
   if not any(early_stopping is x for x in (True, False)) and early_stopping != "never":
     raise ValueError(f"early_stopping={early_stopping!r} is invalid: allowed are True, False, "
                      "'never'")
-  return dict(skip=skip, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mode=mode,
-              temperature=temperature, sample=sample, top_k=top_k, top_p=top_p,
-              num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-              length_penalty=length_penalty, early_stopping=early_stopping)
+  return Options(plan=plan, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                 mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
+                 num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+                 length_penalty=length_penalty, early_stopping=early_stopping)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,37 +244,42 @@ class Inputs:
   threshold: Array       # [] float32 (early exit)
 
 
-def checked_inputs(cfg, prompts, *, rows: int | None = None, threshold: float = 0.0,
-                   **options) -> tuple[dict, Inputs]:
-  """`check_options(cfg, **options)` (plus max_new_slots, the bucketed token budget) and the
-  checked prompts as `Inputs`: P = max(MIN_BUCKET, bucketed longest prompt); with `rows`
-  (continuous batching) B = bucket(rows) rows decode a queue of max(B, bucket(len(prompts)))
-  prompts, else each prompt has a row of B = bucket(len(prompts))."""
-  o = check_options(cfg, **options)
-  prompts = check_prompts(cfg, prompts, o["max_new_tokens"])
-  o["max_new_slots"] = bucket(o["max_new_tokens"], MIN_BUCKET)
+def inputs(o: Options, prompts: Sequence[np.ndarray], *, rows: int | None = None,
+           threshold: float = 0.0) -> Inputs:
+  """Prompts `check_prompts` has checked as `Inputs`: P = max(MIN_BUCKET, bucketed longest
+  prompt); with `rows` (continuous batching) B = bucket(rows) rows decode a queue of
+  max(B, bucket(len(prompts))) prompts, else each prompt has a row of B = bucket(len(prompts))."""
   B = bucket(rows or len(prompts))
   Q, P = max(B, bucket(len(prompts))), bucket(max(map(len, prompts)), MIN_BUCKET)
-  prompts_QP = np.full((Q, P), o["pad_id"], np.int32)
+  prompts_QP = np.full((Q, P), o.pad_id, np.int32)
   pad_Q = np.full((Q,), P - 1, np.int32)  # filler rows: a one-token prompt of pad_id
   for i, p in enumerate(prompts):  # each prompt ends at the last slot
     prompts_QP[i, P - len(p):], pad_Q[i] = p, P - len(p)
-  eos_id = -1 if o["eos_id"] is None else o["eos_id"]
-  return o, Inputs(prompts=prompts_QP, pad=pad_Q, rows=np.arange(B) < (rows or len(prompts)),
-                   num_prompts=np.int32(len(prompts)), max_new=np.int32(o["max_new_tokens"]),
-                   eos_id=np.int32(eos_id), pad_id=np.int32(o["pad_id"]),
-                   rng=jax.random.key_data(jax.random.key(o["seed"])),
-                   temperature=np.float32(max(o["temperature"], 1e-6)),
-                   top_p=np.float32(o["top_p"] or 1.0),
-                   length_penalty=np.float32(o["length_penalty"]),
-                   threshold=np.float32(threshold))
+  eos_id = -1 if o.eos_id is None else o.eos_id
+  return Inputs(prompts=prompts_QP, pad=pad_Q, rows=np.arange(B) < (rows or len(prompts)),
+                num_prompts=np.int32(len(prompts)), max_new=np.int32(o.max_new_tokens),
+                eos_id=np.int32(eos_id), pad_id=np.int32(o.pad_id),
+                rng=jax.random.key_data(jax.random.key(o.seed)),
+                temperature=np.float32(max(o.temperature, 1e-6)),
+                top_p=np.float32(o.top_p or 1.0), length_penalty=np.float32(o.length_penalty),
+                threshold=np.float32(threshold))
+
+
+def checked_inputs(cfg, prompts, *, rows: int | None = None, threshold: float = 0.0,
+                   **options) -> tuple[Options, Inputs]:
+  """`check_options(cfg, **options)` and the checked prompts as `inputs`."""
+  o = check_options(cfg, **options)
+  return o, inputs(o, check_prompts(cfg, prompts, o.max_new_tokens), rows=rows,
+                   threshold=threshold)
 
 
 class Strategy:
-  """A decoding strategy: static options (max_new_slots: N, the bucketed token budget) and the
-  methods `decode_loop` calls. `result`: token rows [Q, >= N] (pad_id after EOS), or a tuple of
-  them and other arrays, which `stats` gets on the host."""
+  """A decoding strategy: static options (max_new_slots: N, the bucketed token budget; plan: the
+  `SkipPlan` its generated tokens run, which `run` reports in the stats, None where the depth
+  varies per step) and the methods `decode_loop` calls. `result`: token rows [Q, >= N] (pad_id
+  after EOS), or a tuple of them and other arrays, which `stats` gets on the host."""
   max_new_slots: int
+  plan: SkipPlan | None
 
   def start(self, model, x: Inputs):
     raise NotImplementedError
@@ -389,7 +420,7 @@ def run(strategy: Strategy, model, x: Inputs):
   prompt_tokens = int(np.sum(x.prompts.shape[1] - np.asarray(x.pad)[:count]))
   stats = DecodeStats(prompt_tokens=prompt_tokens, generated_tokens=generated,
                       wall_s=time.perf_counter() - start, compile_s=compile_s,
-                      executables_built=int(compile_s > 0), calls=1)
+                      executables_built=int(compile_s > 0), calls=1, plan=strategy.plan)
   return outputs, rest, strategy.stats(model.cfg, x, stats, rest)
 
 

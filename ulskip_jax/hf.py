@@ -3,7 +3,7 @@
   model, tokenizer = from_pretrained("/ckpt/Llama-3.2-1B")         # config.json + safetensors
   model, tokenizer = from_pretrained("/ckpt/model.Q4_K_M.gguf")    # llama.cpp's GGUF (gguf_io.py)
   model, tokenizer = from_pretrained("smollm2")                     # the packaged SmolLM2 GGUF
-  save_pretrained(model, "/out/llama-uls2", skip=plan.skipped)      # only the kept layers
+  save_pretrained(model, "/out/llama-uls2", skip=plan)              # only the kept layers
 
 `from_pretrained` reads config.json and the safetensors weights (one file, or a sharded index) with
 numpy, maps names and layouts, and merges them into an abstract `Decoder` built by
@@ -47,7 +47,7 @@ from safetensors.numpy import save_file
 from ulskip_jax import families, gguf_io, hub, lora
 from ulskip_jax.config_schema import RUNTIME_FIELDS
 from ulskip_jax.model import Decoder, ModelConfig
-from ulskip_jax.skipping import kept_layers
+from ulskip_jax.skipping import as_plan
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -369,7 +369,8 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
                     tokenizer=None) -> None:
   """Write config.json + model.safetensors (and the tokenizer, if given) to `path`.
 
-  skip: layers to leave out; the kept ones are renumbered 0..n-1 and num_hidden_layers = n.
+  skip: a `SkipPlan` or the layers to leave out; the kept ones are renumbered 0..n-1 and
+    num_hidden_layers = n.
   hf_config: a config.json dict to start from (keeps model_type and every other field); it must
     describe `model`. None derives one from `model.cfg` (`config_to_hf`), with the special token
     ids of `tokenizer`.
@@ -378,7 +379,7 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
   """
   model = lora.merge(model)
   cfg = model.cfg
-  kept = kept_layers(cfg.num_layers, tuple(skip or ()))
+  kept = as_plan(cfg.num_layers, skip).kept
   if hf_config is None:
     hf = config_to_hf(cfg)
     # Explicit ids (null without a tokenizer): the family defaults, e.g. GPT-2's 50256, would

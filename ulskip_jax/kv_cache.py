@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ulskip_jax.skipping import kept_layers
+from ulskip_jax.skipping import SkipPlan, as_plan
 
 Array = jax.Array
 
@@ -127,11 +127,11 @@ def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
       buf, block.astype(buf.dtype), offset_B)
 
 
-def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
+def init_cache(cfg, batch: int, max_len: int, skip: SkipPlan | tuple[int, ...] = (),
                dtype: Any = None) -> KVCache:
-  """An empty cache with slots for the kept layers only: its size at ratio r is n / L of full.
-  cfg: a `model.ModelConfig`."""
-  n = len(kept_layers(cfg.num_layers, tuple(skip)))
+  """An empty cache with slots for the kept layers of `skip` (a plan or skipped indices) only:
+  its size at ratio r is n / L of full. cfg: a `model.ModelConfig`."""
+  n = len(as_plan(cfg.num_layers, skip).kept)
   shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.dtype
   return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
@@ -139,9 +139,9 @@ def init_cache(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
                  pos=jnp.full((batch, max_len), -1, jnp.int32))
 
 
-def cache_bytes(cfg, batch: int, max_len: int, skip: tuple[int, ...] = (),
+def cache_bytes(cfg, batch: int, max_len: int, skip: SkipPlan | tuple[int, ...] = (),
                 dtype: Any = None) -> int:
   """Bytes `init_cache` would allocate: K and V of the kept layers, and the int32 positions."""
-  n = len(kept_layers(cfg.num_layers, tuple(skip)))
+  n = len(as_plan(cfg.num_layers, skip).kept)
   itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
   return batch * max_len * (2 * n * cfg.num_kv_heads * cfg.head_dim * itemsize + 4)

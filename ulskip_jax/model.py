@@ -45,7 +45,7 @@ from ulskip_jax import attention, lora
 from ulskip_jax import prompt_buffer
 from ulskip_jax.kv_cache import KVCache, LayerCache
 from ulskip_jax.ops import dense, softcap
-from ulskip_jax.skipping import kept_layers
+from ulskip_jax.skipping import as_plan
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
@@ -453,7 +453,8 @@ class Decoder(nnx.Module):
     (`prompt_buffer.plan(...).fits`), so skipped layers run on it with no `lax.cond`; other
     arguments as `__call__`'s."""
     cfg = self.cfg
-    kept = kept_layers(cfg.num_layers, tuple(skip))
+    plan = as_plan(cfg.num_layers, skip)
+    kept = plan.kept
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -461,7 +462,7 @@ class Decoder(nnx.Module):
       segment_ids_BT = jnp.ones((B, T), jnp.int32)
     if cache is not None:
       if len(cache.k) != len(kept):
-        raise ValueError(f"cache has {len(cache.k)} layers but skip={tuple(skip)} keeps "
+        raise ValueError(f"cache has {len(cache.k)} layers but skip={plan.skipped} keeps "
                          f"{len(kept)}: build it with init_cache(cfg, ..., skip=skip)")
       cache = cache.write_positions(positions_BT, segment_ids_BT, cache_index)
     x = self.embed_tokens(tokens_BT, positions_BT)
@@ -492,7 +493,8 @@ class Decoder(nnx.Module):
                cache: KVCache | None = None, cache_index=0, dropout_key=None):
     """Logits [B, T, V] (f32); with `cache`, (logits, updated cache).
 
-    skip: static tuple of skipped layer indices (one compiled graph per distinct tuple).
+    skip: static: a `SkipPlan` or a tuple of skipped layer indices (one compiled graph per
+      distinct set of kept layers).
     positions_BT: token positions (default 0..T-1); with a cache, per-row absolute positions.
     segment_ids_BT: packed-sequence ids, 0 = padding (default all 1).
     full_depth_BT: None = skip everywhere; True or a [B, T] bool mask = paper mode (see module

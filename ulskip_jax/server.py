@@ -30,7 +30,7 @@ import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ulskip_jax import decode, engine, protocol, slots
+from ulskip_jax import decode, protocol, skipping, slots
 from ulskip_jax import speculative as speculative_lib
 from ulskip_jax.protocol import RequestError
 
@@ -451,9 +451,9 @@ def build_pools(model, tokenizer, *, model_name: str, ratios: list[float],
   common = dict(rows=rows, num_slots=num_slots, eos_id=eos_id, pad_id=pad_id, steps=steps)
   pools, names = {}, {}
   for ratio in ratios:
-    skip = engine.resolve_skip(model.cfg.num_layers, None, ratio, model.cfg.attention_windows)
+    plan = skipping.resolve(model.cfg.num_layers, ratio=ratio, windows=model.cfg.attention_windows)
     names[float(ratio)] = plan_name(model_name, ratio)
-    pools[names[float(ratio)]] = slots.SlotPool(model, skip=skip, **common)
+    pools[names[float(ratio)]] = slots.SlotPool(model, skip=plan, **common)
   if speculative is not None:
     draft = speculative_lib.check(model.cfg, speculative)
     if not draft["shared_cache"]:
@@ -461,7 +461,7 @@ def build_pools(model, tokenizer, *, model_name: str, ratios: list[float],
                        "drafts in the shared cache (draft_cache=shared)")
     names[LOSSLESS] = plan_name(model_name, LOSSLESS)
     pools[names[LOSSLESS]] = slots.SpeculativePool(
-        model, draft_skip=draft["draft_skip"], num_draft_tokens=draft["num_draft_tokens"],
+        model, draft_skip=draft["draft"], num_draft_tokens=draft["num_draft_tokens"],
         **common)
   return pools, names
 

@@ -66,16 +66,29 @@ CALIBRATION_METHODS = ("kl_greedy", "block_influence")  # how calibrate.py score
 
 @dataclasses.dataclass(frozen=True)
 class SkipPlan:
-  """Kept and skipped layer indices, both sorted; `skipped` is what the model takes as `skip`."""
+  """Kept and skipped layer indices, both sorted: the static argument the model and every
+  decoding strategy take (`skip=`), resolved once (`resolve`, `plan_for`) and reported back in
+  the decoding stats. `strategy` names what chose the layers and is left out of equality and
+  the hash: plans of the same layers are one graph, so they share one executable."""
   num_layers: int
   kept: tuple[int, ...]
   skipped: tuple[int, ...]
-  strategy: str
+  strategy: str = dataclasses.field(default="explicit", compare=False)
+
+  @classmethod
+  def full(cls, num_layers: int) -> SkipPlan:
+    """Every layer kept."""
+    return cls(num_layers, tuple(range(num_layers)), (), "full")
 
   @property
   def ratio(self) -> float:
     """Nominal speedup in decoder layers: L / (number kept)."""
     return self.num_layers / len(self.kept)
+
+  def __str__(self) -> str:
+    """e.g. 'uls 2/4 layers (kept 0 3)', for logs and infer.py's report."""
+    return (f"{self.strategy} {len(self.kept)}/{self.num_layers} layers (kept "
+            f"{' '.join(map(str, self.kept))})")
 
 
 def _check_num_layers(num_layers) -> int:
@@ -396,12 +409,35 @@ def parse_ratios(text: str) -> list[float]:
   return ratios
 
 
-def kept_layers(num_layers: int, skip: tuple[int, ...]) -> tuple[int, ...]:
-  """Kept layer indices for a skip tuple, validating it (one clear line per bad index)."""
-  for i in skip:
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
-      raise ValueError(f"skip index {i!r} is out of range: allowed are ints 0 <= index < "
-                       f"{num_layers}")
-  if len(set(skip)) != len(skip):
-    raise ValueError(f"skip={skip} has duplicate indices: each layer can be skipped once")
-  return tuple(i for i in range(num_layers) if i not in set(skip))
+def as_plan(num_layers: int, skip: SkipPlan | Sequence[int] | None) -> SkipPlan:
+  """`skip` as a plan of a `num_layers` model: a plan (checked against the depth), a sequence of
+  skipped layer indices (checked: one line per bad index), or None / () for full depth."""
+  if isinstance(skip, SkipPlan):
+    if skip.num_layers != num_layers:
+      raise ValueError(f"the plan is for {skip.num_layers} layers but the model has {num_layers}: "
+                       "make the plan for this model")
+    return skip
+  if skip is None:
+    return SkipPlan.full(num_layers)
+  if isinstance(skip, (str, bytes)) or not hasattr(skip, "__len__"):
+    raise ValueError(f"skip={skip!r} is invalid: give a list of layer indices, e.g. (1, 3)")
+  return plan_layers(num_layers, strategy=tuple(skip)) if len(skip) else SkipPlan.full(num_layers)
+
+
+def resolve(num_layers: int, *, skip: SkipPlan | Sequence[int] | None = None,
+            ratio: float | None = None,
+            windows: Sequence[int | None] | None = None) -> SkipPlan:
+  """The plan of a decoding call, checked once: `ratio` -> its ULS plan (a model mixing
+  sliding-window and global layers, `windows` = its cfg.attention_windows, keeps its global
+  layers, as in training); `skip` (a plan or skipped indices) as given; neither -> full depth."""
+  if skip is not None and ratio is not None:
+    shown = skip.skipped if isinstance(skip, SkipPlan) else tuple(skip)
+    raise ValueError(f"skip={shown} and ratio={ratio!r} both given: pass one or the other")
+  if ratio is not None:
+    return plan_layers(num_layers, ratio, windows=windows)
+  return as_plan(num_layers, skip)
+
+
+def kept_layers(num_layers: int, skip: SkipPlan | Sequence[int]) -> tuple[int, ...]:
+  """Kept layer indices for a plan or a skip tuple, validating it (`as_plan`)."""
+  return as_plan(num_layers, skip).kept

@@ -38,8 +38,9 @@ import numpy as np
 from flax import nnx
 
 from ulskip_jax import engine, sampling
-from ulskip_jax.decode import Sample
+from ulskip_jax.decode import one_token
 from ulskip_jax.kv_cache import KVCache, init_cache
+from ulskip_jax.skipping import SkipPlan, as_plan
 from ulskip_jax.speculative import Speculative, SpeculativeState
 
 Array = jax.Array
@@ -50,17 +51,11 @@ EXECUTABLES: dict[tuple, Any] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The static part of a pool: which layers its generated tokens skip, and its special ids."""
-  skip: tuple[int, ...]
+  """The static part of a pool: the layers its generated tokens run, and its special ids."""
+  skip: SkipPlan
   paper_mode: bool   # the prompt runs every layer (only the kept ones keep K/V)
   eos_id: int        # -1: none
   pad_id: int
-
-  @property
-  def sample(self) -> Sample:
-    """The greedy strategy whose prefill and one-token forward the pool runs (neither reads
-    its max_new_slots)."""
-    return Sample(skip=self.skip, paper_mode=self.paper_mode, max_new_slots=engine.MIN_BUCKET)
 
 
 @flax.struct.dataclass
@@ -78,7 +73,7 @@ class SlotState:
   seed: Array           # [B] uint32: token c of a row is drawn with fold_in(key(seed), c)
 
 
-def init_state(cfg, rows: int, num_slots: int, skip: tuple[int, ...], pad_id: int) -> SlotState:
+def init_state(cfg, rows: int, num_slots: int, skip: SkipPlan, pad_id: int) -> SlotState:
   """Every row free."""
   zeros = lambda: jnp.zeros((rows,), jnp.int32)  # distinct buffers: the state is donated
   return SlotState(cache=init_cache(cfg, rows, num_slots, skip), step=jnp.int32(0),
@@ -114,7 +109,8 @@ def start_row(graphdef, params, state: SlotState, prompt_1P: Array, prompt_len: 
   its first token []."""
   model = nnx.merge(graphdef, params)
   P, S = prompt_1P.shape[1], state.cache.pos.shape[1]
-  logits, prompt_cache = plan.sample.prefill(model, prompt_1P, P - prompt_len[None], P)
+  logits, prompt_cache = engine.prefill(model, prompt_1P, P - prompt_len[None], P,
+                                        skip=plan.skip, paper_mode=plan.paper_mode)
   tok = choose(logits, temperature[None], top_p[None], seed[None], jnp.zeros((1,), jnp.int32))[0]
   put = lambda a, v: a.at[row].set(v)
   return state.replace(
@@ -135,7 +131,7 @@ def decode_steps(graphdef, params, state: SlotState, stop_B: Array, *, plan: Pla
 
   def step(carry):
     i, s, tokens, emitted = carry
-    logits, cache = plan.sample.forward(model, s.tok, s.pos, s.cache, s.step % S)
+    logits, cache = one_token(model, plan.skip, s.tok, s.pos, s.cache, s.step % S)
     tok = choose(logits, s.temperature, s.top_p, s.seed, s.count)
     live = ~s.done
     count = s.count + live
@@ -177,11 +173,12 @@ class SlotPool:
   per `step` call (more: fewer host round trips; fewer: finer-grained admission and stops).
   """
 
-  def __init__(self, model, *, skip: tuple[int, ...], paper_mode: bool = True, rows: int,
-               num_slots: int, eos_id: int | None, pad_id: int = 0, steps: int = 4):
+  def __init__(self, model, *, skip: SkipPlan | tuple[int, ...], paper_mode: bool = True,
+               rows: int, num_slots: int, eos_id: int | None, pad_id: int = 0, steps: int = 4):
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
-    self.plan = Plan(skip=tuple(skip), paper_mode=paper_mode and bool(skip),
+    skip = as_plan(self.cfg.num_layers, skip)
+    self.plan = Plan(skip=skip, paper_mode=paper_mode and bool(skip.skipped),
                      eos_id=-1 if eos_id is None else int(eos_id), pad_id=int(pad_id))
     self.rows, self.num_slots, self.steps = rows, num_slots, steps
     if num_slots > self.cfg.max_position:
@@ -321,11 +318,12 @@ class SpeculativePool(SlotPool):
   `draft_skip` and verified k at a time (`speculative.Speculative`, shared cache). Greedy only:
   its rows share one verify pass, whose sampling settings are the executable's."""
 
-  def __init__(self, model, *, draft_skip: tuple[int, ...], num_draft_tokens: int = 4,
+  def __init__(self, model, *, draft_skip: SkipPlan | tuple[int, ...], num_draft_tokens: int = 4,
                rows: int, num_slots: int, eos_id: int | None, pad_id: int = 0, steps: int = 4):
     super().__init__(model, skip=(), rows=rows, num_slots=num_slots, eos_id=eos_id,
                      pad_id=pad_id, steps=steps)
-    self.strategy = Speculative(draft_skip=tuple(draft_skip), num_draft_tokens=num_draft_tokens,
+    self.strategy = Speculative(draft=as_plan(self.cfg.num_layers, draft_skip),
+                                num_draft_tokens=num_draft_tokens,
                                 shared_cache=True, paper_mode=True, max_new_slots=num_slots)
     self.state = init_speculative(self.cfg, self.strategy, rows, num_slots, self.plan.pad_id)
     self._read = np.zeros((rows,), np.int64)  # tokens of each row's out already handed out

@@ -35,7 +35,7 @@ from ulskip_jax import engine, sampling
 from ulskip_jax.checks import as_choice, as_int
 from ulskip_jax.kv_cache import KVCache, cache_bytes
 from ulskip_jax.model import ModelConfig
-from ulskip_jax.skipping import kept_layers
+from ulskip_jax.skipping import SkipPlan, resolve
 
 Array = jax.Array
 DRAFT_CACHES = ("shared", "separate")
@@ -49,6 +49,8 @@ class SpeculativeStats(engine.DecodeStats):
   passed the p / q test) and were emitted. verify_passes: full-depth passes (rounds) of the batch;
   row_passes: the same summed over the rows still generating (a batch runs as many passes as its
   slowest row needs). cache_bytes = verify_cache_bytes + draft_cache_bytes (0 when shared).
+  plan: full depth (the full model verifies, so the output is its); draft_plan: the sub-model
+  that drafts.
   """
   drafted_tokens: int = 0
   accepted_tokens: int = 0
@@ -56,6 +58,7 @@ class SpeculativeStats(engine.DecodeStats):
   row_passes: int = 0
   verify_cache_bytes: int = 0
   draft_cache_bytes: int = 0
+  draft_plan: SkipPlan | None = None
 
   @property
   def acceptance_rate(self) -> float:
@@ -88,7 +91,7 @@ class SpeculativeState(engine.QueueState):
 class Speculative(engine.Queued):
   """Self-speculative decoding over a prompt queue (x.prompts [Q, P], x.rows [B]). The result is
   (tokens [Q, N + k + 1], accepted drafts, drafted tokens, rounds)."""
-  draft_skip: tuple[int, ...]
+  draft: SkipPlan           # the layers that draft
   num_draft_tokens: int     # k
   shared_cache: bool        # draft_cache == "shared"
   paper_mode: bool          # the draft's prompt K/V is the full model's (else kept layers only)
@@ -97,6 +100,11 @@ class Speculative(engine.Queued):
   top_k: int | None = None
   use_top_p: bool = False
   continuous: bool = False  # prompts wait for free rows (else each has a row from the start)
+
+  @property
+  def plan(self) -> SkipPlan:
+    """The output's: the full model verifies every token."""
+    return SkipPlan.full(self.draft.num_layers)
 
   def _slots(self, x):
     """(Z, S): scratch slots [Z, Z + k + 1) after the committed ones; S slots a row."""
@@ -146,12 +154,13 @@ class Speculative(engine.Queued):
 
   def _prefill(self, model, prompts, pad, num_slots):
     """(first tokens' logits, verify cache, draft cache or None) of left-padded prompts."""
-    logits, cache = engine.prefill(model, prompts, pad, num_slots, skip=(), paper_mode=False)
+    logits, cache = engine.prefill(model, prompts, pad, num_slots, skip=self.plan,
+                                   paper_mode=False)
     if self.shared_cache:
       return logits, cache, None
-    if self.paper_mode or not self.draft_skip:
-      return logits, cache, cache.kept_view(kept_layers(model.cfg.num_layers, self.draft_skip))
-    return logits, cache, engine.prefill(model, prompts, pad, num_slots, skip=self.draft_skip,
+    if self.paper_mode or not self.draft.skipped:
+      return logits, cache, cache.kept_view(self.draft.kept)
+    return logits, cache, engine.prefill(model, prompts, pad, num_slots, skip=self.draft,
                                          paper_mode=False)[1]
 
   def start(self, model, x):
@@ -175,8 +184,8 @@ class Speculative(engine.Queued):
     """k draft tokens [B, k], their distributions [B, k, V] (None when greedy), the caches."""
     B, k = pos0.shape[0], self.num_draft_tokens
     Z = self._slots(x)[0]
-    kept = kept_layers(model.cfg.num_layers, self.draft_skip)
-    run = functools.partial(self._run, model, skip=self.draft_skip)
+    kept = self.draft.kept
+    run = functools.partial(self._run, model, skip=self.draft)
     if self.shared_cache:
       logits, dcache = run(s.tok[:, None], pos0[:, None], cache.kept_view(kept), Z)
       first_slot = Z
@@ -216,7 +225,7 @@ class Speculative(engine.Queued):
     drafts, qs, cache, draft_cache = self._draft(model, x, s, s.cache, pos0,
                                                  jax.random.fold_in(round_rng, 0))
     logits, cache = self._run(model, jnp.concatenate([s.tok[:, None], drafts], 1),
-                              pos0[:, None] + steps, cache, Z, ())
+                              pos0[:, None] + steps, cache, Z, self.plan)
     a, bonus = self._accept(x, logits, drafts, qs, jax.random.fold_in(round_rng, 1))
     # Emitted: the a accepted drafts, then the full model's token.
     block = jnp.where(steps[None] < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
@@ -243,12 +252,14 @@ class Speculative(engine.Queued):
   def stats(self, cfg, x, stats, rest) -> SpeculativeStats:
     accepted, drafted, rounds = (int(a) for a in rest)
     B, S = x.rows.shape[0], self._slots(x)[1]
-    verify = cache_bytes(cfg, B, S)
-    draft = 0 if self.shared_cache else cache_bytes(cfg, B, S, self.draft_skip)
-    return SpeculativeStats(**dict(dataclasses.asdict(stats), cache_bytes=verify + draft),
+    verify = cache_bytes(cfg, B, S, self.plan)
+    draft = 0 if self.shared_cache else cache_bytes(cfg, B, S, self.draft)
+    fields = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    return SpeculativeStats(**dict(fields, cache_bytes=verify + draft),
                             drafted_tokens=drafted, accepted_tokens=accepted, verify_passes=rounds,
                             row_passes=drafted // self.num_draft_tokens,
-                            verify_cache_bytes=verify, draft_cache_bytes=draft)
+                            verify_cache_bytes=verify, draft_cache_bytes=draft,
+                            draft_plan=self.draft)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,13 +290,13 @@ def check(cfg: ModelConfig, speculative: dict[str, Any], *, mode="paper", skip=N
            **speculative)
   if o["draft_skip"] is None and o["draft_ratio"] is None:
     raise ValueError("speculative decoding needs a draft: give draft_ratio (e.g. 2) or draft_skip")
-  # The ULS plan of draft_ratio keeps a local/global model's global layers (`engine.resolve_skip`).
-  draft_skip = engine.resolve_skip(cfg.num_layers, o["draft_skip"], o["draft_ratio"],
-                                   cfg.attention_windows)
+  # The ULS plan of draft_ratio keeps a local/global model's global layers (`skipping.resolve`).
+  draft = resolve(cfg.num_layers, skip=o["draft_skip"], ratio=o["draft_ratio"],
+                  windows=cfg.attention_windows)
   num_draft_tokens = as_int("num_draft_tokens", o["num_draft_tokens"], 1, engine.MIN_BUCKET)
   as_choice("draft_cache", o["draft_cache"], DRAFT_CACHES)
   if o["draft_cache"] == "shared" and mode != "paper":
     raise ValueError(f"mode={mode!r} with draft_cache='shared' is impossible: the shared cache "
                      "holds the full model's prompt K/V (paper mode); use draft_cache='separate'")
-  return dict(draft_skip=draft_skip, num_draft_tokens=num_draft_tokens,
+  return dict(draft=draft, num_draft_tokens=num_draft_tokens,
               shared_cache=o["draft_cache"] == "shared", paper_mode=mode == "paper")
