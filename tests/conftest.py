@@ -28,6 +28,9 @@ def _on_cpu() -> bool:
 
 if _on_cpu() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
+if not _on_cpu() and os.environ.get("PYTEST_XDIST_WORKER"):
+  # Workers share one accelerator: each takes memory as it needs it, not 75% up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(scope="module")
