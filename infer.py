@@ -256,6 +256,10 @@ def parse_args(argv):
                  "as the training run did for a workdir, else on when the tokenizer has one)")
   p.add_argument("--mode", choices=("paper", "everywhere"), default="paper",
                  help="paper: prompt at full depth; everywhere: prompt skips too")
+  p.add_argument("--attention-impl", choices=("einsum", "xla", "cudnn", "auto"),
+                 help="how attention is computed (model.attention_impl, ulskip_jax/attention.py; "
+                      "default: the checkpoint's): auto = cuDNN's fused kernel on an NVIDIA GPU "
+                      "where it fits the model, else einsum")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--static-batches", action="store_true",
                  help="decode fixed batches of --batch-size prompts sorted by length, each until "
@@ -285,6 +289,12 @@ def run(args) -> dict:
   check_args(args)
   from ulskip_jax import decode
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
+  if args.attention_impl:
+    from ulskip_jax import attention
+    try:
+      model = attention.with_impl(model, args.attention_impl)
+    except ValueError as e:
+      raise UsageError(f"--attention-impl {args.attention_impl}: {e}") from None
   runs = parse_runs(args, model.cfg.num_layers)
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,

@@ -5,10 +5,12 @@
 #
 # Stages: env (devices, versions, missing packages), core (the equivalence, cache and fused-
 # attention tests), suite (every test), decode (7B-shaped bf16 decode, einsum then cuDNN attention,
-# batch 1 and 16), speculative (SmolLM2, batch 1 and 8), train (SmolLM2's shape, full depth against
-# paper 2x). Each stage has its own time limit, so a slow one cannot eat the next one's time; logs
-# and a summary go to $OUT (the device tool's output folder; default /tmp/gpu_checks). Results
-# belong in benchmarks/results/gpu/ with the device, the commit and these commands.
+# batch 1 and 16), speculative (SmolLM2, batch 1 and 8), train (full depth against paper 2x on the
+# prompt buffer, on whole rows and as skip.prompt_buffer="auto" picks: SmolLM2's shape at batch
+# 8 x 128, then a wide model at 32 x 512, where the buffer should pay). Each stage has its own
+# time limit, so a slow one cannot eat the next one's time; logs and a summary go to $OUT (the
+# device tool's output folder; default /tmp/gpu_checks). Results belong in
+# benchmarks/results/gpu/ with the device, the commit and these commands.
 #
 # The device image may lack the project's pure-Python dependencies (the H200 session installed
 # ml_collections, gguf and pythonbible): with WHEELS=<folder of wheels> the env stage installs
@@ -59,8 +61,12 @@ for s in "${@:-env core suite decode speculative train}"; do
         stage decode_cudnn 300 $PY -m benchmarks.decode_speed "${SHAPE_7B[@]}" --attention-impl cudnn ;;
       speculative) stage speculative 300 $PY -m benchmarks.speculative --checkpoint smollm2 \
                      --batches 1,8 --ks 4 --draft-ratios 2 --repeats 3 ;;
-      train) stage train 300 $PY -m benchmarks.train_speed --random --no-torch --ratios 2 \
-               --lora-rank 0 --timing-steps 5 ;;
+      train)
+        stage train 300 $PY -m benchmarks.train_speed --random --no-torch --ratios 2 \
+          --whole-rows 2 --lora-rank 0 --timing-steps 5
+        stage train_wide 300 $PY -m benchmarks.train_speed --wide --batch-size 32 --seq-len 512 \
+          --prompt-len 160 --response-len 160 --no-torch --ratios 2 --whole-rows 2 --lora-rank 0 \
+          --timing-steps 5 ;;
       *) echo "unknown stage $name: env core suite decode speculative train" >&2; exit 2 ;;
     esac
   done

@@ -11,7 +11,7 @@ import sys
 import pytest
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, hf
+from ulskip_jax import decode, hf, plan_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
@@ -67,7 +67,10 @@ def test_one_line_per_input_per_ratio_in_order(checkpoint, files, tmp_path, caps
                   "bleu", "chrf"):
       assert field in run, field
     assert run["kept_layers"] == 4 // ratio and run["prompt_tokens"] > 0
-    assert f"r{ratio}: " in out and "tok/s" in out and "BLEU" not in err
+    # What it prints and records is the plan the lines above were decoded with.
+    plan = plan_layers(4, ratio)
+    assert f"r{ratio}: {plan}, " in out and "tok/s" in out and "BLEU" not in err
+    assert (run["plan"]["kept"], run["plan"]["strategy"]) == (list(plan.kept), "uls")
   assert summary["runs"][1]["cache_bytes"] < summary["runs"][0]["cache_bytes"]
   assert not output.exists()  # several ratios: only the per-ratio files
 
@@ -146,3 +149,25 @@ def test_parse_speculative():
                         ("draft_ratio", "'draft_ratio' is invalid")]:
     with pytest.raises(ValueError, match=re.escape(message)):
       infer.parse_speculative(text)
+
+
+def test_attention_impl_reaches_the_model(checkpoint, files, tmp_path, capsys, monkeypatch):
+  """--attention-impl xla: the decoder's attention runs JAX's fused call's XLA path, and the
+  lines are the einsum run's; cuDNN on a model it cannot compute is one line, exit code 2."""
+  from ulskip_jax import attention
+  inputs = files("in.txt", INPUTS[:3])
+  args = ["--checkpoint", checkpoint, "--input", inputs, "--ratio", "2", "--max-new-tokens", 6]
+  code, _, err = run_main(capsys, *args, "--output", tmp_path / "einsum.txt")
+  assert code == 0, err
+  ran = []
+  resolve = attention.resolve
+  monkeypatch.setattr(attention, "resolve", lambda cfg: ran.append(resolve(cfg)) or ran[-1])
+  code, _, err = run_main(capsys, *args, "--output", tmp_path / "xla.txt", "--attention-impl",
+                          "xla")
+  assert code == 0, err
+  assert ran and {impl for impl, _ in ran} == {"xla"}, ran
+  assert (tmp_path / "xla.txt").read_text() == (tmp_path / "einsum.txt").read_text()
+  code, _, err = run_main(capsys, *args, "--output", tmp_path / "cudnn.txt", "--attention-impl",
+                          "cudnn")
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith("error: --attention-impl cudnn: attention_impl='cudnn' cannot compute"), err

@@ -12,7 +12,7 @@
   * "auto": "cudnn" where the model runs on an NVIDIA GPU and fits it, else "einsum" (the reason
     is logged once).
 An explicit "xla" or "cudnn" the model cannot use is an error (`unfit_reason`), not a silent
-fallback.
+fallback. `with_impl` switches a loaded model (infer.py's --attention-impl).
 
 The mask always carries the whole visibility rule (causal, packed segments, sliding windows by
 position, cache slots), so every implementation attends to the same keys. Self-attention over a
@@ -23,6 +23,7 @@ restart at 0, cache slots are a ring), so cuDNN computes the tiles outside a win
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -83,6 +84,22 @@ def resolve(cfg, backend: str | None = None) -> tuple[str, str | None]:
   if reason is None and cfg.head_dim > 128 and major < 9:
     reason = f"cuDNN before Hopper takes heads of at most 128, not {cfg.head_dim}"
   return ("einsum", reason) if reason else ("cudnn", None)
+
+
+def with_impl(model, impl: str):
+  """`model` (a `model.Decoder`) on the same weights, computing attention by `impl`. ValueError,
+  one line, where `impl` cannot compute this model's attention here (cuDNN off an NVIDIA GPU)."""
+  from flax import nnx
+  cfg = dataclasses.replace(model.cfg, attention_impl=impl)
+  reason = unfit_reason(cfg, impl)
+  if reason is None and impl == "cudnn" and jax.default_backend() != "gpu":
+    reason = f"cuDNN's fused attention needs an NVIDIA GPU (the backend is {jax.default_backend()})"
+  if reason:
+    raise ValueError(f"attention_impl={impl!r} cannot compute this model's attention: {reason}; "
+                     "use 'einsum' or 'auto'")
+  rebuilt = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(rebuilt, nnx.state(model))
+  return rebuilt
 
 
 def attend(cfg, q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Array,
