@@ -106,9 +106,9 @@ MUTATIONS = [
              ("tests/test_train_eval.py",),
              "validation loss computed at full depth whatever the ratio it is logged for"),
     Mutation("bleu_reference_shift", "ulskip_jax/train_lib.py",
-             "    prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, "
+             "    prompts, refs = batching.eval_prompts(self.tok, cfg.data.template, pairs, "
              "cfg.data.seq_len)\n",
-             "    prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, "
+             "    prompts, refs = batching.eval_prompts(self.tok, cfg.data.template, pairs, "
              "cfg.data.seq_len)\n    refs = refs[1:] + refs[:1]\n",
              ("tests/test_train_eval.py",),
              "validation BLEU / chrF score each hypothesis against the next example's reference"),

@@ -30,7 +30,8 @@ from absl import logging
 
 from configs import smollm2_2x
 from ulskip_jax import calibrate, decode, engine, hf, plan_layers
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching, corpora
+from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax.skipping import read_plan, write_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,12 +75,12 @@ class Setup:
     self.train_cfg = smollm2_2x.get_config()
     d = self.train_cfg.data
     d.max_examples = 4000  # tokenizing all 29k training verses would cost more than a stage
-    self.tok = data_lib.Tokenizer(hf_tok, chat=d.chat)
-    self.pairs = data_lib.load_pairs(d)
+    self.tok = Tokenizer(hf_tok, chat=d.chat)
+    self.pairs = corpora.load_pairs(d)
     self.template, self.seq_len = d.template, d.seq_len
 
   def text(self, split: str, num_tokens: int) -> calibrate.CalibrationText:
-    batches = data_lib.Batcher.from_pairs(self.tok, self.template, self.pairs[split],
+    batches = batching.Batcher.from_pairs(self.tok, self.template, self.pairs[split],
                                           self.args.rows, self.seq_len, seed=0, repeat=False,
                                           shuffle=split == "train")
     return calibrate.calibration_text(batches, num_tokens)
@@ -142,7 +143,7 @@ def run_bleu(s: Setup) -> dict:
   path = os.path.join(s.args.workdir, f"bleu_{s.args.bleu_verses}.json")
   out = _load(path) if os.path.exists(path) else {}
   test = s.pairs["test"][:s.args.bleu_verses]
-  prompts, refs = data_lib.eval_prompts(s.tok, s.template, test, s.seq_len)
+  prompts, refs = batching.eval_prompts(s.tok, s.template, test, s.seq_len)
   plans = s.plans()
   ratios = [float(r) for r in s.args.bleu_ratios.split(",")]
   names = s.args.bleu_plans.split(",") if s.args.bleu_plans else list(plans)

@@ -16,7 +16,7 @@ training tokens); they differ only in the loss (`RECIPES`, docs/distillation.md)
 Each trains with train.py in a child process (its wall and CPU time measured; the step time is
 the median of the steps after the second, from log.jsonl), then is decoded greedily (paper mode,
 --max-new-tokens) at full depth and at 2x on --verses test verses: a seeded sample of the test
-books (`data.load_pairs`' test split), the same for every recipe. Scored: BLEU and chrF
+books (`corpora.load_pairs`' test split), the same for every recipe. Scored: BLEU and chrF
 (sacrebleu), the 2x model's BLEU as a percent of its own full depth's, and the share of outputs
 that loop (some word 4-gram three or more times). Workdirs are kept under --workdir and reused
 (delete one to redo it). Writes benchmarks/results/smollm2/recipes{,_quick}.{json,md}.
@@ -91,11 +91,11 @@ def evaluate(workdir: str, pairs, max_new_tokens: int) -> dict:
       return json.load(f)
   import sacrebleu
   from ulskip_jax import checkpoint, decode
-  from ulskip_jax import data as data_lib
+  from ulskip_jax import batching
   from configs import smollm2_quick
   cfg = smollm2_quick.get_config()
   model, tok = checkpoint.load_for_inference(workdir)
-  prompts, refs = data_lib.eval_prompts(tok, cfg.data.template, pairs, cfg.data.seq_len)
+  prompts, refs = batching.eval_prompts(tok, cfg.data.template, pairs, cfg.data.seq_len)
   out = {}
   for ratio in (1.0, RATIO):
     start = time.monotonic()
@@ -159,9 +159,9 @@ def main(argv=None) -> None:
   if unknown:
     p.error(f"--recipes has {unknown}: allowed are {', '.join(RECIPES)}")
   from configs import smollm2_quick
-  from ulskip_jax import data as data_lib
+  from ulskip_jax import corpora
   import sacrebleu
-  test = data_lib.load_pairs(smollm2_quick.get_config().data)["test"]
+  test = corpora.load_pairs(smollm2_quick.get_config().data)["test"]
   pairs = random.Random(0).sample(test, args.verses)
   copy_bleu = sacrebleu.corpus_bleu([x["source"] for x in pairs],
                                     [[x["target"] for x in pairs]]).score

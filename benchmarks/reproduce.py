@@ -32,7 +32,8 @@ from flax import nnx  # noqa: E402
 
 from ulskip_jax import baselines, decode, engine, hf, plan_layers, train_lib  # noqa: E402
 from ulskip_jax import checkpoint as ckpt_lib  # noqa: E402
-from ulskip_jax import data as data_lib  # noqa: E402
+from ulskip_jax import batching, corpora  # noqa: E402
+from ulskip_jax.tokenizer import Tokenizer  # noqa: E402
 
 STAGES = ("base", "zero_shot", "ft", "quality_partial", "quality", "speed_trained", "speed",
           "report")
@@ -126,7 +127,7 @@ def run_base(c) -> str:
 
 
 def base_tokenizer(c, base_hf):
-  return data_lib.Tokenizer.from_pretrained(base_hf, chat=c.train.data.chat)
+  return Tokenizer.from_pretrained(base_hf, chat=c.train.data.chat)
 
 
 def ft_config(c, base_hf: str, strategy: str = "uls", ratio: float = 2.0, ratios=(), seed=None):
@@ -158,8 +159,8 @@ def run_dynamic_ft(c, base_hf, name, export, loss_fn) -> float:
   t = ft_config(c, base_hf)
   model, _ = hf.from_pretrained(base_hf)
   tok = base_tokenizer(c, base_hf)
-  pairs = data_lib.load_pairs(t.data)
-  batcher = data_lib.Batcher.from_pairs(tok, t.data.template, pairs["train"], t.batch_size,
+  pairs = corpora.load_pairs(t.data)
+  batcher = batching.Batcher.from_pairs(tok, t.data.template, pairs["train"], t.batch_size,
                                         t.data.seq_len, pack=t.data.pack, seed=t.seed)
   optimizer = train_lib.make_optimizer(t.optim, t.num_steps)
   graphdef, _ = nnx.split(model)
@@ -218,7 +219,7 @@ def run_ft(c, base_hf) -> dict:
       c, base_hf, "early_exit", os.path.join(c.workdir, "ft_early_exit"),
       functools.partial(baselines.early_exit_loss_sums, exit_every=c.exit_every))
   tok = base_tokenizer(c, base_hf)
-  horizon = mean_target_tokens(tok, data_lib.load_pairs(c.train.data)["validation"])
+  horizon = mean_target_tokens(tok, corpora.load_pairs(c.train.data)["validation"])
   L = c.train.model.num_layers
   for r in method_ratios(c, "skipdecode"):
     sched = sd_schedule(c, L, r, horizon)
@@ -243,14 +244,14 @@ class Evaluator:
     self.c = c
     self.tok = base_tokenizer(c, base_hf)
     t = c.train
-    pairs = data_lib.load_pairs(t.data)
+    pairs = corpora.load_pairs(t.data)
     self.test_pairs = pairs["test"][:c.eval.test_examples]
-    self.prompts, self.refs = data_lib.eval_prompts(self.tok, t.data.template, self.test_pairs,
+    self.prompts, self.refs = batching.eval_prompts(self.tok, t.data.template, self.test_pairs,
                                                     t.data.seq_len)
-    self.tune_prompts, _ = data_lib.eval_prompts(self.tok, t.data.template,
+    self.tune_prompts, _ = batching.eval_prompts(self.tok, t.data.template,
                                                  pairs["validation"][:c.eval.tune_examples],
                                                  t.data.seq_len)
-    batches = data_lib.Batcher.from_pairs(self.tok, t.data.template, pairs["validation"],
+    batches = batching.Batcher.from_pairs(self.tok, t.data.template, pairs["validation"],
                                           t.batch_size, t.data.seq_len, pack=t.data.pack,
                                           shuffle=False, repeat=False)
     self.val_batches = [b for _, b in zip(range(c.eval.ppl_batches), batches)]
@@ -864,8 +865,8 @@ def report(c) -> None:
   q = {os.path.splitext(n)[0]: _json_load(os.path.join(q_dir, n))
        for n in sorted(os.listdir(q_dir)) if n.endswith(".json")} if os.path.isdir(q_dir) else None
   if q:
-    q["copy"] = dict(data_lib.copy_baseline_bleu(
-        data_lib.load_pairs(c.train.data)["test"][:c.eval.test_examples]),
+    q["copy"] = dict(corpora.copy_baseline_bleu(
+        corpora.load_pairs(c.train.data)["test"][:c.eval.test_examples]),
         ppl=float("nan"), ratio=float("nan"))
   load = lambda name: (_json_load(os.path.join(c.workdir, name))
                        if os.path.exists(os.path.join(c.workdir, name)) else None)

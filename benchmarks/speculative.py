@@ -75,7 +75,7 @@ def parse_args(argv=None):
 
 def load(args):
   """(model, prompts: list of token lists, eos_id, description)."""
-  from ulskip_jax import data as data_lib
+  from ulskip_jax import batching, corpora
   if args.checkpoint is None:
     from flax import nnx
 
@@ -98,8 +98,8 @@ def load(args):
                                                             with_config=True)
     template = config.get("data", {}).get("template", TEMPLATE)
   import ml_collections
-  pairs = data_lib.load_pairs(ml_collections.ConfigDict(dict(source="bible")))["validation"]
-  texts = [data_lib.format_prompt(template, pair["source"]) for pair in pairs[:96]]
+  pairs = corpora.load_pairs(ml_collections.ConfigDict(dict(source="bible")))["validation"]
+  texts = [batching.format_prompt(template, pair["source"]) for pair in pairs[:96]]
   # Long prompts are dropped, not cut: a cut chat prompt would lose its assistant header.
   prompts = [p for p in (decode.encode_prompt(tokenizer, t) for t in texts) if len(p) <= 128][:64]
   eos_id, _ = decode.special_ids(tokenizer)

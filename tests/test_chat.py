@@ -17,7 +17,8 @@ import transformers
 
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import data, decode, train_lib
+from ulskip_jax import batching, decode, train_lib
+from ulskip_jax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 from configs import tiny as tiny_config  # noqa: E402
@@ -69,8 +70,8 @@ def base_folder(tmp_path_factory):
 
 
 def test_chat_prompt_and_target_layout(base_folder):
-  tok = data.Tokenizer.from_pretrained(str(base_folder), chat=True)
-  (prompt, target), = data.encode_examples(tok, TEMPLATE, PAIRS[:1], 128)[0]
+  tok = Tokenizer.from_pretrained(str(base_folder), chat=True)
+  (prompt, target), = batching.encode_examples(tok, TEMPLATE, PAIRS[:1], 128)[0]
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(base_folder))
   want = hf_tok.apply_chat_template([{"role": "user", "content": TEMPLATE.format(**PAIRS[0])}],
                                     tokenize=False, add_generation_prompt=True)
@@ -81,7 +82,7 @@ def test_chat_prompt_and_target_layout(base_folder):
   assert decode.encode_prompt(tok, TEMPLATE.format(**PAIRS[0])) == prompt
   assert decode.encode_prompt(hf_tok, TEMPLATE.format(**PAIRS[0]), chat=True) == prompt
   # A truncated source keeps the whole chat frame around it.
-  (short, _), = data.encode_examples(tok, TEMPLATE, PAIRS[1:2], len(prompt) + 4)[0]
+  (short, _), = batching.encode_examples(tok, TEMPLATE, PAIRS[1:2], len(prompt) + 4)[0]
   head = tok.encode(tok.prompt_template(TEMPLATE).split("{source}")[0])
   tail = tok.encode(tok.prompt_template(TEMPLATE).split("{source}")[1])
   assert short[:len(head)] == head and short[-len(tail):] == tail
@@ -90,7 +91,7 @@ def test_chat_prompt_and_target_layout(base_folder):
 def test_chat_without_a_template_is_one_line(tmp_path):
   tiny.save_tiny_tokenizer(tmp_path)
   with pytest.raises(ValueError, match="no chat template"):
-    data.Tokenizer.from_pretrained(str(tmp_path), chat=True)
+    Tokenizer.from_pretrained(str(tmp_path), chat=True)
 
 
 def test_fine_tuned_chat_model_decodes_what_it_was_trained_on(base_folder, tmp_path):
@@ -103,7 +104,7 @@ def test_fine_tuned_chat_model_decodes_what_it_was_trained_on(base_folder, tmp_p
   workdir = tmp_path / "run"
   trainer = train_lib.Trainer(c, str(workdir))
   # Memorise exactly these pairs (the Trainer's own encoding, so the chat format of training).
-  trainer.batcher = data.Batcher.from_pairs(trainer.tok, TEMPLATE, PAIRS, 4, 96, pack=False)
+  trainer.batcher = batching.Batcher.from_pairs(trainer.tok, TEMPLATE, PAIRS, 4, 96, pack=False)
   state = trainer.restore_or_init()
   for step in range(c.num_steps):
     state, metrics = trainer.step(state, next(trainer.batcher), step)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ulskip_jax.testing import tiny_model
 import tolerance
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching
 from ulskip_jax import config_check, prompt_buffer, train_lib
 from ulskip_jax.model import ModelConfig
 
@@ -37,7 +37,7 @@ WIDE = ModelConfig(vocab_size=32000, num_layers=4, d_model=2048, num_heads=16, n
 
 def _batch(rows, seed=0):
   rng = np.random.default_rng(seed)
-  packed = [data_lib.pack_row([(list(rng.integers(3, 97, p)), list(rng.integers(3, 97, r)))
+  packed = [batching.pack_row([(list(rng.integers(3, 97, p)), list(rng.integers(3, 97, r)))
                                for p, r in segments], ROW) for segments in rows]
   return {k: jnp.asarray(np.stack([row[k] for row in packed])) for k in packed[0]}
 

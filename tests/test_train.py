@@ -37,7 +37,8 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 import tolerance
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching, corpora
+from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_schema, gguf_io, hf, train_lib
 from ulskip_jax.model import Decoder
@@ -265,7 +266,7 @@ def _example_batch(rows: int, seq_len: int = 32, vocab: int = 97, seed: int = 0)
   rng = np.random.default_rng(seed)
   examples = [(rng.integers(3, vocab, rng.integers(4, 9)).tolist(),
                rng.integers(3, vocab, rng.integers(3, 7)).tolist()) for _ in range(2 * rows)]
-  packed = [data_lib.pack_row(examples[2 * r:2 * r + 2], seq_len) for r in range(rows)]
+  packed = [batching.pack_row(examples[2 * r:2 * r + 2], seq_len) for r in range(rows)]
   batch = {k: jnp.asarray(np.stack([row[k] for row in packed])) for k in packed[0]}
   return batch, examples
 
@@ -459,7 +460,7 @@ def test_load_for_inference_matches_the_trained_params(children):
   workdir = children.root / "one"
   model, tok = ckpt_lib.load_for_inference(str(workdir))
   trained = np.load(children.root / "final_params.npz")
-  tokenizer = data_lib.Tokenizer.load(str(workdir / "tokenizer"))
+  tokenizer = Tokenizer.load(str(workdir / "tokenizer"))
   model_cfg = config_schema.model_config(tiny.get_config(), tokenizer.vocab_size)
   assert model.cfg == model_cfg
   graphdef, loaded = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -536,9 +537,9 @@ def test_two_processes_preempted_together_then_match_one(children):
 
   # Each host read its own rows of the global batch: together they are the one-host batch.
   cfg = tiny.get_config()
-  pairs = data_lib.load_pairs(cfg.data)["train"]
-  tok = data_lib.Tokenizer.load(str(hosts / "tokenizer"))
-  make = lambda i, n: data_lib.Batcher.from_pairs(
+  pairs = corpora.load_pairs(cfg.data)["train"]
+  tok = Tokenizer.load(str(hosts / "tokenizer"))
+  make = lambda i, n: batching.Batcher.from_pairs(
       tok, cfg.data.template, pairs, cfg.batch_size // n, cfg.data.seq_len, seed=cfg.seed,
       process_index=i, process_count=n)
   single, per_host = make(0, 1), [make(0, 2), make(1, 2)]
@@ -651,7 +652,7 @@ def test_config_builds_at_tiny_size(name, tmp_path):
 
 def _check_run_config(name, cfg, workdir):
   assert cfg.skip.mode in ("paper", "everywhere") and cfg.num_steps > 0
-  data_lib.check_template(cfg.data.template)
+  batching.check_template(cfg.data.template)
   for ratio in tuple(cfg.skip.ratios) or (cfg.skip.ratio,):  # each ratio fits the model's depth
     plan_layers(cfg.model.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed)
   if cfg.model.init_from:  # only the packaged model may be named: nothing else exists offline

@@ -13,7 +13,7 @@ import sacrebleu
 
 from configs import tiny as tiny_config
 from ulskip_jax import checkpoint as ckpt_lib
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching, corpora
 from ulskip_jax import decode, plan_layers, train_lib
 from ulskip_jax import testing as tiny
 
@@ -43,10 +43,10 @@ STEPS = [2, 4]
 def test_val_loss_is_the_cross_entropy_of_the_validation_batches(run, step):
   c, workdir, evals = run
   model, tok = ckpt_lib.load_for_inference(str(workdir), step)
-  pairs = data_lib.load_pairs(c.data)["validation"]
+  pairs = corpora.load_pairs(c.data)["validation"]
   skip = plan_layers(4, RATIO).skipped
   call = tiny.jit_call(model)
-  batches = data_lib.Batcher.from_pairs(tok, c.data.template, pairs, c.batch_size, c.data.seq_len,
+  batches = batching.Batcher.from_pairs(tok, c.data.template, pairs, c.batch_size, c.data.seq_len,
                                         pack=c.data.pack, shuffle=False, repeat=False)
   nll, tokens = 0.0, 0
   for _, b in zip(range(c.eval_batches), batches):
@@ -65,13 +65,13 @@ def test_val_loss_is_the_cross_entropy_of_the_validation_batches(run, step):
 
 def test_bleu_and_chrf_are_those_of_the_decoded_prompts(run):
   c, workdir, evals = run
-  pairs = data_lib.load_pairs(c.data)["validation"][:c.eval_bleu_examples]
+  pairs = corpora.load_pairs(c.data)["validation"][:c.eval_bleu_examples]
   refs = [p["target"] for p in pairs]
   bleus = []
   for step in STEPS:
     model, tok = ckpt_lib.load_for_inference(str(workdir), step)
     # Long sources are cut to seq_len as in training (test_data checks eval_prompts).
-    prompts = data_lib.eval_prompts(tok, c.data.template, pairs, c.data.seq_len)[0]
+    prompts = batching.eval_prompts(tok, c.data.template, pairs, c.data.seq_len)[0]
     ids, _ = decode.generate(model, prompts, skip=plan_layers(4, RATIO).skipped, mode="paper",
                              max_new_tokens=c.eval_max_new_tokens, eos_id=tok.eos_id,
                              pad_id=tok.pad_id)

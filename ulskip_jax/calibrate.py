@@ -50,7 +50,7 @@ _ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids", "full_depth")
 class CalibrationText:
   """Rows of text in chunks of equal shape (one executable), with the tokens they score.
 
-  Each chunk holds the batch fields (`data.py`) of its rows plus `scored` [N], the flat indices
+  Each chunk holds the batch fields (`batching.py`) of its rows plus `scored` [N], the flat indices
   (into rows x seq_len) of its scored tokens, and `weight` [N], 1 on a scored token, 0 on padding.
   """
   chunks: tuple[dict, ...]
@@ -59,8 +59,8 @@ class CalibrationText:
 
 
 def calibration_text(batches: Iterable[dict], num_tokens: int) -> CalibrationText:
-  """The first `num_tokens` response tokens (`loss_mask`) of `batches` (data.Batcher's), scored;
-  the rows that hold them are the context."""
+  """The first `num_tokens` response tokens (`loss_mask`) of `batches` (batching.Batcher's),
+  scored; the rows that hold them are the context."""
   if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 0:
     raise ValueError(f"calibration tokens={num_tokens!r} is invalid: it must be an int >= 1")
   rows, total = [], 0
@@ -260,13 +260,13 @@ def resolve_plan(config, workdir: str, model_cfg, base_params, tok, train_pairs)
     if s.plan_file:
       layer_scores = read_plan(s.plan_file, model_cfg.num_layers)
     else:
-      from ulskip_jax import data as data_lib
+      from ulskip_jax import batching
       cfg = dataclasses.replace(model_cfg, lora_rank=0, lora_targets=())
       model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
       state = nnx.state(model, nnx.Param)
       nnx.replace_by_pure_dict(state, base_params)
       nnx.update(model, state)
-      batches = data_lib.Batcher.from_pairs(tok, config.data.template, train_pairs, 8,
+      batches = batching.Batcher.from_pairs(tok, config.data.template, train_pairs, 8,
                                             config.data.seq_len, pack=config.data.pack,
                                             seed=config.seed, repeat=False)
       text = calibration_text(batches, s.calibration_tokens)

@@ -51,7 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ulskip_jax import data as data_lib
+from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import lora
 from ulskip_jax.model import Decoder, ModelConfig
 
@@ -417,7 +417,7 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   nnx.update(model, state)
   model = lora.merge(model)
   chat = bool(restored.meta.get("config", {}).get("data", {}).get("chat", False))
-  tok = data_lib.Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
+  tok = Tokenizer.load(restored.tokenizer_dir, chat) if restored.tokenizer_dir else None
   if with_config:
     return model, tok, restored.meta.get("config", {})
   return model, tok

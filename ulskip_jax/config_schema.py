@@ -121,8 +121,8 @@ def _template(key: str, v) -> None:
   _is_str(key, v)
   try:
     list(string.Formatter().parse(v))  # an unmatched brace
-    from ulskip_jax import data  # its TEMPLATE_FIELDS are the allowed ones
-    data.check_template(v)
+    from ulskip_jax import batching  # its TEMPLATE_FIELDS are the allowed ones
+    batching.check_template(v)
   except ValueError as e:
     raise ValueError(f"{key}={v!r} is invalid: {e}") from None
 

@@ -8,8 +8,8 @@ skip tuple), the layer runs on the buffer and its outputs are scattered back.
 This equals the masked whole-row computation when, in every row, each full-depth token's keys at
 the skipped layer are all in the buffer: the token is in a segment (id > 0) and no token of its
 segment before it is a response token. Packed data has that shape (each segment's prompt comes
-first, `data.pack_row`). Buffer order is row order and the buffer keeps positions and segment ids,
-so causal, per-segment attention over the buffer reads exactly the keys the masked row would.
+first, `batching.pack_row`). Buffer order is row order and the buffer keeps positions and segment
+ids, so causal, per-segment attention over the buffer reads exactly the keys the masked row would.
 `plan` also says whether a batch has that shape and fits; the model falls back to the masked
 computation when it does not, so the result never depends on the capacity.
 

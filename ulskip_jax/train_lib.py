@@ -47,7 +47,8 @@ from flax import nnx
 from ulskip_jax import calibrate
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check, config_schema
-from ulskip_jax import data as data_lib
+from ulskip_jax import batching, corpora
+from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import lora
 from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
@@ -287,20 +288,20 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize()
 
 
-def load_tokenizer(config, workdir: str, train_pairs, base_tokenizer=None) -> data_lib.Tokenizer:
+def load_tokenizer(config, workdir: str, train_pairs, base_tokenizer=None) -> Tokenizer:
   """The one saved in the workdir, the base model's (`base_tokenizer`, a Hugging Face
   tokenizer), or a BPE trained on the corpus; in chat format when `data.chat`."""
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "tokenizer_config.json")):
-    return data_lib.Tokenizer.load(saved, chat=config.data.chat)
+    return Tokenizer.load(saved, chat=config.data.chat)
   if base_tokenizer is not None:
-    tok = data_lib.Tokenizer(base_tokenizer, chat=config.data.chat)
+    tok = Tokenizer(base_tokenizer, chat=config.data.chat)
   elif config.model.init_from:
     raise ValueError(f"model.init_from={config.model.init_from!r} has no tokenizer: add its "
                      "tokenizer files")
   else:
     texts = [t for p in train_pairs for t in (p["source"], p["target"])]
-    tok = data_lib.Tokenizer.train_bpe(texts, config.data.vocab_size)
+    tok = Tokenizer.train_bpe(texts, config.data.vocab_size)
     tok.set_chat(config.data.chat)
   if jax.process_index() == 0:
     tmp = saved + f".tmp{os.getpid()}"
@@ -359,7 +360,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
-    self.pairs = data_lib.load_pairs(config.data)
+    self.pairs = corpora.load_pairs(config.data)
     self.base_params, base_tokenizer, base = None, None, None
     if config.model.init_from:
       from ulskip_jax import hf
@@ -405,7 +406,7 @@ class Trainer:
     if config.batch_size % (n_proc * config.optim.accum_steps):
       raise ValueError(f"batch_size={config.batch_size} must be divisible by process count "
                        f"{n_proc} x accum_steps {config.optim.accum_steps}")
-    self.batcher = data_lib.Batcher.from_pairs(
+    self.batcher = batching.Batcher.from_pairs(
         self.tok, config.data.template, self.pairs["train"], config.batch_size // n_proc,
         config.data.seq_len, pack=config.data.pack, seed=config.seed,
         process_index=jax.process_index(), process_count=n_proc)
@@ -492,7 +493,7 @@ class Trainer:
     for ratio in ratios:
       skip = plan_for(cfg, self.model_cfg.num_layers, ratio,
                       self.model_cfg.attention_windows).skipped
-      batches = data_lib.Batcher.from_pairs(
+      batches = batching.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
           shuffle=False, repeat=False, process_index=jax.process_index(),
@@ -515,7 +516,7 @@ class Trainer:
     from ulskip_jax import decode
     cfg = self.config
     pairs = self.pairs["validation"][:cfg.eval_bleu_examples]
-    prompts, refs = data_lib.eval_prompts(self.tok, cfg.data.template, pairs, cfg.data.seq_len)
+    prompts, refs = batching.eval_prompts(self.tok, cfg.data.template, pairs, cfg.data.seq_len)
     model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
