@@ -1,11 +1,12 @@
 """The run config's validation, in one pass, before any data is read or any step runs.
 
-`validate_run(config, workdir)` checks every field's type and range (FIELDS, one entry per key of
-configs/base.py), the fields that constrain each other, the skip plan of every ratio the run will
-use (skip.ratio or skip.ratios, and eval_ratios) at the model's depth (the config's, or that of
-what model.init_from names), and the workdir: writable, and, when it holds checkpoints, that
-resuming them makes sense (the same model, a step at most num_steps). Each mistake is one
-ValueError line naming the full key path, the value and what is allowed.
+`validate_run(config, workdir)` checks every field's type and range (FIELDS: each key's check in
+the run config's schema, `config_schema.KEYS`), the fields that constrain each other (among them
+the ModelConfig the run will build), the skip plan of every ratio the run will use (skip.ratio or
+skip.ratios, and eval_ratios) at the model's depth (the config's, or that of what model.init_from
+names), and the workdir: writable, and, when it holds checkpoints, that resuming them makes sense
+(the same model, a step at most num_steps). Each mistake is one ValueError line naming the full
+key path, the value and what is allowed.
 
 train.py calls it before it imports the training stack (so a bad value fails in seconds) and
 `train_lib.train_and_evaluate` calls it again (so every caller gets it; a second pass costs
