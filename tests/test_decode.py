@@ -171,15 +171,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(models):
 def test_one_executable_per_skip_and_bucket():
   model = tiny.tiny_model(d_ff=48)  # a structure no other test uses
   before = engine.num_compiles()
-  _, stats = decode.generate(model, [[1, 2, 3], [4, 5]], ratio=2, max_new_tokens=5, eos_id=None)
+  first, stats = decode.generate(model, [[1, 2, 3], [4, 5]], ratio=2, max_new_tokens=5,
+                                 eos_id=None)
   assert engine.num_compiles() == before + 1 and stats.executables_built == 1
   assert stats.compile_s > 0
+  assert stats.plan == plan_layers(4, 2) and stats.plan.strategy == "uls"
+  # The reported plan is the one that ran: given back, it reuses the executable and the tokens.
+  again, stats = decode.generate(model, [[1, 2, 3], [4, 5]], skip=stats.plan, max_new_tokens=5,
+                                 eos_id=None)
+  assert again == first and stats.executables_built == 0
   # Other lengths, budget and eos in the same buckets (2 rows, 16 + 16 slots): no new executable.
   _, stats = decode.generate(model, [[1] * 12, [4, 5, 6, 7]], ratio=2, max_new_tokens=9, eos_id=7)
   assert engine.num_compiles() == before + 1 and stats.executables_built == 0
   assert stats.compile_s == 0
-  decode.generate(model, [[1, 2], [3]], skip=(1,), max_new_tokens=5, eos_id=None)
+  _, stats = decode.generate(model, [[1, 2], [3]], skip=(1,), max_new_tokens=5, eos_id=None)
   assert engine.num_compiles() == before + 2
+  assert stats.plan.skipped == (1,) and stats.plan.strategy == "explicit"
   decode.generate(model, [[1, 2], [3]], ratio=2, max_new_tokens=5, eos_id=None)
   decode.generate(model, [[1, 2], [3]], skip=plan_layers(4, 2).skipped, max_new_tokens=5,
                   eos_id=None)
@@ -310,3 +317,16 @@ def test_continuous_batching_updates_the_cache_in_place(models):
   for text in texts:  # S = 16 + 16 slots
     in_place, others = loop_layer_ops(text, (2, cfg.num_kv_heads, 32, cfg.head_dim))
     assert in_place and not others, others[:2]
+
+
+def test_summed_stats_keep_the_plan_they_ran():
+  """generate_text sums the stats of its batches from an empty DecodeStats: the plan stays; a
+  sum over different plans has none."""
+  half, full = plan_layers(4, 2), plan_layers(4, 1)
+  one = engine.DecodeStats(generated_tokens=3, calls=1, plan=half)
+  assert (engine.DecodeStats() + one + one).plan == half
+  assert (one + engine.DecodeStats()).plan == half
+  assert (one + dataclasses.replace(one, plan=full)).plan is None
+  spec = speculative.SpeculativeStats(calls=1, plan=full, draft_plan=half)
+  total = engine.DecodeStats() + spec + spec
+  assert (total.plan, total.draft_plan, total.calls) == (full, half, 2)

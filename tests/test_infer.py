@@ -11,7 +11,7 @@ import sys
 import pytest
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, hf
+from ulskip_jax import decode, hf, plan_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUTS = ["w4 w5 w6", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w7 w7 w7 w7", "w20 w21 w22",
@@ -67,7 +67,10 @@ def test_one_line_per_input_per_ratio_in_order(checkpoint, files, tmp_path, caps
                   "bleu", "chrf"):
       assert field in run, field
     assert run["kept_layers"] == 4 // ratio and run["prompt_tokens"] > 0
-    assert f"r{ratio}: " in out and "tok/s" in out and "BLEU" not in err
+    # What it prints and records is the plan the lines above were decoded with.
+    plan = plan_layers(4, ratio)
+    assert f"r{ratio}: {plan}, " in out and "tok/s" in out and "BLEU" not in err
+    assert (run["plan"]["kept"], run["plan"]["strategy"]) == (list(plan.kept), "uls")
   assert summary["runs"][1]["cache_bytes"] < summary["runs"][0]["cache_bytes"]
   assert not output.exists()  # several ratios: only the per-ratio files
 

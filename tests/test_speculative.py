@@ -20,7 +20,7 @@ import scipy.stats
 from ulskip_jax.testing import compile_generate, loop_layer_ops
 from ulskip_jax import testing as tiny
 from tests.test_decode import FAST_COMPILE, PROMPTS, QUEUE, _eos_with_spread
-from ulskip_jax import decode, engine, hf, plan_layers
+from ulskip_jax import SkipPlan, decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
 from ulskip_jax.kv_cache import cache_bytes
 
@@ -127,8 +127,11 @@ def test_cache_sizes_and_stats(models):
   assert sep.drafted_tokens == K * sep.row_passes and sep.row_passes <= 3 * sep.verify_passes
   assert sep.tokens_per_row_pass == 1 + sep.accepted_tokens / sep.row_passes
   assert sep.as_dict()["acceptance_rate"] == sep.acceptance_rate
+  # The output is the full model's; the reported draft is the plan the draft ran.
+  assert sep.plan == shared.plan == plan_layers(4, 1)
+  assert sep.draft_plan == shared.draft_plan == plan_layers(4, 2)
   total = engine.DecodeStats() + sep + sep  # generate_text's running sum keeps the counts
-  assert isinstance(total, spec.SpeculativeStats)
+  assert isinstance(total, spec.SpeculativeStats) and total.draft_plan == sep.draft_plan
   assert total.drafted_tokens == 2 * sep.drafted_tokens and total.calls == 2
 
 
@@ -276,9 +279,12 @@ def test_decode_generate_and_infer_dispatch(models, tmp_path, capsys):
                               "--speculative", "draft_ratio=2,k=4",
                               "--metrics-out", str(tmp_path / "m.json")]) == 0
   assert (tmp_path / "spec.txt").read_text() == (tmp_path / "full.txt").read_text()
-  assert "drafts accepted" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "drafts accepted" in out and f"spec: {SkipPlan.full(4)}, " in out
+  assert f"drafted by {plan_layers(4, 2)}, " in out
   import json
   run = json.loads((tmp_path / "m.json").read_text())["runs"][0]
   assert run["drafted_tokens"] > 0 and 0 <= run["acceptance_rate"] <= 1
+  assert run["draft_plan"]["kept"] == [0, 3] and run["kept_layers"] == 4
   assert infer.main(common + ["--output", str(tmp_path / "x.txt"), "--speculative", "k=4"]) == 2
   assert "needs a draft" in capsys.readouterr().err
