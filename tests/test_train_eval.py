@@ -4,6 +4,8 @@ the model's logits and numpy's cross-entropy, BLEU and chrF from decoding the pr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -28,7 +30,10 @@ def run(tmp_path_factory):
   c.skip.ratio = RATIO
   c.eval_every, c.eval_batches, c.eval_bleu_examples, c.eval_max_new_tokens = 2, 2, 4, 8
   workdir = tmp_path_factory.mktemp("eval_run")
-  last = train_lib.train_and_evaluate(c, str(workdir))
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    last = train_lib.train_and_evaluate(c, str(workdir))
+  # The log names the plan its evaluation runs (the tests below recompute with this one).
+  assert f"plan r2: {plan_layers(4, RATIO)}\n" in out.getvalue(), out.getvalue()
   logged = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
   evals = {m["step"]: m for m in logged if "val_loss/r2" in m}
   assert sorted(evals) == [2, 4]  # every eval_every steps

@@ -375,6 +375,9 @@ class Trainer:
     # A calibrated run plans from its workdir's plan.json (calibrated here on the first start).
     self.config = calibrate.resolve_plan(config, workdir, self.model_cfg, self.base_params,
                                          self.tok, self.pairs["train"])
+    # The run's plan at a ratio, from its config in one place: evaluation, BLEU and the log.
+    self.plan = functools.partial(plan_for, self.config, self.model_cfg.num_layers,
+                                  windows=self.model_cfg.attention_windows)
     self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
     abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.graphdef(abstract)
@@ -491,8 +494,7 @@ class Trainer:
     cfg = self.config
     out = {}
     for ratio in ratios:
-      skip = plan_for(cfg, self.model_cfg.num_layers, ratio,
-                      self.model_cfg.attention_windows).skipped
+      skip = self.plan(ratio).skipped
       batches = batching.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
@@ -520,9 +522,8 @@ class Trainer:
     model = lora.merge(nnx.merge(self.graphdef, jax.device_get(params)))  # decodes at base cost
     out = {}
     for ratio in ratios:
-      skip = plan_for(cfg, self.model_cfg.num_layers, ratio,
-                      self.model_cfg.attention_windows).skipped
-      ids, _ = decode.generate(model, prompts, skip=skip, max_new_tokens=cfg.eval_max_new_tokens,
+      ids, _ = decode.generate(model, prompts, skip=self.plan(ratio),
+                               max_new_tokens=cfg.eval_max_new_tokens,
                                eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                                mode=cfg.skip.mode)
       hyps = [self.tok.decode(x).strip() for x in ids]
@@ -584,6 +585,8 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
     log.text(memory_line(trainer.memory(), peak_bytes()))
+    for ratio in dict.fromkeys((tuple(config.skip.ratios) or (config.skip.ratio,)) + eval_ratios):
+      log.text(f"plan r{ratio:g}: {trainer.plan(ratio)}")
     if trainer.paper:
       log.text(trainer.prompt_choice.line())
     if start == config.num_steps:
