@@ -67,7 +67,7 @@ def run(args) -> None:
                            "model's positions)")
   for ratio in ratios:
     try:
-      skipping.plan_layers(model.cfg.num_layers, ratio)
+      skipping.resolve(model.cfg.num_layers, ratio=ratio, windows=model.cfg.attention_windows)
     except ValueError as e:
       raise infer.UsageError(f"--ratios: {e}") from None
   if speculative is not None:

@@ -86,9 +86,14 @@ class SkipPlan:
     return self.num_layers / len(self.kept)
 
   def __str__(self) -> str:
-    """e.g. 'uls 2/4 layers (kept 0 3)', for logs and infer.py's report."""
-    return (f"{self.strategy} {len(self.kept)}/{self.num_layers} layers (kept "
-            f"{' '.join(map(str, self.kept))})")
+    """e.g. 'uls 20/30 layers (skips 1 4 7 10 13 16 19 22 25 28)', naming the shorter list, for
+    logs and infer.py's report."""
+    head = f"{self.strategy} {len(self.kept)}/{self.num_layers} layers"
+    if not self.skipped:
+      return head
+    which, layers = (("skips", self.skipped) if len(self.skipped) <= len(self.kept)
+                     else ("keeps", self.kept))
+    return f"{head} ({which} {' '.join(map(str, layers))})"
 
 
 def _check_num_layers(num_layers) -> int:
