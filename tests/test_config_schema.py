@@ -4,8 +4,8 @@ a key or a ModelConfig field added in one place only fails here.
 configs/base.py holds exactly the schema's keys, config_check rejects a bad value of each of them
 in one line, docs/training.md lists each once as the schema generates it, every ModelConfig field
 has a source, and every model key reaches the ModelConfig a run builds (from scratch all of them;
-over model.init_from the runtime ones only, the architecture being the checkpoint's). The cluster
-variables and the runtime fields have one home, which every reader uses.
+over model.init_from the runtime ones only, the architecture being the checkpoint's). The runtime
+fields, the cluster variables and the hub probe have one home, which every reader uses.
 """
 
 from __future__ import annotations
@@ -160,11 +160,11 @@ def test_gemma_switches_from_a_run_config_are_checked_against_each_other(tmp_pat
       config_check.validate_run(_tiny(**overrides), str(tmp_path / "run"))
 
 
-def test_one_home_for_runtime_fields_and_cluster_variables():
+def test_one_home_for_runtime_fields_cluster_variables_and_the_hub_probe():
   sources = {p.relative_to(REPO): p.read_text(encoding="utf-8")
              for p in [*REPO.glob("ulskip_jax/*.py"), REPO / "train.py", REPO / "infer.py"]}
   for pattern in (r"RUNTIME_FIELDS\s*=", r"SLURM_JOB_ID", r"TPU_WORKER_HOSTNAMES",
-                  r"socket\.create_connection"):
+                  r"constants\.ENDPOINT"):  # where the hub is: hub.first_hop
     homes = [str(p) for p, text in sources.items() if re.search(pattern, text)]
     assert len(homes) == 1, (pattern, homes)
 
