@@ -5,6 +5,8 @@
   nice python -m benchmarks.recipes --recipes ce,kd_init --steps 40
   nice python -m benchmarks.recipes --recipes ce,kd_self,kd_init,sandwich --steps 4 --no-eval \
       --workdir runs/recipes_timing       # step times only: the teachers' overhead against CE
+  nice python -m benchmarks.recipes --recipes sandwich --plan runs/plans/plan_kl_greedy.json
+                                    # the same recipes on a calibrated plan (benchmarks/plans.py)
 
 Each recipe is the quick start (`configs/smollm2_quick.py`: KJV -> WEB, chat format, batch 8,
 lr 5e-4) at ratio 2, for --steps steps, so every recipe trains on the same batches (equal
@@ -54,7 +56,7 @@ def loops(text: str, n: int = 4, times: int = 3) -> bool:
   return any(c >= times for c in grams.values())
 
 
-def train(name: str, workdir: str, steps: int) -> dict:
+def train(name: str, workdir: str, steps: int, plan_file: str = "") -> dict:
   """Runs train.py for a recipe (unless its workdir finished); its timing, from the run."""
   timing_file = os.path.join(workdir, "timing.json")
   if os.path.exists(timing_file):
@@ -63,6 +65,7 @@ def train(name: str, workdir: str, steps: int) -> dict:
   flags = [f"--config.{k}={v}" for k, v in {
       "skip.ratio": RATIO, "num_steps": steps, "log_every": 1,
       "eval_every": 0, "checkpoint.every": steps, "progress_bar": False,
+      **({"skip.strategy": "calibrated", "skip.plan_file": plan_file} if plan_file else {}),
       **RECIPES[name]}.items()]
   cmd = [sys.executable, "train.py", "--config", CONFIG, "--workdir", workdir, *flags]
   print(" ".join(cmd), flush=True)
@@ -94,13 +97,18 @@ def evaluate(workdir: str, pairs, max_new_tokens: int) -> dict:
   from ulskip_jax import batching
   from configs import smollm2_quick
   cfg = smollm2_quick.get_config()
+  from ulskip_jax import skipping
   model, tok = checkpoint.load_for_inference(workdir)
+  # A calibrated run decodes with the plan it trained (its workdir's plan.json), not ULS's.
+  calibrated = skipping.workdir_plan(workdir, model.cfg.num_layers)
   prompts, refs = batching.eval_prompts(tok, cfg.data.template, pairs, cfg.data.seq_len)
   out = {}
   for ratio in (1.0, RATIO):
     start = time.monotonic()
+    plan = dict(skip=calibrated.plan(ratio).skipped) if calibrated and ratio != 1 else dict(
+        ratio=ratio)
     ids, _ = decode.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                             pad_id=tok.pad_id, batch_size=32, ratio=ratio, mode="paper")
+                             pad_id=tok.pad_id, batch_size=32, mode="paper", **plan)
     hyps = [tok.decode(x).strip() for x in ids]
     out[f"r{ratio:g}"] = dict(
         bleu=sacrebleu.corpus_bleu(hyps, [refs]).score,
@@ -118,7 +126,8 @@ def table(results: dict, meta: dict) -> str:
            f"`{meta['command']}`.", "",
            f"Every recipe: up to {meta['steps']} steps of the quick start's batches (batch 8, "
            f"the same batches in the same order; a run stopped early (SIGTERM: train.py saves "
-           f"and stops) trained its first `steps`), ratio 2 (15 of 30 layers), greedy "
+           f"and stops) trained its first `steps`), ratio 2 (15 of 30 layers; plan: "
+           f"{meta.get('plan', 'uls')}), greedy "
            f"decoding of {meta['verses']} test verses (a seeded sample of the test books; "
            f"copying the KJV source scores BLEU {meta['copy_bleu']:.1f}). One seed: read the "
            "direction, not the digit. Step time: median wall time of a step after the second; "
@@ -149,7 +158,11 @@ def main(argv=None) -> None:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--workdir", default="runs/recipes")
   p.add_argument("--no-eval", action="store_true", help="train and time only")
+  p.add_argument("--plan", default="", help="a plan.json (benchmarks/plans.py, calibrate): train "
+                 "and decode every recipe on its plan instead of ULS's even spread")
   args = p.parse_args(argv)
+  if args.plan and not os.path.isfile(args.plan):
+    p.error(f"--plan {args.plan!r} is not a file: pass a plan.json written by calibration")
   if args.quick:
     args.steps, args.verses, args.max_new_tokens = 2, 16, 32
     args.recipes = args.recipes or "ce,sandwich"
@@ -168,7 +181,7 @@ def main(argv=None) -> None:
   results = {}
   for name in names:
     workdir = os.path.join(args.workdir, name)
-    results[name] = train(name, workdir, args.steps)
+    results[name] = train(name, workdir, args.steps, os.path.abspath(args.plan) if args.plan else "")
     with open(os.path.join(workdir, "log.jsonl")) as f:
       results[name]["steps"] = sum("loss" in json.loads(line) for line in f)
     if not args.no_eval:
@@ -181,10 +194,13 @@ def main(argv=None) -> None:
                   if l.startswith("model name")), platform.processor())
   meta = dict(date=datetime.date.today().isoformat(), machine=f"{machine}, {os.cpu_count()} cores",
               commit=commit, command="python -m benchmarks.recipes " + " ".join(sys.argv[1:]),
-              steps=args.steps, verses=args.verses, copy_bleu=copy_bleu)
+              steps=args.steps, verses=args.verses, copy_bleu=copy_bleu,
+              plan=os.path.basename(args.plan) or "uls")
   stem = os.path.join(ROOT, "benchmarks", "results", "smollm2",
                       "recipes_quick" if args.quick else
                       "recipes_timing" if args.no_eval else "recipes")
+  if args.plan:
+    stem += "_" + os.path.splitext(os.path.basename(args.plan))[0]
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta=meta, results=results), f, indent=1)
   with open(stem + ".md", "w") as f:
