@@ -1,7 +1,7 @@
 """The paper's claims side by side on the offline Bible corpus (KJV -> WEB), CPU scale.
 
-  python benchmarks/reproduce.py --config configs/reproduce.py            # ~55 min, 2 CPU cores
-  python benchmarks/reproduce.py --config configs/reproduce.py --quick    # ~2 min smoke run
+  python -m benchmarks.reproduce --config configs/reproduce.py            # ~55 min, 2 CPU cores
+  python -m benchmarks.reproduce --config configs/reproduce.py --quick    # ~2 min smoke run
 
 Stages (each cached under `workdir`; a re-run skips the finished ones):
   1. base: the bible_2x model size (12 layers, d_model 128) trained from scratch at full depth;

@@ -1,6 +1,6 @@
 """configs/reproduce.py scaled to one GPU: a bigger model, more steps, bigger evaluation sets.
 
-  python benchmarks/reproduce.py --config configs/reproduce_gpu.py
+  python -m benchmarks.reproduce --config configs/reproduce_gpu.py
 
 Not run yet (this project's CI has no GPU), so no time or score is claimed here. The speed part
 uses the 24-layer, d_model 1024 model of benchmarks/decode_speed.py; transformers still runs on

