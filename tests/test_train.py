@@ -372,16 +372,16 @@ def test_gradient_accumulation_gives_the_same_update():
 
 @pytest.fixture(scope="module")
 def multi_ratio_run(tmp_path_factory):
-  """9 Trainer steps of the tiny config, a ratio drawn from (1, 2, 4) each, embeddings frozen."""
+  """9 Trainer steps of the tiny config, a ratio drawn from (1, 2) each, embeddings frozen."""
   cfg = tiny.get_config()
-  cfg.skip.ratios = (1.0, 2.0, 4.0)
-  # ULS keeps the first and the last layer, so ratio 4 would need 8 layers; the first-n plan
-  # ("top") gives the 4-layer model three distinct plans for half the compile time.
+  cfg.skip.ratios = (1.0, 2.0)
+  # Two plans show both halves (a new plan compiles, a drawn-again one does not) at two
+  # compiles, the most expensive part of this test.
   cfg.skip.strategy = "top"
   cfg.optim.freeze_embeddings = True
   trainer = train_lib.Trainer(cfg, str(tmp_path_factory.mktemp("multi_ratio")))
   ratio_of = {plan_layers(4, r, "top").skipped: r for r in cfg.skip.ratios}
-  assert len(ratio_of) == 3, "the ratios' skip plans must differ for this test to mean anything"
+  assert len(ratio_of) == 2, "the ratios' skip plans must differ for this test to mean anything"
   state = trainer.init_state()
   initial = jax.device_get(state["params"])  # a copy: the step donates the state
   steps = []  # (ratio, executables built by this step)
@@ -401,7 +401,7 @@ def test_each_ratio_compiles_once(multi_ratio_run):
   for i, (ratio, compiles) in enumerate(steps):
     assert compiles == (ratio not in drawn[:i]), (
         f"step {i} (ratio {ratio}, drawn before: {drawn[:i]}) compiled {compiles} times")
-  assert multi_ratio_run["num_compiles"] == len(set(drawn)) == 3, steps
+  assert multi_ratio_run["num_compiles"] == len(set(drawn)) == 2, steps
   assert len(drawn) > len(set(drawn)), "no ratio was reused: draw more steps"
 
 
