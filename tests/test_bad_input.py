@@ -37,7 +37,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import infer
 from ulskip_jax import testing as tiny
-from ulskip_jax import cli, config_check, decode, engine, train_lib
+from ulskip_jax import cli, config_check, decode, engine, run_log, train_lib
 from ulskip_jax.skipping import plan_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -596,7 +596,7 @@ def test_progress_bar_pauses_for_evaluation():
   bar = tqdm(total=10, file=io.StringIO())
   t0 = [time.perf_counter()]
   start_t, last_print_t, before = bar.start_t, bar.last_print_t, t0[0]
-  with train_lib._paused(bar, t0, "evaluating"):
+  with run_log.paused(bar, t0, "evaluating"):
     assert bar.desc == "evaluating"
     time.sleep(0.2)
   assert bar.start_t - start_t >= 0.2 and bar.last_print_t - last_print_t >= 0.2

@@ -23,6 +23,7 @@ from tests import tolerance
 from ulskip_jax import testing as tiny
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_check, hf, lora, train_lib
+from ulskip_jax import memory as memory_lib
 from ulskip_jax.model import Decoder
 from ulskip_jax.skipping import kept_layers
 
@@ -119,8 +120,8 @@ def test_optimizer_state_holds_only_the_adapters(run):
   shapes = {x.shape for x in jax.tree.leaves(adapters)}
   arrays = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
   assert arrays and all(x.shape in shapes for x in arrays)
-  opt_bytes = train_lib.tree_bytes(state["opt_state"])
-  assert 2 * train_lib.tree_bytes(adapters) <= opt_bytes <= 2 * train_lib.tree_bytes(adapters) + 64
+  opt_bytes = memory_lib.tree_bytes(state["opt_state"])
+  assert 2 * memory_lib.tree_bytes(adapters) <= opt_bytes <= 2 * memory_lib.tree_bytes(adapters) + 64
   assert trainer.memory()["opt_state"] == opt_bytes  # the shapes' count is the real one
 
 
@@ -200,7 +201,7 @@ def test_train_norms_and_full_fine_tuning_splits():
 def _memory(model_cfg, optim) -> dict:
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
       lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))), nnx.Param))
-  return train_lib.memory_bytes(abstract, train_lib.make_optimizer(optim, 10),
+  return memory_lib.memory_bytes(abstract, train_lib.make_optimizer(optim, 10),
                                 train_lib.param_split(optim))
 
 
@@ -219,12 +220,12 @@ def test_memory_report_lora_optimizer_state_is_far_below_full():
     adapted = _memory(tiny.tiny_config(**shape, **lora.model_fields(lora_optim.lora)), lora_optim)
     ratio = adapted["opt_state"] / full["opt_state"]
     print(f"{name}: LoRA rank {rank} optimizer state / full fine-tuning's = {ratio:.4f}; LoRA "
-          + train_lib.memory_line(adapted, None))
+          + memory_lib.memory_line(adapted, None))
     assert adapted["params"] > full["params"] and adapted["grads"] < full["grads"]
     assert ratio < bound, ratio
     if name == "tiny":
       assert 2 * full["params"] <= full["opt_state"] <= 2 * full["params"] + 64  # mu, nu, counts
-  assert "peak in use n/a" in train_lib.memory_line(adapted, None)
+  assert "peak in use n/a" in memory_lib.memory_line(adapted, None)
 
 
 @pytest.mark.parametrize("overrides,named", [

@@ -29,11 +29,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -50,8 +48,10 @@ from ulskip_jax import config_check, config_schema
 from ulskip_jax import batching, corpora
 from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import lora
+from ulskip_jax import memory as memory_lib
 from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
+from ulskip_jax import run_log
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.skipping import plan_for
@@ -233,50 +233,6 @@ def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple:
   return plan(ratios[rng.integers(len(ratios))])
 
 
-def tree_bytes(tree) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def memory_bytes(abstract_params, optimizer: optax.GradientTransformation, split_params,
-                 teacher_params=None) -> dict:
-  """Bytes of the parameters, one gradient and the optimizer state of a run, from shapes only;
-  with a distillation teacher kept beside them, its parameters too.
-
-  Gradients and optimizer state cover the trainable part (`split_params(params)[0]`). Global
-  sizes: a sharded run holds its share on each device. Gradient accumulation adds one more
-  gradient-sized buffer; activations are not counted.
-  """
-  trainable, _ = split_params(abstract_params)
-  out = dict(params=tree_bytes(abstract_params), grads=tree_bytes(trainable),
-             opt_state=tree_bytes(jax.eval_shape(optimizer.init, trainable)))
-  if teacher_params is not None:
-    out["teacher"] = tree_bytes(teacher_params)
-  return out
-
-
-def peak_bytes(device=None) -> int | None:
-  """The backend's peak bytes in use on `device` (default the first local one); None where the
-  backend does not say (CPU)."""
-  stats = (device or jax.local_devices()[0]).memory_stats()
-  return (stats or {}).get("peak_bytes_in_use")
-
-
-def _size(n: int | None) -> str:
-  if n is None:
-    return "n/a"
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-
-
-def memory_line(memory: dict, peak: int | None) -> str:
-  teacher = f", teacher {_size(memory['teacher'])}" if "teacher" in memory else ""
-  return (f"memory (from shapes): params {_size(memory['params'])}, grads "
-          f"{_size(memory['grads'])}, optimizer state {_size(memory['opt_state'])}{teacher}; "
-          f"peak in use {_size(peak)}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Setup helpers.
 
@@ -435,7 +391,7 @@ class Trainer:
 
   def memory(self) -> dict:
     """Bytes of params, gradients and optimizer state of this run, from shapes."""
-    return memory_bytes(self.abstract_params, self.optimizer, self.split_params,
+    return memory_lib.memory_bytes(self.abstract_params, self.optimizer, self.split_params,
                         self.teacher_params)
 
   def _opt_shardings(self, params):
@@ -578,13 +534,13 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
   state = trainer.restore_or_init()
   start = int(state["step"])
   lead = jax.process_index() == 0
-  log = _Logger(workdir, enabled=lead, start_step=start)
+  log = run_log.RunLog(workdir, enabled=lead, start_step=start)
   eval_ratios = tuple(config.eval_ratios) or tuple(config.skip.ratios) or (config.skip.ratio,)
   if lead:
     log.text(f"model {trainer.model_cfg.num_layers} layers, "
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
-    log.text(memory_line(trainer.memory(), peak_bytes()))
+    log.text(memory_lib.memory_line(trainer.memory(), memory_lib.peak_bytes()))
     for ratio in dict.fromkeys((tuple(config.skip.ratios) or (config.skip.ratio,)) + eval_ratios):
       log.text(f"plan r{ratio:g}: {trainer.plan(ratio)}")
     if trainer.paper:
@@ -610,7 +566,7 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
         # own time would be left out of its tokens/s as a pause.
         last = _log_metrics(pending, log, bar, config, t0)
         pending = None
-      with _paused(bar, t0):
+      with run_log.paused(bar, t0):
         trainer.save(state, step + 1, force=stop)
       if stop:
         stopped_at = step + 1
@@ -618,7 +574,7 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
         log.text(f"{how}: saved step {step + 1} and stopping")
         break
       if evaluate:
-        with _paused(bar, t0, "evaluating"):
+        with run_log.paused(bar, t0, "evaluating"):
           last.update(_eval_and_log(trainer, state, step + 1, eval_ratios, log))
     if pending is not None:
       last.update(_log_metrics(pending, log, bar, config, t0))
@@ -626,32 +582,13 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
     if final == config.num_steps:
       trainer.save(state, final, force=True)
       if config.eval_every and final % config.eval_every:
-        with _paused(bar, t0, "evaluating"):
+        with run_log.paused(bar, t0, "evaluating"):
           last.update(_eval_and_log(trainer, state, final, eval_ratios, log))
   finally:
     bar.close()  # ends the bar's line, so whatever follows starts on its own
     log.close()
   last["num_compiles"] = trainer.num_compiles
   return last, stopped_at
-
-
-@contextlib.contextmanager
-def _paused(bar, t0: list, what: str = ""):
-  """Leaves the block's time (an evaluation, a checkpoint) out of the bar's rate and ETA and of
-  the next tokens/s; `what` shows on the bar meanwhile."""
-  start = time.perf_counter()
-  if what and not bar.disable:
-    bar.set_description_str(what)
-  try:
-    yield
-  finally:
-    paused = time.perf_counter() - start
-    t0[0] += paused
-    if not bar.disable:
-      bar.start_t += paused
-      bar.last_print_t += paused
-      if what:
-        bar.set_description_str("")
 
 
 def _log_metrics(pending, log, bar, config, t0) -> dict:
@@ -677,57 +614,3 @@ def _eval_and_log(trainer, state, step, ratios, log) -> dict:
   log.scalars(step, metrics)
   log.text(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
   return metrics
-
-
-class _Logger:
-  """JSONL + TensorBoard on the lead process. A run resumed at `start_step` first drops what a
-  killed or preempted run logged after that step (it is about to be logged again)."""
-
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
-    self.enabled = enabled
-    if enabled:
-      from tensorboardX import SummaryWriter
-      path = os.path.join(workdir, "log.jsonl")
-      _truncate_log(path, start_step)
-      self.jsonl = open(path, "a")
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
-
-  def scalars(self, step: int, metrics: dict) -> None:
-    if not self.enabled:
-      return
-    self.jsonl.write(json.dumps(dict(step=step, time=time.time(), **metrics)) + "\n")
-    self.jsonl.flush()
-    for k, v in metrics.items():
-      if k != "step":
-        self.tb.add_scalar(k, v, step)
-
-  def text(self, msg: str) -> None:
-    if self.enabled:
-      from tqdm import tqdm
-      tqdm.write(msg, file=sys.stdout)  # clears the bar first: never glued onto its line
-      sys.stdout.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self.jsonl.close()
-      self.tb.close()
-
-
-def _truncate_log(path: str, last_step: int) -> None:
-  """Keeps the records of steps <= last_step (and drops a line a kill cut short)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line)["step"] <= last_step:
-        keep.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # the last line of a killed run, cut short
-  if len(keep) != len(lines):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
