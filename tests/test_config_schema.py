@@ -123,6 +123,19 @@ def test_every_model_field_has_a_source():
   assert set(SAMPLES) == set(MODEL_KEYS), "a model key needs a row in SAMPLES"
 
 
+def test_each_choice_field_has_one_list_of_values():
+  """A Literal field's allowed values are its ModelConfig annotation's: the dataclass refuses any
+  other value in one line, and the schema allows exactly those."""
+  choices = ModelConfig.choices()
+  assert {"norm", "mlp", "act", "pos", "dtype", "param_dtype", "attention_impl"} <= set(choices)
+  built = config_schema.model_config(_tiny(), vocab_size=97)
+  for field, values in choices.items():
+    assert KEYS[f"model.{field}"].check.allowed == ", ".join(f"`{v}`" for v in values), field
+    with pytest.raises(ValueError, match=rf"^{field}='bogus' is unknown: allowed are "
+                                         rf"{re.escape(str(values))}$"):
+      dataclasses.replace(built, **{field: "bogus"})
+
+
 @pytest.mark.parametrize("name", MODEL_KEYS)
 def test_every_model_key_reaches_the_model(name, tmp_path):
   """Set from a run config, validated, and in the ModelConfig a run from scratch builds."""

@@ -34,7 +34,9 @@ Skipping has two modes, chosen per call by `full_depth`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from typing import Literal, get_args
 
 import jax
@@ -48,7 +50,8 @@ from ulskip_jax.ops import dense, softcap
 from ulskip_jax.skipping import as_plan
 
 Array = jax.Array
-DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
+DType = Literal["float32", "bfloat16", "float16"]  # compute and parameter dtypes
+DTYPES = get_args(DType)
 # RMSNorm (Llama) | RMSNorm scaled by (1 + w), w stored zero-centred (Gemma) | LayerNorm (GPT-2)
 NormKind = Literal["rms", "rms_plus_one", "layer"]
 MLPKind = Literal["gated", "plain"]         # gated: down(act(gate x) * up x)
@@ -93,8 +96,8 @@ class ModelConfig:
   mlp_bias: bool = False
   embed_norm: bool = False       # BLOOM's LayerNorm right after the embedding
   tie_embeddings: bool = False
-  dtype: str = "float32"         # compute dtype
-  param_dtype: str = "float32"
+  dtype: DType = "float32"       # compute dtype
+  param_dtype: DType = "float32"
   remat: bool = False            # rematerialise each layer in the backward pass
   # einsum | xla | cudnn | auto: how attention is computed (`attention.py`); never the result
   attention_impl: attention.AttentionImpl = "einsum"
@@ -103,11 +106,16 @@ class ModelConfig:
   lora_dropout: float = 0.0      # on each adapter's input, when the call passes a dropout key
   lora_targets: tuple = ()       # projections with adapters, among lora.TARGETS
 
+  @staticmethod
+  @functools.cache
+  def choices() -> dict[str, tuple]:
+    """The allowed values of each Literal field: its annotation is their one list (config_schema
+    builds its choices from the same Literal types)."""
+    return {field: get_args(hint) for field, hint in typing.get_type_hints(ModelConfig).items()
+            if typing.get_origin(hint) is Literal}
+
   def __post_init__(self):
-    allowed = dict(norm=get_args(NormKind), mlp=get_args(MLPKind), act=get_args(Activation),
-                   pos=get_args(Positions), dtype=DTYPES, param_dtype=DTYPES,
-                   attention_impl=get_args(attention.AttentionImpl))
-    for field, values in allowed.items():
+    for field, values in ModelConfig.choices().items():
       if getattr(self, field) not in values:
         raise ValueError(f"{field}={getattr(self, field)!r} is unknown: allowed are {values}")
     if self.num_heads % self.num_kv_heads:
