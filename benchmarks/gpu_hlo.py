@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
 
-from ulskip_jax import baselines, decode, engine, plan_layers, slots
+from ulskip_jax import baseline_decode, baseline_schedules, decode, engine, plan_layers, slots
 from ulskip_jax.model import Decoder, ModelConfig
 from ulskip_jax.testing import loop_layer_ops
 
@@ -93,9 +93,10 @@ def cases(model):
     beams = kw.get("num_beams", 1)
     out[name] = (functools.partial(_lower_loop, loop, strategy, x),
                  (x.rows.shape[0] * beams, cfg.num_kv_heads, slots_, cfg.head_dim))
-  for name, strategy in [("early exit", baselines.EarlyExit(16, exit_every=2)),
-                         ("SkipDecode", baselines.SkipDecode(16, schedule=baselines.skipdecode_schedule(
-                             cfg.num_layers, 2, 16)))]:
+  for name, strategy in [("early exit", baseline_decode.EarlyExit(16, exit_every=2)),
+                         ("SkipDecode", baseline_decode.SkipDecode(
+                             16, schedule=baseline_schedules.skipdecode_schedule(cfg.num_layers, 2,
+                                                                                 16)))]:
     _, x = engine.checked_inputs(cfg, PROMPTS, max_new_tokens=10, eos_id=None, threshold=0.5)
     out[name] = (functools.partial(_lower_loop, loop, strategy, x),
                  (4, cfg.num_kv_heads, 32, cfg.head_dim))

@@ -29,7 +29,8 @@ from flax import nnx
 
 from benchmarks.reproduce_report import (json_dump, json_load, load_config, method_ratios, report,
                                          use_base_depth)
-from ulskip_jax import baselines, decode, engine, hf, plan_layers, train_lib
+from ulskip_jax import (baseline_decode, baseline_losses, baseline_schedules, decode, engine,
+                        early_exit_tuning, hf, plan_layers, train_lib)
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import batching, corpora
 from ulskip_jax.tokenizer import Tokenizer
@@ -141,8 +142,8 @@ def run_dynamic_ft(c, base_hf, name, export, loss_fn) -> float:
   graphdef, _ = nnx.split(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   state = dict(params=params, opt_state=optimizer.init(params))
-  step = jax.jit(functools.partial(baselines.train_step, graphdef=graphdef, optimizer=optimizer,
-                                   loss_fn=loss_fn), donate_argnums=0)
+  step = jax.jit(functools.partial(baseline_losses.train_step, graphdef=graphdef,
+                                   optimizer=optimizer, loss_fn=loss_fn), donate_argnums=0)
   for i in range(t.num_steps):
     state, metrics = step(state, next(batcher))
     if (i + 1) % t.log_every == 0 or i + 1 == t.num_steps:
@@ -165,8 +166,8 @@ def mean_target_tokens(tok, pairs) -> float:
 
 
 def sd_schedule(c, L, ratio, horizon):
-  return baselines.skipdecode_schedule(L, ratio, max(int(round(horizon)), c.skipdecode_levels),
-                                       c.skipdecode_levels)
+  return baseline_schedules.skipdecode_schedule(
+      L, ratio, max(int(round(horizon)), c.skipdecode_levels), c.skipdecode_levels)
 
 
 def static_runs(c):
@@ -187,7 +188,7 @@ def run_ft(c, base_hf) -> dict:
                                 strategy=strategy, ratio=r, seed=seed)
   times["early_exit"] = run_dynamic_ft(
       c, base_hf, "early_exit", os.path.join(c.workdir, "ft_early_exit"),
-      functools.partial(baselines.early_exit_loss_sums, exit_every=c.exit_every))
+      functools.partial(baseline_losses.early_exit_loss_sums, exit_every=c.exit_every))
   tok = base_tokenizer(c, base_hf)
   horizon = mean_target_tokens(tok, corpora.load_pairs(c.train.data)["validation"])
   L = c.train.model.num_layers
@@ -195,7 +196,7 @@ def run_ft(c, base_hf) -> dict:
     sched = sd_schedule(c, L, r, horizon)
     times[f"skipdecode_r{r:g}"] = run_dynamic_ft(
         c, base_hf, f"skipdecode_r{r:g}", os.path.join(c.workdir, f"ft_skipdecode_r{r:g}"),
-        functools.partial(baselines.skipdecode_loss_sums, schedule=sched))
+        functools.partial(baseline_losses.skipdecode_loss_sums, schedule=sched))
   return times
 
 
@@ -256,12 +257,12 @@ class Evaluator:
 
   def early_exit(self, model, target):
     L = model.cfg.num_layers
-    threshold, tuned = baselines.tune_threshold(
+    threshold, tuned = early_exit_tuning.tune_threshold(
         model, self.tune_prompts, target, batch_size=self.c.eval.batch_size,
         exit_every=self.c.exit_every, iterations=self.c.eval.tune_iterations, **self.gen_kw)
-    out, stats = self.decode(model, baselines.early_exit_generate, threshold=threshold,
+    out, stats = self.decode(model, baseline_decode.early_exit_generate, threshold=threshold,
                              exit_every=self.c.exit_every)
-    sums = functools.partial(baselines.early_exit_teacher_forced_loss_sums,
+    sums = functools.partial(baseline_losses.early_exit_teacher_forced_loss_sums,
                              exit_every=self.c.exit_every, threshold=threshold)
     return dict(out, ppl=self.ppl(model, sums), ratio=stats.ratio(L), tuned_ratio=tuned,
                 threshold=threshold)
@@ -269,8 +270,8 @@ class Evaluator:
   def skipdecode(self, model, ratio):
     L = model.cfg.num_layers
     sched = sd_schedule(self.c, L, ratio, self.horizon)
-    out, stats = self.decode(model, baselines.skipdecode_generate, schedule=sched)
-    ppl = self.ppl(model, functools.partial(baselines.skipdecode_loss_sums, schedule=sched))
+    out, stats = self.decode(model, baseline_decode.skipdecode_generate, schedule=sched)
+    ppl = self.ppl(model, functools.partial(baseline_losses.skipdecode_loss_sums, schedule=sched))
     return dict(out, ppl=ppl, ratio=stats.ratio(L), schedule=dataclasses.asdict(sched))
 
 
@@ -380,7 +381,8 @@ def _time_cases(cases, repeats, num_layers):
       if s.generated_tokens_per_s > best[name][0]:
         best[name] = (s.generated_tokens_per_s, s)
   return {name: dict(tok_s=tps, compile_s=compile_s[name], cache_bytes=s.cache_bytes,
-                     ratio=s.ratio(num_layers) if isinstance(s, baselines.DynamicStats) else None)
+                     ratio=(s.ratio(num_layers) if isinstance(s, baseline_decode.DynamicStats)
+                            else None))
           for name, (tps, s) in best.items()}
 
 
@@ -408,9 +410,9 @@ def run_speed_trained(c, base_hf, quality) -> dict:
     for r in c.ratios:
       cases[f"uls_r{r:g}"] = gen(decode.generate, multi, ratio=r)
       if r in sd:
-        cases[f"skipdecode_r{r:g}"] = gen(baselines.skipdecode_generate, sd[r],
+        cases[f"skipdecode_r{r:g}"] = gen(baseline_decode.skipdecode_generate, sd[r],
                                           schedule=sd_schedule(c, L, r, ev.horizon))
-      cases[f"early_exit_r{r:g}"] = gen(baselines.early_exit_generate, ee,
+      cases[f"early_exit_r{r:g}"] = gen(baseline_decode.early_exit_generate, ee,
                                         threshold=quality[f"early_exit_r{r:g}"]["threshold"],
                                         exit_every=c.exit_every)
     start = time.perf_counter()
@@ -455,7 +457,7 @@ def run_speed(c) -> dict:
   s = c.speed
   L = s.layers
   rng = np.random.default_rng(0)
-  before = _compiles("decode", "speculative"), _compiles("baselines")
+  before = _compiles("decode", "speculative"), _compiles("baseline_decode")
   out = dict(config=s.to_dict(), batches={})
   with tempfile.TemporaryDirectory() as tmp:
     full_dir = os.path.join(tmp, "full")
@@ -476,8 +478,8 @@ def run_speed(c) -> dict:
       for r in s.ratios:
         cases[f"uls_r{r:g}"] = case(decode.generate, ratio=r)
         if r > 1:
-          sched = baselines.skipdecode_schedule(L, r, s.new_tokens)
-          cases[f"skipdecode_r{r:g}"] = case(baselines.skipdecode_generate, schedule=sched)
+          sched = baseline_schedules.skipdecode_schedule(L, r, s.new_tokens)
+          cases[f"skipdecode_r{r:g}"] = case(baseline_decode.skipdecode_generate, schedule=sched)
           if batch == s.static_batch and r in s.static_ratios:
             for strategy in ("top", "bottom", "middle", "every_other", "random"):
               cases[f"{strategy}_r{r:g}"] = case(
@@ -485,10 +487,10 @@ def run_speed(c) -> dict:
             # The prompt through the kept layers too: the decode loop's speedup without the
             # full-depth prefill (paper mode, the default, runs the prompt at full depth).
             cases[f"uls_everywhere_r{r:g}"] = case(decode.generate, ratio=r, mode="everywhere")
-      cases["early_exit_first_exit"] = case(baselines.early_exit_generate, threshold=0.0,
+      cases["early_exit_first_exit"] = case(baseline_decode.early_exit_generate, threshold=0.0,
                                             exit_every=c.exit_every)
-      cases["early_exit_never"] = case(baselines.early_exit_generate, threshold=2.0,
-                                        exit_every=c.exit_every)
+      cases["early_exit_never"] = case(baseline_decode.early_exit_generate, threshold=2.0,
+                                       exit_every=c.exit_every)
       start = time.perf_counter()
       res = _time_cases(cases, s.repeats, L)
       for r in s.ratios:
@@ -497,7 +499,7 @@ def run_speed(c) -> dict:
       out["batches"][str(batch)] = res
       log(f"speed batch {batch}: {time.perf_counter() - start:.0f} s")
   out["stage_compiles"] = dict(decode=_compiles("decode", "speculative") - before[0],
-                               baselines=_compiles("baselines") - before[1])
+                               baselines=_compiles("baseline_decode") - before[1])
   return out
 
 

@@ -1,8 +1,8 @@
 """The decoding engine: what every strategy shares, and the one loop they all run.
 
 A strategy (greedy, sampling and beams in `decode.py`; `speculative.py`; early exit and SkipDecode
-in `baselines.py`) is a frozen dataclass of its static options with `start` (its named loop state
-after the prefill), `step`, `running` and `result`. `decode_loop` runs it as one
+in `baseline_decode.py`) is a frozen dataclass of its static options with `start` (its named loop
+state after the prefill), `step`, `running` and `result`. `decode_loop` runs it as one
 `lax.while_loop` in one executable per (strategy, model structure, shapes, compiler options),
 built once. The engine holds the rest: checks, buckets, left padding, the prefill, the prompt
 queue, trimming after EOS and the stats, so adding a strategy is one class in one file.
