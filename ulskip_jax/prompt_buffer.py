@@ -110,7 +110,7 @@ class Device:
   platform's common chips; docs/accelerators.md gives where each comes from)."""
   flops_per_s: float  # the rate a layer's matmuls run at when they are the bottleneck
   bytes_per_s: float  # the rate the gathers and scatters move activations at
-  overhead_s: float   # the buffer's fixed cost per skipped layer and step: its ops' launches
+  overhead_s: float   # the buffer's fixed cost per skipped layer and micro-batch: its ops
 
 
 DEVICES = {
@@ -155,7 +155,7 @@ def choose(mode: str, capacity: int, cfg: ModelConfig, rows: int, seq_len: int,
   nothing, so that is whole rows either way.
   """
   as_choice("skip.prompt_buffer", mode, MODES)
-  device = DEVICES.get(platform, DEVICES["gpu"])  # ROCm and other accelerators: GPU-like
+  device = DEVICES.get(platform, DEVICES["gpu"])  # other accelerator plugins: taken as GPU-like
   T, C = seq_len, min(capacity, seq_len)
   passes = 4 if cfg.remat else 3  # the forward, its two backward products, remat's recompute
   saved_flops = passes * rows * (T * layer_flops_per_token(cfg, T)
