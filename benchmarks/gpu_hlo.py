@@ -101,7 +101,7 @@ def cases(model):
     out[name] = (functools.partial(_lower_loop, loop, strategy, x),
                  (4, cfg.num_kv_heads, 32, cfg.head_dim))
   # The serving engine: 4 steps of every row of a pool of 4 rows x 32 slots, at ratio 2.
-  plan = slots.Plan(skip=plan_layers(cfg.num_layers, 2).skipped, paper_mode=True, eos_id=-1,
+  plan = slots.Plan(skip=plan_layers(cfg.num_layers, 2), paper_mode=True, eos_id=-1,
                     pad_id=0)
   state = jax.eval_shape(lambda: slots.init_state(cfg, 4, 32, plan.skip, plan.pad_id))
   steps = jax.jit(slots.decode_steps, static_argnames=("graphdef", "plan", "steps"),
