@@ -136,7 +136,8 @@ def parse_speculative(text: str) -> dict[str, Any]:
 
 def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
   """[(label, generate keyword arguments)] per ratio or skip list (a calibrated workdir's: its
-  plan), the lists checked here, the rest with every option in `run` before any run."""
+  plan, for --speculative's draft_ratio too), the lists checked here, the rest with every option
+  in `run` before any run."""
   from ulskip_jax import skipping
   runs = []
   if args.skip is not None and args.ratio is not None:
@@ -149,6 +150,12 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
       options = parse_speculative(args.speculative)
     except ValueError as e:
       raise UsageError(f"--speculative: {e}")
+    try:
+      calibrated = skipping.workdir_plan(args.checkpoint, num_layers)
+      if calibrated and options.get("draft_ratio") is not None and "draft_skip" not in options:
+        options["draft_skip"] = calibrated.plan(options.pop("draft_ratio"))  # its sub-model drafts
+    except ValueError as e:
+      raise UsageError(str(e))
     return [("spec", dict(speculative=options))]
   try:
     if args.skip is not None:

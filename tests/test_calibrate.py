@@ -187,6 +187,8 @@ def test_training_and_infer_take_a_calibrated_run_plan_from_its_workdir(tmp_path
   runs = infer.parse_runs(args, RUN_LAYERS)
   assert [(label, run["skip"].skipped, run["skip"].strategy) for label, run in runs] == [
       ("r1", (), "calibrated"), ("r2", (1, 2, 3), "calibrated")]
+  args.ratio, args.speculative = None, "draft_ratio=2,k=2"  # the calibrated sub-model drafts
+  assert infer.parse_runs(args, RUN_LAYERS)[0][1]["speculative"]["draft_skip"].skipped == (1, 2, 3)
   # The plan file can seed another run; a plan for another depth is refused before any work.
   other = _run_config(folder, **{"skip.plan_file": str(path)})
   config_check.validate_run(other, str(tmp_path / "run2"))
