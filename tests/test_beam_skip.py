@@ -9,22 +9,13 @@ import torch
 import transformers
 
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, hf, plan_layers
+from ulskip_jax import decode, hf, plan_layers
 
 PROMPTS = [[1, 5, 6, 7, 5, 6], [1, 9, 8, 7, 6, 5], [1, 11, 12, 13, 14, 3]]
 MAX_NEW, EOS = 10, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_settings():
-  saved, threads = dict(engine.COMPILER_OPTIONS), torch.get_num_threads()
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  torch.set_num_threads(1)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile", "one_torch_thread")
 
 
 def test_beam_search_with_skip_equals_transformers_on_the_pruned_model(tmp_path):

@@ -8,8 +8,8 @@ window, so every decoder's cache holds keys the window must hide.
 
 from __future__ import annotations
 
+import jax
 import pytest
-import torch
 
 from ulskip_jax import testing as tiny
 from ulskip_jax import decode, engine, hf
@@ -20,17 +20,15 @@ MAX_NEW = 10
 EOS = 2
 
 
+pytestmark = pytest.mark.usefixtures("fast_engine_compile", "one_torch_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def fast_settings():
-  saved, threads = dict(engine.COMPILER_OPTIONS), torch.get_num_threads()
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True,
-                                 xla_cpu_use_fusion_emitters=False)
-  torch.set_num_threads(1)
+def older_cpu_emitters(fast_engine_compile):
+  """XLA:CPU's older emitters (an XLA:CPU option: other backends refuse it)."""
+  if jax.default_backend() == "cpu":
+    engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
   yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
-  torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family,draft_cache", [("phi3", "shared"), ("gemma3", "separate")])
