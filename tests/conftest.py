@@ -33,6 +33,18 @@ if not _on_cpu() and os.environ.get("PYTEST_XDIST_WORKER"):
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def pytest_collection_modifyitems(session, config, items):
+  """The longest test modules first (a module's size stands for its run time): with -n N each
+  worker takes a whole module at a time, and a long one dealt last leaves the others idle."""
+  size = {}
+  def cost(item):
+    path = str(item.path)
+    if path not in size:
+      size[path] = os.path.getsize(path)
+    return -size[path]
+  items.sort(key=cost)  # stable: a module's tests keep their order
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
   """Tiny matmuls gain nothing from threads, and on a busy machine torch's spinning worker
