@@ -236,10 +236,12 @@ class SlotPool:
   def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Up to `steps` decode steps of every row: (tokens [B, steps], emitted [B, steps], done [B])
     on the host."""
-    args = (self.graphdef, self.params, self.state, self._stop)
+    # A fresh array for the next step's stops: on the CPU the executable may read the one passed
+    # here in place, after this call has returned (clearing it in place raced with that read).
+    stop, self._stop = self._stop, np.zeros_like(self._stop)
+    args = (self.graphdef, self.params, self.state, stop)
     static = dict(plan=self.plan, steps=self.steps)
     self.state, tokens, emitted = _compiled(decode_steps, static, *args)(*args[1:])
-    self._stop[:] = False
     tokens, emitted, done = jax.device_get((tokens, emitted, self.state.done))
     return tokens, emitted, done
 
@@ -359,9 +361,9 @@ class SpeculativePool(SlotPool):
     return int(tok)
 
   def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    args = (self.graphdef, self.params, self.state, self._stop)
+    stop, self._stop = self._stop, np.zeros_like(self._stop)  # as in SlotPool.step
+    args = (self.graphdef, self.params, self.state, stop)
     self.state = _compiled(speculative_steps, self._static(steps=self.steps), *args)(*args[1:])
-    self._stop[:] = False
     out, count, done = jax.device_get((self.state.spec.out, self.state.spec.count,
                                        self.state.spec.done))
     new = np.maximum(count - self._read, 0)
