@@ -102,19 +102,14 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(root):
+def compile_cache(root, fast_engine_compile):
   """One persistent compilation cache for this module's jits and its children."""
   saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
                                                "jax_persistent_cache_min_compile_time_secs")}
   jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   compilation_cache.reset_cache()
-  decode_options = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
   yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(decode_options)
   for k, v in saved.items():
     jax.config.update(k, v)
   compilation_cache.reset_cache()
