@@ -2,26 +2,28 @@
 
   nice python -m benchmarks.recipes                 # ce, kd_self, sandwich: 20 steps each at 2x
   nice python -m benchmarks.recipes --quick         # 2 steps, 16 verses: a smoke run (~3 min)
-  nice python -m benchmarks.recipes --recipes ce,kd_init --steps 40
+  nice python -m benchmarks.recipes --recipes ce,kd_init --steps 40 --ratio 3
   nice python -m benchmarks.recipes --recipes ce,kd_self,kd_init,sandwich --steps 4 --no-eval \
       --workdir runs/recipes_timing       # step times only: the teachers' overhead against CE
-  nice python -m benchmarks.recipes --recipes sandwich --plan runs/plans/plan_kl_greedy.json
-                                    # the same recipes on a calibrated plan (benchmarks/plans.py)
+  nice python -m benchmarks.recipes --recipes sandwich --plan configs/plans/smollm2_kl_greedy.json \
+      --steps 16 --curve 8 --seeds 0,1  # on a calibrated plan; two seeds; BLEU at steps 8 and 16
 
-Each recipe is the quick start (`configs/smollm2_quick.py`: KJV -> WEB, chat format, batch 8,
-lr 5e-4) at ratio 2, for --steps steps, so every recipe trains on the same batches (equal
-training tokens); they differ only in the loss (`RECIPES`, docs/distillation.md):
-  ce        today's: cross-entropy on the 2x path (paper mode)
-  kd_self   0.5 KL(full depth, same weights, this step) + 0.5 CE on the 2x path
+Each recipe is the quick start's data and optimizer (`configs/smollm2_quick.py`: KJV -> WEB, chat
+format, batch 8, lr 5e-4) at --ratio, for --steps steps, so every recipe trains on the same
+batches for a seed (equal training tokens); they differ only in the loss (`RECIPES`,
+docs/distillation.md) and, with --plan, the plan (ULS's even spread otherwise):
+  ce        cross-entropy on the skipped path (paper mode), the paper's recipe
+  kd_self   0.5 KL(full depth, same weights, this step) + 0.5 CE on the skipped path
   kd_init   the same against the frozen initial weights
-  sandwich  CE at full depth + KL(that same forward) on the 2x path, one step
+  sandwich  CE at full depth + KL(that same forward) on the skipped path, one step
 Each trains with train.py in a child process (its wall and CPU time measured; the step time is
 the median of the steps after the second, from log.jsonl), then is decoded greedily (paper mode,
---max-new-tokens) at full depth and at 2x on --verses test verses: a seeded sample of the test
-books (`corpora.load_pairs`' test split), the same for every recipe. Scored: BLEU and chrF
-(sacrebleu), the 2x model's BLEU as a percent of its own full depth's, and the share of outputs
-that loop (some word 4-gram three or more times). Workdirs are kept under --workdir and reused
-(delete one to redo it). Writes benchmarks/results/smollm2/recipes{,_quick}.{json,md}.
+--max-new-tokens) at full depth and at --ratio on --verses test verses: a seeded sample of the
+test books (`corpora.load_pairs`' test split), the same for every recipe and seed. Scored: BLEU
+and chrF (sacrebleu), the sub-model's BLEU as a percent of its own full depth's, and the share of
+outputs that loop (some word 4-gram three or more times); --curve N scores every N-th step's
+checkpoint too. Workdirs are kept under --workdir and reused (delete one to redo it). Writes
+benchmarks/results/smollm2/recipes[_quick][_rR][_PLAN].{json,md}.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/smollm2_quick.py"
-RATIO = 2.0
+# Every recipe sets all the distillation keys, so the quick start's own recipe does not leak in.
+_OFF = {"distill.teacher": "", "distill.alpha": 0.5, "distill.sandwich": False}
 RECIPES = {
-    "ce": {},
-    "kd_self": {"distill.teacher": "self", "distill.alpha": 0.5},
-    "kd_init": {"distill.teacher": "init", "distill.alpha": 0.5},
+    "ce": _OFF,
+    "kd_self": {**_OFF, "distill.teacher": "self"},
+    "kd_init": {**_OFF, "distill.teacher": "init"},
     "sandwich": {"distill.teacher": "self", "distill.alpha": 1.0, "distill.sandwich": True},
 }
 
@@ -56,16 +59,21 @@ def loops(text: str, n: int = 4, times: int = 3) -> bool:
   return any(c >= times for c in grams.values())
 
 
-def train(name: str, workdir: str, steps: int, plan_file: str = "") -> dict:
-  """Runs train.py for a recipe (unless its workdir finished); its timing, from the run."""
+def train(name: str, workdir: str, steps: int, plan_file: str = "", *, ratio: float = 2.0,
+          seed: int = 0, every: int = 0) -> dict:
+  """Runs train.py for a recipe (unless its workdir finished); its timing, from the run.
+
+  every > 0 keeps a checkpoint each `every` steps (for the BLEU-against-steps curve).
+  """
   timing_file = os.path.join(workdir, "timing.json")
   if os.path.exists(timing_file):
     with open(timing_file) as f:
       return json.load(f)
   flags = [f"--config.{k}={v}" for k, v in {
-      "skip.ratio": RATIO, "num_steps": steps, "log_every": 1,
-      "eval_every": 0, "checkpoint.every": steps, "progress_bar": False,
-      **({"skip.strategy": "calibrated", "skip.plan_file": plan_file} if plan_file else {}),
+      "skip.ratio": ratio, "num_steps": steps, "log_every": 1, "seed": seed,
+      "eval_every": 0, "checkpoint.every": every or steps, "progress_bar": False,
+      **({"checkpoint.keep": steps // every + 1} if every else {}),
+      "skip.strategy": "calibrated" if plan_file else "uls", "skip.plan_file": plan_file,
       **RECIPES[name]}.items()]
   cmd = [sys.executable, "train.py", "--config", CONFIG, "--workdir", workdir, *flags]
   print(" ".join(cmd), flush=True)
@@ -86,9 +94,14 @@ def train(name: str, workdir: str, steps: int, plan_file: str = "") -> dict:
   return out
 
 
-def evaluate(workdir: str, pairs, max_new_tokens: int) -> dict:
-  """BLEU, chrF and loop share at full depth and at RATIO, cached in the workdir."""
-  out_file = os.path.join(workdir, f"eval_{len(pairs)}.json")
+def evaluate(workdir: str, pairs, max_new_tokens: int, ratio: float = 2.0,
+             step: int | None = None) -> dict:
+  """BLEU, chrF and loop share at full depth and at `ratio`, cached in the workdir.
+
+  step: a kept checkpoint's step (default: the latest).
+  """
+  out_file = os.path.join(workdir, f"eval_{len(pairs)}" + (f"_step{step}" if step else "")
+                          + ".json")
   if os.path.exists(out_file):
     with open(out_file) as f:
       return json.load(f)
@@ -98,19 +111,18 @@ def evaluate(workdir: str, pairs, max_new_tokens: int) -> dict:
   from configs import smollm2_quick
   cfg = smollm2_quick.get_config()
   from ulskip_jax import skipping
-  model, tok = checkpoint.load_for_inference(workdir)
+  model, tok = checkpoint.load_for_inference(workdir, step)
   # A calibrated run decodes with the plan it trained (its workdir's plan.json), not ULS's.
   calibrated = skipping.workdir_plan(workdir, model.cfg.num_layers)
   prompts, refs = batching.eval_prompts(tok, cfg.data.template, pairs, cfg.data.seq_len)
   out = {}
-  for ratio in (1.0, RATIO):
+  for r in (1.0, ratio):
     start = time.monotonic()
-    plan = dict(skip=calibrated.plan(ratio).skipped) if calibrated and ratio != 1 else dict(
-        ratio=ratio)
+    plan = dict(skip=calibrated.plan(r).skipped) if calibrated and r != 1 else dict(ratio=r)
     ids, _ = decode.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
                              pad_id=tok.pad_id, batch_size=32, mode="paper", **plan)
     hyps = [tok.decode(x).strip() for x in ids]
-    out[f"r{ratio:g}"] = dict(
+    out[f"r{r:g}"] = dict(
         bleu=sacrebleu.corpus_bleu(hyps, [refs]).score,
         chrf=sacrebleu.corpus_chrf(hyps, [refs]).score,
         loops=sum(map(loops, hyps)) / len(hyps), decode_wall_s=time.monotonic() - start,
@@ -121,31 +133,45 @@ def evaluate(workdir: str, pairs, max_new_tokens: int) -> dict:
 
 
 def table(results: dict, meta: dict) -> str:
-  lines = [f"# Recipes for the 2x sub-model, SmolLM2-135M-Instruct, KJV -> WEB", "",
+  """The markdown report: one row per recipe and seed, then the BLEU-against-steps curves."""
+  ratio = meta.get("ratio", 2.0)
+  seeds = meta.get("seeds", [0])
+  lines = [f"# Recipes for the {ratio:g}x sub-model, SmolLM2-135M-Instruct, KJV -> WEB", "",
            f"{meta['date']}, {meta['machine']}, commit {meta['commit']}; "
            f"`{meta['command']}`.", "",
            f"Every recipe: up to {meta['steps']} steps of the quick start's batches (batch 8, "
-           f"the same batches in the same order; a run stopped early (SIGTERM: train.py saves "
-           f"and stops) trained its first `steps`), ratio 2 (15 of 30 layers; plan: "
-           f"{meta.get('plan', 'uls')}), greedy "
-           f"decoding of {meta['verses']} test verses (a seeded sample of the test books; "
-           f"copying the KJV source scores BLEU {meta['copy_bleu']:.1f}). One seed: read the "
-           "direction, not the digit. Step time: median wall time of a step after the second; "
-           "train wall / CPU: the whole train.py process (load, compile, steps, save).", "",
-           "| recipe | steps | BLEU full | BLEU 2x | 2x / full | chrF full | chrF 2x | loops full / 2x "
-           "| step wall | vs CE | train wall / CPU |",
+           f"the same batches in the same order for one seed; a run stopped early (SIGTERM: "
+           f"train.py saves and stops) trained its first `steps`), ratio {ratio:g} (plan: "
+           f"{meta.get('plan', 'uls')}), greedy decoding of {meta['verses']} test verses (a "
+           f"seeded sample of the test books; copying the KJV source scores BLEU "
+           f"{meta['copy_bleu']:.1f}). Seeds (data order and init) {seeds}"
+           + ("" if len(seeds) > 1 else ": one seed, read the direction, not the digit")
+           + ". Step time: median wall time of a step after the second; train wall / CPU: the "
+           "whole train.py process (load, compile, steps, save).", "",
+           f"| recipe | seed | steps | BLEU full | BLEU {ratio:g}x | {ratio:g}x / full | chrF full | "
+           f"chrF {ratio:g}x | loops full / {ratio:g}x | step wall | train wall / CPU |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  ce_step = results.get("ce", {}).get("step_wall_s")
-  for name, r in results.items():
-    none = dict(bleu=float("nan"), chrf=float("nan"), loops=float("nan"))
-    full, sub = r.get("r1", none), r.get(f"r{RATIO:g}", none)
-    vs = f"{r['step_wall_s'] / ce_step:.2f}x" if ce_step and r["step_wall_s"] else "n/a"
+  none = dict(bleu=float("nan"), chrf=float("nan"), loops=float("nan"))
+  for key, r in results.items():
+    full, sub = r.get("r1", none), r.get(f"r{ratio:g}", none)
     step = f"{r['step_wall_s']:.1f} s" if r["step_wall_s"] else "n/a"
     lines.append(
-        f"| {name} | {r['steps']} | {full['bleu']:.1f} | {sub['bleu']:.1f} | "
-        f"{100 * sub['bleu'] / max(full['bleu'], 1e-9):.0f}% | {full['chrf']:.1f} | "
-        f"{sub['chrf']:.1f} | {100 * full['loops']:.0f}% / {100 * sub['loops']:.0f}% | {step} | "
-        f"{vs} | {r['train_wall_s']:.0f} s / {r['train_cpu_s']:.0f} s |")
+        f"| {r.get('recipe', key)} | {r.get('seed', 0)} | {r['steps']} | {full['bleu']:.1f} | "
+        f"{sub['bleu']:.1f} | {100 * sub['bleu'] / max(full['bleu'], 1e-9):.0f}% | "
+        f"{full['chrf']:.1f} | {sub['chrf']:.1f} | "
+        f"{100 * full['loops']:.0f}% / {100 * sub['loops']:.0f}% | {step} | "
+        f"{r['train_wall_s']:.0f} s / {r['train_cpu_s']:.0f} s |")
+  curves = {k: r["curve"] for k, r in results.items() if r.get("curve")}
+  if curves:
+    lines += ["", f"## BLEU against steps (full depth / {ratio:g}x, kept share)", "",
+              "| recipe | seed | " + " | ".join(f"step {s}" for s in next(iter(curves.values())))
+              + " |", "|---|---|" + "---|" * len(next(iter(curves.values())))]
+    for key, curve in curves.items():
+      r = results[key]
+      cells = [f"{e['r1']['bleu']:.1f} / {e[f'r{ratio:g}']['bleu']:.1f} "
+               f"({100 * e[f'r{ratio:g}']['bleu'] / max(e['r1']['bleu'], 1e-9):.0f}%)"
+               for e in curve.values()]
+      lines.append(f"| {r.get('recipe', key)} | {r.get('seed', 0)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -154,6 +180,10 @@ def main(argv=None) -> None:
   p.add_argument("--quick", action="store_true", help="2 steps, 16 verses, ce and sandwich")
   p.add_argument("--recipes", default="", help=f"comma-separated, of {', '.join(RECIPES)}")
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--ratio", type=float, default=2.0, help="the sub-model's speedup ratio")
+  p.add_argument("--seeds", default="0", help="comma-separated training seeds (data order, init)")
+  p.add_argument("--curve", type=int, default=0, help="also score every N-th step's checkpoint: "
+                 "BLEU against steps")
   p.add_argument("--verses", type=int, default=256)
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--workdir", default="runs/recipes")
@@ -163,8 +193,16 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.plan and not os.path.isfile(args.plan):
     p.error(f"--plan {args.plan!r} is not a file: pass a plan.json written by calibration")
+  if args.ratio <= 1:
+    p.error(f"--ratio {args.ratio}: a speedup ratio above 1 is allowed")
+  try:
+    seeds = [int(x) for x in args.seeds.split(",")]
+  except ValueError:
+    p.error(f"--seeds {args.seeds!r}: comma-separated integers are allowed")
+  if args.curve < 0 or (args.curve and args.steps % args.curve):
+    p.error(f"--curve {args.curve}: a positive divisor of --steps {args.steps} is allowed")
   if args.quick:
-    args.steps, args.verses, args.max_new_tokens = 2, 16, 32
+    args.steps, args.verses, args.max_new_tokens, args.curve = 2, 16, 32, 0
     args.recipes = args.recipes or "ce,sandwich"
     args.workdir += "_quick"
   names = (args.recipes or "ce,kd_self,sandwich").split(",")
@@ -178,27 +216,38 @@ def main(argv=None) -> None:
   pairs = random.Random(0).sample(test, args.verses)
   copy_bleu = sacrebleu.corpus_bleu([x["source"] for x in pairs],
                                     [[x["target"] for x in pairs]]).score
+  plan_file = os.path.abspath(args.plan) if args.plan else ""
   results = {}
   for name in names:
-    workdir = os.path.join(args.workdir, name)
-    results[name] = train(name, workdir, args.steps, os.path.abspath(args.plan) if args.plan else "")
-    with open(os.path.join(workdir, "log.jsonl")) as f:
-      results[name]["steps"] = sum("loss" in json.loads(line) for line in f)
-    if not args.no_eval:
-      results[name].update(evaluate(workdir, pairs, args.max_new_tokens))
-    print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}),
-          flush=True)
+    for seed in seeds:
+      key = name if seeds == [0] else f"{name}_s{seed}"
+      workdir = os.path.join(args.workdir, name + ("" if args.ratio == 2 else f"_r{args.ratio:g}")
+                             + ("" if seed == 0 else f"_s{seed}"))
+      r = results[key] = dict(recipe=name, seed=seed, **train(
+          name, workdir, args.steps, plan_file, ratio=args.ratio, seed=seed, every=args.curve))
+      with open(os.path.join(workdir, "log.jsonl")) as f:
+        r["steps"] = sum("loss" in json.loads(line) for line in f)
+      if not args.no_eval:
+        r.update(evaluate(workdir, pairs, args.max_new_tokens, args.ratio))
+        if args.curve:
+          r["curve"] = {s: evaluate(workdir, pairs, args.max_new_tokens, args.ratio, s)
+                        for s in range(args.curve, r["steps"], args.curve)}
+          r["curve"][r["steps"]] = {k: r[k] for k in ("r1", f"r{args.ratio:g}")}
+      print(key, json.dumps({k: v for k, v in r.items() if k not in ("command", "curve")}),
+            flush=True)
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                           capture_output=True).stdout.strip()
   machine = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                   if l.startswith("model name")), platform.processor())
   meta = dict(date=datetime.date.today().isoformat(), machine=f"{machine}, {os.cpu_count()} cores",
               commit=commit, command="python -m benchmarks.recipes " + " ".join(sys.argv[1:]),
-              steps=args.steps, verses=args.verses, copy_bleu=copy_bleu,
-              plan=os.path.basename(args.plan) or "uls")
+              steps=args.steps, verses=args.verses, copy_bleu=copy_bleu, ratio=args.ratio,
+              seeds=seeds, plan=os.path.basename(args.plan) or "uls")
   stem = os.path.join(ROOT, "benchmarks", "results", "smollm2",
                       "recipes_quick" if args.quick else
                       "recipes_timing" if args.no_eval else "recipes")
+  if args.ratio != 2:
+    stem += f"_r{args.ratio:g}"
   if args.plan:
     stem += "_" + os.path.splitext(os.path.basename(args.plan))[0]
   with open(stem + ".json", "w") as f:

@@ -42,6 +42,7 @@ from ulskip_jax.tokenizer import Tokenizer
 from ulskip_jax import checkpoint as ckpt_lib
 from ulskip_jax import config_schema, gguf_io, hf, train_lib
 from ulskip_jax.model import Decoder
+from ulskip_jax import skipping
 from ulskip_jax.skipping import plan_layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -653,6 +654,12 @@ def test_config_builds_at_tiny_size(name, tmp_path):
 def _check_run_config(name, cfg, workdir):
   assert cfg.skip.mode in ("paper", "everywhere") and cfg.num_steps > 0
   batching.check_template(cfg.data.template)
+  if cfg.skip.strategy == "calibrated":  # its plan file has a plan for each ratio it runs
+    assert cfg.skip.plan_file, f"{name}: a shipped calibrated config names its plan file"
+    layer_scores = skipping.read_plan(cfg.skip.plan_file)
+    for ratio in tuple(cfg.skip.ratios) + (cfg.skip.ratio,) + tuple(cfg.eval_ratios):
+      assert layer_scores.plan(ratio).num_layers == layer_scores.num_layers
+    cfg.skip.strategy, cfg.skip.plan_file = "uls", ""  # the tiny model below has 4 layers
   for ratio in tuple(cfg.skip.ratios) or (cfg.skip.ratio,):  # each ratio fits the model's depth
     plan_layers(cfg.model.num_layers, ratio, cfg.skip.strategy, seed=cfg.seed)
   if cfg.model.init_from:  # only the packaged model may be named: nothing else exists offline
