@@ -28,7 +28,7 @@ import jax
 
 from ulskip_jax import attention, config_schema, lora
 from ulskip_jax.config_schema import ARCHITECTURE_FIELDS
-from ulskip_jax.model import ModelConfig
+from ulskip_jax.model import ModelConfig, layer_bytes
 from ulskip_jax.skipping import PLAN_FILE, plan_layers, read_plan
 
 
@@ -52,7 +52,7 @@ def validate_run(config, workdir: str) -> None:
     _check_relations(config, max_position)
     model = _run_model(config, hf_model)
     _check_lora_targets(config, model)
-    _check_plans(config, num_layers, model.attention_windows, workdir)
+    _check_plans(config, num_layers, model.attention_windows, workdir, layer_bytes(model))
     _check_mesh(config)
     _check_attention(config, model)
     _check_distill(config, hf_model, model)
@@ -156,9 +156,10 @@ def _check_lora_targets(config, model: ModelConfig) -> None:
                      "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
 
 
-def _check_plans(config, num_layers: int, windows=None, workdir=None) -> None:
-  """The skip plan of every ratio the run trains or evaluates, at the model's depth; a calibrated
-  run's plan file (the workdir's plan.json, else skip.plan_file) or what calibration needs."""
+def _check_plans(config, num_layers: int, windows=None, workdir=None, costs=None) -> None:
+  """The skip plan of every ratio the run trains or evaluates, at the model's depth (a sublayer
+  unit's by the model's weight bytes, `costs`); a calibrated run's plan file (the workdir's
+  plan.json, else skip.plan_file) or what calibration needs."""
   s = config.skip
   used = ([(f"skip.ratios[{i}]", r) for i, r in enumerate(s.ratios)] if len(s.ratios)
           else [("skip.ratio", s.ratio)])
@@ -167,12 +168,14 @@ def _check_plans(config, num_layers: int, windows=None, workdir=None) -> None:
   for key, ratio in used:
     try:
       if plan is not None:
-        plan.plan(ratio)
+        plan.plan(ratio, s.unit, costs)
       else:
         plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
-                    windows=windows, scores=_placeholder_scores(config, num_layers))
+                    windows=windows, scores=_placeholder_scores(config, num_layers),
+                    unit=s.unit, costs=costs)
     except ValueError as e:
       keep = f", skip.keep={tuple(s.keep)}" if len(s.keep) else ""
+      keep += f", skip.unit={s.unit!r}" if s.unit != "layer" else ""
       raise ValueError(f"{key}={ratio!r} cannot be planned on the model's {num_layers} layers "
                        f"(skip.strategy={s.strategy!r}{keep}): {e}") from None
 

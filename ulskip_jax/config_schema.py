@@ -32,7 +32,7 @@ from ulskip_jax import attention, lora, prompt_buffer
 from ulskip_jax.checks import as_choice, as_float, as_int
 from ulskip_jax.model import DTYPES, Activation, MLPKind, ModelConfig, NormKind, Positions
 from ulskip_jax.sharding import DEFAULT_RULES, MESH_AXES
-from ulskip_jax.skipping import CALIBRATION_METHODS, STRATEGIES
+from ulskip_jax.skipping import CALIBRATION_METHODS, STRATEGIES, UNITS
 
 # What distributed.auto looks for: jax.distributed.initialize() reads the rest from them.
 CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS")
@@ -359,6 +359,10 @@ KEYS: dict[str, Key] = {
     "skip.ratios": Key((), Check(_ratios, "tuple of numbers >= 1"), "if set, one ratio drawn per "
                        "step from these (one checkpoint for several ratios)"),
     "skip.strategy": Key("uls", _choice(*STRATEGIES), "which layers to keep (below)"),
+    "skip.unit": Key("layer", _choice(*UNITS), "what a skipped index removes: the whole layer, "
+                     "its MLP block (attention and the whole KV cache stay) or its attention "
+                     "block; a sublayer unit skips the fewest blocks whose weight bytes per token "
+                     "reach the ratio, chosen by the strategy (`uls` or `calibrated` scores)"),
     "skip.keep": Key((), Check(_layer_indices, "tuple of layer indices"), "layers every plan "
                      "keeps (strategies `uls` and `calibrated`), e.g. a model's global-attention "
                      "layers"),

@@ -375,11 +375,17 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
     describe `model`. None derives one from `model.cfg` (`config_to_hf`), with the special token
     ids of `tokenizer`.
   Weights are written in the model's parameter dtype; a tied lm_head is not written (HF ties it).
-  A model with LoRA adapters is written merged (`lora.merge`), then pruned by `skip`.
+  A model with LoRA adapters is written merged (`lora.merge`), then pruned by `skip`. A plan
+  skipping MLP or attention blocks is refused: no transformers family loads a layer without one.
   """
+  plan = as_plan(model.cfg.num_layers, skip)
+  if plan.unit != "layer" and plan.skipped:
+    raise ValueError(f"skip is a plan of unit={plan.unit!r} (layers {plan.skipped} without their "
+                     f"{plan.unit} block): transformers loads no layer without its {plan.unit}, so "
+                     "only whole-layer plans (unit='layer') are exported")
   model = lora.merge(model)
   cfg = model.cfg
-  kept = as_plan(cfg.num_layers, skip).kept
+  kept = plan.kept
   if hf_config is None:
     hf = config_to_hf(cfg)
     # Explicit ids (null without a tokenizer): the family defaults, e.g. GPT-2's 50256, would

@@ -129,9 +129,10 @@ def _write_rows(buf: Array, block: Array, offset_B: Array, axis: int) -> Array:
 
 def init_cache(cfg, batch: int, max_len: int, skip: SkipPlan | tuple[int, ...] = (),
                dtype: Any = None) -> KVCache:
-  """An empty cache with slots for the kept layers of `skip` (a plan or skipped indices) only:
-  its size at ratio r is n / L of full. cfg: a `model.ModelConfig`."""
-  n = len(as_plan(cfg.num_layers, skip).kept)
+  """An empty cache with slots for the layers of `skip` (a plan or skipped indices) whose attention
+  runs only (`SkipPlan.attention_layers`): its size at ratio r is n / L of full, and whole for a
+  plan skipping MLP blocks. cfg: a `model.ModelConfig`."""
+  n = len(as_plan(cfg.num_layers, skip).attention_layers)
   shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.dtype
   return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
@@ -141,7 +142,8 @@ def init_cache(cfg, batch: int, max_len: int, skip: SkipPlan | tuple[int, ...] =
 
 def cache_bytes(cfg, batch: int, max_len: int, skip: SkipPlan | tuple[int, ...] = (),
                 dtype: Any = None) -> int:
-  """Bytes `init_cache` would allocate: K and V of the kept layers, and the int32 positions."""
-  n = len(as_plan(cfg.num_layers, skip).kept)
+  """Bytes `init_cache` would allocate: K and V of the layers whose attention runs, and the int32
+  positions."""
+  n = len(as_plan(cfg.num_layers, skip).attention_layers)
   itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
   return batch * max_len * (2 * n * cfg.num_kv_heads * cfg.head_dim * itemsize + 4)

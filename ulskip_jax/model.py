@@ -47,7 +47,7 @@ from ulskip_jax import attention, lora
 from ulskip_jax import prompt_buffer
 from ulskip_jax.kv_cache import KVCache, LayerCache
 from ulskip_jax.ops import dense, softcap
-from ulskip_jax.skipping import as_plan
+from ulskip_jax.skipping import LayerBytes, as_plan
 
 Array = jax.Array
 DType = Literal["float32", "bfloat16", "float16"]  # compute and parameter dtypes
@@ -381,12 +381,27 @@ class Block(nnx.Module):
       self.mlp_post_norm = Norm(cfg, cfg.d_model)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv: LayerCache | None = None,
-               dropout_key=None):
+               dropout_key=None, attention=True, mlp=True):
     """Self-attention over the chunk (kv=None) or through the layer's cache (`kv_cache.py`).
 
     Returns the block output and, with a cache, the written `LayerCache` (for a deferred one, the
     chunk's (k, v)). dropout_key: the layer's LoRA dropout key (training), None = no dropout.
+    attention, mlp: True = the sublayer runs; False = it is the identity and its weights are not
+    read (a sublayer plan); a [B, T] bool mask = its output is kept at those positions only
+    (paper mode).
     """
+    x, new_kv = x_BTD, None
+    if attention is not False:
+      x, new_kv = self._attend(x_BTD, positions_BT, segment_ids_BT, kv, dropout_key, attention)
+    if mlp is False:
+      return x, new_kv
+    mlp_out = self.mlp(self.mlp_norm(x), dropout_key)
+    if hasattr(self, "mlp_post_norm"):
+      mlp_out = self.mlp_post_norm(mlp_out)
+    return _where(mlp, x + mlp_out, x), new_kv
+
+  def _attend(self, x_BTD, positions_BT, segment_ids_BT, kv, dropout_key, keep):
+    """(x plus the attention output where `keep` (True or a [B, T] mask), the written cache)."""
     h = self.attn_norm(x_BTD)
     q, k, v = self.attn.project_qkv(h, positions_BT, dropout_key)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Hd], the cache layout
@@ -404,11 +419,27 @@ class Block(nnx.Module):
     attn_out = self.attn(q, positions_BT, k_all, v_all, k_pos, mask, dropout_key, kv is None)
     if hasattr(self, "attn_post_norm"):
       attn_out = self.attn_post_norm(attn_out)
-    x = x_BTD + attn_out
-    mlp_out = self.mlp(self.mlp_norm(x), dropout_key)
-    if hasattr(self, "mlp_post_norm"):
-      mlp_out = self.mlp_post_norm(mlp_out)
-    return x + mlp_out, new_kv
+    return _where(keep, x_BTD + attn_out, x_BTD), new_kv
+
+
+def _where(keep, y_BTD: Array, x_BTD: Array) -> Array:
+  """y, or y at the positions of a [B, T] mask `keep` and x elsewhere."""
+  return y_BTD if keep is True else jnp.where(keep[..., None], y_BTD, x_BTD)
+
+
+def layer_bytes(cfg: ModelConfig) -> LayerBytes:
+  """Weight bytes a generated token reads (`skipping.LayerBytes`), from the parameter shapes: one
+  block's attention and MLP sides, each with its norms, and the unembedding with the final norm
+  (the embedding is one row per token: not counted)."""
+  size = lambda module: sum(x.size * x.dtype.itemsize
+                            for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+  block = nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0), 0))
+  sides = {side: sum(size(getattr(block, name)) for name in names if hasattr(block, name))
+           for side, names in (("attention", ("attn_norm", "attn", "attn_post_norm")),
+                               ("mlp", ("mlp_norm", "mlp", "mlp_post_norm")))}
+  final_norm = nnx.eval_shape(lambda: Norm(cfg, cfg.d_model))
+  unembed = cfg.d_model * cfg.vocab_size * jnp.dtype(cfg.param_dtype).itemsize
+  return LayerBytes(fixed=unembed + size(final_norm), **sides)
 
 
 class Decoder(nnx.Module):
@@ -462,16 +493,16 @@ class Decoder(nnx.Module):
     arguments as `__call__`'s."""
     cfg = self.cfg
     plan = as_plan(cfg.num_layers, skip)
-    kept = plan.kept
+    kept, cached = plan.kept, plan.attention_layers
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((B, T), jnp.int32)
     if cache is not None:
-      if len(cache.k) != len(kept):
+      if len(cache.k) != len(cached):
         raise ValueError(f"cache has {len(cache.k)} layers but skip={plan.skipped} keeps "
-                         f"{len(kept)}: build it with init_cache(cfg, ..., skip=skip)")
+                         f"{len(cached)}: build it with init_cache(cfg, ..., skip=skip)")
       cache = cache.write_positions(positions_BT, segment_ids_BT, cache_index)
     x = self.embed_tokens(tokens_BT, positions_BT)
     buffer = None  # a buffer no smaller than the row would save nothing
@@ -481,17 +512,23 @@ class Decoder(nnx.Module):
       if full_depth_fits:
         buffer = buffer.replace(fits=True)
     written = []
+    whole = plan.unit == "layer"
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
-      if not is_kept and full_depth_BT is None:
+      if not is_kept and full_depth_BT is None and whole:
         continue  # skipped everywhere: this layer's weights are never read
       layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      if not is_kept and masked_paper:
+      if not is_kept and masked_paper and whole:
         x = _skipped_layer(layer, x, positions_BT, segment_ids_BT, full_depth_BT, buffer,
                            cfg.remat, layer_key)
         continue
-      kv = cache.layer(len(written), cache_index) if cache is not None and is_kept else None
-      x, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key)
+      # A sublayer plan's skipped block: off everywhere, or on at paper mode's full-depth
+      # positions (on whole rows: the prompt buffer is for whole layers).
+      runs = is_kept or full_depth_BT is True or (False if full_depth_BT is None else full_depth_BT)
+      attention, mlp = (runs, True) if plan.unit == "attention" else (True, runs)
+      kv = cache.layer(len(written), cache_index) if cache is not None and i in cached else None
+      x, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key,
+                               attention, mlp)
       if layer_kv is not None:
         written.append(layer_kv)
     return x, None if cache is None else cache.with_layers(written)
@@ -521,10 +558,12 @@ class Decoder(nnx.Module):
     return logits if cache is None else (logits, new_cache)
 
 
-def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool, dropout_key=None):
-  if remat:
-    return nnx.remat(Block.__call__)(layer, x, positions, segment_ids, kv, dropout_key)
-  return layer(x, positions, segment_ids, kv, dropout_key)
+def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool, dropout_key=None,
+               attention=True, mlp=True):
+  if remat:  # attention and mlp bound outside: a traced False would not switch a sublayer off
+    call = functools.partial(Block.__call__, attention=attention, mlp=mlp)
+    return nnx.remat(call)(layer, x, positions, segment_ids, kv, dropout_key)
+  return layer(x, positions, segment_ids, kv, dropout_key, attention, mlp)
 
 
 def _skipped_layer(layer: Block, x, positions, segment_ids, full_depth, buffer, remat: bool,

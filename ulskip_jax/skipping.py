@@ -43,6 +43,14 @@ layers. The scores, their method and the calibration data's hash live in a reada
 evaluation and infer.py take every plan from it, so nothing re-plans a calibrated run from the
 ratio. Scores are nested by construction (the plan at 3x skips the 2x plan's layers and more), so
 one file serves every ratio it reaches.
+
+A plan's `unit` says what a skipped index removes: the whole layer ("layer"), only its MLP block
+("mlp": every layer keeps its attention, so the KV cache stays whole) or only its attention
+("attention": the KV cache holds the layers whose attention runs). The same strategies choose the
+indices (ULS's even spread, calibrated scores, ...); only how many follows the unit: a sublayer
+plan's ratio is the weight bytes a generated token reads at full depth over those it reads with
+the plan (`LayerBytes`: the sublayers that run plus the unembedding), so "2x" costs the same
+whatever the unit, and a ratio no number of skipped sublayers reaches is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import numbers
 import os
 import random as _random
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 from ulskip_jax.checks import as_float, as_int
 
@@ -62,6 +71,27 @@ STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", 
               "calibrated")
 PLAN_FILE = "plan.json"  # a calibrated run's plan, in its workdir
 CALIBRATION_METHODS = ("kl_greedy", "block_influence")  # how calibrate.py scores layers
+Unit = Literal["layer", "mlp", "attention"]  # what a skipped index removes
+UNITS = get_args(Unit)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBytes:
+  """Weight bytes a generated token reads: one layer's attention (its norm, projections and
+  biases), one layer's MLP (likewise), and what every plan reads (the unembedding and the final
+  norm). `model.layer_bytes(cfg)` measures them from the parameter shapes."""
+  attention: int
+  mlp: int
+  fixed: int
+
+  def read(self, plan: SkipPlan) -> int:
+    """Bytes per generated token with `plan`."""
+    return (self.fixed + self.attention * len(plan.attention_layers)
+            + self.mlp * len(plan.mlp_layers))
+
+  def ratio(self, plan: SkipPlan) -> float:
+    """Full depth's bytes per token over `plan`'s: the plan's byte ratio."""
+    return self.read(SkipPlan.full(plan.num_layers)) / self.read(plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +99,14 @@ class SkipPlan:
   """Kept and skipped layer indices, both sorted: the static argument the model and every
   decoding strategy take (`skip=`), resolved once (`resolve`, `plan_for`) and reported back in
   the decoding stats. `strategy` names what chose the layers and is left out of equality and
-  the hash: plans of the same layers are one graph, so they share one executable."""
+  the hash: plans of the same layers are one graph, so they share one executable. `unit`: what
+  a skipped index removes (the module docstring); kept / skipped are the indices whose unit runs
+  or not."""
   num_layers: int
   kept: tuple[int, ...]
   skipped: tuple[int, ...]
   strategy: str = dataclasses.field(default="explicit", compare=False)
+  unit: Unit = "layer"
 
   @classmethod
   def full(cls, num_layers: int) -> SkipPlan:
@@ -82,13 +115,25 @@ class SkipPlan:
 
   @property
   def ratio(self) -> float:
-    """Nominal speedup in decoder layers: L / (number kept)."""
+    """Nominal speedup in decoder layers: L / (number kept); a sublayer plan's is its bytes
+    (`LayerBytes.ratio`)."""
     return self.num_layers / len(self.kept)
+
+  @property
+  def attention_layers(self) -> tuple[int, ...]:
+    """Layers whose attention runs: the ones the KV cache holds."""
+    return tuple(range(self.num_layers)) if self.unit == "mlp" else self.kept
+
+  @property
+  def mlp_layers(self) -> tuple[int, ...]:
+    """Layers whose MLP runs."""
+    return tuple(range(self.num_layers)) if self.unit == "attention" else self.kept
 
   def __str__(self) -> str:
     """e.g. 'uls 20/30 layers (skips 1 4 7 10 13 16 19 22 25 28)', naming the shorter list, for
     logs and infer.py's report."""
-    head = f"{self.strategy} {len(self.kept)}/{self.num_layers} layers"
+    unit = "layers" if self.unit == "layer" else f"{self.unit} blocks"
+    head = f"{self.strategy} {len(self.kept)}/{self.num_layers} {unit}"
     if not self.skipped:
       return head
     which, layers = (("skips", self.skipped) if len(self.skipped) <= len(self.kept)
@@ -116,6 +161,26 @@ def num_kept(num_layers: int, ratio: float) -> int:
   """n = int(L / r), the paper's layer budget for speedup ratio r (1 <= r <= L)."""
   num_layers = _check_num_layers(num_layers)
   return int(num_layers / _check_ratio(num_layers, ratio))
+
+
+def _sublayers_kept(L: int, ratio, unit: str, costs, min_kept: int) -> int:
+  """L - m for the fewest m skipped `unit` blocks whose byte ratio reaches `ratio` (at least
+  `ratio`, as int(L / r) kept layers are)."""
+  if not isinstance(costs, LayerBytes):
+    raise ValueError(f"unit={unit!r} plans by weight bytes: give costs=model.layer_bytes(cfg)")
+  try:
+    value = as_float("ratio", ratio, min=1)
+  except ValueError:
+    raise ValueError(f"ratio={ratio!r} is invalid: it must be a number >= 1") from None
+  full = costs.read(SkipPlan.full(L))
+  each = costs.mlp if unit == "mlp" else costs.attention
+  m = max(0, math.ceil((full - full / value) / each - 1e-9))
+  if m > L - min_kept:
+    best = math.floor(1000 * full / (full - (L - min_kept) * each)) / 1000
+    raise ValueError(f"ratio={ratio!r} is unreachable with unit={unit!r}: skipping {L - min_kept} "
+                     f"of the {L} {unit} blocks reads {best:g}x fewer bytes per token; allowed is "
+                     f"ratio <= {best:g}")
+  return L - m
 
 
 def _uls(L: int, n: int) -> list[int]:
@@ -224,7 +289,8 @@ def plan_layers(num_layers: int, ratio: float | None = None,
                 strategy: str | Sequence[int] = "uls", seed: int | None = None,
                 keep: Sequence[int] = (),
                 windows: Sequence[int | None] | None = None,
-                scores: Sequence[float | None] | None = None) -> SkipPlan:
+                scores: Sequence[float | None] | None = None, unit: Unit = "layer",
+                costs: LayerBytes | None = None) -> SkipPlan:
   """Which layers to keep for speedup `ratio` on a `num_layers` decoder.
 
   strategy:
@@ -245,8 +311,13 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     (`default_keep`). None (or a model that does not mix them) changes nothing.
   scores: strategy "calibrated" only: one score per layer, lower = skipped first, None = never
     skipped (the calibration's first and last layers).
+  unit: what a skipped index removes: "layer", "mlp" or "attention" (its MLP or attention block
+    only). A sublayer unit skips the fewest blocks that reach `ratio` in weight bytes per token,
+    which `costs` (`model.layer_bytes(cfg)`) gives; the strategy picks which, as it picks layers.
   """
   L = _check_num_layers(num_layers)
+  if unit not in UNITS:
+    raise ValueError(f"unit={unit!r} is unknown: allowed are {', '.join(UNITS)}")
   keep = _check_keep(L, keep)
   if keep and strategy not in ("uls", "calibrated"):
     raise ValueError(f"keep={tuple(keep)} given with strategy={strategy!r}: keep works with "
@@ -261,13 +332,16 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     if ratio is not None:
       raise ValueError(f"ratio={ratio!r} given with an explicit skip list: pass one or the other")
     kept = _from_skipped(L, list(strategy))
-    return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept), "explicit")
+    return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept), "explicit", unit)
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r} is unknown: allowed are {', '.join(STRATEGIES)} "
                      "or a list of skipped indices")
   if ratio is None:
     raise ValueError(f"strategy={strategy!r} needs a ratio (a number in [1, {L}])")
-  n = int(L / _check_ratio(L, ratio))
+  if unit == "layer":
+    n = int(L / _check_ratio(L, ratio))
+  else:
+    n = _sublayers_kept(L, ratio, unit, costs, 2 if strategy in ("uls", "uls_reference") else 1)
   if strategy in ("uls", "uls_reference") and n < 2 and L > 1:
     raise ValueError(f"ratio={ratio!r} keeps n=int({L}/{ratio})={n} layer(s), but {strategy!r} "
                      f"keeps the first and the last: allowed is ratio <= {L / 2:g}")
@@ -291,7 +365,7 @@ def plan_layers(num_layers: int, ratio: float | None = None,
   else:  # random
     kept = sorted(_random.Random(seed).sample(range(L), n))
   kept_set = set(kept)
-  return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept_set), strategy)
+  return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept_set), strategy, unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +378,10 @@ class LayerScores:
   # The calibration data and run: token count, sha256 of the token arrays, source, seconds.
   calibration: dict = dataclasses.field(default_factory=dict, hash=False)
 
-  def plan(self, ratio) -> SkipPlan:
-    return plan_layers(self.num_layers, ratio, "calibrated", keep=self.keep, scores=self.scores)
+  def plan(self, ratio, unit: Unit = "layer", costs: LayerBytes | None = None) -> SkipPlan:
+    """The plan at `ratio`; a sublayer unit skips the blocks of the lowest-scored layers."""
+    return plan_layers(self.num_layers, ratio, "calibrated", keep=self.keep, scores=self.scores,
+                       unit=unit, costs=costs)
 
 
 def write_plan(path: str, layer_scores: LayerScores, ratios: Sequence[float] = ()) -> None:
@@ -390,17 +466,20 @@ def workdir_plan(path: str, num_layers: int | None = None) -> LayerScores | None
   return None
 
 
-def plan_for(config, num_layers: int, ratio: float, windows=None) -> SkipPlan:
+def plan_for(config, num_layers: int, ratio: float, windows=None,
+             costs: LayerBytes | None = None) -> SkipPlan:
   """A run config's plan at `ratio`: a calibrated run's from its skip.plan_file, the others from
-  plan_layers with the config's strategy, seed and keep."""
+  plan_layers with the config's strategy, seed, keep and unit (a sublayer unit needs `costs`,
+  `model.layer_bytes(cfg)`)."""
   s = config.skip
+  unit = s.unit
   if s.strategy == "calibrated":
     if not s.plan_file:
       raise ValueError("skip.strategy='calibrated' needs skip.plan_file: the training run writes "
                        "its workdir's plan.json (calibrate.resolve_plan)")
-    return read_plan(s.plan_file, num_layers).plan(ratio)
+    return read_plan(s.plan_file, num_layers).plan(ratio, unit, costs)
   return plan_layers(num_layers, ratio, s.strategy, seed=config.seed, keep=tuple(s.keep),
-                     windows=windows)
+                     windows=windows, unit=unit, costs=costs)
 
 
 def parse_ratios(text: str) -> list[float]:

@@ -159,7 +159,7 @@ class Speculative(engine.Queued):
     if self.shared_cache:
       return logits, cache, None
     if self.paper_mode or not self.draft.skipped:
-      return logits, cache, cache.kept_view(self.draft.kept)
+      return logits, cache, cache.kept_view(self.draft.attention_layers)
     return logits, cache, engine.prefill(model, prompts, pad, num_slots, skip=self.draft,
                                          paper_mode=False)[1]
 
@@ -184,7 +184,7 @@ class Speculative(engine.Queued):
     """k draft tokens [B, k], their distributions [B, k, V] (None when greedy), the caches."""
     B, k = pos0.shape[0], self.num_draft_tokens
     Z = self._slots(x)[0]
-    kept = self.draft.kept
+    kept = self.draft.attention_layers  # the full cache's layers the draft's cache holds
     run = functools.partial(self._run, model, skip=self.draft)
     if self.shared_cache:
       logits, dcache = run(s.tok[:, None], pos0[:, None], cache.kept_view(kept), Z)

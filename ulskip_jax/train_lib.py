@@ -53,8 +53,8 @@ from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
 from ulskip_jax import run_log
 from ulskip_jax import sharding as shd
-from ulskip_jax.model import Decoder, ModelConfig
-from ulskip_jax.skipping import plan_for
+from ulskip_jax.model import Decoder, ModelConfig, layer_bytes
+from ulskip_jax.skipping import SkipPlan, plan_for
 
 PyTree = Any
 
@@ -211,16 +211,23 @@ def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool,
   return dict(loss_sum=loss, tokens=count)
 
 
-def skip_for_step(config, num_layers: int, step: int, windows=None) -> tuple:
+def static_skip(plan: SkipPlan):
+  """A plan as the steps' static skip: a layer plan's skipped tuple, a sublayer plan itself (its
+  unit changes the graph), () for one that skips nothing."""
+  return plan if plan.unit != "layer" and plan.skipped else plan.skipped
+
+
+def skip_for_step(config, num_layers: int, step: int, windows=None, costs=None) -> tuple:
   """The static skip tuple of a step: full depth first, then the ratio (or one drawn per step).
   windows: the model's attention_windows (a local/global model keeps its global layers).
+  costs: the model's `layer_bytes`, which a sublayer unit (skip.unit) plans by.
 
   With `distill.sandwich`, a tuple of skip tuples: the smallest sub-model's (the largest ratio),
   then, when there are other ratios, one drawn from them (ratio-1 plans skip nothing and are left
   out). The draw depends only on (seed, step), so a resumed run repeats the same sequence.
   """
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
-  plan = lambda ratio: plan_for(config, num_layers, ratio, windows).skipped
+  plan = lambda ratio: static_skip(plan_for(config, num_layers, ratio, windows, costs))
   rng = np.random.default_rng([config.seed, step])
   if config.distill.sandwich:
     if step < config.skip.full_depth_steps:
@@ -332,8 +339,9 @@ class Trainer:
     self.config = calibrate.resolve_plan(config, workdir, self.model_cfg, self.base_params,
                                          self.tok, self.pairs["train"])
     # The run's plan at a ratio, from its config in one place: evaluation, BLEU and the log.
+    self.costs = layer_bytes(self.model_cfg)  # what a sublayer unit (skip.unit) plans by
     self.plan = functools.partial(plan_for, self.config, self.model_cfg.num_layers,
-                                  windows=self.model_cfg.attention_windows)
+                                  windows=self.model_cfg.attention_windows, costs=self.costs)
     self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
     abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.graphdef(abstract)
@@ -442,7 +450,7 @@ class Trainer:
 
   def step(self, state, local_batch, step: int):
     skip = skip_for_step(self.config, self.model_cfg.num_layers, step,
-                         self.model_cfg.attention_windows)
+                         self.model_cfg.attention_windows, self.costs)
     return self._train_step(state, self.global_batch(local_batch), skip, self.teacher_params)
 
   def evaluate(self, params, ratios) -> dict:
@@ -450,7 +458,7 @@ class Trainer:
     cfg = self.config
     out = {}
     for ratio in ratios:
-      skip = self.plan(ratio).skipped
+      skip = static_skip(self.plan(ratio))
       batches = batching.Batcher.from_pairs(
           self.tok, cfg.data.template, self.pairs["validation"],
           cfg.batch_size // jax.process_count(), cfg.data.seq_len, pack=cfg.data.pack,
