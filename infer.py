@@ -294,7 +294,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
   check_args(args)
-  from ulskip_jax import decode
+  from ulskip_jax import decode, ratio_adapters
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
   if args.attention_impl:
     from ulskip_jax import attention
@@ -323,8 +323,9 @@ def run(args) -> dict:
   summary = dict(checkpoint=args.checkpoint, input=args.input, num_prompts=len(texts), chat=chat,
                  num_layers=model.cfg.num_layers, batch_size=args.batch_size, settings=kw, runs=[])
   for label, plan in runs:
+    run_model, plan = ratio_adapters.for_run(model, plan)  # adapters per ratio: the plan's own
     try:
-      hyps, stats = decode.generate_text(model, tokenizer, texts, batch_size=args.batch_size,
+      hyps, stats = decode.generate_text(run_model, tokenizer, texts, batch_size=args.batch_size,
                                          progress=not args.no_progress, chat=chat,
                                          static_batches=args.static_batches, **plan, **kw)
     except ValueError as e:  # a prompt (numbered from 0): too long, or ids the model lacks

@@ -52,8 +52,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ulskip_jax.tokenizer import Tokenizer
-from ulskip_jax import lora
-from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax import lora, ratio_adapters
+from ulskip_jax.model import ModelConfig
 
 PyTree = Any
 
@@ -393,7 +393,8 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   """(model, tokenizer) from a training workdir's latest (or given) Orbax checkpoint.
 
   A LoRA run's adapters come back folded into the base weights (`lora.merge`): the model has no
-  adapters and runs at the base model's cost.
+  adapters and runs at the base model's cost. A run with adapters per ratio comes back as a
+  `ratio_adapters.RatioAdaptedDecoder` (the base and every ratio's adapters, unmerged).
   `workdir` may also be its `checkpoints/` folder or one step folder. The params are restored
   against the model's own abstract state (built from the config the checkpoint records), so
   the tree keeps its structure and key types: layer i comes back as layer i.
@@ -406,8 +407,8 @@ def load_for_inference(workdir: str, step: int | None = None, dtype: str | None 
   abstract = {}
 
   def target(meta):
-    abstract["model"] = nnx.eval_shape(
-        lambda: Decoder(model_config_from_meta(meta, dtype), rngs=nnx.Rngs(0)))
+    abstract["model"] = nnx.eval_shape(lambda: ratio_adapters.new_model(
+        model_config_from_meta(meta, dtype), meta, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(abstract["model"], nnx.Param))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
 

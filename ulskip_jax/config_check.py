@@ -52,6 +52,7 @@ def validate_run(config, workdir: str) -> None:
     _check_relations(config, max_position)
     model = _run_model(config, hf_model)
     _check_lora_targets(config, model)
+    _check_per_ratio(config)
     _check_plans(config, num_layers, model.attention_windows, workdir, layer_bytes(model))
     _check_mesh(config)
     _check_attention(config, model)
@@ -154,6 +155,29 @@ def _check_lora_targets(config, model: ModelConfig) -> None:
   if config.optim.lora.rank and mlp == "plain" and set(targets) <= {"gate"}:
     raise ValueError(f"optim.lora.targets={tuple(targets)!r} names no projection of this model: "
                      "its MLP is plain (no gate); add any of 'q', 'k', 'v', 'o', 'up', 'down'")
+
+
+def _check_per_ratio(config) -> None:
+  """Adapters per ratio: LoRA on, a ratio that skips a layer, and nothing that trains the base."""
+  lo = config.optim.lora
+  if not lo.per_ratio:
+    return
+  if not lo.rank:
+    raise ValueError("optim.lora.per_ratio=True needs optim.lora.rank > 0 (the adapters' rank), "
+                     "not 0")
+  ratios = tuple(config.skip.ratios)
+  if not any(r > 1 for r in ratios):
+    raise ValueError(f"optim.lora.per_ratio=True needs skip.ratios with a ratio above 1 (one "
+                     f"adapter set each), not skip.ratios={ratios}")
+  for key, value in (("optim.lora.train_norms", lo.train_norms),
+                     ("distill.sandwich", config.distill.sandwich),
+                     ("skip.full_depth_steps", config.skip.full_depth_steps)):
+    if value:
+      raise ValueError(f"{key}={value!r} trains the base, which optim.lora.per_ratio=True keeps "
+                       "frozen: leave it at its default")
+  if config.skip.get("unit", "layer") != "layer":
+    raise ValueError(f"skip.unit={config.skip.unit!r} with optim.lora.per_ratio=True is not "
+                     "supported: adapters per ratio sit on whole kept layers (skip.unit='layer')")
 
 
 def _check_plans(config, num_layers: int, windows=None, workdir=None, costs=None) -> None:

@@ -405,6 +405,10 @@ KEYS: dict[str, Key] = {
     **{f"optim.lora.{name}": _lora_key(name) for name in ("rank", "alpha", "dropout", "targets")},
     "optim.lora.train_norms": Key(False, _BOOL, "also train the norm scales (and LayerNorm "
                                   "biases)"),
+    "optim.lora.per_ratio": Key(False, _BOOL, "adapters per ratio on a frozen base: one adapter "
+                                "set per ratio of `skip.ratios` above 1, each step trains every "
+                                "set on its ratio's loss; full depth is the base "
+                                "(docs/adapters.md)"),
 
     "distill.teacher": Key("", _STR, "\"\" = off (cross-entropy); `\"self\"` (these weights at "
                            "full depth, this step); `\"init\"` (the frozen `model.init_from` "

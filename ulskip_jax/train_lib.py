@@ -21,7 +21,10 @@ smallest sub-model and one drawn ratio on the distillation loss.
 
 With LoRA (`optim.lora.rank` > 0) the step differentiates and updates only the trainable subset
 (`lora.split`: adapters, and norms with `optim.lora.train_norms`); the optimizer state is built
-for that subset alone, and the frozen weights pass through the step untouched.
+for that subset alone, and the frozen weights pass through the step untouched. Adapters per ratio
+(`optim.lora.per_ratio`, `ratio_adapters.py`): the model is a frozen base plus one adapter set
+per ratio, and each step trains every set on its own ratio's loss (CE, or the distillation loss
+against the base at full depth, computed once).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from ulskip_jax import lora
 from ulskip_jax import memory as memory_lib
 from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
+from ulskip_jax import ratio_adapters
 from ulskip_jax import run_log
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig, layer_bytes
@@ -115,7 +119,7 @@ def _hidden(model, batch, skip, paper, prompt_capacity, prompt_fits, dropout_key
 
 def loss_sums(params, graphdef, batch, skip: tuple, paper: bool, *, frozen=None,
               dropout_key=None, prompt_capacity: int | None = None, prompt_fits: bool = False,
-              distill: Distill | None = None, teacher_params=None):
+              distill: Distill | None = None, teacher_params=None, per_ratio: bool = False):
   """Summed token loss over response tokens, and their count (f32 whatever the dtype).
 
   params: the whole model's, or with `frozen` the trainable part (`lora.split`).
@@ -125,12 +129,32 @@ def loss_sums(params, graphdef, batch, skip: tuple, paper: bool, *, frozen=None,
   same weights (teacher_params None), or `teacher_params` of `distill.teacher_graphdef`. With
   `distill.sandwich`, skip is a tuple of skip tuples: cross-entropy at full depth plus the
   distillation loss of each of those sub-models against that full-depth forward.
+  per_ratio: skip is a tuple of skip tuples, each one's loss (CE, or with `distill` the
+  distillation loss against one full-depth teacher forward) summed: adapters per ratio, where
+  each sub-model has its own adapters and the full depth is the frozen base.
   The logits are those of the response tokens only (`loss.model_xent_sums`, a buffer of
   `loss.CAPACITY` of each row).
   """
   model = nnx.merge(graphdef, lora.combine(params, frozen or {}))
   capacity = prompt_buffer.capacity_for(loss_lib.CAPACITY, batch["tokens"].shape[1])
   targets, mask = batch["targets"], batch["loss_mask"]
+  if per_ratio:
+    teacher, teacher_x = model, None
+    if distill is not None:  # the frozen base (or the teacher) at full depth: one forward
+      if teacher_params is not None:
+        teacher = nnx.merge(distill.teacher_graphdef, teacher_params)
+      teacher_x = jax.lax.stop_gradient(_hidden(teacher, batch, (), False, None, False, None))
+    total = count = 0.0
+    for sub_skip in skip:
+      x = _hidden(model, batch, sub_skip, paper, prompt_capacity, prompt_fits, dropout_key)
+      if distill is None:
+        loss, count = loss_lib.model_xent_sums(model, x, targets, mask, capacity)
+      else:
+        loss, count = loss_lib.model_distill_sums(
+            model, x, teacher, teacher_x, targets, mask, alpha=distill.alpha,
+            temperature=distill.temperature, capacity=capacity)
+      total += loss
+    return total, count
   if distill is not None and distill.sandwich:
     x_full = _hidden(model, batch, (), paper, None, False, dropout_key)
     total, count = loss_lib.model_xent_sums(model, x_full, targets, mask, capacity)
@@ -156,14 +180,14 @@ def loss_sums(params, graphdef, batch, skip: tuple, paper: bool, *, frozen=None,
 def train_step(state: dict, batch: dict, skip: tuple, teacher_params=None, *, graphdef,
                optimizer, paper: bool, accum_steps: int, split_params=lora.split_none,
                dropout_seed: int | None = None, prompt_capacity: int | None = None,
-               distill: Distill | None = None):
+               distill: Distill | None = None, per_ratio: bool = False):
   """One optimizer update from `accum_steps` micro-batches; loss normalised by all their tokens.
 
   split_params: params -> (trainable, frozen); only the trainable part gets gradients and
   updates, and `state["opt_state"]` is the optimizer's state for it. dropout_seed: LoRA dropout
   on, with keys from (seed, step, micro-batch), so a resumed run draws the same masks.
-  prompt_capacity, distill, teacher_params: see `loss_sums` (skip is a tuple of skip tuples
-  with `distill.sandwich`).
+  prompt_capacity, distill, teacher_params, per_ratio: see `loss_sums` (skip is a tuple of skip
+  tuples with `distill.sandwich` or `per_ratio`).
   """
   trainable, frozen = split_params(state["params"])
 
@@ -176,7 +200,7 @@ def train_step(state: dict, batch: dict, skip: tuple, teacher_params=None, *, gr
     value_and_grads = lambda capacity, fits: jax.value_and_grad(loss_sums, has_aux=True)(
         trainable, graphdef, mb, skip, paper, frozen=frozen, dropout_key=key,
         prompt_capacity=capacity, prompt_fits=fits, distill=distill,
-        teacher_params=teacher_params)
+        teacher_params=teacher_params, per_ratio=per_ratio)
     if paper and skip and prompt_capacity is not None and prompt_capacity < mb["tokens"].shape[1]:
       # One cond around the whole gradient, outside autodiff: the model's cond per skipped layer
       # inside it would cost each layer's zero cotangents and operand copies.
@@ -225,10 +249,13 @@ def skip_for_step(config, num_layers: int, step: int, windows=None, costs=None) 
   With `distill.sandwich`, a tuple of skip tuples: the smallest sub-model's (the largest ratio),
   then, when there are other ratios, one drawn from them (ratio-1 plans skip nothing and are left
   out). The draw depends only on (seed, step), so a resumed run repeats the same sequence.
+  With `optim.lora.per_ratio`, the skip tuples of every ratio that has adapters.
   """
   ratios = tuple(config.skip.ratios) or (config.skip.ratio,)
   plan = lambda ratio: static_skip(plan_for(config, num_layers, ratio, windows, costs))
   rng = np.random.default_rng([config.seed, step])
+  if config.optim.lora.per_ratio:  # every ratio's adapters, every step
+    return tuple(p.skipped for _, p in ratio_adapters.run_plans(config, num_layers, windows))
   if config.distill.sandwich:
     if step < config.skip.full_depth_steps:
       return ()
@@ -273,10 +300,12 @@ def load_tokenizer(config, workdir: str, train_pairs, base_tokenizer=None) -> To
   return tok
 
 
-def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None):
+def init_params(model_cfg: ModelConfig, seed: int, shardings, base_params=None, new_model=None):
   """Parameters as a pure dict, created directly with their shardings (or the base model's,
-  plus fresh adapters when `model_cfg` has LoRA and `base_params` none)."""
-  make = lambda: nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  plus fresh adapters when `model_cfg` has LoRA and `base_params` none). new_model: rngs -> the
+  model (default a `model_cfg` Decoder); base_params are then its frozen part's."""
+  new_model = new_model or functools.partial(Decoder, model_cfg)
+  make = lambda: nnx.to_pure_dict(nnx.state(new_model(rngs=nnx.Rngs(seed)), nnx.Param))
   if base_params is None:
     return jax.jit(make, out_shardings=shardings)()
   if not model_cfg.lora_rank:
@@ -343,7 +372,15 @@ class Trainer:
     self.plan = functools.partial(plan_for, self.config, self.model_cfg.num_layers,
                                   windows=self.model_cfg.attention_windows, costs=self.costs)
     self.mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
-    abstract = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
+    self.per_ratio = bool(config.optim.lora.per_ratio)
+    self.new_model = functools.partial(Decoder, self.model_cfg)
+    if self.per_ratio:  # the plans resolved once: the adapters sit on their kept layers
+      ratios, plans = zip(*ratio_adapters.run_plans(self.config, self.model_cfg.num_layers,
+                                                    self.model_cfg.attention_windows))
+      self.new_model = functools.partial(ratio_adapters.RatioAdaptedDecoder, self.model_cfg,
+                                         ratios, plans)
+    abstract = nnx.eval_shape(lambda: self.new_model(rngs=nnx.Rngs(0)))
+    self.abstract_model = abstract
     self.graphdef = nnx.graphdef(abstract)
     self.param_sh = shd.param_shardings(nnx.state(abstract, nnx.Param), self.mesh,
                                         tuple(tuple(r) for r in config.mesh.rules))
@@ -353,7 +390,9 @@ class Trainer:
     self.optimizer = make_optimizer(config.optim, config.num_steps)
     self.split_params = param_split(config.optim)
     self.paper = config.skip.mode == "paper"  # config_check.validate_run checked the values
-    teacher = load_teacher(config, self.model_cfg, base)
+    # Adapters per ratio: the frozen base at full depth is the "init" teacher too, in place.
+    per_ratio_init = self.per_ratio and config.distill.teacher == "init"
+    teacher = None if per_ratio_init else load_teacher(config, self.model_cfg, base)
     self.teacher_params, self.teacher_sh = None, None
     if teacher is not None:
       self.teacher_sh = shd.param_shardings(nnx.state(nnx.merge(*teacher), nnx.Param), self.mesh,
@@ -390,7 +429,11 @@ class Trainer:
                               static_argnames=("skip",))
 
   def init_state(self) -> dict:
-    params = init_params(self.model_cfg, self.config.seed, self.param_sh, self.base_params)
+    base_params = self.base_params
+    if self.per_ratio and base_params is not None:
+      base_params = dict(base=base_params)
+    params = init_params(self.model_cfg, self.config.seed, self.param_sh, base_params,
+                         self.new_model)
     trainable, _ = self.split_params(params)
     opt_state = jax.jit(self.optimizer.init,
                         out_shardings=self._opt_shardings(trainable))(trainable)
@@ -416,7 +459,7 @@ class Trainer:
         train_step, graphdef=self.graphdef, optimizer=self.optimizer, paper=self.paper,
         accum_steps=self.config.optim.accum_steps, split_params=self.split_params,
         dropout_seed=self.config.seed if self.model_cfg.lora_dropout else None,
-        prompt_capacity=self.prompt_capacity, distill=self.distill)
+        prompt_capacity=self.prompt_capacity, distill=self.distill, per_ratio=self.per_ratio)
 
     def counted(*args):  # runs only when jit traces, i.e. once per compiled executable
       self.num_compiles += 1
@@ -498,6 +541,8 @@ class Trainer:
   def save(self, state, step: int, force: bool = False) -> None:
     meta = dict(data=self.batcher.state(), config=self.config.to_dict(),
                 model_config=dataclasses.asdict(self.model_cfg))
+    if self.per_ratio:
+      meta[ratio_adapters.META_KEY] = ratio_adapters.meta(self.abstract_model)
     self.ckpt.save(step, state["params"], state["opt_state"], meta, force=force)
 
   def close(self) -> None:
@@ -549,6 +594,8 @@ def _train(trainer: Trainer, guard) -> tuple[dict, int | None]:
              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
              f"mesh {dict(trainer.mesh.shape)}; steps {start}..{config.num_steps}")
     log.text(memory_lib.memory_line(trainer.memory(), memory_lib.peak_bytes()))
+    if trainer.per_ratio:
+      log.text(ratio_adapters.params_line(trainer.abstract_model))
     for ratio in dict.fromkeys((tuple(config.skip.ratios) or (config.skip.ratio,)) + eval_ratios):
       log.text(f"plan r{ratio:g}: {trainer.plan(ratio)}")
     if trainer.paper:
