@@ -169,8 +169,9 @@ def test_calibrated_scores_order_the_skipped_blocks():
 def test_training_skips_the_blocks_everywhere_and_trains_them_on_the_prompt_in_paper_mode(
     unit, paper):
   """The gradient of a skipped block's weights: zero when skipped everywhere, nonzero in paper
-  mode (prompt positions run it, and the response's loss reads them through attention)."""
-  graphdef, params = nnx.split(tiny.tiny_model(), nnx.Param)
+  mode (prompt positions run it, and the response's loss reads them through attention); paper
+  mode with remat, whose rematerialised blocks get the skipped block's mask."""
+  graphdef, params = nnx.split(tiny.tiny_model(remat=paper), nnx.Param)
   T = 10
   tokens = jnp.asarray(np.random.default_rng(1).integers(3, tiny.VOCAB, (2, T)))
   batch = dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1),

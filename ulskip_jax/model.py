@@ -560,8 +560,9 @@ class Decoder(nnx.Module):
 
 def _run_block(layer: Block, x, positions, segment_ids, kv, remat: bool, dropout_key=None,
                attention=True, mlp=True):
-  if remat:  # attention and mlp bound outside: a traced False would not switch a sublayer off
-    call = functools.partial(Block.__call__, attention=attention, mlp=mlp)
+  if remat:  # attention and mlp closed over: a traced False would not switch a sublayer off
+    def call(layer, x, positions, segment_ids, kv, dropout_key):
+      return layer(x, positions, segment_ids, kv, dropout_key, attention, mlp)
     return nnx.remat(call)(layer, x, positions, segment_ids, kv, dropout_key)
   return layer(x, positions, segment_ids, kv, dropout_key, attention, mlp)
 
