@@ -30,6 +30,8 @@ import numpy as np
 
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax.kv_cache import cache_bytes
+from ulskip_jax.model import layer_bytes
+from ulskip_jax.skipping import SkipPlan
 
 
 def parse_args(argv=None):
@@ -137,17 +139,15 @@ def time_torch(tmodel, prompts, args) -> tuple[float, int]:
 
 
 def ceiling(model, batch: int, ratio: float, args) -> float:
+  """Bytes a step reads at full depth over those at `ratio`: the weights (`layer_bytes`, what a
+  sublayer plan's ratio counts) and the KV cache of the layers whose attention runs."""
   cfg = model.cfg
-  itemsize = np.dtype(cfg.param_dtype).itemsize
-  L, D, H, K, Hd, F, V = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
-                          cfg.head_dim, cfg.d_ff, cfg.vocab_size)
-  layer = (D * (H + 2 * K) * Hd + H * Hd * D + 3 * D * F + 2 * D) * itemsize
+  L, costs = cfg.num_layers, layer_bytes(cfg)
   slots = engine.bucket(args.prompt_len, engine.MIN_BUCKET) + engine.bucket(args.new_tokens,
                                                                             engine.MIN_BUCKET)
   kv = cache_bytes(cfg, batch, slots) / L
-  U = (D * V + D) * itemsize
-  n = len(plan_layers(L, ratio).kept)
-  return (U + L * (layer + kv)) / (U + n * (layer + kv))
+  read = lambda plan: costs.read(plan) + len(plan.attention_layers) * kv
+  return read(SkipPlan.full(L)) / read(plan_layers(L, ratio))
 
 
 def main(argv=None):
