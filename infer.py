@@ -134,10 +134,11 @@ def parse_speculative(text: str) -> dict[str, Any]:
   return out
 
 
-def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
+def parse_runs(args, num_layers: int, unit: str = "layer", costs=None) -> list[tuple[str, dict]]:
   """[(label, generate keyword arguments)] per ratio or skip list (a calibrated workdir's: its
   plan, for --speculative's draft_ratio too), the lists checked here, the rest with every option
-  in `run` before any run."""
+  in `run` before any run. unit: what --ratio / --skip skip (--skip-unit); a sublayer unit plans
+  its ratio by `costs` (`model.layer_bytes`)."""
   from ulskip_jax import skipping
   runs = []
   if args.skip is not None and args.ratio is not None:
@@ -165,12 +166,17 @@ def parse_runs(args, num_layers: int) -> list[tuple[str, dict]]:
                            "e.g. 1,3,5 (several lists separated by ';')")
         skip = tuple(int(i) for i in text.split(","))
         runs.append(("skip" + "-".join(map(str, skip)),
-                     dict(skip=skipping.as_plan(num_layers, skip))))
+                     dict(skip=skipping.plan_layers(num_layers, strategy=skip, unit=unit))))
     else:
       calibrated = skipping.workdir_plan(args.checkpoint, num_layers)  # the run's plan.json
       for ratio in skipping.parse_ratios(args.ratio or "1"):
-        runs.append((f"r{ratio:g}", dict(skip=calibrated.plan(ratio)) if calibrated
-                     else dict(ratio=ratio)))
+        if calibrated:
+          run = dict(skip=calibrated.plan(ratio, unit, costs))
+        elif unit != "layer":
+          run = dict(skip=skipping.plan_layers(num_layers, ratio, unit=unit, costs=costs))
+        else:
+          run = dict(ratio=ratio)
+        runs.append((f"r{ratio:g}", run))
   except ValueError as e:
     raise UsageError(str(e))
   return runs
@@ -255,6 +261,9 @@ def parse_args(argv):
   p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
   p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
                  "(several lists separated by ';')")
+  p.add_argument("--skip-unit", choices=("layer", "mlp", "attention"), default="layer",
+                 help="what --ratio / --skip skip: whole layers, or only their MLP or attention "
+                 "blocks (a sublayer plan's ratio is weight bytes read per token)")
   p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
                  "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys "
                  "draft_ratio, draft_skip=1-3-5, k, draft_cache=separate|shared)")
@@ -295,6 +304,7 @@ def parse_args(argv):
 def run(args) -> dict:
   check_args(args)
   from ulskip_jax import decode, ratio_adapters
+  from ulskip_jax.model import layer_bytes
   model, tokenizer, train_template = load_model(args.checkpoint, args.step)
   if args.attention_impl:
     from ulskip_jax import attention
@@ -302,7 +312,7 @@ def run(args) -> dict:
       model = attention.with_impl(model, args.attention_impl)
     except ValueError as e:
       raise UsageError(f"--attention-impl {args.attention_impl}: {e}") from None
-  runs = parse_runs(args, model.cfg.num_layers)
+  runs = parse_runs(args, model.cfg.num_layers, args.skip_unit, layer_bytes(model.cfg))
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

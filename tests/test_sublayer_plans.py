@@ -13,6 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
+import infer
 import tolerance
 from configs import tiny as tiny_run
 from ulskip_jax import config_check, decode, engine, hf, skipping, train_lib
@@ -229,3 +230,18 @@ def test_bad_input_is_one_line(tmp_path, case, message):
   if case == "unreachable":
     assert "allowed is ratio <= 1.2" in text  # the largest ratio attention blocks reach
   assert not (tmp_path / "out").exists()
+
+
+def test_infer_plans_by_skip_unit(tmp_path):
+  args = infer.parse_args(["--checkpoint", str(tmp_path), "--input", "in.txt", "--output", "o.txt",
+                           "--ratio", "1,1.2", "--skip-unit", "mlp"])
+  costs = layer_bytes(tiny.tiny_config())
+  runs = infer.parse_runs(args, 4, args.skip_unit, costs)
+  assert [run["skip"] for _, run in runs] == [
+      skipping.SkipPlan.full(4), skipping.plan_layers(4, 1.2, unit="mlp", costs=costs)]
+  assert runs[1][1]["skip"].unit == "mlp"
+  args.ratio, args.skip = None, "1,2"
+  assert infer.parse_runs(args, 4, "attention", costs)[0][1]["skip"] == _plan("attention")
+  args.ratio, args.skip = "2", None
+  with pytest.raises(infer.UsageError, match="ratio=2.0 is unreachable with unit='attention'"):
+    infer.parse_runs(args, 4, "attention", costs)

@@ -108,6 +108,10 @@ class SkipPlan:
   strategy: str = dataclasses.field(default="explicit", compare=False)
   unit: Unit = "layer"
 
+  def __post_init__(self):
+    if not self.skipped:  # full depth whatever the unit: one graph, one executable
+      object.__setattr__(self, "unit", "layer")
+
   @classmethod
   def full(cls, num_layers: int) -> SkipPlan:
     """Every layer kept."""
