@@ -272,7 +272,9 @@ def resolve_plan(config, workdir: str, model_cfg, base_params, tok, train_pairs)
       text = calibration_text(batches, s.calibration_tokens)
       layer_scores = calibrate(model, text, s.calibration_method, paper=s.mode == "paper",
                                keep=tuple(s.keep), keep_ends=s.calibration_keep_ends,
-                               max_ratio=max(run_ratios(config)))
+                               # A sublayer unit's byte ratio can skip more blocks than the
+                               # layer plan of that ratio skips layers: score every layer.
+                               max_ratio=max(run_ratios(config)) if s.unit == "layer" else None)
     if jax.process_index() == 0:
       write_plan(path, layer_scores, sorted(set(run_ratios(config))))
   resolved = config.copy_and_resolve_references()

@@ -29,6 +29,10 @@ Skipping has two modes, chosen per call by `full_depth`:
     a batch that does not fit the buffer takes the whole-row computation, which gives the same
     result (a `lax.cond` per skipped layer, or none when the caller has checked the fit itself:
     `full_depth_fits`).
+A sublayer plan (`SkipPlan.unit` "mlp" or "attention") skips only that block of its skipped
+layers: the block is the identity and its weights are never read, or in paper mode it runs on
+the whole row and keeps its output at the full-depth positions. The cache holds the layers whose
+attention runs.
 """
 
 from __future__ import annotations
