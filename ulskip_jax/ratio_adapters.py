@@ -12,9 +12,9 @@ their paths hold `<target>_lora`), so the base never changes, and each step trai
 adapters on that ratio's own loss. Decoding at one plan runs `merged(model, plan)`: a plain
 `Decoder` with the plan's adapters folded into its kept layers, at the base model's cost.
 
-Parameters: {"base": the Decoder's, "adapters": [per plan: {"layers": [per kept layer:
-{"attn": {"q_lora": {"a", "b"}, ...}, "mlp": {...}}]}]}; the checkpoint meta records the plans
-(`meta` / `from_meta`). docs/adapters.md has the layout of the exported folders.
+Parameters: {"base": the Decoder's, "adapters": [per plan: {"attn": {"q_lora": {"a", "b"}, ...},
+"mlp": {...}}]}, each adapter stacked over the plan's kept layers (a: [kept, in..., rank], b:
+[kept, rank, out...]); the checkpoint meta records the plans (`meta`, `new_model`). docs/adapters.md has the layout of the exported folders.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
 from ulskip_jax import lora
-from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.model import MLP, Attention, Decoder, ModelConfig
 from ulskip_jax.skipping import SkipPlan, as_plan, plan_for
 
 META_KEY = "ratio_adapters"  # the checkpoint meta entry holding the plans
@@ -48,36 +50,47 @@ def run_plans(config, num_layers: int, windows=None) -> tuple[tuple[float, SkipP
   return tuple(out)
 
 
-class _Adapters(nnx.Module):
-  """The adapters of one attention or MLP block, as attributes named as the block's own."""
+class _Stacked(nnx.Module):
+  """One projection's adapters on every kept layer of a plan: a [n, in..., r], b [n, r, out...],
+  drawn as `lora.Adapter` draws one layer's (a random with std 1/sqrt(fan_in), b zero)."""
 
-  def __init__(self, adapters: dict):
-    for name, adapter in adapters.items():
-      setattr(self, name, adapter)
+  def __init__(self, n: int, a_shape, a_axes, b_shape, b_axes, dtype, rngs: nnx.Rngs):
+    fan_in = math.prod(a_shape[:-1])
+    self.a = nnx.Param(jax.random.normal(rngs.params(), (n, *a_shape), dtype) / math.sqrt(fan_in),
+                       axes=(None, *a_axes))
+    self.b = nnx.Param(jnp.zeros((n, *b_shape), dtype), axes=(None, *b_axes))
 
 
-class _LayerAdapters(nnx.Module):
-  def __init__(self, attn: _Adapters, mlp: _Adapters):
-    self.attn, self.mlp = attn, mlp
+class _Block(nnx.Module):
+  """The stacked adapters of one block kind (attn or mlp), named as the block's own."""
+
+  def __init__(self, stacked: dict):
+    for name, adapters in stacked.items():
+      setattr(self, name, adapters)
 
 
 class _PlanAdapters(nnx.Module):
-  def __init__(self, layers: list):
-    self.layers = nnx.List(layers)
+  def __init__(self, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
+    for kind, block in zip(("attn", "mlp"), _adapter_blocks(cfg)):
+      setattr(self, kind, _Block({
+          name: _Stacked(n, a.shape, a.get_metadata()["axes"], b.shape, b.get_metadata()["axes"],
+                         a.dtype, rngs)
+          for name in (t + lora.SUFFIX for t in lora.TARGETS) if hasattr(block, name)
+          for a, b in [(getattr(block, name).a, getattr(block, name).b)]}))
 
 
-def _block_adapters(template_block: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> _Adapters:
-  """Fresh adapters shaped as those of `template_block` (an abstract LoRA model's block)."""
-  out = {}
-  for target in lora.TARGETS:
-    spec = getattr(template_block, target + lora.SUFFIX, None)
-    if spec is None:
-      continue
-    a_axes, b_axes = spec.a.get_metadata()["axes"], spec.b.get_metadata()["axes"]
-    out[target + lora.SUFFIX] = lora.Adapter(
-        target, spec.a.shape[:-1], spec.b.shape[1:], a_axes[:-1], b_axes[1:], rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, dtype=spec.a.dtype, rngs=rngs)
-  return _Adapters(out)
+@functools.lru_cache(maxsize=None)
+def _adapter_blocks(cfg: ModelConfig):
+  """Abstract attention and MLP blocks of a LoRA `cfg` model, with their adapters: the shapes
+  and axes of one layer's (the same in every layer). Two blocks, not a whole model: building
+  a model's parameters inside a trace costs time in their number."""
+  def blocks():
+    rngs = nnx.Rngs(0)
+    attn, mlp = Attention(cfg, rngs, 0), MLP(cfg, rngs)
+    attn.add_adapters(rngs)
+    mlp.add_adapters(rngs)
+    return attn, mlp
+  return nnx.eval_shape(blocks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,12 +120,7 @@ class RatioAdaptedDecoder(nnx.Module):
     self.plans = tuple(as_plan(cfg.num_layers, p) for p in plans)
     # The base first, so that a seed draws the same base as Decoder(self.cfg) does.
     self.base = Decoder(self.cfg, rngs=rngs)
-    template = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    self.adapters = nnx.List([
-        _PlanAdapters([_LayerAdapters(_block_adapters(template.layers[i].attn, cfg, rngs),
-                                      _block_adapters(template.layers[i].mlp, cfg, rngs))
-                       for i in plan.kept])
-        for plan in self.plans])
+    self.adapters = nnx.List([_PlanAdapters(cfg, len(p.kept), rngs) for p in self.plans])
 
   # The base's parts, read by the losses (loss.py) and the decoders.
   @property
@@ -151,8 +159,8 @@ class RatioAdaptedDecoder(nnx.Module):
     params = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(self.base, nnx.Param)))
     for path, x in traversals.flatten_mapping(
         nnx.to_pure_dict(nnx.state(self.adapters[j], nnx.Param))).items():
-      _, k, *rest = path  # ("layers", k, "attn", "q_lora", "a"): kept layer k
-      params[("layers", plan.kept[k], *rest)] = x
+      for k, layer in enumerate(plan.kept):  # path: ("attn", "q_lora", "a"), x: [kept, ...]
+        params[("layers", layer, *path)] = x[k]
     return nnx.merge(_adapted_graphdef(self.lora_cfg, plan.skipped),
                      traversals.unflatten_mapping(params))
 
@@ -257,9 +265,10 @@ def save_pretrained(model: RatioAdaptedDecoder, path, *, ratio: float | None = N
   for r, plan, adapters in zip(model.ratios, model.plans, model.adapters):
     tensors = {}
     for p, x in traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(adapters, nnx.Param))).items():
-      _, k, block, target, ab = p
-      name = f"layers.{plan.kept[k]}.{block}.{target[:-len(lora.SUFFIX)]}.lora_{ab}"
-      tensors[name] = np.ascontiguousarray(np.asarray(x))
+      block, target, ab = p
+      for k, layer in enumerate(plan.kept):
+        name = f"layers.{layer}.{block}.{target[:-len(lora.SUFFIX)]}.lora_{ab}"
+        tensors[name] = np.ascontiguousarray(np.asarray(x[k]))
     file = f"adapters_r{r:g}.safetensors"
     save_file(tensors, os.path.join(path, file))
     index.append(dict(ratio=r, kept_layers=list(plan.kept), skipped_layers=list(plan.skipped),
@@ -287,11 +296,11 @@ def from_pretrained(path, *, dtype: str = "float32"):
   params = {("base", *p): x for p, x in traversals.flatten_mapping(
       nnx.to_pure_dict(nnx.state(base, nnx.Param))).items()}
   for j, (r, plan) in enumerate(zip(record["ratios"], plans)):
-    slot = {layer: k for k, layer in enumerate(plan.kept)}
-    for name, x in load_file(os.path.join(path, r["file"])).items():
-      _, layer, block, target, ab = name.split(".")
-      params[("adapters", j, "layers", slot[int(layer)], block, target + lora.SUFFIX,
-              ab[len("lora_"):])] = x
+    tensors = load_file(os.path.join(path, r["file"]))
+    for name in {n.split(".", 2)[2] for n in tensors}:  # "attn.q.lora_a"
+      block, target, ab = name.split(".")
+      params[("adapters", j, block, target + lora.SUFFIX, ab[len("lora_"):])] = np.stack(
+          [tensors[f"layers.{layer}.{name}"] for layer in plan.kept])
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(params))
   nnx.update(model, state)
