@@ -58,10 +58,17 @@ def _without_blocks(torch_model, unit, layers):
   return torch_model
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """Our model of a random tiny transformers Llama (`tiny.hf_model("llama")`, seeded)."""
+  path = tmp_path_factory.mktemp("llama")
+  tiny.save_hf_model("llama", path)
+  return hf.from_pretrained(path)[0]
+
+
 @pytest.mark.parametrize("unit", UNITS)
-def test_sublayer_plan_matches_transformers_without_those_blocks(tmp_path, unit):
-  torch_model = tiny.save_hf_model("llama", tmp_path)
-  model, _ = hf.from_pretrained(tmp_path)
+def test_sublayer_plan_matches_transformers_without_those_blocks(llama, unit):
+  model, torch_model = llama, tiny.hf_model("llama")  # the saved one: same seed
   tokens = np.random.default_rng(0).integers(3, tiny.VOCAB, (2, 12))
   mask = np.ones_like(tokens)
   mask[0, :3] = 0  # left padding: positions and segments as the decoders give them
