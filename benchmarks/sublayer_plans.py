@@ -1,0 +1,146 @@
+"""Sublayer plans on SmolLM2-135M-Instruct, zero-shot: ULS's even spread over whole layers, MLP
+blocks or attention blocks at the same byte ratio (weight bytes read per generated token at full
+depth over those with the plan, `skipping.LayerBytes`), by held-out KL to full depth and
+perplexity, in paper mode (the prompt at full depth).
+
+  nice python -m benchmarks.sublayer_plans [--ratios 1.1,1.2,1.25,1.5] [--heldout-tokens 512]
+
+The held-out text is benchmarks/plans.py's (response tokens of the validation books). Rows:
+  layer        skip.unit="layer" as configured: n = int(L / r) kept layers (a layer count, so its
+               byte ratio is below r: the unembedding is read whatever the plan);
+  layer_bytes  whole layers too, but the fewest that reach r in bytes (the fair comparison);
+  mlp          skip.unit="mlp";
+  attention    skip.unit="attention" (unreachable above what skipping all but the first and last
+               attention blocks gives).
+Writes benchmarks/results/smollm2/sublayer_plans.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.plans import ROOT, Setup
+from ulskip_jax.model import layer_bytes
+from ulskip_jax.skipping import SkipPlan, plan_layers
+
+UNITS = ("layer", "layer_bytes", "mlp", "attention")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _log_probs(graphdef, state, chunk, *, plan: SkipPlan):
+  """Log-probs [N, V] at the chunk's scored tokens under `plan`, paper mode."""
+  model = nnx.merge(graphdef, state)
+  x, _ = model.hidden(chunk["tokens"], skip=plan, positions_BT=chunk["positions"],
+                      segment_ids_BT=chunk["segment_ids"], full_depth_BT=chunk["full_depth"])
+  x_ND = x.reshape(-1, x.shape[-1])[chunk["scored"]]
+  return jax.nn.log_softmax(model.unembed(x_ND[None])[0], axis=-1)
+
+
+def _plan(L: int, unit: str, ratio: float, costs) -> SkipPlan:
+  if unit == "layer":
+    return plan_layers(L, ratio)
+  if unit == "layer_bytes":
+    layer = costs.attention + costs.mlp
+    full = costs.fixed + L * layer
+    n = L - math.ceil((full - full / ratio) / layer - 1e-9)
+    return plan_layers(L, L / n * (1 - 1e-12))  # int(L / r) = n
+  return plan_layers(L, ratio, unit=unit, costs=costs)
+
+
+def _commit() -> str:
+  run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout
+  head = run("rev-parse", "--short", "HEAD").strip() or "unknown"
+  return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--ratios", default="1.1,1.2,1.25,1.5")
+  p.add_argument("--heldout-tokens", type=int, default=512)
+  p.add_argument("--rows", type=int, default=4, help="rows of 128 tokens per forward")
+  args = p.parse_args(argv)
+  start = time.perf_counter(), time.process_time()
+  s = Setup(argparse.Namespace(rows=args.rows, workdir=""))
+  L, costs = s.L, layer_bytes(s.model.cfg)
+  text = s.text("validation", args.heldout_tokens)
+  graphdef, state = nnx.split(s.model)
+  chunks = [{k: jnp.asarray(v) for k, v in c.items()} for c in text.chunks]
+
+  def measure(plan):
+    kl = nll = 0.0
+    for c, ref in zip(chunks, refs):
+      lp = _log_probs(graphdef, state, c, plan=plan)
+      targets = c["targets"].reshape(-1)[c["scored"]]
+      kl += float(jnp.sum(jnp.sum(jnp.exp(ref) * (ref - lp), -1) * c["weight"]))
+      nll += float(jnp.sum(-jnp.take_along_axis(lp, targets[:, None], -1)[:, 0] * c["weight"]))
+    return kl / text.num_tokens, nll / text.num_tokens
+
+  refs = [_log_probs(graphdef, state, c, plan=SkipPlan.full(L)) for c in chunks]
+  full_ppl = math.exp(measure(SkipPlan.full(L))[1])
+  rows = {}
+  for ratio in (float(r) for r in args.ratios.split(",")):
+    for unit in UNITS:
+      key = f"{unit}@{ratio:g}"
+      try:
+        plan = _plan(L, unit, ratio, costs)
+      except ValueError as e:
+        rows[key] = dict(unreachable=str(e))
+        print(f"{key}: {e}", flush=True)
+        continue
+      kl, nll = measure(plan)
+      rows[key] = dict(kl=kl, ppl=math.exp(min(nll, 50.0)), byte_ratio=costs.ratio(plan),
+                       skipped=list(plan.skipped))
+      print(f"{key}: KL {kl:.3f} ppl {rows[key]['ppl']:.4g} bytes {costs.ratio(plan):.3f}x "
+            f"skips {plan.skipped}", flush=True)
+  machine = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
+                           text=True).stdout.split(":")[-1].strip()
+  meta = dict(command=" ".join(["python -m benchmarks.sublayer_plans"] + (argv or sys.argv[1:])),
+              commit=_commit(), machine=machine,
+              finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              wall_s=round(time.perf_counter() - start[0]),
+              cpu_s=round(time.process_time() - start[1]),
+              tokens=text.num_tokens, sha256=text.sha256, costs=dataclasses.asdict(costs))
+  results = os.path.join(ROOT, "benchmarks", "results", "smollm2")
+  with open(os.path.join(results, "sublayer_plans.json"), "w") as f:
+    json.dump(dict(meta=meta, full_ppl=full_ppl, rows=rows), f, indent=1)
+  ratios = [r for r in args.ratios.split(",")]
+  lines = ["# Sublayer plans at equal byte ratios (SmolLM2-135M-Instruct, zero-shot, paper mode)",
+           "", f"`{meta['command']}`, commit {meta['commit']}, finished {meta['finished']}, on "
+           f"{meta['machine']}; {meta['wall_s']} s wall, {meta['cpu_s']} s CPU (2 cores shared "
+           "with other agents' jobs).", "",
+           f"KL to full depth (nats per token) / perplexity on {text.num_tokens} response tokens of "
+           f"the validation books (sha256 {text.sha256[:12]}, benchmarks/plans.py's held-out "
+           f"text). Full depth: perplexity {full_ppl:.2f}. Bytes per token (f32 weights): "
+           f"attention block {costs.attention / 2**20:.2f} MiB, MLP block "
+           f"{costs.mlp / 2**20:.2f} MiB, unembedding + final norm {costs.fixed / 2**20:.2f} MiB.",
+           "", "Each cell: KL / perplexity (achieved byte ratio, blocks or layers skipped).", "",
+           "| unit | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+  for unit in UNITS:
+    cells = []
+    for r in ratios:
+      v = rows[f"{unit}@{float(r):g}"]
+      cells.append("unreachable" if "unreachable" in v else
+                   f"{v['kl']:.3f} / {v['ppl']:.4g} ({v['byte_ratio']:.3f}x, {len(v['skipped'])})")
+    lines.append(f"| {unit} | " + " | ".join(cells) + " |")
+  lines += ["", "Skipped (ULS's even spread, first and last kept):", ""]
+  for key, v in rows.items():
+    lines.append(f"- {key}: " + (v["unreachable"] if "unreachable" in v else str(v["skipped"])))
+  with open(os.path.join(results, "sublayer_plans.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
