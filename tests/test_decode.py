@@ -281,8 +281,11 @@ def test_continuous_batching_equals_each_prompt_alone(models, family, kw):
   assert stats.generated_tokens == sum(min(len(r) + 1, MAX_NEW) for r in alone)
   assert stats.prompt_tokens == sum(map(len, QUEUE))
   # 3 rows in use of a 4-row bucket, 4 prompts: one waits although the queue has no more slots.
-  assert decode.generate(model, QUEUE[:4], batch_size=3, max_new_tokens=MAX_NEW, eos_id=eos,
-                         **kw)[0] == alone[:4]
+  # The schedule is the engine's, the same for every model code: checked on plain decoding and
+  # with the bans (whose histories the waiting prompt must keep), each a compile of its own.
+  if family in ("llama", "mistral"):
+    assert decode.generate(model, QUEUE[:4], batch_size=3, max_new_tokens=MAX_NEW, eos_id=eos,
+                           **kw)[0] == alone[:4]
 
 
 def test_continuous_batching_compiles_once_per_bucket_and_samples_per_prompt(models):
