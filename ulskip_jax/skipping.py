@@ -119,8 +119,8 @@ class SkipPlan:
 
   @property
   def ratio(self) -> float:
-    """Nominal speedup in decoder layers: L / (number kept); a sublayer plan's is its bytes
-    (`LayerBytes.ratio`)."""
+    """Nominal speedup in decoder layers: L / (number kept) (a sublayer plan's counts blocks;
+    its ratio in bytes, the one it was planned by, is `LayerBytes.ratio`)."""
     return self.num_layers / len(self.kept)
 
   @property
