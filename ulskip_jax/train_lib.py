@@ -407,6 +407,8 @@ class Trainer:
         prompt_buffer.capacity_for(config.skip.prompt_capacity, config.data.seq_len),
         self.model_cfg, rows=max(1, config.batch_size // config.optim.accum_steps // batch_shards),
         seq_len=config.data.seq_len, platform=jax.default_backend())
+    if config.skip.unit != "layer":  # a sublayer plan's skipped blocks run on whole rows
+      self.prompt_choice = dataclasses.replace(self.prompt_choice, capacity=None)
     self.prompt_capacity = self.prompt_choice.capacity
     n_proc = jax.process_count()
     if config.batch_size % (n_proc * config.optim.accum_steps):
