@@ -41,10 +41,11 @@ class UsageError(ValueError):
 
 
 def load_model(path: str, step: int | None = None):
-  """(model, tokenizer, template) from a Hugging Face folder (config.json), a .gguf file, the
+  """(model, tokenizer, template, unit) from a Hugging Face folder (config.json), a .gguf file, the
   packaged SmolLM2 ("smollm2"), a hub id, a training workdir or one of its step folders (`step` picks a checkpoint of a workdir; default the latest).
 
-  The template is the training run's prompt template (None for a Hugging Face folder).
+  The template is the training run's prompt template and unit its skip.unit (None for a Hugging
+  Face folder).
   """
   from ulskip_jax import hf
   workdir = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and (
@@ -55,11 +56,12 @@ def load_model(path: str, step: int | None = None):
       if step is not None:
         raise UsageError(f"--step {step} is for a training workdir, but {path} is a model")
       model, tokenizer = hf.from_pretrained(path)
-      template = None
+      template = unit = None
     else:
       from ulskip_jax import checkpoint
       model, tokenizer, config = checkpoint.load_for_inference(path, step, with_config=True)
       template = config.get("data", {}).get("template")
+      unit = config.get("skip", {}).get("unit")
   except UsageError:
     raise
   except ValueError as e:  # our own one-line messages (missing path, bad GGUF, bad config.json)
@@ -69,7 +71,7 @@ def load_model(path: str, step: int | None = None):
                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
   if tokenizer is None:
     raise UsageError(f"checkpoint {path} has no tokenizer: add the tokenizer files to it")
-  return model, tokenizer, template
+  return model, tokenizer, template, unit
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -261,9 +263,10 @@ def parse_args(argv):
   p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
   p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
                  "(several lists separated by ';')")
-  p.add_argument("--skip-unit", choices=("layer", "mlp", "attention"), default="layer",
+  p.add_argument("--skip-unit", choices=("layer", "mlp", "attention"),
                  help="what --ratio / --skip skip: whole layers, or only their MLP or attention "
-                 "blocks (a sublayer plan's ratio is weight bytes read per token)")
+                 "blocks (a sublayer plan's ratio is weight bytes read per token); default: a "
+                 "training workdir's skip.unit, else layer")
   p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
                  "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys "
                  "draft_ratio, draft_skip=1-3-5, k, draft_cache=separate|shared)")
@@ -305,14 +308,15 @@ def run(args) -> dict:
   check_args(args)
   from ulskip_jax import decode, ratio_adapters
   from ulskip_jax.model import layer_bytes
-  model, tokenizer, train_template = load_model(args.checkpoint, args.step)
+  model, tokenizer, train_template, train_unit = load_model(args.checkpoint, args.step)
   if args.attention_impl:
     from ulskip_jax import attention
     try:
       model = attention.with_impl(model, args.attention_impl)
     except ValueError as e:
       raise UsageError(f"--attention-impl {args.attention_impl}: {e}") from None
-  runs = parse_runs(args, model.cfg.num_layers, args.skip_unit, layer_bytes(model.cfg))
+  runs = parse_runs(args, model.cfg.num_layers, args.skip_unit or train_unit or "layer",
+                    layer_bytes(model.cfg))
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -60,7 +60,7 @@ def run(args) -> None:
     speculative = None if args.speculative is None else infer.parse_speculative(args.speculative)
   except ValueError as e:
     raise infer.UsageError(f"--speculative: {e}") from None
-  model, tokenizer, _ = infer.load_model(args.checkpoint, args.step)
+  model, tokenizer, *_ = infer.load_model(args.checkpoint, args.step)
   limit = model.cfg.max_position
   if args.max_seq_len is not None and not 1 <= args.max_seq_len <= limit:
     raise infer.UsageError(f"--max-seq-len={args.max_seq_len} must be in [1, {limit}] (the "
