@@ -74,7 +74,7 @@ def parse_args(argv=None):
 
 
 def load(args):
-  """(model, prompts: list of token lists, eos_id, description)."""
+  """(model, prompts: list of token lists, eos_id, description, calibrated plans or None)."""
   from ulskip_jax import batching, corpora
   if args.checkpoint is None:
     from flax import nnx
@@ -86,8 +86,10 @@ def load(args):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, int(rng.integers(16, 33))).tolist()
                for _ in range(64)]
-    return model, prompts, None, "random weights (bible_2x shape)"
+    return model, prompts, None, "random weights (bible_2x shape)", None
+  from ulskip_jax import skipping
   path = args.checkpoint
+  layer_scores = None
   if os.path.isfile(os.path.join(path, "config.json")):
     from ulskip_jax import hf
     model, tokenizer = hf.from_pretrained(path)
@@ -97,13 +99,15 @@ def load(args):
     model, tokenizer, config = checkpoint.load_for_inference(os.path.abspath(path),
                                                             with_config=True)
     template = config.get("data", {}).get("template", TEMPLATE)
+    # A calibrated run drafts with the plan it trained (its plan.json), not ULS's even spread.
+    layer_scores = skipping.workdir_plan(os.path.abspath(path), model.cfg.num_layers)
   import ml_collections
   pairs = corpora.load_pairs(ml_collections.ConfigDict(dict(source="bible")))["validation"]
   texts = [batching.format_prompt(template, pair["source"]) for pair in pairs[:96]]
   # Long prompts are dropped, not cut: a cut chat prompt would lose its assistant header.
   prompts = [p for p in (decode.encode_prompt(tokenizer, t) for t in texts) if len(p) <= 128][:64]
   eos_id, _ = decode.special_ids(tokenizer)
-  return model, prompts, eos_id, path
+  return model, prompts, eos_id, path, layer_scores
 
 
 def widen_mlp(model, d_ff: int):
@@ -165,16 +169,21 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def methods(args, num_layers: int):
-  """[(name, generate keyword arguments)]: full, plain ULS per ratio, speculative per case."""
+def draft_plans(args, num_layers: int, layer_scores=None) -> dict:
+  """{ratio: SkipPlan}: a calibrated workdir's plans, else ULS's."""
   ratios = [float(r) for r in args.draft_ratios.split(",")]
+  return {r: layer_scores.plan(r) if layer_scores else plan_layers(num_layers, r) for r in ratios}
+
+
+def methods(args, plans: dict):
+  """[(name, generate keyword arguments)]: full, plain skipping per ratio, speculative per case."""
   out = [("full", {})]
-  out += [(f"ULS r{r:g}", dict(ratio=r)) for r in ratios]
+  out += [(f"{p.strategy} r{r:g}", dict(skip=p)) for r, p in plans.items()]
   for cache in args.draft_cache.split(","):
-    for r in ratios:
+    for r, p in plans.items():
       for k in (int(k) for k in args.ks.split(",")):
         name = f"spec r{r:g} k{k}" + ("" if cache == "shared" else " separate")
-        out.append((name, dict(speculative=dict(draft_ratio=r, num_draft_tokens=k,
+        out.append((name, dict(speculative=dict(draft_skip=p.skipped, num_draft_tokens=k,
                                                 draft_cache=cache))))
   return out
 
@@ -234,15 +243,15 @@ def main(argv=None):
   args = parse_args(argv)
   if args.balance:
     print(machine_balance([int(b) for b in args.batches.split(",")]), flush=True)
-  model, prompts, eos_id, what = load(args)
+  model, prompts, eos_id, what, layer_scores = load(args)
   if args.widen_mlp:
     model = widen_mlp(model, args.widen_mlp)
     what += f" with its MLP zero-padded to d_ff {args.widen_mlp}"
   cfg = model.cfg
   batches = [int(b) for b in args.batches.split(",")]
-  cases = methods(args, cfg.num_layers)
-  plans = ", ".join(f"r{r}: kept {plan_layers(cfg.num_layers, float(r)).kept}"
-                    for r in args.draft_ratios.split(","))
+  draft = draft_plans(args, cfg.num_layers, layer_scores)
+  cases = methods(args, draft)
+  plans = ", ".join(f"r{r:g} ({p.strategy}): kept {p.kept}" for r, p in draft.items())
   print(f"# speculative decoding: {what}; L={cfg.num_layers} d_model={cfg.d_model} "
         f"vocab={cfg.vocab_size}; {plans}; greedy, {args.new_tokens} new tokens, "
         f"EOS {'on' if eos_id is not None else 'off'}; "
