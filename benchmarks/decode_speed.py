@@ -143,8 +143,8 @@ def ceiling(model, batch: int, ratio: float, args) -> float:
   sublayer plan's ratio counts) and the KV cache of the layers whose attention runs."""
   cfg = model.cfg
   L, costs = cfg.num_layers, layer_bytes(cfg)
-  slots = engine.bucket(args.prompt_len, engine.MIN_BUCKET) + engine.bucket(args.new_tokens,
-                                                                            engine.MIN_BUCKET)
+  slots = engine.prompt_bucket(args.prompt_len) + engine.bucket(args.new_tokens,
+                                                               engine.MIN_BUCKET)
   kv = cache_bytes(cfg, batch, slots) / L
   read = lambda plan: costs.read(plan) + len(plan.attention_layers) * kv
   return read(SkipPlan.full(L)) / read(plan_layers(L, ratio))

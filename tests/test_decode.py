@@ -168,6 +168,19 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(models):
   assert top1 == greedy
 
 
+def test_prompt_bucket_takes_half_steps_and_decodes_as_recompute(models):
+  """A 20-token prompt runs in 24 prompt slots, not 32 (the prefill's work grows with its slots,
+  padding included), and decodes as recomputation does."""
+  model = models["qwen2"][1]
+  prompts = [list(range(3, 23)), [1, 5, 6]]
+  _, x = engine.checked_inputs(model.cfg, prompts, max_new_tokens=MAX_NEW)
+  assert x.prompts.shape[1] == 24
+  assert [engine.prompt_bucket(n) for n in (16, 17, 24, 25, 96, 97)] == [16, 24, 24, 32, 96, 128]
+  got, _ = decode.generate(model, prompts, ratio=RATIO, mode="paper", max_new_tokens=MAX_NEW,
+                           eos_id=None)
+  assert got == greedy_by_recompute(model, prompts, plan_layers(4, RATIO).skipped, True)
+
+
 def test_one_executable_per_skip_and_bucket():
   model = tiny.tiny_model(d_ff=48)  # a structure no other test uses
   before = engine.num_compiles()

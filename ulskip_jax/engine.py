@@ -96,6 +96,14 @@ def bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def prompt_bucket(n: int) -> int:
+  """The prompt slots for a longest prompt of n tokens: the next of MIN_BUCKET, then powers of two
+  and 1.5x powers of two (16, 24, 32, 48, 64, 96, 128, ...) >= n. The prefill's work grows with
+  the slots, padding included: a power-of-two bucket alone pads up to 2x (96 tokens to 128)."""
+  p = bucket(n, MIN_BUCKET)
+  return p * 3 // 4 if p > MIN_BUCKET and n <= p * 3 // 4 else p
+
+
 def prefill(model, prompt_BP, pad_B, num_slots: int, *, skip: SkipPlan, paper_mode: bool):
   """Run left-padded prompts, filling a fresh cache of `num_slots` slots for the plan's kept
   layers: (last-position logits [B, V], cache). paper_mode: the prompt runs every layer (only the
@@ -246,11 +254,11 @@ class Inputs:
 
 def inputs(o: Options, prompts: Sequence[np.ndarray], *, rows: int | None = None,
            threshold: float = 0.0) -> Inputs:
-  """Prompts `check_prompts` has checked as `Inputs`: P = max(MIN_BUCKET, bucketed longest
-  prompt); with `rows` (continuous batching) B = bucket(rows) rows decode a queue of
+  """Prompts `check_prompts` has checked as `Inputs`: P = prompt_bucket(longest prompt); with
+  `rows` (continuous batching) B = bucket(rows) rows decode a queue of
   max(B, bucket(len(prompts))) prompts, else each prompt has a row of B = bucket(len(prompts))."""
   B = bucket(rows or len(prompts))
-  Q, P = max(B, bucket(len(prompts))), bucket(max(map(len, prompts)), MIN_BUCKET)
+  Q, P = max(B, bucket(len(prompts))), prompt_bucket(max(map(len, prompts)))
   prompts_QP = np.full((Q, P), o.pad_id, np.int32)
   pad_Q = np.full((Q,), P - 1, np.int32)  # filler rows: a one-token prompt of pad_id
   for i, p in enumerate(prompts):  # each prompt ends at the last slot
