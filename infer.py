@@ -309,12 +309,18 @@ def run(args) -> dict:
   from ulskip_jax import decode, ratio_adapters
   from ulskip_jax.model import layer_bytes
   model, tokenizer, train_template, train_unit = load_model(args.checkpoint, args.step)
+  adapted = isinstance(model, ratio_adapters.RatioAdaptedDecoder)
   if args.attention_impl:
     from ulskip_jax import attention
-    try:
-      model = attention.with_impl(model, args.attention_impl)
+    if adapted and args.speculative:
+      raise UsageError(f"--attention-impl {args.attention_impl} with --speculative: an "
+                       "adapters-per-ratio workdir drafts with its adapters in the default "
+                       "attention only; leave one of them out")
+    try:  # an adapters-per-ratio model gets it per run, on the plain Decoder each run decodes
+      impl_model = attention.with_impl(model.base if adapted else model, args.attention_impl)
     except ValueError as e:
       raise UsageError(f"--attention-impl {args.attention_impl}: {e}") from None
+    model = model if adapted else impl_model
   runs = parse_runs(args, model.cfg.num_layers, args.skip_unit or train_unit or "layer",
                     layer_bytes(model.cfg))
   kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -338,6 +344,8 @@ def run(args) -> dict:
                  num_layers=model.cfg.num_layers, batch_size=args.batch_size, settings=kw, runs=[])
   for label, plan in runs:
     run_model, plan = ratio_adapters.for_run(model, plan)  # adapters per ratio: the plan's own
+    if adapted and args.attention_impl:
+      run_model = attention.with_impl(run_model, args.attention_impl)
     try:
       hyps, stats = decode.generate_text(run_model, tokenizer, texts, batch_size=args.batch_size,
                                          progress=not args.no_progress, chat=chat,

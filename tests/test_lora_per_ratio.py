@@ -190,14 +190,14 @@ def test_adapter_draft_speculation_equals_full_depth_greedy(run):
   assert stats.draft_plan == plan and 0 < stats.accepted_tokens < stats.drafted_tokens
 
 
-def _infer(tmp_path, checkpoint, ratio, name):
+def _infer(tmp_path, checkpoint, ratio, name, *extra):
   import infer
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("w5 w9 w14\nw40 w41\nw60 w12 w19 w33\n")
   out = tmp_path / f"{name}.txt"
   assert infer.main(["--checkpoint", str(checkpoint), "--input", str(prompts), "--output",
                      str(out), "--ratio", ratio, "--template", "{source}", "--max-new-tokens",
-                     "8", "--no-progress", "--no-chat", "--mode", "everywhere"]) == 0
+                     "8", "--no-progress", "--no-chat", "--mode", "everywhere", *extra]) == 0
   return out
 
 
@@ -211,6 +211,9 @@ def test_infer_ratio_1_is_the_base_and_ratio_2_its_merged_export(run, tmp_path):
   _infer(tmp_path, tmp_path / "r2", "1", "exported")
   assert (tmp_path / "ours.r1.txt").read_bytes() == (tmp_path / "base.txt").read_bytes()
   assert (tmp_path / "ours.r2.txt").read_bytes() == (tmp_path / "exported.txt").read_bytes()
+  # --attention-impl reaches the merged sub-model a ratio decodes (it once failed internally).
+  _infer(tmp_path, run["workdir"], "2", "xla", "--attention-impl", "xla")
+  assert (tmp_path / "xla.txt").read_bytes() == (tmp_path / "exported.txt").read_bytes()
 
 
 def test_exported_ratio_loads_in_transformers_and_equals_our_sub_model(run, tmp_path):

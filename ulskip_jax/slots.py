@@ -185,7 +185,8 @@ class SlotPool:
       raise ValueError(f"num_slots={num_slots} is more than the model's {self.cfg.max_position} "
                        "positions")
     self.state = init_state(self.cfg, rows, num_slots, self.plan.skip, self.plan.pad_id)
-    # Prompt buckets: powers of two from MIN_BUCKET (as `generate`'s), the last one S.
+    # Prompt buckets: powers of two from MIN_BUCKET, the last one S: half as many shapes to warm
+    # up at startup as `generate`'s half steps (`engine.prompt_bucket`), for more padding.
     self.buckets = sorted({min(2 ** i, num_slots) for i in range(
         engine.MIN_BUCKET.bit_length() - 1, num_slots.bit_length() + 1)})
     self._stop = np.zeros((rows,), bool)
