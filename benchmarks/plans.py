@@ -22,13 +22,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 from absl import logging
 
 from configs import smollm2_2x
+from benchmarks import provenance
 from ulskip_jax import calibrate, decode, engine, hf, plan_layers
 from ulskip_jax import batching, corpora
 from ulskip_jax.tokenizer import Tokenizer
@@ -57,12 +57,6 @@ def _dump(obj, path):
   os.replace(path + ".tmp", path)
 
 
-
-
-def _commit() -> str:
-  run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout
-  head = run("rev-parse", "--short", "HEAD").strip() or "unknown"
-  return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
 
 
 class Setup:
@@ -253,10 +247,8 @@ def main(argv=None):
   bleu = run_bleu(s) if "bleu" in stages else None
   if bleu is None and os.path.exists(bleu_path):
     bleu = dict(verses=args.bleu_verses, results=_load(bleu_path))
-  machine = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
-                           text=True).stdout.split(":")[-1].strip()
   meta = dict(command=" ".join(["python -m benchmarks.plans"] + (argv or sys.argv[1:])),
-              commit=_commit(), machine=machine,
+              commit=provenance.commit(), machine=provenance.machine(),
               finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               wall_s=time.perf_counter() - start[0], cpu_s=time.process_time() - start[1])
   if div is not None:

@@ -33,12 +33,13 @@ import collections
 import datetime
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
 import sys
 import time
+
+from benchmarks import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/smollm2_quick.py"
@@ -235,12 +236,8 @@ def main(argv=None) -> None:
           r["curve"][r["steps"]] = {k: r[k] for k in ("r1", f"r{args.ratio:g}")}
       print(key, json.dumps({k: v for k, v in r.items() if k not in ("command", "curve")}),
             flush=True)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                          capture_output=True).stdout.strip()
-  machine = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                  if l.startswith("model name")), platform.processor())
-  meta = dict(date=datetime.date.today().isoformat(), machine=f"{machine}, {os.cpu_count()} cores",
-              commit=commit, command="python -m benchmarks.recipes " + " ".join(sys.argv[1:]),
+  meta = dict(date=datetime.date.today().isoformat(), machine=provenance.machine(),
+              commit=provenance.commit(), command="python -m benchmarks.recipes " + " ".join(sys.argv[1:]),
               steps=args.steps, verses=args.verses, copy_bleu=copy_bleu, ratio=args.ratio,
               seeds=seeds, plan=os.path.basename(args.plan) or "uls")
   stem = os.path.join(ROOT, "benchmarks", "results", "smollm2",

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import provenance
 from benchmarks.reproduce_report import (json_dump, json_load, load_config, method_ratios, report,
                                          use_base_depth)
 from ulskip_jax import (baseline_decode, baseline_losses, baseline_schedules, decode, engine,
@@ -503,15 +504,6 @@ def run_speed(c) -> dict:
   return out
 
 
-def _commit() -> str:
-  """The checkout's commit, with "+changes" when tracked files differ from it."""
-  import subprocess
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout
-  head = run("rev-parse", "--short", "HEAD").strip() or "unknown"
-  return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/reproduce.py")
@@ -540,7 +532,7 @@ def main(argv=None):
       json_dump(timings, path)
       where = os.path.join(c.workdir, "provenance.json")
       prov = json_load(where) if os.path.exists(where) else {}
-      prov[name] = dict(commit=_commit(), command=" ".join(["python"] + sys.argv),
+      prov[name] = dict(commit=provenance.commit(), command=" ".join(["python"] + sys.argv),
                         finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
       json_dump(prov, where)
     log(f"stage {name} done ({time.perf_counter() - start:.0f} s)")

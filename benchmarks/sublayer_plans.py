@@ -23,15 +23,14 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks import provenance
 from benchmarks.plans import ROOT, Setup
 from ulskip_jax.model import layer_bytes
 from ulskip_jax.skipping import SkipPlan, plan_layers
@@ -58,12 +57,6 @@ def _plan(L: int, unit: str, ratio: float, costs) -> SkipPlan:
     n = L - math.ceil((full - full / ratio) / layer - 1e-9)
     return plan_layers(L, L / n * (1 - 1e-12))  # int(L / r) = n
   return plan_layers(L, ratio, unit=unit, costs=costs)
-
-
-def _commit() -> str:
-  run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout
-  head = run("rev-parse", "--short", "HEAD").strip() or "unknown"
-  return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
 
 
 def main(argv=None):
@@ -105,10 +98,8 @@ def main(argv=None):
                        skipped=list(plan.skipped))
       print(f"{key}: KL {kl:.3f} ppl {rows[key]['ppl']:.4g} bytes {costs.ratio(plan):.3f}x "
             f"skips {plan.skipped}", flush=True)
-  machine = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
-                           text=True).stdout.split(":")[-1].strip()
   meta = dict(command=" ".join(["python -m benchmarks.sublayer_plans"] + (argv or sys.argv[1:])),
-              commit=_commit(), machine=machine,
+              commit=provenance.commit(), machine=provenance.machine(),
               finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               wall_s=round(time.perf_counter() - start[0]),
               cpu_s=round(time.process_time() - start[1]),
