@@ -57,6 +57,7 @@ def validate_run(config, workdir: str) -> None:
     _check_mesh(config)
     _check_attention(config, model)
     _check_distill(config, hf_model, model)
+    _check_targets(config, hf_model, model)
     _check_workdir(config, workdir, hf_model, model)
   except ConfigError:
     raise
@@ -261,32 +262,58 @@ def _check_distill(config, hf_model, model: ModelConfig) -> None:
       raise ValueError("distill.teacher='init' needs model.init_from (the frozen weights it "
                        "names are the teacher)")
     return
-  steps = checkpoint_steps(os.path.join(d.teacher, "checkpoints"))
+  _check_teacher_path("distill.teacher", d.teacher, hf_model, model, "'self', 'init', ")
+
+
+def _check_targets(config, hf_model, model: ModelConfig) -> None:
+  """data.targets='teacher' has a model to generate from (data.teacher, else model.init_from), of
+  the student's architecture and vocabulary; data.teacher is not set for nothing."""
+  d = config.data
+  if d.targets != "teacher":
+    if d.teacher:
+      raise ValueError(f"data.teacher={d.teacher!r} is set but data.targets={d.targets!r} "
+                       "ignores it: set data.targets='teacher', or leave data.teacher empty")
+    return
+  if d.teacher:
+    _check_teacher_path("data.teacher", d.teacher, hf_model, model, "")
+  elif not config.model.init_from:
+    raise ValueError("data.targets='teacher' needs a model to generate the targets: "
+                     "data.teacher (e.g. a fine-tuned training workdir) or model.init_from (its "
+                     "weights at full depth); a run from scratch has none")
+
+
+def _check_teacher_path(key: str, path: str, hf_model, model: ModelConfig, choices: str) -> None:
+  """The teacher `path` (the value of `key`) exists and is of the student's architecture and
+  vocabulary, read from its checkpoint meta, config.json or GGUF header (no weights);
+  `choices`: the key's other allowed values, for the message."""
+  steps = checkpoint_steps(os.path.join(path, "checkpoints"))
   try:
     if steps:
-      meta_file = os.path.join(d.teacher, "checkpoints", str(steps[-1]), "meta", "metadata")
+      meta_file = os.path.join(path, "checkpoints", str(steps[-1]), "meta", "metadata")
       with open(meta_file, encoding="utf-8") as f:
         teacher = json.load(f)["model_config"]
     else:
       from ulskip_jax import hf
-      teacher = dataclasses.asdict(hf.config_from_hf(hf.read_config(d.teacher)[0]))
+      teacher = dataclasses.asdict(hf.config_from_hf(hf.read_config(path)[0]))
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"distill.teacher={d.teacher!r} cannot be used: {e}; give 'self', 'init', "
-                     "a training workdir, a Hugging Face folder or a .gguf file") from None
+    raise ValueError(f"{key}={path!r} cannot be used: {e}; give {choices}a training workdir, a "
+                     "Hugging Face folder or a .gguf file") from None
   student = dataclasses.asdict(model)
   if hf_model is None:  # trained from scratch: the vocabulary is the run's tokenizer's, known later
     del student["vocab_size"]
-  check_teacher(d.teacher, student, teacher)
+  check_teacher(path, student, teacher, key)
 
 
-def check_teacher(path: str, student: Mapping, teacher: Mapping) -> None:
+def check_teacher(path: str, student: Mapping, teacher: Mapping,
+                  key: str = "distill.teacher") -> None:
   """One line naming each field where the teacher's ModelConfig (a dict) differs from the
-  student's in architecture or vocabulary (dtypes, remat and adapters may differ)."""
+  student's in architecture or vocabulary (dtypes, remat and adapters may differ); `key` is the
+  config key that names the teacher."""
   differ = [n for n in ARCHITECTURE_FIELDS if n in student and n in teacher
             and _plain(student[n]) != _plain(teacher[n])]
   if differ:
     detail = ", ".join(f"{n}={teacher[n]!r} (student: {_plain(student[n])!r})" for n in differ)
-    raise ValueError(f"distill.teacher={path!r} is not the student's architecture: {detail}; "
+    raise ValueError(f"{key}={path!r} is not the student's architecture: {detail}; "
                      "give a teacher of the student's architecture and vocabulary")
 
 

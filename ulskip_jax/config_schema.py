@@ -354,6 +354,14 @@ KEYS: dict[str, Key] = {
     "data.seq_len": Key(128, _int(2), "tokens per packed row (at most `model.max_position`)"),
     "data.pack": Key(True, _BOOL, "pack several examples per row (segment ids keep them apart)"),
     "data.vocab_size": Key(4096, _int(1), "BPE vocabulary size when training from scratch"),
+    "data.targets": Key("reference", _choice("reference", "teacher"), "the train split's "
+                        "targets: the dataset's own, or `teacher`: a full-depth model's greedy "
+                        "output for each training prompt (sequence-level distillation), "
+                        "generated once and cached under `data.cache_dir`; validation and test "
+                        "keep the references"),
+    "data.teacher": Key("", _STR, "`data.targets=\"teacher\"`'s model, at full depth: \"\" = "
+                        "`model.init_from`; or a workdir, HF folder or `.gguf` of the student's "
+                        "architecture and tokenizer"),
 
     "skip.ratio": Key(2.0, _float(1), "target speedup r: keep n = int(L / r) layers"),
     "skip.ratios": Key((), Check(_ratios, "tuple of numbers >= 1"), "if set, one ratio drawn per "

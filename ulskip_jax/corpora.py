@@ -146,7 +146,7 @@ def _load_bible(data_cfg: Any) -> dict[str, list[dict[str, str]]]:
   cache_dir = os.path.expanduser(_cfg(data_cfg, 'cache_dir', DEFAULT_CACHE_DIR))
   path = os.path.join(cache_dir, BIBLE_CACHE_FILE)
   if not os.path.exists(path):
-    _write_jsonl_atomic(path, bible_records())
+    write_jsonl_atomic(path, bible_records())
   splits = {name: [] for name in SPLITS}
   with open(path, encoding='utf-8') as f:
     for line in f:
@@ -155,7 +155,8 @@ def _load_bible(data_cfg: Any) -> dict[str, list[dict[str, str]]]:
   return splits
 
 
-def _write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:
+def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:
+  """`records`, one JSON object a line, at `path` (its folder created)."""
   # Several hosts (or an interrupted run) may build the cache at once: readers must only ever
   # see a complete file, so write a private temporary file and rename it into place.
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -17,7 +17,9 @@ tokens is alpha * KL(teacher || student) + (1 - alpha) * CE (`loss.distill_sums`
 full-depth forward under stop-gradient: of the same weights ("self"), of the frozen
 `model.init_from` weights ("init") or of another model of the same architecture (a path). The
 sandwich step (`distill.sandwich`) trains full depth on CE and, against that same forward, the
-smallest sub-model and one drawn ratio on the distillation loss.
+smallest sub-model and one drawn ratio on the distillation loss. Sequence-level distillation
+(`data.targets = "teacher"`, `teacher_targets.py`) replaces the train split's targets by a
+full-depth teacher's greedy outputs before anything reads them.
 
 With LoRA (`optim.lora.rank` > 0) the step differentiates and updates only the trainable subset
 (`lora.split`: adapters, and norms with `optim.lora.train_norms`); the optimizer state is built
@@ -56,6 +58,7 @@ from ulskip_jax import loss as loss_lib
 from ulskip_jax import prompt_buffer
 from ulskip_jax import ratio_adapters
 from ulskip_jax import run_log
+from ulskip_jax import teacher_targets
 from ulskip_jax import sharding as shd
 from ulskip_jax.model import Decoder, ModelConfig, layer_bytes
 from ulskip_jax.skipping import SkipPlan, plan_for
@@ -328,14 +331,23 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig, base=N
     return None
   if path == "init":
     return base
+  model = load_model(path, config, student)
+  return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_model(path: str, config: ml_collections.ConfigDict, student: ModelConfig,
+               key: str = "distill.teacher"):
+  """The model a teacher path names, in the run's dtypes: a training workdir's latest checkpoint
+  (adapters merged) or what `hf.from_pretrained` reads. Raises a one-line ValueError naming `key`
+  when its architecture or vocabulary differs from the student's."""
   if os.path.isdir(os.path.join(path, "checkpoints")):
     model, _ = ckpt_lib.load_for_inference(path, dtype=config.model.dtype)
   else:
     from ulskip_jax import hf
     model, _ = hf.from_pretrained(path, dtype=config.model.dtype,
                                   param_dtype=config.model.param_dtype)
-  config_check.check_teacher(path, dataclasses.asdict(student), dataclasses.asdict(model.cfg))
-  return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  config_check.check_teacher(path, dataclasses.asdict(student), dataclasses.asdict(model.cfg), key)
+  return model
 
 
 def with_shardings(abstract_tree, shardings):
@@ -364,6 +376,12 @@ class Trainer:
     self.tok = load_tokenizer(config, workdir, self.pairs["train"], base_tokenizer)
     if not config.model.init_from:
       self.model_cfg = config_schema.model_config(config, self.tok.vocab_size)
+    if config.data.targets == "teacher":  # sequence-level distillation, before anything reads them
+      load = (functools.partial(load_model, config.data.teacher, config, self.model_cfg,
+                                "data.teacher") if config.data.teacher
+              else lambda: nnx.merge(*base))  # model.init_from's weights, at full depth
+      self.pairs = teacher_targets.rewrite(config, self.pairs, self.tok,
+                                           self.model_cfg.max_position, load)
     # A calibrated run plans from its workdir's plan.json (calibrated here on the first start).
     self.config = calibrate.resolve_plan(config, workdir, self.model_cfg, self.base_params,
                                          self.tok, self.pairs["train"])
