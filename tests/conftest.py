@@ -1,15 +1,20 @@
 """Test-wide settings. Tiny models make XLA's CPU compile time dominate a test's run time, and
-optimisation level 0 compiles about 3x faster, so every test on the CPU (and every subprocess a
-test starts, which inherits the environment) uses it; numerics are unchanged at the tolerances
-tested. On a GPU or TPU the compiler keeps its defaults: the tests then check what users run."""
+optimisation level 0 and the older fusion emitters compile several times faster, so every test on
+the CPU (and every subprocess a test starts, which inherits the environment) uses them; numerics
+are unchanged at the tolerances tested, and test_hlo_default checks the default pipeline's
+executables. On a GPU or TPU the compiler keeps its defaults: the tests then check what users
+run."""
 
 import importlib.metadata
 import os
 import re
+import shutil
+import tempfile
 
 import pytest
 
-_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+_FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+         "--xla_cpu_use_fusion_emitters=false")
 # JAX's accelerator plugins (jax-cuda12-plugin, jax-rocm7-plugin, libtpu, ...): with one
 # installed, JAX runs on its device rather than the CPU by default.
 _ACCELERATOR_PLUGIN = re.compile(r"jax[-_](cuda|rocm)\d*[-_]plugin|libtpu(-nightly)?", re.I)
@@ -28,9 +33,22 @@ def _on_cpu() -> bool:
 
 if _on_cpu() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
+_SESSION_CACHE = None
+if _on_cpu() and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # Compiling is most of a tiny model's test, and modules, workers and the train.py / infer.py
+  # children the tests start build many of the same executables: one persistent cache for the
+  # session (its workers and children inherit the variables), removed at its end.
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="ulskip_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 if not _on_cpu() and os.environ.get("PYTEST_XDIST_WORKER"):
   # Workers share one accelerator: each takes memory as it needs it, not 75% up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def pytest_unconfigure(config):
+  if _SESSION_CACHE:  # only the process that made it (workers inherit the variable)
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(session, config, items):

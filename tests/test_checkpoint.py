@@ -45,7 +45,8 @@ def _assert_tree_equal(a, b):
 
 
 def _run_child(code: str, devices: int) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  flags = os.environ.get('XLA_FLAGS', '')  # conftest's fast-compile flags, kept
+  env = dict(os.environ, XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   return subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -142,7 +142,9 @@ def test_the_self_teacher_is_a_constant_copy_of_the_weights():
   (l_self, _), g_self = _sums_and_grads(SKIP_2X, DISTILL)
   (l_copy, _), g_copy = _sums_and_grads(SKIP_2X, DISTILL, frozen_teacher=True)
   np.testing.assert_allclose(l_self, l_copy, rtol=1e-6)
-  _assert_trees_close(g_self, g_copy, atol=1e-6)
+  # Two graphs: the embedding's scatter-adds may sum in another f32 order (XLA:CPU's older
+  # emitters do), as in the sandwich test below.
+  _assert_trees_close(g_self, g_copy, atol=1e-5)
 
 
 def test_the_sandwich_is_the_sum_of_its_separate_losses():
