@@ -216,6 +216,21 @@ def test_infer_ratio_1_is_the_base_and_ratio_2_its_merged_export(run, tmp_path):
   assert (tmp_path / "xla.txt").read_bytes() == (tmp_path / "exported.txt").read_bytes()
 
 
+def test_serve_plans_each_ratio_with_its_own_sub_model(run):
+  """serve.py's plans on the workdir: ratio 1 the base, ratio 2 the merged sub-model on its
+  adapters' plan (the same weights infer.py decodes), and no lossless plan (one line)."""
+  import infer
+  import serve
+  model, _, _, unit = infer.load_model(str(run["workdir"]))
+  plans, _ = serve.plans_of(str(run["workdir"]), model, [1.0, 2.0], unit or "layer", None)
+  (full, full_plan), (sub, sub_plan) = plans[1.0], plans[2.0]
+  assert full_plan.skipped == () and sub_plan == model.plan_at(2.0)
+  _assert_equal(_params(full), _params(run["base"]))
+  _assert_equal(_params(sub), _params(ratio_adapters.merged(model, sub_plan)))
+  with pytest.raises(infer.UsageError, match="^--speculative on an adapters-per-ratio workdir"):
+    serve.plans_of(str(run["workdir"]), model, [1.0], "layer", "draft_ratio=2,k=4")
+
+
 def test_exported_ratio_loads_in_transformers_and_equals_our_sub_model(run, tmp_path):
   import transformers
   model = _strong(run["model"], 5.0)

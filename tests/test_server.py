@@ -3,7 +3,9 @@ with the official `openai` client and plain HTTP: greedy answers equal `generate
 alone at its plan, bad requests get OpenAI's error shape naming the field, cancelled and
 disconnected requests free their rows, and SIGTERM drains.
 
-One server for the file: a row holds 16 positions, so each plan builds two executables."""
+One server for the file: a row holds 16 positions, so each plan builds two executables. The
+model folder carries a calibrated plan.json whose 2x plan is not ULS's, as a trained workdir's
+would: the server must serve the checkpoint's own plans (and draft with them)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from ulskip_jax import decode, engine, hf
+from ulskip_jax import decode, engine, hf, skipping
 from ulskip_jax import testing as tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +31,8 @@ NAME = "tinyllm"
 SLOTS = 16
 CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}w5 {% endif %}")
+# At 2x it skips layers 2 and 3; ULS's plan skips 1 and 2.
+CALIBRATED = skipping.LayerScores(4, "kl_greedy", (None, 1.0, 0.5, 0.0))
 
 
 def free_port() -> int:
@@ -44,6 +48,7 @@ def folder(tmp_path_factory):
   tok = tiny.save_tiny_tokenizer(path)
   tok.chat_template = CHAT_TEMPLATE
   tok.save_pretrained(path)
+  skipping.write_plan(str(path / skipping.PLAN_FILE), CALIBRATED, (2,))
   return path
 
 
@@ -128,7 +133,7 @@ def test_models_health_and_metrics(server):
 def test_sixteen_concurrent_greedy_requests_equal_generate_alone(server, reference):
   """Mixed plans (by name and by skip_ratio), lengths, streaming and not, completions and chat:
   each answer is `generate`'s for that prompt alone at that plan (lossless: at full depth)."""
-  url, _ = server
+  url, proc = server
   model, tok = reference
   client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-")
   rng = random.Random(0)
@@ -167,11 +172,14 @@ def test_sixteen_concurrent_greedy_requests_equal_generate_alone(server, referen
   for (words, ratio, max_tokens, stream, chat, _), (text, used) in zip(cases, answers):
     prompt = decode.encode_prompt(tok, words, chat=chat)
     [ids], _ = decode.generate(model, [prompt], max_new_tokens=max_tokens, eos_id=2,
-                               ratio=1 if ratio == "lossless" else ratio)
+                               skip=CALIBRATED.plan(1 if ratio == "lossless" else ratio))
     assert text == decode.decode_ids(tok, ids), (words, ratio, stream, chat)
     assert used == min(len(ids) + 1, max_tokens)  # the EOS that ended it is counted
   assert any(len(text.split()) >= 4 for text, _ in answers)
   wait_idle(url)
+  log = server_log(proc)  # the plans served, as the startup log names them
+  assert f"{NAME}@2x: calibrated 2/4 layers (skips 2 3)," in log, log
+  assert f"{NAME}@lossless: drafts with calibrated 2/4 layers (skips 2 3)," in log, log
 
 
 def test_stop_strings_seed_and_usage(server):

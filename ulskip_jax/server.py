@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fastapi
 import prometheus_client as prom
@@ -30,9 +31,10 @@ import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ulskip_jax import decode, protocol, skipping, slots
+from ulskip_jax import decode, protocol, slots
 from ulskip_jax import speculative as speculative_lib
 from ulskip_jax.protocol import RequestError
+from ulskip_jax.skipping import SkipPlan
 
 log = logging.getLogger("ulskip_jax.server")
 
@@ -442,18 +444,19 @@ def create_app(state: ServerState) -> fastapi.FastAPI:
   return app
 
 
-def build_pools(model, tokenizer, *, model_name: str, ratios: list[float],
+def build_pools(model, tokenizer, *, model_name: str, plans: dict[float, tuple[Any, SkipPlan]],
                 speculative: dict | None, rows: int, num_slots: int,
                 steps: int) -> tuple[dict[str, slots.SlotPool], dict]:
-  """A pool per ratio and one for `speculative` (draft options as `generate`'s; the shared
-  draft cache only), named by `plan_name`, sharing the model's weights; and skip_ratio -> name."""
+  """A pool per ratio of `plans` (ratio -> (the model it decodes with, its plan): `model`'s
+  weights, or an adapters-per-ratio workdir's sub-model) and one for `speculative` (draft options
+  as `generate`'s; the shared draft cache only) on `model`, named by `plan_name`; and
+  skip_ratio -> name."""
   eos_id, pad_id = decode.special_ids(tokenizer)
   common = dict(rows=rows, num_slots=num_slots, eos_id=eos_id, pad_id=pad_id, steps=steps)
   pools, names = {}, {}
-  for ratio in ratios:
-    plan = skipping.resolve(model.cfg.num_layers, ratio=ratio, windows=model.cfg.attention_windows)
+  for ratio, (ratio_model, plan) in plans.items():
     names[float(ratio)] = plan_name(model_name, ratio)
-    pools[names[float(ratio)]] = slots.SlotPool(model, skip=plan, **common)
+    pools[names[float(ratio)]] = slots.SlotPool(ratio_model, skip=plan, **common)
   if speculative is not None:
     draft = speculative_lib.check(model.cfg, speculative)
     if not draft["shared_cache"]:
@@ -466,19 +469,21 @@ def build_pools(model, tokenizer, *, model_name: str, ratios: list[float],
   return pools, names
 
 
-def serve(model, tokenizer, *, model_name: str, ratios: list[float],
+def serve(model, tokenizer, *, model_name: str, plans: dict[float, tuple[Any, SkipPlan]],
           speculative: dict | None = None, rows: int = 8,
           num_slots: int | None = None, steps: int = 4, host: str = "127.0.0.1",
           port: int = 8000, default_max_tokens: int = 256, drain_s: float = 10.0) -> None:
-  """Builds and warms up a pool per ratio, then serves until SIGINT / SIGTERM: in-flight
-  requests get drain_s seconds to finish, the rest are cancelled."""
+  """Builds and warms up a pool per plan (`build_pools`), then serves until SIGINT / SIGTERM:
+  in-flight requests get drain_s seconds to finish, the rest are cancelled."""
   num_slots = num_slots or min(model.cfg.max_position, 2048)
-  pools, names = build_pools(model, tokenizer, model_name=model_name, ratios=ratios,
+  pools, names = build_pools(model, tokenizer, model_name=model_name, plans=plans,
                              speculative=speculative, rows=rows, num_slots=num_slots, steps=steps)
   for name, pool in pools.items():
     seconds = pool.warm_up()
-    log.warning("%s: %d rows x %d slots, prompt buckets %s, built in %.1f s", name, rows,
-                num_slots, pool.buckets, seconds)
+    layers = (f"drafts with {pool.strategy.draft}" if isinstance(pool, slots.SpeculativePool)
+              else pool.plan.skip)
+    log.warning("%s: %s, %d rows x %d slots, prompt buckets %s, built in %.1f s", name, layers,
+                rows, num_slots, pool.buckets, seconds)
   metrics = Metrics(list(pools))
   state = ServerState(model_name=model_name, tokenizer=tokenizer, pools=pools, ratios=names,
                       scheduler=Scheduler(pools, metrics, decode.special_ids(tokenizer)[0]),
