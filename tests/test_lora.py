@@ -1,10 +1,11 @@
 """LoRA (lora.py) and the memory report, on the tiny model.
 
-One module-scoped run trains adapters (every target, dropout on) in paper mode at ratio 2 for 3
-steps, saving at steps 2 and 3; most tests read it. A fresh adapter changes nothing, training moves
-only the adapters, the optimizer state holds moments for them alone, a resume from step 2 repeats
-step 3 exactly, and whatever leaves the run for inference (load_for_inference, save_pretrained,
-pruned or not) is the merged model.
+One module-scoped run trains adapters (every target, dropout on) on a base model's folder
+(`model.init_from`) in paper mode at ratio 2 for 3 steps, saving at steps 2 and 3; most tests read
+it (adapters on a model from scratch: test_lora_reference.py). A fresh adapter changes nothing,
+training moves only the adapters, the base weights stay the folder's, the optimizer state holds
+moments for the adapters alone, a resume from step 2 repeats step 3 exactly, and whatever leaves
+the run for inference (load_for_inference, save_pretrained, pruned or not) is the merged model.
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ def _copy(tree):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """The LoRA run: initial and final params, the batches and skip tuples, the final state."""
+  """The LoRA run on a base folder: initial and final params, the batches and skip tuples, the
+  final state."""
+  base = tmp_path_factory.mktemp("base")
+  tiny.save_hf_model("llama", base, seed=3)
+  tiny.save_tiny_tokenizer(base)
   workdir = tmp_path_factory.mktemp("lora")
-  config = _config()
+  config = _config(**{"model.init_from": str(base)})
   trainer = train_lib.Trainer(config, str(workdir))
   state = trainer.restore_or_init()
   initial = _copy(state["params"])
@@ -78,7 +83,7 @@ def run(tmp_path_factory):
     state, _ = trainer.step(state, batches[-1], step)
     trainer.save(state, step + 1, force=step + 1 == STEPS)
   trainer.close()
-  return dict(workdir=workdir, config=config, trainer=trainer, initial=initial,
+  return dict(base=base, workdir=workdir, config=config, trainer=trainer, initial=initial,
               final=_copy(state), batches=batches, skips=skips)
 
 
@@ -172,20 +177,15 @@ def test_inference_and_export_get_the_merged_model(run, tmp_path):
   _assert_equal(pruned, want)
 
 
-def test_lora_on_a_base_model_trains_adapters_beside_its_weights(tmp_path):
+def test_lora_on_a_base_model_trains_adapters_beside_its_weights(run):
   """model.init_from: the base weights are the folder's, bit for bit; the adapters are fresh."""
-  folder = tmp_path / "base"
-  tiny.save_hf_model("llama", folder, seed=3)
-  tiny.save_tiny_tokenizer(folder)
-  config = _config(**{"model.init_from": str(folder), "num_steps": 2, "optim.lora.dropout": 0.0})
-  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
-  trainer = train_lib.Trainer(config, str(tmp_path / "run"))
+  trainer = train_lib.Trainer(run["config"], str(run["workdir"]))
   try:
     state = trainer.restore_or_init()
   finally:
     trainer.close()
   adapters, frozen = lora.split(_copy(state["params"]), enabled=True)
-  _assert_equal(frozen, _params(hf.from_pretrained(folder)[0]))
+  _assert_equal(frozen, _params(hf.from_pretrained(run["base"])[0]))
   assert all(np.abs(x).max() > 0 for p, x in _flat(adapters).items() if p.endswith("['b']"))
 
 
@@ -245,10 +245,11 @@ def test_bad_lora_settings_are_one_line_before_any_work(tmp_path, overrides, nam
 
 
 def test_resuming_with_other_adapters_is_one_line(run):
+  base = {"model.init_from": str(run["base"])}
   for overrides, named in (({"optim.lora.rank": 8}, "optim.lora.rank=8 (saved: 4)"),
                            ({"optim.lora.rank": 0}, "optim.lora.rank=0 (saved: 4)"),
                            ({"optim.lora.targets": ("q",)}, "optim.lora.targets=['q']")):
     with pytest.raises(config_check.ConfigError) as e:
-      config_check.validate_run(_config(**overrides), str(run["workdir"]))
+      config_check.validate_run(_config(**base, **overrides), str(run["workdir"]))
     assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
-  config_check.validate_run(_config(**{"optim.lora.dropout": 0.0}), str(run["workdir"]))
+  config_check.validate_run(_config(**base, **{"optim.lora.dropout": 0.0}), str(run["workdir"]))
