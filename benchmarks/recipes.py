@@ -23,7 +23,8 @@ test books (`corpora.load_pairs`' test split), the same for every recipe and see
 and chrF (sacrebleu), the sub-model's BLEU as a percent of its own full depth's, and the share of
 outputs that loop (some word 4-gram three or more times); --curve N scores every N-th step's
 checkpoint too. Workdirs are kept under --workdir and reused (delete one to redo it). Writes
-benchmarks/results/smollm2/recipes[_quick][_rR][_PLAN].{json,md}.
+benchmarks/results/smollm2/recipes[_quick][_rR][_PLAN][_TAG].{json,md} (and .png, BLEU against
+steps, with --curve).
 """
 
 from __future__ import annotations
@@ -176,6 +177,27 @@ def table(results: dict, meta: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, meta: dict, path: str) -> None:
+  """BLEU against steps, full depth dashed and the sub-model solid, one colour per recipe and
+  seed, copying the source as a grey line."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ratio = meta.get("ratio", 2.0)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, (key, r) in enumerate(k_r for k_r in results.items() if k_r[1].get("curve")):
+    steps = [int(s) for s in r["curve"]]
+    for depth, style in (("r1", "--"), (f"r{ratio:g}", "-")):
+      ax.plot(steps, [e[depth]["bleu"] for e in r["curve"].values()], style, marker="o",
+              color=f"C{i}", label=f"{key}, {'full depth' if depth == 'r1' else f'{ratio:g}x'}")
+  ax.axhline(meta["copy_bleu"], color="grey", lw=1, label="copying the source")
+  ax.set(xlabel="training steps (batch 8)", ylabel=f"BLEU, {meta['verses']} test verses",
+         title=f"SmolLM2-135M, KJV -> WEB: {ratio:g}x against full depth")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="2 steps, 16 verses, ce and sandwich")
@@ -189,6 +211,8 @@ def main(argv=None) -> None:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--workdir", default="runs/recipes")
   p.add_argument("--no-eval", action="store_true", help="train and time only")
+  p.add_argument("--tag", default="", help="appended to the results' file names, so that runs "
+                 "of other lengths do not overwrite each other")
   p.add_argument("--plan", default="", help="a plan.json (benchmarks/plans.py, calibrate): train "
                  "and decode every recipe on its plan instead of ULS's even spread")
   args = p.parse_args(argv)
@@ -247,10 +271,14 @@ def main(argv=None) -> None:
     stem += f"_r{args.ratio:g}"
   if args.plan:
     stem += "_" + os.path.splitext(os.path.basename(args.plan))[0]
+  if args.tag:
+    stem += "_" + args.tag
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta=meta, results=results), f, indent=1)
   with open(stem + ".md", "w") as f:
     f.write(table(results, meta))
+  if any(r.get("curve") for r in results.values()):
+    plot(results, meta, stem + ".png")
   print(table(results, meta))
 
 
