@@ -77,11 +77,18 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def fast_engine_compile():
   """The engine's own executables take compiler options of their own (`engine.COMPILER_OPTIONS`,
-  not XLA_FLAGS): the same fast settings for a module's decoding tests, restored after it."""
+  which override XLA_FLAGS): the same fast settings for a module's decoding tests, restored after
+  it. None where XLA_FLAGS already hold them (the CPU, above): an option passed explicitly, even
+  at the flags' value, files the same program under another persistent-cache key, so modules with
+  and without this fixture would each compile the decode loops they share."""
+  import jax
   from ulskip_jax import engine
   saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
+  if _FAST not in os.environ.get("XLA_FLAGS", ""):
+    engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
+                                   xla_llvm_disable_expensive_passes=True)
+    if jax.default_backend() == "cpu":  # an XLA:CPU option: other backends refuse it
+      engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
   yield
   engine.COMPILER_OPTIONS.clear()
   engine.COMPILER_OPTIONS.update(saved)

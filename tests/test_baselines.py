@@ -27,16 +27,7 @@ from ulskip_jax.kv_cache import init_cache
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]]  # equal lengths: no padding in the reference
 MAX_NEW = 12
-FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")

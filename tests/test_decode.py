@@ -33,15 +33,12 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive
 
 
 @pytest.fixture(autouse=True, scope="module")
-def fast_settings():
+def fast_settings(fast_engine_compile):
   """Fast compiles, and one torch thread: tiny models gain nothing from more, and on a busy
   machine OpenMP's spinning barriers made transformers' generate 100x slower."""
-  saved, threads = dict(engine.COMPILER_OPTIONS), torch.get_num_threads()
-  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
+  threads = torch.get_num_threads()
   torch.set_num_threads(1)
   yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
   torch.set_num_threads(threads)
 
 

@@ -10,13 +10,12 @@ the unfiltered model's joint must be far enough away that the same test would re
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import scipy.stats
 
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, hf
+from ulskip_jax import decode, hf
 
 TEMPERATURE, TOP_P = 0.5, 0.8
 PROMPT = [1, 3, 3]
@@ -24,18 +23,7 @@ SAMPLES = 4096
 V = 8  # a Llama with 8 tokens: 64 cells for the joint of two tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  """Fast-compile options; XLA's older CPU emitters only on the CPU (other backends refuse an
-  XLA:CPU option)."""
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  if jax.default_backend() == "cpu":
-    engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import scipy.stats
 
 from ulskip_jax.testing import compile_generate, loop_layer_ops
 from ulskip_jax import testing as tiny
-from tests.test_decode import FAST_COMPILE, PROMPTS, QUEUE, _eos_with_spread
+from tests.test_decode import PROMPTS, QUEUE, _eos_with_spread
 from ulskip_jax import SkipPlan, decode, engine, hf, plan_layers
 from ulskip_jax import speculative as spec
 from ulskip_jax.kv_cache import cache_bytes
@@ -29,17 +28,9 @@ K = 4  # draft tokens a round (k > 2 runs the inner draft loop)
 SPEC = dict(draft_ratio=2, num_draft_tokens=K)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  """test_decode's fast-compile options, and XLA's older CPU emitters: the speculative
-  executable (prefill, two draft graphs, verify, commits) then builds in half the time."""
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(FAST_COMPILE)
-  if jax.default_backend() == "cpu":
-    engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
-  yield
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+# Fast compiles, with XLA's older CPU emitters: the speculative executable (prefill, two draft
+# graphs, verify, commits) then builds in half the time.
+pytestmark = pytest.mark.usefixtures("fast_engine_compile")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ window, so every decoder's cache holds keys the window must hide.
 
 from __future__ import annotations
 
-import jax
 import pytest
 
 from ulskip_jax import testing as tiny
-from ulskip_jax import decode, engine, hf
+from ulskip_jax import decode, hf
 
 QUEUE = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 3], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, 4, 4, 4, 4, 4],
          [1, 20, 21, 22, 23, 24, 25], [1, 30, 31]]
@@ -21,14 +20,6 @@ EOS = 2
 
 
 pytestmark = pytest.mark.usefixtures("fast_engine_compile", "one_torch_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def older_cpu_emitters(fast_engine_compile):
-  """XLA:CPU's older emitters (an XLA:CPU option: other backends refuse it)."""
-  if jax.default_backend() == "cpu":
-    engine.COMPILER_OPTIONS.update(xla_cpu_use_fusion_emitters=False)
-  yield
 
 
 @pytest.mark.parametrize("family,draft_cache", [("phi3", "shared"), ("gemma3", "separate")])
