@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from ulskip_jax import decode, engine, hf, skipping
+from ulskip_jax import decode, hf, skipping
 from ulskip_jax import testing as tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,14 +92,9 @@ def server_log(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(folder):
+def reference(folder, fast_engine_compile):
   """(model, tokenizer) in this process, for `generate`."""
-  saved = dict(engine.COMPILER_OPTIONS)
-  engine.COMPILER_OPTIONS.update(xla_backend_optimization_level=0,
-                                 xla_llvm_disable_expensive_passes=True)
-  yield hf.from_pretrained(folder)
-  engine.COMPILER_OPTIONS.clear()
-  engine.COMPILER_OPTIONS.update(saved)
+  return hf.from_pretrained(folder)
 
 
 def metrics(url: str) -> dict[str, float]:
