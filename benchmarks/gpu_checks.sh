@@ -5,7 +5,8 @@
 #
 # Stages: env (devices, versions, missing packages), core (the equivalence, cache and fused-
 # attention tests), suite (every test), decode (7B-shaped bf16 decode, einsum then cuDNN attention,
-# batch 1 and 16), speculative (SmolLM2, batch 1 and 8), train (full depth against paper 2x on the
+# batch 1 and 16), speculative (SmolLM2, batch 1 and 8: the draft step's and verify pass's
+# costs, then decoding), train (full depth against paper 2x on the
 # prompt buffer, on whole rows and as skip.prompt_buffer="auto" picks: SmolLM2's shape at batch
 # 8 x 128, then a wide model at 32 x 512, where the buffer should pay). Each stage has its own
 # time limit, so a slow one cannot eat the next one's time; logs and a summary go to $OUT (the
@@ -59,8 +60,11 @@ for s in "${@:-env core suite decode speculative train}"; do
       decode)
         stage decode_einsum 300 $PY -m benchmarks.decode_speed "${SHAPE_7B[@]}" --attention-impl einsum
         stage decode_cudnn 300 $PY -m benchmarks.decode_speed "${SHAPE_7B[@]}" --attention-impl cudnn ;;
-      speculative) stage speculative 300 $PY -m benchmarks.speculative --checkpoint smollm2 \
-                     --batches 1,8 --ks 4 --draft-ratios 2 --repeats 3 ;;
+      speculative)
+        stage speculative_costs 120 $PY -m benchmarks.speculative --checkpoint smollm2 \
+          --batches 1,8 --ks 2,4 --draft-ratios 2 --pass-costs
+        stage speculative 300 $PY -m benchmarks.speculative --checkpoint smollm2 \
+          --batches 1,8 --ks 4 --draft-ratios 2 --repeats 3 ;;
       train)
         stage train 300 $PY -m benchmarks.train_speed --random --no-torch --ratios 2 \
           --whole-rows 2 --lora-rank 0 --timing-steps 5

@@ -25,20 +25,23 @@ rarely agrees with the full model: its acceptance and speed say little about a t
 --widen-mlp F zero-pads the checkpoint's MLP to width F: the same logits (checked) and hence the
 same acceptance, with the weight bytes of a bigger model, for this CPU's weight-bandwidth-bound
 regime; the 3.5M-parameter checkpoint itself fits in the L3 cache. --balance first times a
-weight-streaming matmul per row count: where verifying B (k + 1) rows stops being nearly free.
+weight-streaming matmul per row count: where verifying B (k + 1) rows stops being nearly free;
+--pass-costs times the model's own draft step and verify pass instead of decoding, and says how
+many tokens per verify pass speculation needs to break even with full depth.
 Measured results: benchmarks/results/smollm2/speculative*.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import time
 
 import numpy as np
 
-from ulskip_jax import decode, plan_layers
+from ulskip_jax import decode, plan_layers, sampling
 
 TEMPLATE = "KJV: {source}\nWEB:"  # configs/base.py's, for Hugging Face folders
 
@@ -63,6 +66,10 @@ def parse_args(argv=None):
   p.add_argument("--balance", action="store_true",
                  help="first time x[B, 4096] @ W[4096, 16384] (f32, 256 MiB) per batch size: "
                       "where a step stops being weight-bandwidth-bound on this machine")
+  p.add_argument("--pass-costs", action="store_true",
+                 help="instead of decoding, time the model's cached forward of 1 and k + 1 tokens "
+                      "(full depth, each draft plan): the tokens per verify pass speculation must "
+                      "reach to break even with full depth on this machine")
   p.add_argument("--continuous", action="store_true",
                  help="continuous batching (`decode.generate` with batch_size): a finished row takes "
                  "the next prompt, so no batch waits for its slowest row")
@@ -164,6 +171,61 @@ def machine_balance(batches) -> str:
   return "\n".join(lines)
 
 
+def pass_costs(model, plans: dict, ks, batches, prompt_len: int = 48, repeats: int = 20) -> str:
+  """The cost of one round, from the model's own cached forwards: a draft step (1 token, the
+  draft's layers) and a verify pass (k + 1 tokens, every layer), against a full-depth step.
+  A round of k drafts and one verify pass emits (tokens per pass) tokens per row, so speculation
+  beats full depth only when tokens per pass > (k t_draft + t_verify) / t_full: the break-even.
+  Above k + 1 it cannot win at any acceptance."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ulskip_jax import engine
+  from ulskip_jax.skipping import SkipPlan
+  graphdef, state = nnx.split(model)
+  L, S = model.cfg.num_layers, prompt_len + 2 * max(ks) + 64
+  full = SkipPlan.full(L)
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def prefill(b, state):
+    prompt = jnp.ones((b, prompt_len), jnp.int32)
+    return engine.prefill(nnx.merge(graphdef, state), prompt, jnp.zeros((b,), jnp.int32), S,
+                          skip=full, paper_mode=False)[1]
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def forward(t, plan, state, cache, index):
+    m = nnx.merge(graphdef, state)
+    b = cache.pos.shape[0]
+    view = cache.kept_view(plan.attention_layers) if plan.skipped else cache
+    h, view = m.hidden(jnp.ones((b, t), jnp.int32), skip=plan,
+                       positions_BT=index + jnp.zeros((b, 1), jnp.int32) + jnp.arange(t),
+                       segment_ids_BT=jnp.ones((b, t), jnp.int32), cache=view, cache_index=index)
+    return sampling.argmax(m.unembed(h)), view
+
+  def ms(b, t, plan):
+    cache = prefill(b, state)
+    jax.block_until_ready(forward(t, plan, state, cache, jnp.int32(prompt_len)))
+    times = []
+    for i in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(t, plan, state, cache, jnp.int32(prompt_len + i % 8)))
+      times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+  lines = ["| batch | draft | k | full step ms | draft step ms | verify pass ms (k + 1 tokens) "
+           "| break-even tok/pass | at most (k + 1) |", "|---|---|---|---|---|---|---|---|"]
+  for b in batches:
+    t_full = ms(b, 1, full)
+    for r, plan in plans.items():
+      t_draft = ms(b, 1, plan)
+      for k in ks:
+        t_verify = ms(b, k + 1, full)
+        lines.append(f"| {b} | r{r:g} | {k} | {t_full:.1f} | {t_draft:.1f} | {t_verify:.1f} | "
+                     f"{(k * t_draft + t_verify) / t_full:.2f} | {k + 1} |")
+  return "\n".join(lines)
+
+
 def cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
@@ -250,6 +312,9 @@ def main(argv=None):
   cfg = model.cfg
   batches = [int(b) for b in args.batches.split(",")]
   draft = draft_plans(args, cfg.num_layers, layer_scores)
+  if args.pass_costs:
+    print(pass_costs(model, draft, [int(k) for k in args.ks.split(",")], batches), flush=True)
+    return
   cases = methods(args, draft)
   plans = ", ".join(f"r{r:g} ({p.strategy}): kept {p.kept}" for r, p in draft.items())
   print(f"# speculative decoding: {what}; L={cfg.num_layers} d_model={cfg.d_model} "
