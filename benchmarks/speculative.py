@@ -18,8 +18,8 @@ seconds, the steadier figure on a shared machine. Acceptance = accepted drafts /
 runs as many passes as its slowest row needs). KV MiB: the caches allocated (speculative: the
 full-depth verify cache + the draft's kept-layer cache).
 
---checkpoint takes a Hugging Face folder or a training workdir (`checkpoint.load_for_inference`);
-without one, a random model of the bible_2x shape (12 layers, d_model 128), on which the draft
+--checkpoint takes a Hugging Face folder, a .gguf file, "smollm2" or a training workdir
+(`checkpoint.load_for_inference`); without one, a random model of the bible_2x shape (12 layers, d_model 128), on which the draft
 rarely agrees with the full model: its acceptance and speed say little about a trained model.
 
 --widen-mlp F zero-pads the checkpoint's MLP to width F: the same logits (checked) and hence the
@@ -97,7 +97,7 @@ def load(args):
   from ulskip_jax import skipping
   path = args.checkpoint
   layer_scores = None
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if not os.path.isdir(os.path.join(path, "checkpoints")):  # HF folder, .gguf, "smollm2"
     from ulskip_jax import hf
     model, tokenizer = hf.from_pretrained(path)
     template = TEMPLATE
