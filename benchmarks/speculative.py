@@ -20,7 +20,8 @@ full-depth verify cache + the draft's kept-layer cache).
 
 --checkpoint takes a Hugging Face folder, a .gguf file, "smollm2" or a training workdir
 (`checkpoint.load_for_inference`); without one, a random model of the bible_2x shape (12 layers,
-d_model 128), on which the draft rarely agrees with the full model: its acceptance and speed say little about a trained model.
+d_model 128), on which the draft rarely agrees with the full model: its acceptance and speed say
+little about a trained model.
 
 --widen-mlp F zero-pads the checkpoint's MLP to width F: the same logits (checked) and hence the
 same acceptance, with the weight bytes of a bigger model, for this CPU's weight-bandwidth-bound
