@@ -217,13 +217,12 @@ def pass_costs(model, plans: dict, ks, batches, prompt_len: int = 48, repeats: i
   lines = ["| batch | draft | k | full step ms | draft step ms | verify pass ms (k + 1 tokens) "
            "| break-even tok/pass | at most (k + 1) |", "|---|---|---|---|---|---|---|---|"]
   for b in batches:
-    t_full = ms(b, 1, full)
+    t_full, t_verify = ms(b, 1, full), {k: ms(b, k + 1, full) for k in ks}
     for r, plan in plans.items():
       t_draft = ms(b, 1, plan)
       for k in ks:
-        t_verify = ms(b, k + 1, full)
-        lines.append(f"| {b} | r{r:g} | {k} | {t_full:.1f} | {t_draft:.1f} | {t_verify:.1f} | "
-                     f"{(k * t_draft + t_verify) / t_full:.2f} | {k + 1} |")
+        lines.append(f"| {b} | r{r:g} | {k} | {t_full:.1f} | {t_draft:.1f} | {t_verify[k]:.1f} | "
+                     f"{(k * t_draft + t_verify[k]) / t_full:.2f} | {k + 1} |")
   return "\n".join(lines)
 
 
