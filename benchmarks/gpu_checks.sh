@@ -7,8 +7,9 @@
 # attention tests), suite (every test), decode (7B-shaped bf16 decode, einsum then cuDNN attention,
 # batch 1 and 16), speculative (SmolLM2, batch 1 and 8: the draft step's and verify pass's
 # costs, then decoding), train (full depth against paper 2x on the prompt buffer, on whole rows
-# and as skip.prompt_buffer="auto" picks: SmolLM2's shape at batch 8 x 128, then a wide model at 32 x 512, where the buffer should pay). Each stage has its own
-# time limit, so a slow one cannot eat the next one's time; logs and a summary go to $OUT (the
+# and as skip.prompt_buffer="auto" picks: SmolLM2's shape at batch 8 x 128, then a wide model at
+# 32 x 512, where the buffer should pay). Each stage has its own time limit, so a slow one cannot
+# eat the next one's time; logs and a summary go to $OUT (the
 # device tool's output folder; default /tmp/gpu_checks). Results belong in
 # benchmarks/results/gpu/ with the device, the commit and these commands.
 #
