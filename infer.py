@@ -357,6 +357,7 @@ def run(args) -> dict:
     _write(path, "".join(h + "\n" for h in hyps))
     ran = stats.plan  # what the decoder ran, not the flags re-resolved
     result = dict(label=label, output=path, skip=list(ran.skipped), kept_layers=len(ran.kept),
+                  **({"mlp_skipped": list(ran.mlp_skipped)} if ran.unit == "sublayer" else {}),
                   **stats.as_dict())
     if refs is not None:
       result.update(score(hyps, refs, args.metric))

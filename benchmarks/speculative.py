@@ -198,7 +198,7 @@ def pass_costs(model, plans: dict, ks, batches, prompt_len: int = 48, repeats: i
   def forward(t, plan, state, cache, index):
     m = nnx.merge(graphdef, state)
     b = cache.pos.shape[0]
-    view = cache.kept_view(plan.attention_layers) if plan.skipped else cache
+    view = cache.kept_view(plan.attention_layers) if not plan.is_full else cache
     h, view = m.hidden(jnp.ones((b, t), jnp.int32), skip=plan,
                        positions_BT=index + jnp.zeros((b, 1), jnp.int32) + jnp.arange(t),
                        segment_ids_BT=jnp.ones((b, t), jnp.int32), cache=view, cache_index=index)

@@ -1,18 +1,28 @@
-"""Sublayer plans on SmolLM2-135M-Instruct, zero-shot: ULS's even spread over whole layers, MLP
-blocks or attention blocks at the same byte ratio (weight bytes read per generated token at full
-depth over those with the plan, `skipping.LayerBytes`), by held-out KL to full depth and
+"""Sublayer plans on SmolLM2-135M-Instruct, zero-shot: whole layers, MLP blocks, attention
+blocks or both kinds chosen apart, at the same byte ratio (weight bytes read per generated token
+at full depth over those with the plan, `skipping.LayerBytes`), by held-out KL to full depth and
 perplexity, in paper mode (the prompt at full depth).
 
   nice python -m benchmarks.sublayer_plans [--ratios 1.1,1.2,1.25,1.5] [--heldout-tokens 512]
+  nice python -m benchmarks.sublayer_plans --calibrated --ratios 1.1,1.25,1.5,2 \
+      --calibration-tokens 64 --workdir runs/sublayer_plans --tag calibrated
 
-The held-out text is benchmarks/plans.py's (response tokens of the validation books). Rows:
+The held-out text is benchmarks/plans.py's (response tokens of the validation books). Rows, ULS's
+even spread:
   layer        skip.unit="layer" as configured: n = int(L / r) kept layers (a layer count, so its
                byte ratio is below r: the unembedding is read whatever the plan);
   layer_bytes  whole layers too, but the fewest that reach r in bytes (the fair comparison);
   mlp          skip.unit="mlp";
   attention    skip.unit="attention" (unreachable above what skipping all but the first and last
                attention blocks gives).
-Writes benchmarks/results/smollm2/sublayer_plans.md and .json.
+With --calibrated, greedy KL removal (`calibrate.py`) on --calibration-tokens response tokens of
+training verses (disjoint from the held-out text), calibrated up to the largest ratio and cached
+in --workdir:
+  cal_layer_bytes   layers (skip.unit="layer"), the fewest that reach r in bytes;
+  cal_mlp           MLP blocks (skip.unit="mlp");
+  cal_sublayer      attention and MLP blocks chosen apart (skip.unit="sublayer"), by the KL each
+                    adds per byte it saves.
+Writes benchmarks/results/smollm2/sublayer_plans[_TAG].md and .json.
 """
 
 from __future__ import annotations
@@ -32,10 +42,12 @@ from flax import nnx
 
 from benchmarks import provenance
 from benchmarks.plans import ROOT, Setup
+from ulskip_jax import calibrate
 from ulskip_jax.model import layer_bytes
-from ulskip_jax.skipping import SkipPlan, plan_layers
+from ulskip_jax.skipping import SkipPlan, plan_layers, read_plan, write_plan
 
 UNITS = ("layer", "layer_bytes", "mlp", "attention")
+CALIBRATED = ("cal_layer_bytes", "cal_mlp", "cal_sublayer")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -48,15 +60,44 @@ def _log_probs(graphdef, state, chunk, *, plan: SkipPlan):
   return jax.nn.log_softmax(model.unembed(x_ND[None])[0], axis=-1)
 
 
-def _plan(L: int, unit: str, ratio: float, costs) -> SkipPlan:
+def _layer_ratio(L: int, ratio: float, costs) -> float:
+  """The layer ratio whose int(L / r) kept layers are the fewest that reach `ratio` in bytes."""
+  layer = costs.attention + costs.mlp
+  full = costs.fixed + L * layer
+  n = L - math.ceil((full - full / ratio) / layer - 1e-9)
+  return L / n * (1 - 1e-12)
+
+
+def _plan(L: int, unit: str, ratio: float, costs, scores=None) -> SkipPlan:
   if unit == "layer":
     return plan_layers(L, ratio)
   if unit == "layer_bytes":
-    layer = costs.attention + costs.mlp
-    full = costs.fixed + L * layer
-    n = L - math.ceil((full - full / ratio) / layer - 1e-9)
-    return plan_layers(L, L / n * (1 - 1e-12))  # int(L / r) = n
+    return plan_layers(L, _layer_ratio(L, ratio, costs))
+  if unit == "cal_layer_bytes":
+    return scores["layer"].plan(_layer_ratio(L, ratio, costs))
+  if unit.startswith("cal_"):
+    return scores[unit[4:]].plan(ratio, unit[4:], costs)
   return plan_layers(L, ratio, unit=unit, costs=costs)
+
+
+def _calibrated_scores(s, args, costs) -> dict:
+  """unit -> LayerScores, greedy KL on training text, each cached in args.workdir."""
+  os.makedirs(args.workdir, exist_ok=True)
+  text, out = None, {}
+  top = max(float(r) for r in args.ratios.split(","))
+  for unit in ("layer", "mlp", "sublayer"):
+    path = os.path.join(args.workdir, f"plan_{unit}_{args.calibration_tokens}.json")
+    if not os.path.exists(path):
+      text = text or s.text("train", args.calibration_tokens)
+      max_ratio = _layer_ratio(s.L, top, costs) if unit == "layer" else top
+      scores = calibrate.calibrate(s.model, text, "kl_greedy", paper=True, max_ratio=max_ratio,
+                                   unit=unit, costs=costs)
+      write_plan(path, scores, (), costs)
+      c = scores.calibration
+      print(f"calibrated {unit}: {c['candidate_forwards']} forwards, {c['wall_s']} s wall, "
+            f"{c['cpu_s']} s CPU", flush=True)
+    out[unit] = read_plan(path, s.L)
+  return out
 
 
 def main(argv=None):
@@ -64,10 +105,16 @@ def main(argv=None):
   p.add_argument("--ratios", default="1.1,1.2,1.25,1.5")
   p.add_argument("--heldout-tokens", type=int, default=512)
   p.add_argument("--rows", type=int, default=4, help="rows of 128 tokens per forward")
+  p.add_argument("--calibrated", action="store_true", help="add the calibrated rows")
+  p.add_argument("--calibration-tokens", type=int, default=64)
+  p.add_argument("--workdir", default="runs/sublayer_plans", help="calibrated plans' cache")
+  p.add_argument("--tag", default="", help="results file suffix")
   args = p.parse_args(argv)
   start = time.perf_counter(), time.process_time()
   s = Setup(argparse.Namespace(rows=args.rows, workdir=""))
   L, costs = s.L, layer_bytes(s.model.cfg)
+  units = UNITS + (CALIBRATED if args.calibrated else ())
+  scores = _calibrated_scores(s, args, costs) if args.calibrated else None
   text = s.text("validation", args.heldout_tokens)
   graphdef, state = nnx.split(s.model)
   chunks = [{k: jnp.asarray(v) for k, v in c.items()} for c in text.chunks]
@@ -85,17 +132,19 @@ def main(argv=None):
   full_ppl = math.exp(measure(SkipPlan.full(L))[1])
   rows = {}
   for ratio in (float(r) for r in args.ratios.split(",")):
-    for unit in UNITS:
+    for unit in units:
       key = f"{unit}@{ratio:g}"
       try:
-        plan = _plan(L, unit, ratio, costs)
+        plan = _plan(L, unit, ratio, costs, scores)
       except ValueError as e:
         rows[key] = dict(unreachable=str(e))
         print(f"{key}: {e}", flush=True)
         continue
       kl, nll = measure(plan)
       rows[key] = dict(kl=kl, ppl=math.exp(min(nll, 50.0)), byte_ratio=costs.ratio(plan),
-                       skipped=list(plan.skipped))
+                       skipped=list(plan.skipped), plan=str(plan),
+                       **({"mlp_skipped": list(plan.mlp_skipped)} if plan.unit == "sublayer"
+                          else {}))
       print(f"{key}: KL {kl:.3f} ppl {rows[key]['ppl']:.4g} bytes {costs.ratio(plan):.3f}x "
             f"skips {plan.skipped}", flush=True)
   meta = dict(command=" ".join(["python -m benchmarks.sublayer_plans"] + (argv or sys.argv[1:])),
@@ -103,9 +152,15 @@ def main(argv=None):
               finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               wall_s=round(time.perf_counter() - start[0]),
               cpu_s=round(time.process_time() - start[1]),
-              tokens=text.num_tokens, sha256=text.sha256, costs=dataclasses.asdict(costs))
+              tokens=text.num_tokens, sha256=text.sha256, costs=dataclasses.asdict(costs),
+              calibration={u: dict(tokens=v.calibration["tokens"],
+                                   sha256=v.calibration["sha256"],
+                                   forwards=v.calibration["candidate_forwards"],
+                                   wall_s=v.calibration["wall_s"], cpu_s=v.calibration["cpu_s"])
+                           for u, v in (scores or {}).items()})
   results = os.path.join(ROOT, "benchmarks", "results", "smollm2")
-  with open(os.path.join(results, "sublayer_plans.json"), "w") as f:
+  name = "sublayer_plans" + (f"_{args.tag}" if args.tag else "")
+  with open(os.path.join(results, name + ".json"), "w") as f:
     json.dump(dict(meta=meta, full_ppl=full_ppl, rows=rows), f, indent=1)
   ratios = [r for r in args.ratios.split(",")]
   lines = ["# Sublayer plans at equal byte ratios (SmolLM2-135M-Instruct, zero-shot, paper mode)",
@@ -119,17 +174,22 @@ def main(argv=None):
            f"{costs.mlp / 2**20:.2f} MiB, unembedding + final norm {costs.fixed / 2**20:.2f} MiB.",
            "", "Each cell: KL / perplexity (achieved byte ratio, blocks or layers skipped).", "",
            "| unit | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-  for unit in UNITS:
+  for unit in units:
     cells = []
     for r in ratios:
       v = rows[f"{unit}@{float(r):g}"]
       cells.append("unreachable" if "unreachable" in v else
                    f"{v['kl']:.3f} / {v['ppl']:.4g} ({v['byte_ratio']:.3f}x, {len(v['skipped'])})")
     lines.append(f"| {unit} | " + " | ".join(cells) + " |")
-  lines += ["", "Skipped (ULS's even spread, first and last kept):", ""]
+  if scores:
+    lines += ["", "Calibration (greedy KL, paper mode, training verses): " + "; ".join(
+        f"{u}: {v['forwards']} candidate forwards, {v['wall_s']} s wall, {v['cpu_s']} s CPU on "
+        f"{v['tokens']} tokens (sha256 {v['sha256'][:12]})"
+        for u, v in meta["calibration"].items()) + "."]
+  lines += ["", "Plans (ULS rows: even spread, first and last kept):", ""]
   for key, v in rows.items():
-    lines.append(f"- {key}: " + (v["unreachable"] if "unreachable" in v else str(v["skipped"])))
-  with open(os.path.join(results, "sublayer_plans.md"), "w") as f:
+    lines.append(f"- {key}: " + (v["unreachable"] if "unreachable" in v else v["plan"]))
+  with open(os.path.join(results, name + ".md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
 

@@ -13,9 +13,11 @@ import pytest
 
 import infer
 from configs import tiny as tiny_config
-from ulskip_jax import batching, calibrate, config_check, train_lib
+from ulskip_jax import batching, calibrate, config_check, skipping, train_lib
 from ulskip_jax import testing as tiny
-from ulskip_jax.skipping import PLAN_FILE, LayerScores, read_plan, workdir_plan, write_plan
+from ulskip_jax.model import layer_bytes
+from ulskip_jax.skipping import (PLAN_FILE, LayerScores, SkipPlan, read_plan, workdir_plan,
+                                 write_plan)
 
 L = 5
 IDENTITY = 2  # the layer whose attention and MLP outputs are zeroed: removing it changes nothing
@@ -196,3 +198,110 @@ def test_training_and_infer_take_a_calibrated_run_plan_from_its_workdir(tmp_path
                      r"the model has 4"):
     config_check.validate_run(_run_config("", **{"skip.plan_file": str(path)}),
                               str(tmp_path / "run3"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-block calibration (skip.unit "mlp", "attention", "sublayer").
+
+MLP_IDENTITY, ATTENTION_IDENTITY = 1, 3  # zeroed blocks of `blocks_model`: removing them is free
+
+
+@pytest.fixture(scope="module")
+def blocks_model():
+  model = tiny.tiny_model(num_layers=L, seed=1)
+  model.layers[MLP_IDENTITY].mlp.down[...] = jnp.zeros_like(model.layers[MLP_IDENTITY].mlp.down[...])
+  model.layers[ATTENTION_IDENTITY].attn.o[...] = jnp.zeros_like(
+      model.layers[ATTENTION_IDENTITY].attn.o[...])
+  return model
+
+
+@pytest.mark.parametrize("paper", [True, False], ids=["paper", "everywhere"])
+def test_gated_blocks_equal_the_model_with_those_blocks_skipped(blocks_model, text, paper):
+  call = tiny.jit_call(blocks_model)
+  plans = [SkipPlan.sublayers(L, attention=(2,), mlp=(1, 3)),
+           skipping.plan_layers(L, strategy=(2, 3), unit="mlp"),
+           skipping.plan_layers(L, strategy=(1,), unit="attention")]
+  got = calibrate.evaluate_plan(blocks_model, text, plans, paper=paper)
+  for plan, row in zip(plans, got):
+    kl, nll = _reference_divergence(call, text, plan, paper)
+    np.testing.assert_allclose([row["kl"], row["nll"]], [kl, nll], rtol=1e-4, atol=1e-6)
+    assert row["kl"] > 1e-3
+
+
+@pytest.mark.parametrize("unit,first", [("mlp", MLP_IDENTITY), ("attention", ATTENTION_IDENTITY)])
+def test_greedy_per_unit_removes_that_units_identity_block_first(blocks_model, text, unit, first):
+  costs = layer_bytes(blocks_model.cfg)
+  scores = calibrate.calibrate(blocks_model, text, "kl_greedy", unit=unit, costs=costs)
+  assert scores.unit == unit and scores.calibration["removal_order"][0] == first
+  assert scores.calibration["kl_after_removal"][0] == pytest.approx(0.0, abs=1e-6)
+  assert scores.scores[0] is None and scores.scores[-1] is None
+  assert sorted(scores.calibration["removal_order"]) == [1, 2, 3]
+  # Its smallest plan skips that block; layer-unit plans cannot be made from block scores.
+  assert scores.plan(1.01, unit, costs).skipped == (first,)
+  with pytest.raises(ValueError, match=rf"scores rank unit={unit!r} blocks, not what "
+                     r"unit='layer' skips: calibrate with skip.unit='layer'"):
+    scores.plan(1.25)
+
+
+def test_sublayer_greedy_takes_the_cheapest_kl_per_byte_and_plans_by_bytes(blocks_model, text,
+                                                                           tmp_path):
+  costs = layer_bytes(blocks_model.cfg)
+  scores = calibrate.calibrate(blocks_model, text, "kl_greedy", unit="sublayer", costs=costs,
+                               max_ratio=1.6)
+  order = scores.calibration["removal_order"]
+  # Both free blocks first (the attention block on the tie), as scores over 2L blocks.
+  assert order[:2] == [ATTENTION_IDENTITY, L + MLP_IDENTITY] and len(scores.scores) == 2 * L
+  assert scores.calibration["kl_after_removal"][1] == pytest.approx(0.0, abs=1e-6)
+  # Each later step is the block with the least KL added per byte saved, judged on the plain
+  # model with the earlier removals made.
+  removed, kl_now = [], 0.0
+  for chosen, kl in zip(order, scores.calibration["kl_after_removal"]):
+    candidates = [j for j in range(2 * L) if j % L not in (0, L - 1) and j not in removed]
+    plans = [SkipPlan.sublayers(L, [b for b in removed + [j] if b < L],
+                                [b - L for b in removed + [j] if b >= L]) for j in candidates]
+    kls = [row["kl"] for row in calibrate.evaluate_plan(blocks_model, text, plans)]
+    per_byte = [(k - kl_now) / (costs.attention if j < L else costs.mlp)
+                for j, k in zip(candidates, kls)]
+    assert chosen == candidates[int(np.argmin(per_byte))], (removed, order)
+    assert kl == pytest.approx(kls[candidates.index(chosen)], abs=1e-5)
+    removed.append(chosen)
+    kl_now = kl
+  # The bytes decide between kinds: blocks saving 10**6 times the other kind's bytes go first.
+  for attention, mlp, kind in ((1, 10**6, "mlp"), (10**6, 1, "attention")):
+    order = calibrate.calibrate(blocks_model, text, "kl_greedy", unit="sublayer",
+                                costs=skipping.LayerBytes(attention, mlp, 100)
+                                ).calibration["removal_order"]
+    assert [("attention" if j < L else "mlp") for j in order[2:4]] == [kind, kind], order
+  order = scores.calibration["removal_order"]
+  # Greedy stopped at the first plan reading 1.6x fewer bytes; each plan is the shortest prefix
+  # of the order that reaches its ratio, and the plans nest.
+  assert costs.ratio(scores.plan(1.6, "sublayer", costs)) >= 1.6
+  plans = [scores.plan(r, "sublayer", costs) for r in (1.05, 1.3, 1.6)]
+  assert plans[0] == SkipPlan.sublayers(L, attention=(ATTENTION_IDENTITY,))
+  blocks = [set(p.skipped) | {L + i for i in p.mlp_skipped} for p in plans]
+  assert blocks[0] < blocks[1] < blocks[2] and blocks[2] == set(order)
+  with pytest.raises(ValueError, match=r"rank layers, not what unit='sublayer' skips"):
+    LayerScores(L, "kl_greedy", (None, 0, 1, 2, None)).plan(1.2, "sublayer", costs)
+  # plan.json keeps the unit, the 2L scores and the bytes its listed plans were made by.
+  path = str(tmp_path / PLAN_FILE)
+  write_plan(path, scores, (1.3, 1.6), costs)
+  assert read_plan(path, L) == scores
+  record = json.loads(open(path).read())
+  assert record["unit"] == "sublayer" and record["plans"]["1.3"] == dict(
+      attention_skipped=list(plans[1].skipped), mlp_skipped=list(plans[1].mlp_skipped))
+  with pytest.raises(ValueError, match=r"give one number \(or None = never skipped\) per "
+                     r"attention block, then per MLP block, 10 in all"):
+    skipping.plan_layers(L, 1.2, "calibrated", scores=scores.scores[:L], unit="sublayer",
+                         costs=costs)
+
+
+def test_block_influence_scores_blocks(blocks_model, text):
+  costs = layer_bytes(blocks_model.cfg)
+  both = calibrate.calibrate(blocks_model, text, "block_influence", unit="sublayer", costs=costs)
+  values = {j: v for j, v in enumerate(both.scores) if v is not None}
+  assert values[ATTENTION_IDENTITY] == pytest.approx(0.0, abs=1e-6)
+  assert values[L + MLP_IDENTITY] == pytest.approx(0.0, abs=1e-6)
+  assert all(v > 1e-4 for j, v in values.items() if j not in (ATTENTION_IDENTITY,
+                                                              L + MLP_IDENTITY))
+  mlp = calibrate.calibrate(blocks_model, text, "block_influence", unit="mlp", costs=costs)
+  assert mlp.scores == tuple(both.scores[L:])

@@ -1,4 +1,4 @@
-"""Sublayer plans (skip.unit "mlp" / "attention"): transformers parity with those blocks removed,
+"""Sublayer plans (skip.unit "mlp" / "attention" / "sublayer"): transformers parity with those blocks removed,
 cached decoding against a full recompute, no skipped block's weights in the executables, the byte
 ratio against a hand count, training, and bad input in one line."""
 
@@ -25,11 +25,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_engine_compile")
 
 UNITS = ("mlp", "attention")
 SKIPPED = (1, 2)  # of the tiny models' 4 layers
+# Unit "sublayer": attention and MLP blocks chosen apart (layer 2 loses both, i.e. the layer).
+SUBLAYER = dict(attention=(1, 2), mlp=(2,))
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
 NEW = 4
 
 
 def _plan(unit):
+  if unit == "sublayer":
+    return skipping.SkipPlan.sublayers(4, **SUBLAYER)
   return skipping.plan_layers(4, strategy=SKIPPED, unit=unit)
 
 
@@ -46,13 +50,12 @@ def _forward(model, tokens, plan, **kw):
   return np.asarray(_jit_forward(graphdef)(state, jnp.asarray(tokens), plan, **kw))
 
 
-def _without_blocks(torch_model, unit, layers):
-  """The torch model with those layers' MLP or attention block answering zeros."""
-  for i in layers:
-    layer = torch_model.model.layers[i]
-    if unit == "mlp":
+def _without_blocks(torch_model, plan):
+  """The torch model with the MLP and attention blocks `plan` skips answering zeros."""
+  for i, layer in enumerate(torch_model.model.layers):
+    if i not in plan.mlp_layers:
       layer.mlp.forward = lambda x: torch.zeros_like(x)
-    else:
+    if i not in plan.attention_layers:
       layer.self_attn.forward = lambda hidden_states, *a, **k: (torch.zeros_like(hidden_states),
                                                                 None)
   return torch_model
@@ -66,7 +69,7 @@ def llama(tmp_path_factory):
   return hf.from_pretrained(path)[0]
 
 
-@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("unit", UNITS + ("sublayer",))
 def test_sublayer_plan_matches_transformers_without_those_blocks(llama, unit):
   model, torch_model = llama, tiny.hf_model("llama")  # the saved one: same seed
   tokens = np.random.default_rng(0).integers(3, tiny.VOCAB, (2, 12))
@@ -75,14 +78,15 @@ def test_sublayer_plan_matches_transformers_without_those_blocks(llama, unit):
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   ours = _forward(model, tokens, _plan(unit), positions_BT=jnp.asarray(positions),
                   segment_ids_BT=jnp.asarray(mask))
-  ref = tiny.torch_logits(_without_blocks(torch_model, unit, SKIPPED), tokens, mask, positions)
+  ref = tiny.torch_logits(_without_blocks(torch_model, _plan(unit)), tokens, mask, positions)
   assert np.abs(ours - ref)[mask > 0].max() < tolerance.bound(1e-4)
   full = tiny.torch_logits(tiny.hf_model("llama"), tokens, mask, positions)
   assert np.abs(full - ref)[mask > 0].max() > 1e-2  # the removed blocks mattered
 
 
 @pytest.mark.parametrize("unit,mode", [("mlp", "paper"), ("mlp", "everywhere"),
-                                       ("attention", "paper"), ("attention", "everywhere")])
+                                       ("attention", "paper"), ("attention", "everywhere"),
+                                       ("sublayer", "paper"), ("sublayer", "everywhere")])
 def test_cached_decoding_equals_full_recompute(unit, mode):
   """Greedy tokens from the cache are the argmax of one uncached forward over prompt + output
   (paper mode: the prompt at full depth); the cache holds the layers whose attention runs."""
@@ -91,6 +95,7 @@ def test_cached_decoding_equals_full_recompute(unit, mode):
                                mode=mode)
   assert stats.plan == plan and stats.plan.unit == unit
   assert len(init_cache(model.cfg, 2, 16, plan).k) == (4 if unit == "mlp" else 2)
+  assert plan.attention_layers == ((0, 1, 2, 3) if unit == "mlp" else (0, 3))
   slots = engine.bucket(len(PROMPTS[0]), engine.MIN_BUCKET) + engine.bucket(NEW, engine.MIN_BUCKET)
   assert stats.cache_bytes == cache_bytes(model.cfg, 2, slots, plan)
   P = len(PROMPTS[0])
@@ -123,7 +128,7 @@ def _entry_parameters(text: str) -> collections.Counter:
                              for line in tiny.computations(text)[entry] if " parameter(" in line)
 
 
-@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("unit", UNITS + ("sublayer",))
 def test_skipped_blocks_weights_are_not_read(unit):
   """In the decode executable: gate and up are [D, F], down [F, D], q [D, H, Hd], k and v
   [D, K, Hd] (tiny shapes that nothing else has); each runs once per layer that reads it."""
@@ -133,7 +138,7 @@ def test_skipped_blocks_weights_are_not_read(unit):
                                    max_new_tokens=NEW, eos_id=None)
   shapes = _entry_parameters(compiled.as_text())
   mlps, attentions = len(plan.mlp_layers), len(plan.attention_layers)
-  assert (mlps, attentions) == {"mlp": (2, 4), "attention": (4, 2)}[unit]
+  assert (mlps, attentions) == {"mlp": (2, 4), "attention": (4, 2), "sublayer": (3, 2)}[unit]
   assert shapes["f32[64,32]"] == mlps and shapes["f32[32,64]"] == 2 * mlps
   assert shapes["f32[32,4,8]"] == attentions and shapes["f32[32,2,8]"] == 2 * attentions
 
@@ -173,7 +178,8 @@ def test_calibrated_scores_order_the_skipped_blocks():
   assert scores.plan(1.1, "attention", costs).unit == "attention"
 
 
-@pytest.mark.parametrize("unit,paper", [("mlp", False), ("attention", True)])
+@pytest.mark.parametrize("unit,paper", [("mlp", False), ("attention", True),
+                                        ("sublayer", False)])
 def test_training_skips_the_blocks_everywhere_and_trains_them_on_the_prompt_in_paper_mode(
     unit, paper):
   """The gradient of a skipped block's weights: zero when skipped everywhere, nonzero in paper
@@ -188,17 +194,18 @@ def test_training_skips_the_blocks_everywhere_and_trains_them_on_the_prompt_in_p
                loss_mask=jnp.broadcast_to(jnp.arange(T) >= 4, (2, T)).astype(jnp.float32))
   loss = lambda p: train_lib.loss_sums(p, graphdef, batch, _plan(unit), paper)[0]
   grads = jax.jit(jax.grad(loss))(nnx.to_pure_dict(params))
-  block = "mlp" if unit == "mlp" else "attn"
+  plan = _plan(unit)
   for i in range(4):
-    norm = _square_sum(grads["layers"][i][block])
-    assert (norm == 0) == (i in SKIPPED and not paper), (i, norm)
+    for block, runs in (("mlp", plan.mlp_layers), ("attn", plan.attention_layers)):
+      norm = _square_sum(grads["layers"][i][block])
+      assert (norm == 0) == (i not in runs and not paper), (i, block, norm)
 
 
 def _square_sum(tree) -> float:
   return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def test_run_config_plans_by_unit():
+def test_run_config_plans_by_unit(tmp_path):
   config = tiny_run.get_config()
   config.skip.unit, config.skip.ratio = "mlp", 1.2
   costs = layer_bytes(tiny.tiny_config())
@@ -206,12 +213,26 @@ def test_run_config_plans_by_unit():
   assert skip == skipping.plan_layers(4, 1.2, unit="mlp", costs=costs) and skip.unit == "mlp"
   config.skip.ratio = 1.0
   assert train_lib.skip_for_step(config, 4, 0, costs=costs) == ()
+  # Unit "sublayer" from a calibrated plan file: MLP blocks alone are still a skipping plan.
+  scores = skipping.LayerScores(4, "kl_greedy", (None, 3, 2, None, None, 0, 1, None),
+                                unit="sublayer")
+  skipping.write_plan(str(tmp_path / "plan.json"), scores, (1.2,), costs)
+  config.skip.unit, config.skip.ratio = "sublayer", 1.2
+  config.skip.strategy, config.skip.plan_file = "calibrated", str(tmp_path / "plan.json")
+  skip = train_lib.skip_for_step(config, 4, 0, costs=costs)
+  assert skip == skipping.SkipPlan.sublayers(4, mlp=(1, 2)) and skip.is_full is False
 
 
 @pytest.mark.parametrize("case,message", [
     ("unknown_unit", "unit='block' is unknown: allowed are layer, mlp, attention"),
     ("unreachable", "ratio=2 is unreachable with unit='attention'"),
-    ("export", "transformers loads no layer without its mlp"),
+    ("export", "transformers loads no layer without its attention or MLP"),
+    ("export_sublayer", "(attention skipped in (1, 2), MLP in (2,)): transformers loads no"),
+    ("sublayer_uls", "unit='sublayer' with strategy='uls': attention and MLP blocks are chosen "
+                     "separately by calibration only"),
+    ("sublayer_explicit", "an explicit skip list with unit='sublayer' names no block kind"),
+    ("config_sublayer", "skip.ratio=2.0 cannot be planned on the model's 4 layers "
+                        "(skip.strategy='uls', skip.unit='sublayer')"),
     ("config_unit", "skip.unit='mlps' is unknown: allowed are 'layer', 'mlp', 'attention'"),
     ("config_ratio", "skip.ratio=3.0 cannot be planned"),
 ])
@@ -226,6 +247,15 @@ def test_bad_input_is_one_line(tmp_path, case, message):
       skipping.plan_layers(30, 2, unit="attention", costs=smollm2)
     elif case == "export":
       hf.save_pretrained(tiny.tiny_model(), tmp_path / "out", skip=_plan("mlp"))
+    elif case == "export_sublayer":
+      hf.save_pretrained(tiny.tiny_model(), tmp_path / "out", skip=_plan("sublayer"))
+    elif case == "sublayer_uls":
+      skipping.plan_layers(30, 2, unit="sublayer", costs=smollm2)
+    elif case == "sublayer_explicit":
+      skipping.plan_layers(4, strategy=(1,), unit="sublayer")
+    elif case == "config_sublayer":
+      config.skip.unit = "sublayer"
+      config_check.validate_run(config, str(tmp_path / "run"))
     elif case == "config_unit":
       config.skip.unit = "mlps"
       config_check.validate_run(config, str(tmp_path / "run"))

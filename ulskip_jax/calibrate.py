@@ -1,4 +1,5 @@
-"""Calibrated skip plans: score every layer on calibration text, then skip the lowest-scored.
+"""Calibrated skip plans: score every layer (or block) on calibration text, then skip the
+lowest-scored.
 
 Two methods (`METHODS`), both run as jitted forwards over the same calibration rows:
 
@@ -10,16 +11,21 @@ Two methods (`METHODS`), both run as jitted forwards over the same calibration r
   block_influence  ShortGPT's one-shot score (Men et al., 2024): 1 - cos(layer input, layer
                    output), averaged over the scored tokens of one full-depth forward.
 
+A sublayer unit (`skipping.Unit`) scores blocks instead of layers: the MLP blocks ("mlp"), the
+attention blocks ("attention"), or both kinds at once ("sublayer", AdaSkip's separate choice),
+where greedy removal takes the block that raises the KL least per weight byte it saves, since an
+MLP block of a GQA model costs several attention blocks.
+
 Scoring many candidate plans with static skip tuples would compile one executable per candidate
-(hundreds on a 30-layer model). Calibration instead runs the layers under a traced bool per layer
-(`run_L`), each layer a `lax.cond`, so a skipped layer costs nothing and one executable scores every
-candidate. A candidate differs from the current plan only from its layer on, so its forward starts
-there, from the current plan's input to that layer (one forward per greedy step records them all),
-which halves the work. The plan that comes out is a static tuple again (`skipping.LayerScores`):
-training and decoding never see the gates.
+(hundreds on a 30-layer model). Calibration instead runs the blocks under a traced bool each
+(`gates_2L`), each layer a `lax.cond`, so a skipped layer costs nothing and one executable scores
+every candidate. A candidate differs from the current plan only from its layer on, so its forward
+starts there, from the current plan's input to that layer (one forward per greedy step records them
+all), which halves the work. The plan that comes out is a static tuple again
+(`skipping.LayerScores`): training and decoding never see the gates.
 
 The KL and the perplexity are measured on the scored tokens only (a row's response tokens, the
-ones training's loss counts), unembedding just those. In paper mode (`paper=True`) a skipped layer
+ones training's loss counts), unembedding just those. In paper mode (`paper=True`) a skipped block
 still runs on the prompt (full-depth) tokens, as training and decoding do; otherwise it is skipped
 everywhere.
 """
@@ -39,8 +45,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from ulskip_jax.model import Decoder
-from ulskip_jax.skipping import CALIBRATION_METHODS, PLAN_FILE, LayerScores, read_plan, write_plan
+from ulskip_jax.model import Decoder, layer_bytes
+from ulskip_jax.skipping import (CALIBRATION_METHODS, PLAN_FILE, UNITS, LayerBytes, LayerScores,
+                                 SkipPlan, Unit, as_plan, read_plan, write_plan)
 
 METHODS = CALIBRATION_METHODS
 _ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids", "full_depth")
@@ -88,26 +95,25 @@ def calibration_text(batches: Iterable[dict], num_tokens: int) -> CalibrationTex
 
 
 # ----------------------------------------------------------------------------------------------
-# Jitted forwards under a traced per-layer gate.
+# Jitted forwards under a traced gate per block: gates_2L[0, i] runs layer i's attention,
+# gates_2L[1, i] its MLP.
 
-def _run_layers(model: Decoder, x_BTD, chunk, run_L, start, paper: bool):
-  """x after layers start, start+1, ... (layer i where run_L[i]; in paper mode a gated-off layer
-  still runs on full-depth tokens), and each layer's input [L, B, T, D]."""
+def _run_layers(model: Decoder, x_BTD, chunk, gates_2L, start, paper: bool):
+  """x after layers start, start+1, ... (each block where its gate is on; in paper mode a
+  gated-off block still runs on full-depth tokens), and each layer's input [L, B, T, D]."""
   positions, segment_ids = chunk["positions"], chunk["segment_ids"]
-  full_depth = chunk["full_depth"][..., None]
+  on_BT = chunk["full_depth"] if paper else jnp.zeros(positions.shape, bool)
   inputs = []
   for i, layer in enumerate(model.layers):
     inputs.append(x_BTD)
 
-    def block(x, layer=layer):
-      return layer(x, positions, segment_ids)[0]
+    def block(x, layer=layer, i=i):
+      return layer(x, positions, segment_ids, attention=gates_2L[0, i] | on_BT,
+                   mlp=gates_2L[1, i] | on_BT)[0]
 
-    if paper:
-      def gated(x, i=i, block=block):
-        return jnp.where(run_L[i] | full_depth, block(x), x)
-      x_BTD = jax.lax.cond(i >= start, gated, lambda x: x, x_BTD)
-    else:
-      x_BTD = jax.lax.cond((i >= start) & run_L[i], block, lambda x: x, x_BTD)
+    # A layer with both blocks off costs nothing where nothing of it runs (everywhere mode).
+    runs = (i >= start) & (paper | gates_2L[0, i] | gates_2L[1, i])
+    x_BTD = jax.lax.cond(runs, block, lambda x: x, x_BTD)
   return x_BTD, jnp.stack(inputs)
 
 
@@ -116,42 +122,61 @@ def _scored_log_probs(model: Decoder, x_BTD, scored_N):
   return jax.nn.log_softmax(model.unembed(x_ND[None])[0], axis=-1)  # [N, V]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "paper"))
-def _reference(graphdef, state, chunk, *, paper: bool):
-  """Full depth: log-probs [N, V] at the scored tokens, and per layer the summed cosine [L]
-  between its input and its output there."""
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _reference(graphdef, state, chunk):
+  """Full depth: log-probs [N, V] at the scored tokens, and the summed cosine over them between
+  the input and the output of each layer [L] and of each block [2, L] (attention, MLP)."""
   model = nnx.merge(graphdef, state)
+  positions, segment_ids = chunk["positions"], chunk["segment_ids"]
+  x = model.embed_tokens(chunk["tokens"], positions)
+  stages = [x]  # the input of every block, then the last output: [2L + 1]
+  for layer in model.layers:
+    x = layer(x, positions, segment_ids, mlp=False)[0]
+    stages.append(x)
+    x = layer(x, positions, segment_ids, attention=False)[0]
+    stages.append(x)
+  flat = jnp.stack(stages).reshape(len(stages), -1, x.shape[-1])[:, chunk["scored"]]  # [S, N, D]
+
+  def summed_cos(a, b):
+    cos = jnp.sum(a * b, -1) / jnp.maximum(
+        jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-30)
+    return jnp.sum(cos * chunk["weight"], -1)
+
   L = len(model.layers)
-  x = model.embed_tokens(chunk["tokens"], chunk["positions"])
-  x, inputs_LBTD = _run_layers(model, x, chunk, jnp.ones(L, bool), 0, paper)
-  outputs_LBTD = jnp.concatenate([inputs_LBTD[1:], x[None]])
-  flat = lambda a: a.reshape(L, -1, a.shape[-1])[:, chunk["scored"]]  # [L, N, D]
-  a, b = flat(inputs_LBTD), flat(outputs_LBTD)
-  cos_LN = jnp.sum(a * b, -1) / jnp.maximum(
-      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-30)
-  return _scored_log_probs(model, x, chunk["scored"]), jnp.sum(cos_LN * chunk["weight"], -1)
+  layers = summed_cos(flat[0:-1:2], flat[2::2])                       # [L]
+  blocks = summed_cos(flat[:-1], flat[1:]).reshape(L, 2).T             # [2, L]
+  return _scored_log_probs(model, x, chunk["scored"]), layers, blocks
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "paper"))
-def _layer_inputs(graphdef, state, chunk, run_L, *, paper: bool):
-  """Each layer's input [L, B, T, D] under the plan run_L."""
+def _layer_inputs(graphdef, state, chunk, gates_2L, *, paper: bool):
+  """Each layer's input [L, B, T, D] under the plan gates_2L."""
   model = nnx.merge(graphdef, state)
   x = model.embed_tokens(chunk["tokens"], chunk["positions"])
-  return _run_layers(model, x, chunk, run_L, 0, paper)[1]
+  return _run_layers(model, x, chunk, gates_2L, 0, paper)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "paper"))
-def _divergence(graphdef, state, chunk, inputs_LBTD, start, run_L, reference_NV, *, paper: bool):
-  """(summed KL(full depth || plan run_L), summed next-token NLL of the plan) over the scored
+def _divergence(graphdef, state, chunk, inputs_LBTD, start, gates_2L, reference_NV, *,
+                paper: bool):
+  """(summed KL(full depth || plan gates_2L), summed next-token NLL of the plan) over the scored
   tokens, running the layers from `start` on its recorded input."""
   model = nnx.merge(graphdef, state)
-  x, _ = _run_layers(model, inputs_LBTD[start], chunk, run_L, start, paper)
+  x, _ = _run_layers(model, inputs_LBTD[start], chunk, gates_2L, start, paper)
   log_probs = _scored_log_probs(model, x, chunk["scored"])
   w = chunk["weight"]
   kl = jnp.sum(jnp.exp(reference_NV) * (reference_NV - log_probs), -1)
   targets = chunk["targets"].reshape(-1)[chunk["scored"]]
   nll = -jnp.take_along_axis(log_probs, targets[:, None], -1)[:, 0]
   return jnp.sum(kl * w), jnp.sum(nll * w)
+
+
+def _gates(plan: SkipPlan) -> np.ndarray:
+  """[2, L] bools: which attention and which MLP blocks `plan` runs."""
+  gates = np.zeros((2, plan.num_layers), bool)
+  gates[0, list(plan.attention_layers)] = True
+  gates[1, list(plan.mlp_layers)] = True
+  return gates
 
 
 class _Scorer:
@@ -162,35 +187,35 @@ class _Scorer:
     self.num_layers, self.paper = model.cfg.num_layers, paper
     self.text = text
     self.chunks = [{k: jnp.asarray(v) for k, v in c.items()} for c in text.chunks]
-    refs = [_reference(self.graphdef, self.state, c, paper=paper) for c in self.chunks]
-    self.references = [r for r, _ in refs]
-    self.block_influence = 1.0 - np.sum([np.asarray(cos) for _, cos in refs], 0) / text.num_tokens
+    refs = [_reference(self.graphdef, self.state, c) for c in self.chunks]
+    self.references = [r for r, _, _ in refs]
+    n = text.num_tokens
+    # 1 - mean cosine between input and output: per layer [L], per block [2, L].
+    self.layer_influence = 1.0 - np.sum([np.asarray(c) for _, c, _ in refs], 0) / n
+    self.block_influence = 1.0 - np.sum([np.asarray(c) for _, _, c in refs], 0) / n
 
-  def inputs(self, run_L) -> list:
-    return [_layer_inputs(self.graphdef, self.state, c, jnp.asarray(run_L), paper=self.paper)
+  def inputs(self, gates_2L) -> list:
+    return [_layer_inputs(self.graphdef, self.state, c, jnp.asarray(gates_2L), paper=self.paper)
             for c in self.chunks]
 
-  def divergence(self, inputs, start: int, run_L) -> tuple[float, float]:
-    """Mean (KL to full depth, NLL) per scored token of plan run_L, from layer `start` on."""
-    sums = [_divergence(self.graphdef, self.state, c, x, jnp.int32(start), jnp.asarray(run_L),
+  def divergence(self, inputs, start: int, gates_2L) -> tuple[float, float]:
+    """Mean (KL to full depth, NLL) per scored token of plan gates_2L, from layer `start` on."""
+    sums = [_divergence(self.graphdef, self.state, c, x, jnp.int32(start), jnp.asarray(gates_2L),
                         r, paper=self.paper)
             for c, x, r in zip(self.chunks, inputs, self.references)]
     kl, nll = np.sum([[float(a), float(b)] for a, b in sums], 0) / self.text.num_tokens
     return float(kl), float(nll)
 
 
-def evaluate_plan(model: Decoder, text: CalibrationText, skips: Sequence[tuple[int, ...]],
-                  paper: bool = True) -> list[dict]:
-  """Per skip tuple: the mean KL to full depth and next-token NLL over `text`'s scored tokens."""
+def evaluate_plan(model: Decoder, text: CalibrationText,
+                  skips: Sequence[SkipPlan | tuple[int, ...]], paper: bool = True) -> list[dict]:
+  """Per plan (or tuple of skipped layers): the mean KL to full depth and next-token NLL over
+  `text`'s scored tokens."""
   scorer = _Scorer(model, text, paper)
-  full = scorer.inputs(np.ones(scorer.num_layers, bool))
-  out = []
-  for skip in skips:
-    run_L = np.ones(scorer.num_layers, bool)
-    run_L[list(skip)] = False
-    kl, nll = scorer.divergence(full, 0, run_L)
-    out.append(dict(kl=kl, nll=nll))
-  return out
+  full = scorer.inputs(np.ones((2, scorer.num_layers), bool))
+  return [dict(zip(("kl", "nll"), scorer.divergence(full, 0, _gates(as_plan(scorer.num_layers,
+                                                                              skip)))))
+          for skip in skips]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,48 +223,83 @@ def evaluate_plan(model: Decoder, text: CalibrationText, skips: Sequence[tuple[i
 
 def calibrate(model: Decoder, text: CalibrationText, method: str = "kl_greedy", *,
               paper: bool = True, keep: Sequence[int] = (), keep_ends: bool = True,
-              max_ratio: float | None = None) -> LayerScores:
-  """Per-layer scores of `model` on `text` (lower = skipped first); never-skipped layers (`keep`,
-  and the first and last with `keep_ends`) score None. kl_greedy removes layers until the plan at
-  `max_ratio` is known (None: every removable layer), the rest score None."""
+              max_ratio: float | None = None, unit: Unit = "layer",
+              costs: LayerBytes | None = None) -> LayerScores:
+  """Scores of `model`'s layers, or of its blocks of `unit` (attention and MLP both for
+  "sublayer"), on `text` (lower = skipped first); never-skipped layers (`keep`, and the first and
+  last with `keep_ends`) score None. kl_greedy removes until the plan at `max_ratio` is known (None:
+  everything removable), the rest score None; a sublayer unit counts the ratio in weight bytes
+  (`costs`, `model.layer_bytes(cfg)`), and "sublayer" removes the block that raises the KL least
+  per byte it saves."""
   if method not in METHODS:
     raise ValueError(f"calibration method={method!r} is unknown: allowed are "
                      + ", ".join(repr(m) for m in METHODS))
+  if unit not in UNITS:
+    raise ValueError(f"unit={unit!r} is unknown: allowed are {', '.join(UNITS)}")
+  if unit != "layer" and not isinstance(costs, LayerBytes):
+    raise ValueError(f"unit={unit!r} calibrates by weight bytes: give costs=model.layer_bytes(cfg)")
   L = model.cfg.num_layers
   fixed = set(int(i) for i in keep) | ({0, L - 1} if keep_ends else set())
-  removable = [i for i in range(L) if i not in fixed]
+  # Candidates as (kind, layer): kind 0 the attention block, 1 the MLP; a layer is both.
+  kinds = {"layer": (0, 1), "attention": (0,), "mlp": (1,), "sublayer": (0, 1)}[unit]
+  removable = [(k, i) for k in ((None,) if unit == "layer" else kinds)
+               for i in range(L) if i not in fixed]
   start = time.perf_counter(), time.process_time()
   scorer = _Scorer(model, text, paper)
-  scores: list[float | None] = [None] * L
+  scores: list[float | None] = [None] * (2 * L if unit == "sublayer" else L)
+  index = lambda k, i: i + L if unit == "sublayer" and k == 1 else i  # noqa: E731
   details = {}
   if method == "block_influence":
-    for i in removable:
-      scores[i] = round(float(scorer.block_influence[i]), 6)
+    for k, i in removable:
+      value = scorer.layer_influence[i] if k is None else scorer.block_influence[k, i]
+      scores[index(k, i)] = round(float(value), 6)
   else:
-    steps = len(removable) if max_ratio is None else min(len(removable), L - int(L / max_ratio))
-    run_L = np.ones(L, bool)
-    kls, forwards = [], 0
-    for step in range(steps):
-      inputs = scorer.inputs(run_L)
+    gates = np.ones((2, L), bool)
+    block_bytes = (1, 1) if costs is None else (costs.attention, costs.mlp)
+    read = lambda g: (costs.fixed + costs.attention * g[0].sum()  # noqa: E731
+                      + costs.mlp * g[1].sum())
+
+    def done(step):
+      if not any(gates[(list(kinds) if k is None else [k]), i].all() for k, i in removable):
+        return True
+      if max_ratio is None:
+        return False
+      if unit == "layer":
+        return step >= L - int(L / max_ratio)
+      return read(np.ones((2, L), bool)) / read(gates) >= max_ratio - 1e-9
+
+    kls, order, forwards, current, step = [], [], 0, 0.0, 0
+    while not done(step):
+      inputs = scorer.inputs(gates)
       best = None
-      for j in (i for i in removable if run_L[i]):
-        trial = run_L.copy()
-        trial[j] = False
-        kl, _ = scorer.divergence(inputs, j, trial)
+      for k, i in removable:
+        off = list(kinds) if k is None else [k]
+        if not gates[off, i].all():
+          continue
+        trial = gates.copy()
+        trial[off, i] = False
+        kl, _ = scorer.divergence(inputs, i, trial)
         forwards += 1
-        if best is None or kl < best[0]:  # the lower index on ties: deterministic
-          best = (kl, j)
-      run_L[best[1]] = False
-      scores[best[1]] = step
-      kls.append(round(best[0], 6))
-      logging.info("calibration step %d: layer %d removed, KL %.4g", step, best[1], best[0])
-    details = dict(removal_order=[scores.index(k) for k in range(steps)], kl_after_removal=kls,
-                   candidate_forwards=forwards)
+        # Per byte saved for "sublayer" (the blocks differ in size), else the KL itself; the
+        # earlier candidate on ties: deterministic.
+        cost = (kl - current) / block_bytes[k] if unit == "sublayer" else kl
+        if best is None or cost < best[0]:
+          best = (cost, kl, k, i)
+      _, current, k, i = best
+      gates[list(kinds) if k is None else [k], i] = False
+      scores[index(k, i)] = step
+      order.append(index(k, i))
+      kls.append(round(current, 6))
+      logging.info("calibration step %d: %s %d removed, KL %.4g", step,
+                   {None: "layer", 0: "attention", 1: "MLP"}[k], i, current)
+      step += 1
+    details = dict(removal_order=order, kl_after_removal=kls, candidate_forwards=forwards)
   wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
   calibration = dict(tokens=text.num_tokens, rows=sum(len(c["tokens"]) for c in text.chunks),
                      sha256=text.sha256, mode="paper" if paper else "everywhere", **details,
                      wall_s=round(wall, 1), cpu_s=round(cpu, 1))
-  return LayerScores(L, method, tuple(scores), tuple(sorted(int(i) for i in keep)), calibration)
+  return LayerScores(L, method, tuple(scores), tuple(sorted(int(i) for i in keep)), calibration,
+                     unit)
 
 
 def run_ratios(config) -> tuple[float, ...]:
@@ -272,11 +332,10 @@ def resolve_plan(config, workdir: str, model_cfg, base_params, tok, train_pairs)
       text = calibration_text(batches, s.calibration_tokens)
       layer_scores = calibrate(model, text, s.calibration_method, paper=s.mode == "paper",
                                keep=tuple(s.keep), keep_ends=s.calibration_keep_ends,
-                               # A sublayer unit's byte ratio can skip more blocks than the
-                               # layer plan of that ratio skips layers: score every layer.
-                               max_ratio=max(run_ratios(config)) if s.unit == "layer" else None)
+                               max_ratio=max(run_ratios(config)), unit=s.unit,
+                               costs=layer_bytes(model_cfg))
     if jax.process_index() == 0:
-      write_plan(path, layer_scores, sorted(set(run_ratios(config))))
+      write_plan(path, layer_scores, sorted(set(run_ratios(config))), layer_bytes(model_cfg))
   resolved = config.copy_and_resolve_references()
   resolved.skip.plan_file = os.path.abspath(path)
   return resolved

@@ -234,7 +234,8 @@ def _placeholder_scores(config, num_layers: int):
   if config.skip.strategy != "calibrated":
     return None
   ends = {0, num_layers - 1} if config.skip.calibration_keep_ends else set()
-  return [None if i in ends else 0.0 for i in range(num_layers)]
+  scores = [None if i in ends else 0.0 for i in range(num_layers)]
+  return scores * 2 if config.skip.unit == "sublayer" else scores  # attention, then MLP blocks
 
 
 def _check_mesh(config) -> None:

@@ -370,7 +370,8 @@ KEYS: dict[str, Key] = {
     "skip.unit": Key("layer", _choice(*UNITS), "what a skipped index removes: the whole layer, "
                      "its MLP block (attention and the whole KV cache stay) or its attention "
                      "block; a sublayer unit skips the fewest blocks whose weight bytes per token "
-                     "reach the ratio, chosen by the strategy (`uls` or `calibrated` scores)"),
+                     "reach the ratio, chosen by the strategy (`uls` or `calibrated` scores); "
+                     "'sublayer' picks attention and MLP blocks separately (calibrated only)"),
     "skip.keep": Key((), Check(_layer_indices, "tuple of layer indices"), "layers every plan "
                      "keeps (strategies `uls` and `calibrated`), e.g. a model's global-attention "
                      "layers"),

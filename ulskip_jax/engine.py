@@ -189,7 +189,7 @@ class Options:
   @property
   def paper_mode(self) -> bool:
     """The prompt runs every layer; full depth has nothing to skip, so it is plain decoding."""
-    return self.mode == "paper" and bool(self.plan.skipped)
+    return self.mode == "paper" and not self.plan.is_full
 
   @property
   def max_new_slots(self) -> int:

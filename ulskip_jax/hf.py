@@ -379,10 +379,12 @@ def save_pretrained(model: Decoder, path, *, skip=None, hf_config: dict | None =
   skipping MLP or attention blocks is refused: no transformers family loads a layer without one.
   """
   plan = as_plan(model.cfg.num_layers, skip)
-  if plan.unit != "layer" and plan.skipped:
-    raise ValueError(f"skip is a plan of unit={plan.unit!r} (layers {plan.skipped} without their "
-                     f"{plan.unit} block): transformers loads no layer without its {plan.unit}, so "
-                     "only whole-layer plans (unit='layer') are exported")
+  if plan.unit != "layer":  # a full-depth plan's unit is always "layer"
+    what = (f"layers {plan.skipped} without their {plan.unit} block" if plan.unit != "sublayer"
+            else f"attention skipped in {plan.skipped}, MLP in {plan.mlp_skipped}")
+    raise ValueError(f"skip is a plan of unit={plan.unit!r} ({what}): transformers loads no layer "
+                     "without its attention or MLP, so only whole-layer plans (unit='layer') are "
+                     "exported")
   model = lora.merge(model)
   cfg = model.cfg
   kept = plan.kept

@@ -29,8 +29,8 @@ Skipping has two modes, chosen per call by `full_depth`:
     a batch that does not fit the buffer takes the whole-row computation, which gives the same
     result (a `lax.cond` per skipped layer, or none when the caller has checked the fit itself:
     `full_depth_fits`).
-A sublayer plan (`SkipPlan.unit` "mlp" or "attention") skips only that block of its skipped
-layers: the block is the identity and its weights are never read, or in paper mode it runs on
+A sublayer plan (`SkipPlan.unit` "mlp", "attention" or "sublayer", which picks blocks of both
+kinds) skips only those blocks: a skipped block is the identity and its weights are never read, or in paper mode it runs on
 the whole row and keeps its output at the full-depth positions. The cache holds the layers whose
 attention runs.
 """
@@ -517,6 +517,7 @@ class Decoder(nnx.Module):
         buffer = buffer.replace(fits=True)
     written = []
     whole = plan.unit == "layer"
+    attention_on, mlp_on = set(plan.attention_layers), set(plan.mlp_layers)
     for i, layer in enumerate(self.layers):
       is_kept = i in kept
       if not is_kept and full_depth_BT is None and whole:
@@ -528,8 +529,9 @@ class Decoder(nnx.Module):
         continue
       # A sublayer plan's skipped block: off everywhere, or on at paper mode's full-depth
       # positions (on whole rows: the prompt buffer is for whole layers).
-      runs = is_kept or full_depth_BT is True or (False if full_depth_BT is None else full_depth_BT)
-      attention, mlp = (runs, True) if plan.unit == "attention" else (True, runs)
+      paper = full_depth_BT is True or (False if full_depth_BT is None else full_depth_BT)
+      attention = True if i in attention_on else paper
+      mlp = True if i in mlp_on else paper
       kv = cache.layer(len(written), cache_index) if cache is not None and i in cached else None
       x, layer_kv = _run_block(layer, x, positions_BT, segment_ids_BT, kv, cfg.remat, layer_key,
                                attention, mlp)

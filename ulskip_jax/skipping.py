@@ -50,7 +50,10 @@ A plan's `unit` says what a skipped index removes: the whole layer ("layer"), on
 indices (ULS's even spread, calibrated scores, ...); only how many follows the unit: a sublayer
 plan's ratio is the weight bytes a generated token reads at full depth over those it reads with
 the plan (`LayerBytes`: the sublayers that run plus the unembedding), so "2x" costs the same
-whatever the unit, and a ratio no number of skipped sublayers reaches is refused.
+whatever the unit, and a ratio no number of skipped sublayers reaches is refused. Unit "sublayer"
+skips attention and MLP blocks chosen separately (AdaSkip's idea): only calibration can choose
+them, scoring every block of both kinds (2L scores, the attention blocks' first), and a plan skips
+the lowest-scored blocks until it reaches its byte ratio.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ STRATEGIES = ("uls", "uls_reference", "top", "bottom", "middle", "every_other", 
               "calibrated")
 PLAN_FILE = "plan.json"  # a calibrated run's plan, in its workdir
 CALIBRATION_METHODS = ("kl_greedy", "block_influence")  # how calibrate.py scores layers
-Unit = Literal["layer", "mlp", "attention"]  # what a skipped index removes
+Unit = Literal["layer", "mlp", "attention", "sublayer"]  # what a skipped index removes
 UNITS = get_args(Unit)
 
 
@@ -101,16 +104,32 @@ class SkipPlan:
   the decoding stats. `strategy` names what chose the layers and is left out of equality and
   the hash: plans of the same layers are one graph, so they share one executable. `unit`: what
   a skipped index removes (the module docstring); kept / skipped are the indices whose unit runs
-  or not."""
+  or not. Unit "sublayer" (`sublayers`): kept / skipped index attention blocks, `mlp_skipped` the
+  layers whose MLP block is skipped."""
   num_layers: int
   kept: tuple[int, ...]
   skipped: tuple[int, ...]
   strategy: str = dataclasses.field(default="explicit", compare=False)
   unit: Unit = "layer"
+  mlp_skipped: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if not self.skipped:  # full depth whatever the unit: one graph, one executable
+    if self.mlp_skipped and self.unit != "sublayer":
+      raise ValueError(f"mlp_skipped={self.mlp_skipped} with unit={self.unit!r}: only a "
+                       "unit='sublayer' plan skips MLP blocks apart from its skipped indices")
+    if not self.skipped and not self.mlp_skipped:  # full depth whatever the unit: one graph
       object.__setattr__(self, "unit", "layer")
+
+  @classmethod
+  def sublayers(cls, num_layers: int, attention: Sequence[int] = (), mlp: Sequence[int] = (),
+                strategy: str = "explicit") -> SkipPlan:
+    """A unit "sublayer" plan skipping the `attention` blocks and the `mlp` blocks of those
+    layers (each sorted, checked against the depth)."""
+    L = _check_num_layers(num_layers)
+    kept = _from_skipped(L, list(attention))
+    mlp_kept = _from_skipped(L, list(mlp))
+    return cls(L, tuple(kept), tuple(sorted(set(range(L)) - set(kept))), strategy, "sublayer",
+               tuple(i for i in range(L) if i not in set(mlp_kept)))
 
   @classmethod
   def full(cls, num_layers: int) -> SkipPlan:
@@ -124,6 +143,11 @@ class SkipPlan:
     return self.num_layers / len(self.kept)
 
   @property
+  def is_full(self) -> bool:
+    """Whether the plan skips nothing (for unit "sublayer", `skipped` alone does not say)."""
+    return not self.skipped and not self.mlp_skipped
+
+  @property
   def attention_layers(self) -> tuple[int, ...]:
     """Layers whose attention runs: the ones the KV cache holds."""
     return tuple(range(self.num_layers)) if self.unit == "mlp" else self.kept
@@ -131,11 +155,18 @@ class SkipPlan:
   @property
   def mlp_layers(self) -> tuple[int, ...]:
     """Layers whose MLP runs."""
+    if self.unit == "sublayer":
+      return tuple(i for i in range(self.num_layers) if i not in self.mlp_skipped)
     return tuple(range(self.num_layers)) if self.unit == "attention" else self.kept
 
   def __str__(self) -> str:
     """e.g. 'uls 20/30 layers (skips 1 4 7 10 13 16 19 22 25 28)', naming the shorter list, for
     logs and infer.py's report."""
+    if self.unit == "sublayer":
+      return (f"{self.strategy} sublayers: attention {len(self.kept)}/{self.num_layers} (skips "
+              f"{' '.join(map(str, self.skipped)) or 'none'}), mlp "
+              f"{self.num_layers - len(self.mlp_skipped)}/{self.num_layers} (skips "
+              f"{' '.join(map(str, self.mlp_skipped)) or 'none'})")
     unit = "layers" if self.unit == "layer" else f"{self.unit} blocks"
     head = f"{self.strategy} {len(self.kept)}/{self.num_layers} {unit}"
     if not self.skipped:
@@ -263,13 +294,18 @@ def default_keep(windows: Sequence[int | None] | None, n: int) -> tuple[int, ...
   return tuple(extra)
 
 
-def _check_scores(L: int, scores) -> list[float | None]:
+def _check_scores(L: int, scores, unit: str = "layer") -> list[float | None]:
+  """`scores` checked: one per layer, or for unit "sublayer" one per attention block then one per
+  MLP block (2L)."""
+  what, count = (("attention block, then per MLP block", 2 * L) if unit == "sublayer"
+                 else ("layer", L))
   if scores is None:
-    raise ValueError("strategy='calibrated' needs scores (one per layer, lower = skipped first): "
-                     "calibrate.calibrate or read_plan gives them")
-  if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) or len(scores) != L:
+    raise ValueError(f"strategy='calibrated' needs scores (one per {what}, lower = skipped "
+                     "first): calibrate.calibrate or read_plan gives them")
+  if (isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence)
+      or len(scores) != count):
     raise ValueError(f"scores={scores!r:.80} is invalid: give one number (or None = never "
-                     f"skipped) per layer, {L} in all")
+                     f"skipped) per {what}, {count} in all")
   for i, v in enumerate(scores):
     if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
                           or not math.isfinite(v)):
@@ -287,6 +323,31 @@ def _calibrated(L: int, n: int, scores: list[float | None], keep: list[int]) -> 
                      f"{L / (L - len(removable)):g}")
   skipped = {i for _, i in removable[:L - n]}
   return [i for i in range(L) if i not in skipped]
+
+
+def _calibrated_sublayers(L: int, ratio, scores: list[float | None], keep: list[int],
+                          costs) -> SkipPlan:
+  """Skips the lowest-scored of the 2L attention and MLP blocks (the attention block first on
+  ties), fewest first, until the plan reads `ratio` times fewer weight bytes per token."""
+  if not isinstance(costs, LayerBytes):
+    raise ValueError("unit='sublayer' plans by weight bytes: give costs=model.layer_bytes(cfg)")
+  try:
+    value = as_float("ratio", ratio, min=1)
+  except ValueError:
+    raise ValueError(f"ratio={ratio!r} is invalid: it must be a number >= 1") from None
+  full = read = costs.read(SkipPlan.full(L))
+  skipped = ([], [])  # attention, MLP
+  for _, j in sorted((v, j) for j, v in enumerate(scores) if v is not None and j % L not in keep):
+    if full / read >= value - 1e-9:
+      break
+    skipped[j // L].append(j % L)
+    read -= costs.attention if j < L else costs.mlp
+  if full / read < value - 1e-9:
+    best = math.floor(1000 * full / read) / 1000
+    raise ValueError(f"ratio={ratio!r} is unreachable with unit='sublayer': skipping every block "
+                     f"the scores allow reads {best:g}x fewer bytes per token; allowed is "
+                     f"ratio <= {best:g}")
+  return SkipPlan.sublayers(L, sorted(skipped[0]), sorted(skipped[1]), "calibrated")
 
 
 def plan_layers(num_layers: int, ratio: float | None = None,
@@ -314,10 +375,12 @@ def plan_layers(num_layers: int, ratio: float | None = None,
     "uls" and no keep, a model mixing windowed and global layers keeps its global layers
     (`default_keep`). None (or a model that does not mix them) changes nothing.
   scores: strategy "calibrated" only: one score per layer, lower = skipped first, None = never
-    skipped (the calibration's first and last layers).
+    skipped (the calibration's first and last layers); unit "sublayer": one per attention block,
+    then one per MLP block.
   unit: what a skipped index removes: "layer", "mlp" or "attention" (its MLP or attention block
     only). A sublayer unit skips the fewest blocks that reach `ratio` in weight bytes per token,
     which `costs` (`model.layer_bytes(cfg)`) gives; the strategy picks which, as it picks layers.
+    "sublayer": attention and MLP blocks chosen separately, by calibrated scores only.
   """
   L = _check_num_layers(num_layers)
   if unit not in UNITS:
@@ -335,6 +398,9 @@ def plan_layers(num_layers: int, ratio: float | None = None,
   if not isinstance(strategy, str):
     if ratio is not None:
       raise ValueError(f"ratio={ratio!r} given with an explicit skip list: pass one or the other")
+    if unit == "sublayer":
+      raise ValueError("an explicit skip list with unit='sublayer' names no block kind: use "
+                       "SkipPlan.sublayers(num_layers, attention=..., mlp=...)")
     kept = _from_skipped(L, list(strategy))
     return SkipPlan(L, tuple(kept), tuple(i for i in range(L) if i not in kept), "explicit", unit)
   if strategy not in STRATEGIES:
@@ -342,6 +408,12 @@ def plan_layers(num_layers: int, ratio: float | None = None,
                      "or a list of skipped indices")
   if ratio is None:
     raise ValueError(f"strategy={strategy!r} needs a ratio (a number in [1, {L}])")
+  if unit == "sublayer":
+    if strategy != "calibrated":
+      raise ValueError(f"unit='sublayer' with strategy={strategy!r}: attention and MLP blocks are "
+                       "chosen separately by calibration only: strategy='calibrated' (or "
+                       "SkipPlan.sublayers for an explicit plan)")
+    return _calibrated_sublayers(L, ratio, _check_scores(L, scores, unit), keep, costs)
   if unit == "layer":
     n = int(L / _check_ratio(L, ratio))
   else:
@@ -374,27 +446,47 @@ def plan_layers(num_layers: int, ratio: float | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class LayerScores:
-  """A calibrated plan's record, what plan.json holds: one score per layer and their origin."""
+  """A calibrated plan's record, what plan.json holds: one score per layer (or per block of
+  `unit`) and their origin."""
   num_layers: int
   method: str                       # how the scores were made (calibrate.METHODS)
   scores: tuple[float | None, ...]  # per layer: lower = skipped first; None = never skipped
   keep: tuple[int, ...] = ()        # layers every plan keeps, besides the None-scored ones
   # The calibration data and run: token count, sha256 of the token arrays, source, seconds.
   calibration: dict = dataclasses.field(default_factory=dict, hash=False)
+  # What was scored: whole layers (their scores plan any unit but "sublayer"), one block kind,
+  # or both kinds ("sublayer": 2L scores, the attention blocks' first).
+  unit: Unit = "layer"
 
   def plan(self, ratio, unit: Unit = "layer", costs: LayerBytes | None = None) -> SkipPlan:
-    """The plan at `ratio`; a sublayer unit skips the blocks of the lowest-scored layers."""
+    """The plan at `ratio`; with layer scores a sublayer unit skips the blocks of the
+    lowest-scored layers."""
+    if self.unit != unit and (self.unit != "layer" or unit == "sublayer"):
+      ranked = "layers" if self.unit == "layer" else f"unit={self.unit!r} blocks"
+      raise ValueError(f"the plan's scores rank {ranked}, not what unit={unit!r} skips: "
+                       f"calibrate with skip.unit={unit!r}")
     return plan_layers(self.num_layers, ratio, "calibrated", keep=self.keep, scores=self.scores,
                        unit=unit, costs=costs)
 
 
-def write_plan(path: str, layer_scores: LayerScores, ratios: Sequence[float] = ()) -> None:
-  """plan.json at `path` (atomically), listing the plan of each of `ratios` for the reader."""
+def _listed(plan: SkipPlan) -> dict:
+  if plan.unit == "sublayer":
+    return dict(attention_skipped=list(plan.skipped), mlp_skipped=list(plan.mlp_skipped))
+  return dict(kept=list(plan.kept), skipped=list(plan.skipped))
+
+
+def write_plan(path: str, layer_scores: LayerScores, ratios: Sequence[float] = (),
+               costs: LayerBytes | None = None) -> None:
+  """plan.json at `path` (atomically), listing the plan of each of `ratios` for the reader (a
+  sublayer unit's by the model's weight bytes, `costs`, which the file records)."""
+  unit = layer_scores.unit
+  if unit != "layer" and not isinstance(costs, LayerBytes):
+    raise ValueError(f"a plan of unit={unit!r} lists its plans by weight bytes: give costs")
   record = dict(strategy="calibrated", num_layers=layer_scores.num_layers,
-                method=layer_scores.method, scores=list(layer_scores.scores),
+                method=layer_scores.method, unit=unit, scores=list(layer_scores.scores),
                 keep=list(layer_scores.keep),
-                plans={f"{r:g}": dict(kept=list(p.kept), skipped=list(p.skipped))
-                       for r in ratios for p in [layer_scores.plan(r)]},
+                **({} if unit == "layer" else dict(costs=dataclasses.asdict(costs))),
+                plans={f"{r:g}": _listed(layer_scores.plan(r, unit, costs)) for r in ratios},
                 calibration=layer_scores.calibration)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
@@ -441,12 +533,19 @@ def _read_plan(path: str, mtime_ns: int, size: int) -> LayerScores:
                      "\"strategy\": \"calibrated\" with num_layers, method and scores")
   try:
     L = _check_num_layers(record.get("num_layers"))
+    unit = record.get("unit", "layer")
+    if unit not in UNITS:
+      raise ValueError(f"unit={unit!r} is unknown: allowed are {', '.join(UNITS)}")
+    if unit != "layer" and not isinstance(record.get("costs"), dict):
+      raise ValueError(f"unit={unit!r} needs \"costs\": the weight bytes its plans were made by")
+    costs = LayerBytes(**record["costs"]) if unit != "layer" else None
     layer_scores = LayerScores(L, str(record.get("method", "")),
-                               tuple(_check_scores(L, record.get("scores"))),
+                               tuple(_check_scores(L, record.get("scores"), unit)),
                                tuple(_check_keep(L, record.get("keep", []))),
-                               dict(record.get("calibration", {})))
+                               dict(record.get("calibration", {})), unit)
     for ratio, listed in dict(record.get("plans", {})).items():
-      if list(layer_scores.plan(float(ratio)).skipped) != list(listed.get("skipped", [])):
+      planned = _listed(layer_scores.plan(float(ratio), unit, costs))
+      if any(list(dict(listed).get(k, [])) != v for k, v in planned.items() if k != "kept"):
         raise ValueError(f"plans[{ratio!r}] does not follow from the scores: edit the scores "
                          "(lower = skipped first), not the plans")
   except (ValueError, TypeError, AttributeError) as e:

@@ -27,7 +27,6 @@ host-started rows, giving the full model's greedy tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -178,7 +177,7 @@ class SlotPool:
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     skip = as_plan(self.cfg.num_layers, skip)
-    self.plan = Plan(skip=skip, paper_mode=paper_mode and bool(skip.skipped),
+    self.plan = Plan(skip=skip, paper_mode=paper_mode and not skip.is_full,
                      eos_id=-1 if eos_id is None else int(eos_id), pad_id=int(pad_id))
     self.rows, self.num_slots, self.steps = rows, num_slots, steps
     if num_slots > self.cfg.max_position:

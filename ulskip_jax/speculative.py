@@ -158,7 +158,7 @@ class Speculative(engine.Queued):
                                    paper_mode=False)
     if self.shared_cache:
       return logits, cache, None
-    if self.paper_mode or not self.draft.skipped:
+    if self.paper_mode or self.draft.is_full:
       return logits, cache, cache.kept_view(self.draft.attention_layers)
     return logits, cache, engine.prefill(model, prompts, pad, num_slots, skip=self.draft,
                                          paper_mode=False)[1]

@@ -23,6 +23,7 @@ from flax import nnx
 
 from ulskip_jax import decode, engine
 from ulskip_jax.model import Decoder, ModelConfig
+from ulskip_jax.skipping import SkipPlan
 
 if TYPE_CHECKING:
   import transformers
@@ -200,7 +201,8 @@ def jit_call(model: Decoder):
     paper_prefill = full_depth_BT is True
     if full_depth_BT is not None and not paper_prefill:
       kw["full_depth_BT"] = full_depth_BT
-    return call(state, tokens, skip=tuple(skip), paper_prefill=paper_prefill, **kw)
+    skip = skip if isinstance(skip, SkipPlan) else tuple(skip)  # a plan is hashable itself
+    return call(state, tokens, skip=skip, paper_prefill=paper_prefill, **kw)
   return wrapped
 
 

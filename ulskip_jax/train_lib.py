@@ -241,7 +241,7 @@ def eval_step(params, batch, *, graphdef, skip: tuple[int, ...], paper: bool,
 def static_skip(plan: SkipPlan):
   """A plan as the steps' static skip: a layer plan's skipped tuple, a sublayer plan itself (its
   unit changes the graph), () for one that skips nothing."""
-  return plan if plan.unit != "layer" and plan.skipped else plan.skipped
+  return plan if plan.unit != "layer" else plan.skipped  # a full plan's unit is "layer"
 
 
 def skip_for_step(config, num_layers: int, step: int, windows=None, costs=None) -> tuple:
