@@ -4,6 +4,8 @@ against transformers' `generate` on the same weights.
   python -m benchmarks.decode_speed            # 24 layers, d_model 1024: ~12 min on 2 busy cores
   python -m benchmarks.decode_speed --quick    # 24 layers, d_model 256: ~2 min
   python -m benchmarks.decode_speed --checkpoint smollm2 --dtype bfloat16   # a real model
+  python -m benchmarks.decode_speed --checkpoint smollm2 --no-torch --skip-unit sublayer \
+      --plan-file runs/sublayer_plans/plan_sublayer_64.json --ratios 1,1.5,2   # a calibrated plan
 
 Greedy decoding of `--new-tokens` tokens after random `--prompt-len`-token prompts (no EOS, so
 every row generates the full budget). Generated tokens/s is timed over whole `generate` calls
@@ -14,7 +16,9 @@ processes share the machine. transformers runs with the best of 1 and all torch 
 The ceiling is what ratio r could give if a decode step were bound by the bytes it reads:
 (U + L w) / (U + n w), with U the final norm + unembedding bytes and w one layer's weights plus
 its KV cache bytes at this batch size; n = int(L / r) kept layers. Steps that are compute-bound
-(the prefill, large batches) can beat it, up to L / n.
+(the prefill, large batches) can beat it, up to L / n. With --skip-unit or --plan-file the plan of
+each ratio is that unit's (ULS's spread, or the plan file's scores) and its ceiling counts the
+blocks it runs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from ulskip_jax import decode, engine, hf, plan_layers
 from ulskip_jax.kv_cache import cache_bytes
 from ulskip_jax.model import layer_bytes
-from ulskip_jax.skipping import SkipPlan
+from ulskip_jax.skipping import SkipPlan, read_plan
 
 
 def parse_args(argv=None):
@@ -49,6 +53,8 @@ def parse_args(argv=None):
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--batches", default="1,8,32")
   p.add_argument("--ratios", default="1,2,3,5")
+  p.add_argument("--skip-unit", default="layer", help="layer, mlp, attention or sublayer")
+  p.add_argument("--plan-file", default="", help="a calibrated plan.json to plan every ratio by")
   p.add_argument("--modes", default="everywhere,paper")
   p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
   p.add_argument("--attention-impl", default="einsum",
@@ -97,6 +103,14 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def plan_for(model, ratio: float, args) -> SkipPlan:
+  """The plan timed at `ratio`: --plan-file's scores, else ULS's spread, of --skip-unit."""
+  L, costs = model.cfg.num_layers, layer_bytes(model.cfg)
+  if args.plan_file:
+    return read_plan(args.plan_file, L).plan(ratio, args.skip_unit, costs)
+  return plan_layers(L, ratio, unit=args.skip_unit, costs=costs)
+
+
 def time_ours(model, prompts, args, ratios, mode) -> dict[float, tuple[float, float]]:
   """(generated tokens per wall second, per CPU second) for each ratio, best of the repeats.
 
@@ -106,13 +120,14 @@ def time_ours(model, prompts, args, ratios, mode) -> dict[float, tuple[float, fl
   with such load, so speedups by CPU time are the steadier estimate on a shared machine.
   """
   kw = dict(max_new_tokens=args.new_tokens, eos_id=None, mode=mode)
-  round_s = sum(decode.generate(model, prompts, ratio=ratio, **kw)[1].wall_s for ratio in ratios)
+  plans = {ratio: plan_for(model, ratio, args) for ratio in ratios}
+  round_s = sum(decode.generate(model, prompts, skip=plans[r], **kw)[1].wall_s for r in ratios)
   wall = {ratio: float("inf") for ratio in ratios}
   cpu = dict(wall)
   for _ in range(max(args.repeats, math.ceil(args.min_seconds / round_s))):
     for ratio in ratios:
       start = cpu_seconds()
-      _, stats = decode.generate(model, prompts, ratio=ratio, **kw)
+      _, stats = decode.generate(model, prompts, skip=plans[ratio], **kw)
       cpu[ratio] = min(cpu[ratio], cpu_seconds() - start)
       wall[ratio] = min(wall[ratio], stats.wall_s)
   tokens = len(prompts) * args.new_tokens
@@ -147,7 +162,7 @@ def ceiling(model, batch: int, ratio: float, args) -> float:
                                                                engine.MIN_BUCKET)
   kv = cache_bytes(cfg, batch, slots) / L
   read = lambda plan: costs.read(plan) + len(plan.attention_layers) * kv
-  return read(SkipPlan.full(L)) / read(plan_layers(L, ratio))
+  return read(SkipPlan.full(L)) / read(plan_for(model, ratio, args))
 
 
 def main(argv=None):
@@ -193,12 +208,13 @@ def main(argv=None):
       for ratio in ratios:
         (wall_tps, cpu_tps), (base_wall, base_cpu) = tps[ratio], tps[ratios[0]]
         speedup, ceil = wall_tps / base_wall, ceiling(model, batch, ratio, args)
-        kept = len(plan_layers(args.layers, ratio).kept)
+        plan = plan_for(model, ratio, args)
+        kept = (len(plan.attention_layers) + len(plan.mlp_layers)) / 2  # layers' worth of blocks
         hf_cols = "| |"
         if ratio == 1 and batch in hf_tps:
           hf_cols = (f"| {hf_tps[batch][0]:.1f} ({hf_tps[batch][1]} thr) | "
                      f"{wall_tps / hf_tps[batch][0]:.2f}x |")
-        print(f"| {mode} | {batch} | {ratio:g} | {kept} | {wall_tps:.1f} | {speedup:.2f}x | "
+        print(f"| {mode} | {batch} | {ratio:g} | {kept:g} | {wall_tps:.1f} | {speedup:.2f}x | "
               f"{cpu_tps / base_cpu:.2f}x | {ceil:.2f}x | {100 * speedup / ceil:.0f}% {hf_cols}",
               flush=True)
       print(f"<!-- {mode} batch {batch}: {time.perf_counter() - start:.0f} s, load "

@@ -109,7 +109,10 @@ def main(argv=None):
   p.add_argument("--calibration-tokens", type=int, default=64)
   p.add_argument("--workdir", default="runs/sublayer_plans", help="calibrated plans' cache")
   p.add_argument("--tag", default="", help="results file suffix")
+  p.add_argument("--report", default="", help="only rewrite the table and plot of this json")
   args = p.parse_args(argv)
+  if args.report:
+    return report(args.report)
   start = time.perf_counter(), time.process_time()
   s = Setup(argparse.Namespace(rows=args.rows, workdir=""))
   L, costs = s.L, layer_bytes(s.model.cfg)
@@ -162,35 +165,67 @@ def main(argv=None):
   name = "sublayer_plans" + (f"_{args.tag}" if args.tag else "")
   with open(os.path.join(results, name + ".json"), "w") as f:
     json.dump(dict(meta=meta, full_ppl=full_ppl, rows=rows), f, indent=1)
-  ratios = [r for r in args.ratios.split(",")]
+  report(os.path.join(results, name + ".json"))
+
+
+def report(path: str) -> None:
+  """The table (.md) and the plot (.png) of a results json, next to it."""
+  with open(path) as f:
+    record = json.load(f)
+  meta, rows, full_ppl = record["meta"], record["rows"], record["full_ppl"]
+  costs = meta["costs"]
+  ratios = sorted({k.split("@")[1] for k in rows}, key=float)
+  units = [u for u in UNITS + CALIBRATED if f"{u}@{ratios[0]}" in rows]
   lines = ["# Sublayer plans at equal byte ratios (SmolLM2-135M-Instruct, zero-shot, paper mode)",
            "", f"`{meta['command']}`, commit {meta['commit']}, finished {meta['finished']}, on "
-           f"{meta['machine']}; {meta['wall_s']} s wall, {meta['cpu_s']} s CPU (2 cores shared "
-           "with other agents' jobs).", "",
-           f"KL to full depth (nats per token) / perplexity on {text.num_tokens} response tokens of "
-           f"the validation books (sha256 {text.sha256[:12]}, benchmarks/plans.py's held-out "
+           f"{meta['machine']}; {meta['wall_s']} s wall, {meta['cpu_s']} s CPU.", "",
+           f"KL to full depth (nats per token) / perplexity on {meta['tokens']} response tokens of "
+           f"the validation books (sha256 {meta['sha256'][:12]}, benchmarks/plans.py's held-out "
            f"text). Full depth: perplexity {full_ppl:.2f}. Bytes per token (f32 weights): "
-           f"attention block {costs.attention / 2**20:.2f} MiB, MLP block "
-           f"{costs.mlp / 2**20:.2f} MiB, unembedding + final norm {costs.fixed / 2**20:.2f} MiB.",
+           f"attention block {costs['attention'] / 2**20:.2f} MiB, MLP block "
+           f"{costs['mlp'] / 2**20:.2f} MiB, unembedding + final norm "
+           f"{costs['fixed'] / 2**20:.2f} MiB.",
            "", "Each cell: KL / perplexity (achieved byte ratio, blocks or layers skipped).", "",
-           "| unit | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+           "| plan | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
   for unit in units:
     cells = []
     for r in ratios:
-      v = rows[f"{unit}@{float(r):g}"]
+      v = rows[f"{unit}@{r}"]
+      skipped = len(v.get("skipped", [])) + len(v.get("mlp_skipped", []))
       cells.append("unreachable" if "unreachable" in v else
-                   f"{v['kl']:.3f} / {v['ppl']:.4g} ({v['byte_ratio']:.3f}x, {len(v['skipped'])})")
+                   f"{v['kl']:.3f} / {v['ppl']:.4g} ({v['byte_ratio']:.3f}x, {skipped})")
     lines.append(f"| {unit} | " + " | ".join(cells) + " |")
-  if scores:
+  if meta.get("calibration"):
     lines += ["", "Calibration (greedy KL, paper mode, training verses): " + "; ".join(
         f"{u}: {v['forwards']} candidate forwards, {v['wall_s']} s wall, {v['cpu_s']} s CPU on "
         f"{v['tokens']} tokens (sha256 {v['sha256'][:12]})"
         for u, v in meta["calibration"].items()) + "."]
-  lines += ["", "Plans (ULS rows: even spread, first and last kept):", ""]
+  lines += ["", f"Plot: [{os.path.basename(path)[:-5]}.png]({os.path.basename(path)[:-5]}.png).",
+            "", "Plans (ULS rows: even spread, first and last kept):", ""]
   for key, v in rows.items():
-    lines.append(f"- {key}: " + (v["unreachable"] if "unreachable" in v else v["plan"]))
-  with open(os.path.join(results, name + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+    lines.append(f"- {key}: " + (v["unreachable"] if "unreachable" in v
+                                 else v.get("plan", str(v["skipped"]))))
+  reading = ""  # a hand-written reading below the table survives a rerun
+  if os.path.exists(path[:-5] + ".md"):
+    with open(path[:-5] + ".md") as f:
+      old = f.read()
+    reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+  with open(path[:-5] + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n" + reading)
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for unit in units:
+    points = [(v["byte_ratio"], v["kl"]) for r in ratios for v in [rows[f"{unit}@{r}"]]
+              if "kl" in v]
+    ax.plot(*zip(*points), marker="o", label=unit, linestyle="--" if unit in UNITS else "-")
+  ax.set(xlabel="weight bytes per token, full depth / plan", ylabel="KL to full depth (nats/token)",
+         yscale="log", title="SmolLM2-135M zero-shot, held-out text, paper mode")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path[:-5] + ".png", dpi=120)
 
 
 if __name__ == "__main__":
