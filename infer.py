@@ -263,10 +263,11 @@ def parse_args(argv):
   p.add_argument("--ratio", help="speedup ratios, comma-separated (ULS plans); default 1")
   p.add_argument("--skip", help="explicit skipped layers instead of --ratio: '1,3,5' "
                  "(several lists separated by ';')")
-  p.add_argument("--skip-unit", choices=("layer", "mlp", "attention"),
+  p.add_argument("--skip-unit", choices=("layer", "mlp", "attention", "sublayer"),
                  help="what --ratio / --skip skip: whole layers, or only their MLP or attention "
-                 "blocks (a sublayer plan's ratio is weight bytes read per token); default: a "
-                 "training workdir's skip.unit, else layer")
+                 "blocks (a sublayer plan's ratio is weight bytes read per token; 'sublayer', "
+                 "both kinds apart, needs a calibrated workdir's plan); default: a training "
+                 "workdir's skip.unit, else layer")
   p.add_argument("--speculative", help="lossless self-speculative decoding: the full model "
                  "verifies drafts of the ULS sub-model, e.g. 'draft_ratio=2,k=4' (keys "
                  "draft_ratio, draft_skip=1-3-5, k, draft_cache=separate|shared)")

@@ -110,9 +110,16 @@ def main(argv=None):
   p.add_argument("--workdir", default="runs/sublayer_plans", help="calibrated plans' cache")
   p.add_argument("--tag", default="", help="results file suffix")
   p.add_argument("--report", default="", help="only rewrite the table and plot of this json")
+  p.add_argument("--bleu", default="", help="decode the test verses with these rows (comma-"
+                 "separated, e.g. cal_sublayer,cal_layer_bytes) at --bleu-ratios and add BLEU "
+                 "to the tagged results json (its KL rows must exist)")
+  p.add_argument("--bleu-ratios", default="1.25,1.5")
+  p.add_argument("--bleu-verses", type=int, default=256)
   args = p.parse_args(argv)
   if args.report:
     return report(args.report)
+  if args.bleu:
+    return run_bleu(args)
   start = time.perf_counter(), time.process_time()
   s = Setup(argparse.Namespace(rows=args.rows, workdir=""))
   L, costs = s.L, layer_bytes(s.model.cfg)
@@ -168,6 +175,50 @@ def main(argv=None):
   report(os.path.join(results, name + ".json"))
 
 
+def _results_path(tag: str) -> str:
+  return os.path.join(ROOT, "benchmarks", "results", "smollm2",
+                      "sublayer_plans" + (f"_{tag}" if tag else "") + ".json")
+
+
+def run_bleu(args) -> None:
+  """Greedy decoding (paper mode, 48 new tokens) of the first --bleu-verses test verses per row
+  and ratio, BLEU and chrF against WEB, with full depth and copying the source beside them."""
+  import sacrebleu
+  from ulskip_jax import batching, decode, engine
+  path = _results_path(args.tag)
+  with open(path) as f:
+    record = json.load(f)
+  s = Setup(argparse.Namespace(rows=args.rows, workdir=""))
+  L, costs = s.L, layer_bytes(s.model.cfg)
+  scores = _calibrated_scores(s, args, costs) if record["meta"].get("calibration") else None
+  test = s.pairs["test"][:args.bleu_verses]
+  prompts, refs = batching.eval_prompts(s.tok, s.template, test, s.seq_len)
+  bleu = record.setdefault("bleu", dict(verses=len(test), copy=sacrebleu.corpus_bleu(
+      [p["source"] for p in test], [refs]).score, results={}))
+  todo = [("full", 1.0)] + [(u, float(r)) for u in args.bleu.split(",")
+                            for r in args.bleu_ratios.split(",")]
+  for unit, ratio in todo:
+    key = "full" if unit == "full" else f"{unit}@{ratio:g}"
+    if key in bleu["results"]:
+      continue
+    plan = SkipPlan.full(L) if unit == "full" else _plan(L, unit, ratio, costs, scores)
+    start = time.perf_counter(), time.process_time()
+    ids, _ = engine.in_chunks(
+        lambda chunk: decode.generate(s.model, chunk, skip=plan, mode="paper", max_new_tokens=48,
+                                      eos_id=s.tok.eos_id, pad_id=s.tok.pad_id),
+        prompts, 32, by_length=True)
+    hyps = [s.tok.decode(x).strip() for x in ids]
+    bleu["results"][key] = dict(bleu=sacrebleu.corpus_bleu(hyps, [refs]).score,
+                                chrf=sacrebleu.corpus_chrf(hyps, [refs]).score, example=hyps[0],
+                                byte_ratio=costs.ratio(plan), plan=str(plan),
+                                wall_s=round(time.perf_counter() - start[0]),
+                                cpu_s=round(time.process_time() - start[1]))
+    print(f"bleu {key}: {bleu['results'][key]['bleu']:.1f}", flush=True)
+    with open(path, "w") as f:
+      json.dump(record, f, indent=1)
+  report(path)
+
+
 def report(path: str) -> None:
   """The table (.md) and the plot (.png) of a results json, next to it."""
   with open(path) as f:
@@ -200,6 +251,16 @@ def report(path: str) -> None:
         f"{u}: {v['forwards']} candidate forwards, {v['wall_s']} s wall, {v['cpu_s']} s CPU on "
         f"{v['tokens']} tokens (sha256 {v['sha256'][:12]})"
         for u, v in meta["calibration"].items()) + "."]
+  if record.get("bleu"):
+    b = record["bleu"]
+    full = b["results"]["full"]["bleu"]
+    lines += ["", f"## BLEU / chrF on the first {b['verses']} test verses (greedy, paper mode, 48 "
+              f"new tokens; full depth {full:.1f}, copying the source {b['copy']:.1f})", "",
+              "| plan | byte ratio | BLEU | chrF | share of full depth | wall / CPU s |",
+              "|---|---|---|---|---|---|"]
+    for key, v in b["results"].items():
+      lines.append(f"| {key} | {v['byte_ratio']:.3f}x | {v['bleu']:.1f} | {v['chrf']:.1f} | "
+                   f"{100 * v['bleu'] / full:.0f}% | {v['wall_s']} / {v['cpu_s']} |")
   lines += ["", f"Plot: [{os.path.basename(path)[:-5]}.png]({os.path.basename(path)[:-5]}.png).",
             "", "Plans (ULS rows: even spread, first and last kept):", ""]
   for key, v in rows.items():
