@@ -173,6 +173,22 @@ MUTATIONS = [
              "  # F32 comes back as a view of the mapped file",
              ("tests/test_gguf_kquants.py",),
              "K-quant tensors read in the wrong element order"),
+    Mutation("sublayer_greedy_ignores_bytes", "ulskip_jax/calibrate.py",
+             'cost = (kl - current) / block_bytes[k] if unit == "sublayer" else kl',
+             "cost = kl",
+             ("tests/test_calibrate.py::test_sublayer_greedy_takes_the_cheapest_kl_per_byte_and_"
+              "plans_by_bytes",),
+             "unit 'sublayer' calibration removes the least-KL block whatever bytes it saves"),
+    Mutation("mlp_gate_reads_attention", "ulskip_jax/model.py",
+             "      mlp = True if i in mlp_on else paper",
+             "      mlp = True if i in attention_on else paper",
+             ("tests/test_sublayer_plans.py",),
+             "a layer's MLP runs where its attention does: sublayer plans skip the wrong blocks"),
+    Mutation("mlp_only_plan_is_full", "ulskip_jax/train_lib.py",
+             '  return plan if plan.unit != "layer" else plan.skipped',
+             '  return plan if plan.unit != "layer" and plan.skipped else plan.skipped',
+             ("tests/test_sublayer_plans.py::test_run_config_plans_by_unit",),
+             "training takes a unit 'sublayer' plan skipping only MLP blocks for full depth"),
 ]
 
 
