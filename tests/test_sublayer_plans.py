@@ -110,15 +110,35 @@ def test_continuous_batching_and_speculative_drafts_take_sublayer_plans():
   """Continuous batching gives the static batch's tokens; an MLP-skipping draft drafts through
   a view of every layer of the full model's cache, and greedy speculative decoding keeps the
   full model's tokens."""
-  model, plan = tiny.tiny_model(), _plan("attention")
+  model = tiny.tiny_model()
   kw = dict(max_new_tokens=NEW, eos_id=None)
-  out, _ = decode.generate(model, PROMPTS, skip=plan, mode="everywhere", **kw)
-  rows, _ = decode.generate(model, PROMPTS, skip=plan, mode="everywhere", batch_size=1, **kw)
-  assert rows == out
+  for plan in (_plan("attention"), _plan("sublayer")):
+    out, _ = decode.generate(model, PROMPTS, skip=plan, mode="everywhere", **kw)
+    rows, _ = decode.generate(model, PROMPTS, skip=plan, mode="everywhere", batch_size=1, **kw)
+    assert rows == out
   full, _ = decode.generate(model, PROMPTS, **kw)
-  spec, stats = decode.generate(model, PROMPTS, mode="paper", **kw,
-                                speculative=dict(draft_skip=_plan("mlp"), draft_cache="shared"))
-  assert spec == full and stats.draft_plan == _plan("mlp")
+  for draft in (_plan("mlp"), _plan("sublayer")):
+    spec, stats = decode.generate(model, PROMPTS, mode="paper", **kw,
+                                  speculative=dict(draft_skip=draft, draft_cache="shared"))
+    assert spec == full and stats.draft_plan == draft
+
+
+def test_beam_search_with_a_sublayer_plan_equals_transformers_without_those_blocks(llama):
+  """Beams through the blocks a unit "sublayer" plan keeps (mode "everywhere") are transformers'
+  beams on the model whose skipped blocks answer zeros."""
+  plan, eos = _plan("sublayer"), 2
+  kw = dict(num_beams=3, early_stopping=True, length_penalty=0.8)
+  prompts = [[1, 5, 6, 7, 5, 6], [1, 9, 8, 7, 6, 5]]
+  got, _ = decode.generate(llama, prompts, skip=plan, mode="everywhere", max_new_tokens=8,
+                           eos_id=eos, **kw)
+  torch_model = _without_blocks(tiny.hf_model("llama"), plan)
+  with torch.no_grad():
+    out = torch_model.generate(input_ids=torch.tensor(prompts), max_new_tokens=8, do_sample=False,
+                               eos_token_id=eos, pad_token_id=0, **kw)
+  want = [row[:row.index(eos)] if eos in row else row for row in out[:, len(prompts[0]):].tolist()]
+  assert got == want
+  plain, _ = decode.generate(llama, prompts, max_new_tokens=8, eos_id=eos, **kw)
+  assert plain != got  # the skipped blocks change the beams
 
 
 def _entry_parameters(text: str) -> collections.Counter:
