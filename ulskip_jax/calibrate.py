@@ -213,9 +213,11 @@ def evaluate_plan(model: Decoder, text: CalibrationText,
   `text`'s scored tokens."""
   scorer = _Scorer(model, text, paper)
   full = scorer.inputs(np.ones((2, scorer.num_layers), bool))
-  return [dict(zip(("kl", "nll"), scorer.divergence(full, 0, _gates(as_plan(scorer.num_layers,
-                                                                              skip)))))
-          for skip in skips]
+  out = []
+  for skip in skips:
+    kl, nll = scorer.divergence(full, 0, _gates(as_plan(scorer.num_layers, skip)))
+    out.append(dict(kl=kl, nll=nll))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,59 +242,51 @@ def calibrate(model: Decoder, text: CalibrationText, method: str = "kl_greedy", 
     raise ValueError(f"unit={unit!r} calibrates by weight bytes: give costs=model.layer_bytes(cfg)")
   L = model.cfg.num_layers
   fixed = set(int(i) for i in keep) | ({0, L - 1} if keep_ends else set())
-  # Candidates as (kind, layer): kind 0 the attention block, 1 the MLP; a layer is both.
-  kinds = {"layer": (0, 1), "attention": (0,), "mlp": (1,), "sublayer": (0, 1)}[unit]
-  removable = [(k, i) for k in ((None,) if unit == "layer" else kinds)
-               for i in range(L) if i not in fixed]
+  # A candidate removes `blocks` (0 the attention block, 1 the MLP) of layer i.
+  kinds = {"layer": [(0, 1)], "attention": [(0,)], "mlp": [(1,)], "sublayer": [(0,), (1,)]}[unit]
+  removable = [(blocks, i) for blocks in kinds for i in range(L) if i not in fixed]
+  index = lambda blocks, i: i + L if unit == "sublayer" and blocks == (1,) else i  # noqa: E731
   start = time.perf_counter(), time.process_time()
   scorer = _Scorer(model, text, paper)
   scores: list[float | None] = [None] * (2 * L if unit == "sublayer" else L)
-  index = lambda k, i: i + L if unit == "sublayer" and k == 1 else i  # noqa: E731
   details = {}
   if method == "block_influence":
-    for k, i in removable:
-      value = scorer.layer_influence[i] if k is None else scorer.block_influence[k, i]
-      scores[index(k, i)] = round(float(value), 6)
+    for blocks, i in removable:
+      value = (scorer.layer_influence[i] if len(blocks) == 2
+               else scorer.block_influence[blocks[0], i])
+      scores[index(blocks, i)] = round(float(value), 6)
   else:
     gates = np.ones((2, L), bool)
-    block_bytes = (1, 1) if costs is None else (costs.attention, costs.mlp)
-    read = lambda g: (costs.fixed + costs.attention * g[0].sum()  # noqa: E731
-                      + costs.mlp * g[1].sum())
-
-    def done(step):
-      if not any(gates[(list(kinds) if k is None else [k]), i].all() for k, i in removable):
-        return True
-      if max_ratio is None:
-        return False
-      if unit == "layer":
-        return step >= L - int(L / max_ratio)
-      return read(np.ones((2, L), bool)) / read(gates) >= max_ratio - 1e-9
-
-    kls, order, forwards, current, step = [], [], 0, 0.0, 0
-    while not done(step):
+    read = lambda g: (costs.fixed + costs.attention * int(g[0].sum())  # noqa: E731
+                      + costs.mlp * int(g[1].sum()))
+    last_step = L - int(L / max_ratio) if max_ratio is not None and unit == "layer" else None
+    kls, order, forwards, current = [], [], 0, 0.0
+    while True:
+      candidates = [(b, i) for b, i in removable if gates[list(b), i].all()]
+      reached = (max_ratio is not None and unit != "layer"
+                 and read(np.ones((2, L), bool)) / read(gates) >= max_ratio - 1e-9)
+      if not candidates or len(order) == last_step or reached:
+        break
       inputs = scorer.inputs(gates)
       best = None
-      for k, i in removable:
-        off = list(kinds) if k is None else [k]
-        if not gates[off, i].all():
-          continue
+      for blocks, i in candidates:
         trial = gates.copy()
-        trial[off, i] = False
+        trial[list(blocks), i] = False
         kl, _ = scorer.divergence(inputs, i, trial)
-        forwards += 1
-        # Per byte saved for "sublayer" (the blocks differ in size), else the KL itself; the
-        # earlier candidate on ties: deterministic.
-        cost = (kl - current) / block_bytes[k] if unit == "sublayer" else kl
+        # "sublayer": the KL added per byte saved (an MLP block reads several attention blocks'
+        # bytes); else the KL. The earlier candidate on ties: deterministic.
+        cost = ((kl - current) / (costs.mlp if blocks == (1,) else costs.attention)
+                if unit == "sublayer" else kl)
         if best is None or cost < best[0]:
-          best = (cost, kl, k, i)
-      _, current, k, i = best
-      gates[list(kinds) if k is None else [k], i] = False
-      scores[index(k, i)] = step
-      order.append(index(k, i))
+          best = (cost, kl, blocks, i)
+      forwards += len(candidates)
+      _, current, blocks, i = best
+      gates[list(blocks), i] = False
+      scores[index(blocks, i)] = len(order)
+      logging.info("calibration step %d: %s %d removed, KL %.4g", len(order),
+                   {(0, 1): "layer", (0,): "attention", (1,): "MLP"}[blocks], i, current)
+      order.append(index(blocks, i))
       kls.append(round(current, 6))
-      logging.info("calibration step %d: %s %d removed, KL %.4g", step,
-                   {None: "layer", 0: "attention", 1: "MLP"}[k], i, current)
-      step += 1
     details = dict(removal_order=order, kl_after_removal=kls, candidate_forwards=forwards)
   wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
   calibration = dict(tokens=text.num_tokens, rows=sum(len(c["tokens"]) for c in text.chunks),
