@@ -257,14 +257,13 @@ def calibrate(model: Decoder, text: CalibrationText, method: str = "kl_greedy", 
       scores[index(blocks, i)] = round(float(value), 6)
   else:
     gates = np.ones((2, L), bool)
-    read = lambda g: (costs.fixed + costs.attention * int(g[0].sum())  # noqa: E731
-                      + costs.mlp * int(g[1].sum()))
     last_step = L - int(L / max_ratio) if max_ratio is not None and unit == "layer" else None
     kls, order, forwards, current = [], [], 0, 0.0
     while True:
       candidates = [(b, i) for b, i in removable if gates[list(b), i].all()]
       reached = (max_ratio is not None and unit != "layer"
-                 and read(np.ones((2, L), bool)) / read(gates) >= max_ratio - 1e-9)
+                 and costs.read_blocks(L, L) / costs.read_blocks(*gates.sum(1))
+                 >= max_ratio - 1e-9)
       if not candidates or len(order) == last_step or reached:
         break
       inputs = scorer.inputs(gates)

@@ -89,8 +89,11 @@ class LayerBytes:
 
   def read(self, plan: SkipPlan) -> int:
     """Bytes per generated token with `plan`."""
-    return (self.fixed + self.attention * len(plan.attention_layers)
-            + self.mlp * len(plan.mlp_layers))
+    return self.read_blocks(len(plan.attention_layers), len(plan.mlp_layers))
+
+  def read_blocks(self, attention: int, mlp: int) -> int:
+    """Bytes per generated token with that many attention and MLP blocks running."""
+    return self.fixed + self.attention * int(attention) + self.mlp * int(mlp)
 
   def ratio(self, plan: SkipPlan) -> float:
     """Full depth's bytes per token over `plan`'s: the plan's byte ratio."""
